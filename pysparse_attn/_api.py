@@ -1,0 +1,535 @@
+"""Public entry points: validate, plan, dispatch to a backend, assemble results and stats."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import backends
+from ._arrays import Canonical, canonicalize, check_block, check_scale
+from ._plan import ORDERS, build_plan, tile_count
+from ._plan import block_scores as _block_scores
+from ._rules import rule_code
+from ._select import BlockMask, Selector, SlaSplit, TopK, TopP
+from ._stats import AttentionStats
+
+__all__ = [
+    "attention",
+    "sla_attention",
+    "attention_vjp",
+    "sla_vjp",
+    "block_scores",
+    "recall",
+]
+
+LINEAR_MODES = ("marginal", "complement", "global")
+FEATURE_MAPS = ("softmax", "elu1", "relu")
+
+
+@dataclass
+class _Call:
+    """One validated call: canonical arrays, the backend and the resolved options."""
+
+    arrays: Canonical
+    backend: Any
+    backend_name: str
+    scale: float
+    block: tuple
+    threads: Any
+
+    def kwargs(self):
+        return {"threads": self.threads} if self.backend_name == "cpu" else {}
+
+
+def _prepare(q, k, v, *, scale, block, layout, backend, threads, check_finite=True):
+    block = check_block(block)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if layout not in ("bhnd", "bnhd"):
+        raise ValueError(f"layout must be 'bhnd' or 'bnhd', got {layout!r}")
+    from ._arrays import _on_cuda
+
+    name = backends.resolve(backend, _on_cuda(q))
+    module = backends.load(name)
+    arrays = canonicalize({"q": q, "k": k, "v": v}, layout=layout,
+                          device="gpu" if backends.is_gpu(name) else "host",
+                          check_finite=check_finite)
+    supported = module.supported_blocks()
+    if supported is not None and block not in [tuple(b) for b in supported]:
+        raise ValueError(f"block {block} is not supported by backend {name!r}; "
+                         f"supported: {sorted(tuple(b) for b in supported)}")
+    head_dims = getattr(module, "supported_head_dims", lambda: None)()
+    if head_dims is not None and arrays.q.shape[-1] not in head_dims:
+        raise ValueError(f"q has head dim {arrays.q.shape[-1]}, which backend {name!r} does not "
+                         f"support; supported: {sorted(head_dims)}")
+    scale = check_scale(scale, arrays.q.shape[-1])
+    return _Call(arrays, module, name, scale, block, threads)
+
+
+def _check_order(order, skip, peak):
+    if order is None:
+        return "peak" if skip is not None else "natural"
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS} or None, got {order!r}")
+    if order == "peak" and (isinstance(peak, bool) or not isinstance(peak, int) or peak < 0):
+        raise ValueError(f"peak must be a non-negative int, got {peak!r}")
+    return order
+
+
+def _check_selector(select, call: _Call):
+    if select is None or isinstance(select, (TopK, TopP)):
+        return select
+    if isinstance(select, BlockMask):
+        xp = call.arrays.xp
+        q, k = call.arrays.q, call.arrays.k
+        shape = (q.shape[0], q.shape[1], tile_count(q.shape[2], call.block[0]),
+                 tile_count(k.shape[2], call.block[1]))
+        mask = select.mask
+        if call.arrays.on_gpu:
+            import cupy
+
+            mask = cupy.asarray(mask)
+        else:
+            mask = np.asarray(mask.get() if hasattr(mask, "get") else mask)
+        if mask.dtype != bool:
+            raise TypeError(f"mask must be a bool array, got dtype {mask.dtype}")
+        try:
+            mask = xp.broadcast_to(mask, shape)
+        except ValueError as error:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to "
+                             f"(B, H, nq, nk) = {shape}") from error
+        if not bool(mask.any(axis=-1).all()):
+            raise ValueError("mask must keep at least one key tile in every query tile")
+        return BlockMask(mask)
+    if isinstance(select, Selector):
+        raise TypeError(f"select must be None, BlockMask, TopK or TopP, got "
+                        f"{type(select).__name__}")
+    raise TypeError(f"select must be None, BlockMask, TopK or TopP, got {type(select).__name__}")
+
+
+def _plan(call: _Call, select, order, peak, linear="marginal"):
+    builder = getattr(call.backend, "build_plan", None)
+    if builder is None:
+        return build_plan(call.arrays.xp, call.arrays.q, call.arrays.k, select, order, peak,
+                          call.block, call.scale, linear)
+    return builder(call.arrays.xp, call.arrays.q, call.arrays.k, select, order, peak,
+                   call.block, call.scale, linear)
+
+
+def _flop_shares(xp, kept, visited, n_q, n_k, block):
+    """Dense-equivalent FLOP share spent: QK^T on visited tiles, P.V on kept tiles."""
+    bq, bk = block
+    rows = xp.full((kept.shape[2],), float(bq))
+    rows[-1] = n_q - (kept.shape[2] - 1) * bq
+    keys = xp.full((kept.shape[3],), float(bk))
+    keys[-1] = n_k - (kept.shape[3] - 1) * bk
+    area = rows[:, None] * keys[None, :]
+    spent = (visited * area).sum() + (kept * area).sum()
+    return float(spent) / (2.0 * kept.shape[0] * kept.shape[1] * n_q * n_k)
+
+
+def _stats(call: _Call, plan, lse, kept, visited, bound, select, marginal=None):
+    xp = call.arrays.xp
+    density = float(kept.mean())
+    flop_density = _flop_shares(xp, kept, visited, call.arrays.q.shape[2],
+                                call.arrays.k.shape[2], call.block)
+    give = call.arrays.to_caller
+    return AttentionStats(
+        lse=call.arrays.from_canonical(lse),
+        kept=give(kept), visited=give(visited),
+        recall_bound=call.arrays.from_canonical(bound),
+        density=density, sparsity=1.0 - density,
+        flop_density=flop_density, flop_sparsity=1.0 - flop_density,
+        bounded=select is None, marginal=None if marginal is None else give(marginal),
+        plan=plan)
+
+
+def attention(q, k, v, *, select=None, skip=None, order=None, peak=4, scale=None,
+              block=(64, 64), layout="bhnd", backend="auto", return_stats=False, threads=None,
+              check_finite=True):
+    """Block-sparse attention with an optional plan and in-loop skip rule.
+
+    Computes ``softmax(scale * q k^T) v`` tile by tile with online softmax, visiting per query
+    tile only the key tiles the selector keeps (all when ``select`` is None), in ``order``, and
+    skipping in the loop the tiles the ``skip`` rule allows.
+
+    Parameters
+    ----------
+    q : array ``(B, Hq, Nq, D)``
+        Queries (``(B, Nq, Hq, D)`` with ``layout="bnhd"``). float64, float32, float16 or
+        bfloat16; NumPy, CuPy or any DLPack producer (torch, JAX).
+    k, v : array ``(B, Hkv, Nk, D)``
+        Keys and values; ``Hq`` must be a multiple of ``Hkv`` (grouped-query attention).
+    select : None, BlockMask, TopK or TopP
+        Plan-stage selector; tiles it drops cost nothing.
+    skip : None, Blasst, Cef or Recall
+        In-loop skip rule.
+    order : {"natural", "score", "peak"} or None
+        Visit order of the kept tiles; None means ``"peak"`` with a skip rule, else natural.
+    peak : int
+        With ``order="peak"``: how many top-scoring tiles go first.
+    scale : float, optional
+        Logit scale, ``D ** -0.5`` by default.
+    block : (int, int)
+        Query and key tile sizes ``(Bq, Bk)``.
+    layout : {"bhnd", "bnhd"}
+        Axis order of the inputs and outputs.
+    backend : {"auto", "reference", "cpu", "cupy"}
+        ``auto`` follows the inputs: GPU arrays to ``cupy``, host arrays to ``cpu`` (the
+        reference when the compiled extension is missing or for float64... see the docs).
+    return_stats : bool
+        Also return an :class:`AttentionStats`.
+    threads : int, optional
+        CPU backend thread count (default: ``OMP_NUM_THREADS`` or all cores).
+    check_finite : bool
+        Reject NaN/inf inputs (one reduction per input; a GPU call synchronises once).
+
+    Returns
+    -------
+    out : array
+        Same shape, layout, dtype and namespace as ``q``.
+    stats : AttentionStats
+        Only with ``return_stats=True``.
+
+    Examples
+    --------
+    >>> import numpy as np, pysparse_attn as psa
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((1, 2, 100, 16)) for _ in range(3))
+    >>> out = psa.attention(q, k, v, block=(32, 32))
+    >>> out.shape
+    (1, 2, 100, 16)
+    >>> sparse, stats = psa.attention(q, k, v, skip=psa.Recall(0.9), block=(32, 32),
+    ...                               return_stats=True)
+    >>> bool((stats.recall_bound >= 0.9).all())
+    True
+    """
+    code, param = rule_code(skip)
+    order = _check_order(order, skip, peak)
+    call = _prepare(q, k, v, scale=scale, block=block, layout=layout, backend=backend,
+                    threads=threads, check_finite=check_finite)
+    select = _check_selector(select, call)
+    plan = _plan(call, select, order, peak)
+    a = call.arrays
+    out, lse, kept, visited, bound = call.backend.forward(
+        a.q, a.k, a.v, plan, code, param, call.scale, return_stats, **call.kwargs())
+    result = a.from_canonical(out)
+    if not return_stats:
+        return result
+    return result, _stats(call, plan, lse, kept, visited, bound, select)
+
+
+def _check_projection(call: _Call, proj_weight, proj_bias):
+    D = call.arrays.q.shape[-1]
+    xp = call.arrays.xp
+    checked = []
+    for name, value, shape in (("proj_weight", proj_weight, (D, D)), ("proj_bias", proj_bias, (D,))):
+        if value is None:
+            checked.append(None)
+            continue
+        if call.arrays.on_gpu:
+            import cupy
+
+            value = cupy.asarray(value) if not hasattr(value, "__dlpack__") or \
+                type(value).__module__.startswith("numpy") else cupy.from_dlpack(value)
+        else:
+            value = np.asarray(value.get() if hasattr(value, "get") else value) \
+                if not hasattr(value, "__dlpack__") or isinstance(value, np.ndarray) \
+                else np.from_dlpack(value)
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+        if value.dtype.kind != "f" and str(value.dtype) != "bfloat16":
+            raise TypeError(f"{name} must be a floating array, got dtype {value.dtype}")
+        value = value.astype(xp.float64 if call.backend_name == "reference" else xp.float32)
+        if not bool(xp.all(xp.isfinite(value))):
+            raise ValueError(f"{name} contains NaN or infinity")
+        checked.append(value)
+    return checked
+
+
+def _check_sla_options(linear, feature_map, eps):
+    if linear not in LINEAR_MODES:
+        raise ValueError(f"linear must be one of {LINEAR_MODES}, got {linear!r}")
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+    if eps is None:
+        return 1e-5 if linear == "global" else 0.0
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a real number or None, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (math.isfinite(eps) and eps >= 0.0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return eps
+
+
+def _sla_forward(q, k, v, critical, negligible, linear, feature_map, proj_weight, proj_bias,
+                 eps, block, skip, order, peak, scale, layout, backend, threads, check_finite):
+    code, param = rule_code(skip)
+    order = _check_order(order, skip, peak)
+    split = SlaSplit(critical, negligible)
+    eps = _check_sla_options(linear, feature_map, eps)
+    call = _prepare(q, k, v, scale=scale, block=block, layout=layout, backend=backend,
+                    threads=threads, check_finite=check_finite)
+    weight, bias = _check_projection(call, proj_weight, proj_bias)
+    plan = _plan(call, split, order, peak, linear)
+    a = call.arrays
+    sparse = call.backend.forward(a.q, a.k, a.v, plan, code, param, call.scale, True,
+                                  **call.kwargs())
+    return call, plan, sparse, weight, bias, eps
+
+
+def sla_attention(q, k, v, *, critical, negligible, linear="marginal", feature_map="softmax",
+                  proj_weight=None, proj_bias=None, eps=None, block=(64, 64), skip=None,
+                  order=None, peak=4, scale=None, layout="bhnd", backend="auto",
+                  return_stats=False, threads=None, check_finite=True):
+    """Sparse + linear attention (SLA): exact on critical tiles, linear on marginal ones.
+
+    Per query tile, the top ``floor(critical * nk)`` key tiles by block score (at least one)
+    go through the fused sparse kernel; the bottom ``floor(negligible * nk)`` are dropped; the
+    rest (the marginal tiles) feed a linear-attention branch whose output is projected:
+    ``O = O_s + O_l W^T + b``. With ``W`` and ``b`` zero (the default) this equals sparse-only
+    attention over the critical tiles.
+
+    Parameters
+    ----------
+    q, k, v : arrays
+        As in :func:`attention`.
+    critical : float
+        Share of key tiles computed exactly, in ``(0, 1]``.
+    negligible : float
+        Share of key tiles dropped, in ``[0, 1)``; critical wins an overlap.
+    linear : {"marginal", "complement", "global"}
+        Which tiles feed the linear branch: the marginal ones, every non-critical one, or all.
+    feature_map : {"softmax", "elu1", "relu"}
+        phi applied to q and k along the head dimension.
+    proj_weight : array ``(D, D)``, optional
+        ``W``, shared across heads; zero when None.
+    proj_bias : array ``(D,)``, optional
+        ``b``; zero when None.
+    eps : float, optional
+        Added to the linear branch's denominator; 0 by default, 1e-5 for ``linear="global"``.
+    block, skip, order, peak, scale, layout, backend, return_stats, threads, check_finite
+        As in :func:`attention` (the skip rule acts on the critical tiles).
+
+    Returns
+    -------
+    out : array
+        Same shape, layout, dtype and namespace as ``q``.
+    stats : AttentionStats
+        Only with ``return_stats=True``; ``marginal`` holds the linear-branch tiles.
+    """
+    call, plan, sparse, weight, bias, eps = _sla_forward(
+        q, k, v, critical, negligible, linear, feature_map, proj_weight, proj_bias, eps, block,
+        skip, order, peak, scale, layout, backend, threads, check_finite)
+    a = call.arrays
+    out, lse, kept, visited, bound = sparse
+    if weight is not None or bias is not None:
+        acc = weight.dtype
+        out = out.astype(acc)
+        if weight is not None:
+            o_linear = call.backend.linear_branch(a.q, a.k, a.v, plan.marginal, call.block,
+                                                  feature_map, eps, **call.kwargs())
+            out = out + o_linear.astype(acc) @ weight.T
+        if bias is not None:
+            out = out + bias
+        out = out.astype(a.q.dtype)
+    result = a.from_canonical(out)
+    if not return_stats:
+        return result
+    return result, _stats(call, plan, lse, kept, visited, bound, SlaSplit, plan.marginal)
+
+
+def _check_cotangent(call: _Call, do, name="do"):
+    probe = canonicalize({"q": do, "k": do, "v": do}, layout=call.arrays.layout,
+                         device="gpu" if call.arrays.on_gpu else "host")
+    g = probe.q
+    if tuple(g.shape) != tuple(call.arrays.q.shape):
+        raise ValueError(f"{name} must have the shape of the output, got {tuple(g.shape)}")
+    if probe.dtype_name != call.arrays.dtype_name:
+        raise TypeError(f"{name} has dtype {probe.dtype_name} but q has "
+                        f"{call.arrays.dtype_name}")
+    return g
+
+
+def _check_kept(call: _Call, kept, nq, nk):
+    xp = call.arrays.xp
+    kept = xp.asarray(kept.get() if (hasattr(kept, "get") and not call.arrays.on_gpu) else kept)
+    shape = (call.arrays.q.shape[0], call.arrays.q.shape[1], nq, nk)
+    if kept.dtype != bool or tuple(kept.shape) != shape:
+        raise ValueError(f"kept must be a bool array of shape (B, H, nq, nk) = {shape}, got "
+                         f"{kept.dtype} {tuple(kept.shape)}")
+    if not bool(kept.any(axis=-1).all()):
+        raise ValueError("kept must keep at least one key tile in every query tile")
+    return kept
+
+
+def _grads_out(call: _Call, grads):
+    dtype = call.arrays.q.dtype
+    return tuple(call.arrays.from_canonical(g.astype(dtype)) for g in grads)
+
+
+def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, scale=None,
+                  block=(64, 64), layout="bhnd", backend="auto", kept=None, threads=None):
+    """Gradients of :func:`attention` with the plan and kept set held fixed.
+
+    The function differentiated is attention restricted to the tiles whose P.V the forward
+    accumulated (``kept``); give ``kept`` (from a forward's stats) to replay it, or leave it
+    None to run the forward here.
+
+    Parameters
+    ----------
+    q, k, v : arrays
+        As in :func:`attention`.
+    do : array
+        Cotangent of the output, shaped like ``q``.
+    kept : bool array ``(B, H, nq, nk)``, optional
+        The forward's kept tiles.
+    select, skip, order, peak, scale, block, layout, backend, threads
+        As in :func:`attention`.
+
+    Returns
+    -------
+    dq, dk, dv : arrays
+        In the dtype, layout and namespace of the inputs.
+    """
+    call = _prepare(q, k, v, scale=scale, block=block, layout=layout, backend=backend,
+                    threads=threads)
+    g = _check_cotangent(call, do)
+    a = call.arrays
+    nq, nk = tile_count(a.q.shape[2], call.block[0]), tile_count(a.k.shape[2], call.block[1])
+    if kept is None:
+        code, param = rule_code(skip)
+        plan = _plan(call, _check_selector(select, call), _check_order(order, skip, peak), peak)
+        kept = call.backend.forward(a.q, a.k, a.v, plan, code, param, call.scale, True,
+                                    **call.kwargs())[2]
+    kept = _check_kept(call, kept, nq, nk)
+    grads = call.backend.attention_backward(a.q, a.k, a.v, g, kept, call.block, call.scale,
+                                            **call.kwargs())
+    return _grads_out(call, grads)
+
+
+def sla_vjp(q, k, v, do, *, critical, negligible, linear="marginal", feature_map="softmax",
+            proj_weight=None, proj_bias=None, eps=None, block=(64, 64), skip=None, order=None,
+            peak=4, scale=None, layout="bhnd", backend="auto", kept=None, threads=None):
+    """Gradients of :func:`sla_attention`: ``(dq, dk, dv, dW, db)``.
+
+    The plan (critical and marginal tiles) and the sparse branch's kept set are held fixed.
+    ``dW`` and ``db`` are returned even when ``proj_weight``/``proj_bias`` are None (the
+    gradient at zero, what fine-tuning from the zero initialisation needs).
+
+    Parameters
+    ----------
+    q, k, v, do : arrays
+        As in :func:`attention_vjp`.
+    critical, negligible, linear, feature_map, proj_weight, proj_bias, eps
+        As in :func:`sla_attention`.
+    kept : bool array, optional
+        The forward's kept critical tiles; recomputed when None.
+    block, skip, order, peak, scale, layout, backend, threads
+        As in :func:`attention`.
+
+    Returns
+    -------
+    dq, dk, dv : arrays
+        In the dtype, layout and namespace of the inputs.
+    dW : array ``(D, D)``, db : array ``(D,)``
+        float32 (float64 on the reference), in the inputs' namespace.
+    """
+    call, plan, sparse, weight, _, eps = _sla_forward(
+        q, k, v, critical, negligible, linear, feature_map, proj_weight, proj_bias, eps, block,
+        skip, order, peak, scale, layout, backend, threads, True)
+    a = call.arrays
+    xp = a.xp
+    g = _check_cotangent(call, do)
+    kept = _check_kept(call, sparse[2] if kept is None else kept, plan.nq, plan.nk)
+    acc = xp.float64 if call.backend_name == "reference" else xp.float32
+    D = a.q.shape[-1]
+    weight = xp.zeros((D, D), dtype=acc) if weight is None else weight
+    g_acc = g.astype(acc)
+    o_linear = call.backend.linear_branch(a.q, a.k, a.v, plan.marginal, call.block, feature_map,
+                                          eps, **call.kwargs()).astype(acc)
+    d_weight = xp.einsum("bhic,bhia->ca", g_acc, o_linear)
+    d_bias = g_acc.sum(axis=(0, 1, 2))
+    sparse_grads = call.backend.attention_backward(a.q, a.k, a.v, g, kept, call.block,
+                                                   call.scale, **call.kwargs())
+    linear_grads = call.backend.linear_backward(a.q, a.k, a.v, plan.marginal, call.block,
+                                                feature_map, eps, g_acc @ weight,
+                                                **call.kwargs())
+    grads = tuple(s.astype(acc) + l.astype(acc) for s, l in zip(sparse_grads, linear_grads))
+    return _grads_out(call, grads) + (a.to_caller(d_weight), a.to_caller(d_bias))
+
+
+def block_scores(q, k, *, block=(64, 64), scale=None, layout="bhnd"):
+    """Block scores ``S_IJ = scale * qbar_I . (kbar_J - mean_J kbar_J)`` (DESIGN.md section 3).
+
+    Parameters
+    ----------
+    q : array ``(B, Hq, Nq, D)``
+    k : array ``(B, Hkv, Nk, D)``
+    block : (int, int)
+        Tile sizes; tiles are mean-pooled over their valid rows.
+    scale : float, optional
+        ``D ** -0.5`` by default.
+    layout : {"bhnd", "bnhd"}
+
+    Returns
+    -------
+    scores : array ``(B, Hq, nq, nk)``
+        float64 for host inputs, float32 for GPU inputs, in the inputs' namespace.
+    """
+    block = check_block(block)
+    arrays = canonicalize({"q": q, "k": k, "v": k}, layout=layout)
+    scale = check_scale(scale, arrays.q.shape[-1])
+    xp = arrays.xp
+    acc = xp.float32 if arrays.on_gpu else xp.float64
+    scores = _block_scores(xp, arrays.q.astype(acc), arrays.k.astype(acc), block, scale)
+    return arrays.to_caller(scores)
+
+
+def recall(q, k, kept, *, block=(64, 64), scale=None, layout="bhnd"):
+    """Exact float64 recall: each row's share of softmax mass inside the tiles of ``kept``.
+
+    Parameters
+    ----------
+    q, k : arrays
+        As in :func:`attention`.
+    kept : bool array ``(B, Hq, nq, nk)``
+        A kept-tile set, e.g. ``stats.kept``.
+    block : (int, int)
+    scale : float, optional
+    layout : {"bhnd", "bnhd"}
+
+    Returns
+    -------
+    recall : float64 array ``(B, Hq, Nq)``
+        On the host as NumPy for host inputs; in the inputs' namespace otherwise.
+
+    Examples
+    --------
+    >>> import numpy as np, pysparse_attn as psa
+    >>> rng = np.random.default_rng(1)
+    >>> q, k = rng.standard_normal((2, 1, 1, 40, 8))
+    >>> kept = np.ones((1, 1, 3, 3), dtype=bool)
+    >>> np.allclose(psa.recall(q, k, kept, block=(16, 16)), 1.0)
+    True
+    """
+    from ._reference import recall_of_kept
+
+    block = check_block(block)
+    arrays = canonicalize({"q": q, "k": k, "v": k}, layout=layout, device="host")
+    scale = check_scale(scale, arrays.q.shape[-1])
+    nq = tile_count(arrays.q.shape[2], block[0])
+    nk = tile_count(arrays.k.shape[2], block[1])
+    kept = np.asarray(kept.get() if hasattr(kept, "get") else kept)
+    shape = (arrays.q.shape[0], arrays.q.shape[1], nq, nk)
+    if kept.dtype != bool or tuple(kept.shape) != shape:
+        raise ValueError(f"kept must be a bool array of shape (B, H, nq, nk) = {shape}, got "
+                         f"{kept.dtype} {tuple(kept.shape)}")
+    result = recall_of_kept(arrays.q, arrays.k, kept, block, scale)
+    return arrays.from_canonical(result)

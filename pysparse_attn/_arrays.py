@@ -1,0 +1,210 @@
+"""Arrays in, arrays out: namespaces, devices, dtypes, layouts and argument checks.
+
+Every error of DESIGN.md section 10 that concerns an array is raised here, naming the argument.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["Canonical", "canonicalize", "check_scale", "check_block", "float_dtype_name"]
+
+LAYOUTS = ("bhnd", "bnhd")
+_DLPACK_CUDA = 2  # kDLCUDA in the DLPack device enum
+_FLOAT_NAMES = ("float64", "float32", "float16", "bfloat16")
+
+
+def float_dtype_name(dtype) -> str:
+    """``'float64'``, ``'float32'``, ``'float16'`` or ``'bfloat16'``, else ``''``."""
+    name = getattr(dtype, "name", str(dtype))
+    return name if name in _FLOAT_NAMES else ""
+
+
+def _is_cupy(x) -> bool:
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def _on_cuda(x) -> bool:
+    if _is_cupy(x) or hasattr(x, "__cuda_array_interface__"):
+        return True
+    device = getattr(x, "__dlpack_device__", None)
+    if device is None:
+        return False
+    try:
+        return int(device()[0]) == _DLPACK_CUDA
+    except Exception:  # a producer whose device query fails is treated as host memory
+        return False
+
+
+def _caller_namespace(x):
+    """A function that brings a NumPy/CuPy result back into ``x``'s namespace."""
+    if isinstance(x, np.ndarray) or _is_cupy(x):
+        return lambda y: y
+    import array_api_compat
+
+    xp = array_api_compat.array_namespace(x)
+    return lambda y: xp.from_dlpack(y)
+
+
+def _to_backend_array(name, x, on_gpu):
+    """``x`` as a NumPy (host) or CuPy (GPU) array, zero-copy where the producer allows."""
+    if on_gpu:
+        import cupy
+
+        return x if _is_cupy(x) else cupy.from_dlpack(x)
+    if isinstance(x, np.ndarray):
+        return x
+    if not hasattr(x, "__dlpack__") and not hasattr(x, "__array__"):
+        raise TypeError(f"{name} must be an array (NumPy, CuPy or a DLPack producer), "
+                        f"got {type(x).__name__}")
+    try:
+        return np.from_dlpack(x)
+    except (TypeError, BufferError, RuntimeError, AttributeError) as error:
+        if hasattr(x, "__array__") and not hasattr(x, "__dlpack__"):
+            return np.asarray(x)
+        raise TypeError(f"{name}: cannot view this {type(x).__name__} as a NumPy array through "
+                        f"DLPack ({error}); host bfloat16 tensors of other frameworks need a "
+                        "NumPy array with ml_dtypes.bfloat16") from error
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """The softmax scale: ``head_dim ** -0.5`` when ``None``, else a positive finite float."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0.0):
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    return scale
+
+
+def check_block(block) -> tuple[int, int]:
+    """``(Bq, Bk)`` as two positive ints."""
+    if not isinstance(block, (tuple, list)) or len(block) != 2:
+        raise TypeError(f"block must be a pair (Bq, Bk) of ints, got {block!r}")
+    for item in block:
+        if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+            raise TypeError(f"block must be a pair (Bq, Bk) of ints, got {block!r}")
+        if item < 1:
+            raise ValueError(f"block sizes must be >= 1, got {block!r}")
+    return int(block[0]), int(block[1])
+
+
+@dataclass
+class Canonical:
+    """q, k, v as ``(B, H, N, D)`` views in the backend namespace, and how to give results back."""
+
+    q: Any
+    k: Any
+    v: Any
+    xp: Any
+    on_gpu: bool
+    layout: str
+    dtype_name: str
+    to_caller: Callable
+
+    def from_canonical(self, x):
+        """A per-row result ``(B, H, N)`` or ``(B, H, N, D)`` in the caller's layout and namespace."""
+        if self.layout == "bnhd":
+            x = self.xp.swapaxes(x, 1, 2)
+        return self.to_caller(x)
+
+
+def _check_finite(xp, name, x):
+    # One reduction first (cheap); the elementwise test only to rule out a false alarm from
+    # an overflowing sum of large finite values.
+    total = xp.sum(x, dtype=xp.float64) if x.dtype != xp.float64 else xp.sum(x)
+    if not bool(xp.isfinite(total)) and not bool(xp.all(xp.isfinite(x))):
+        raise ValueError(f"{name} contains NaN or infinity")
+
+
+def canonicalize(arrays: dict, *, layout: str, device: str = "auto", check_finite=True,
+                 same_kv_heads=True) -> Canonical:
+    """Validate ``{'q': q, 'k': k, 'v': v}`` and bring them to canonical form.
+
+    ``device`` is ``'auto'`` (follow the inputs), ``'host'`` or ``'gpu'``.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    names = list(arrays)
+    first = arrays[names[0]]
+    kinds = {name: ("gpu" if _on_cuda(x) else "host") for name, x in arrays.items()}
+    if len(set(kinds.values())) > 1:
+        raise ValueError("q, k and v must live on the same device, got "
+                         + ", ".join(f"{n} on {d}" for n, d in kinds.items()))
+    types = {name: type(x) for name, x in arrays.items()}
+    if len(set(types.values())) > 1:
+        raise TypeError("q, k and v must come from the same array namespace, got "
+                        + ", ".join(f"{n}: {t.__module__}.{t.__name__}" for n, t in types.items()))
+    inputs_on_gpu = kinds[names[0]] == "gpu"
+    on_gpu = inputs_on_gpu if device == "auto" else device == "gpu"
+    to_caller = _caller_namespace(first)
+
+    converted = {}
+    for name, x in arrays.items():
+        if on_gpu != inputs_on_gpu:
+            # An explicit backend on the other side: move the data, never its precision.
+            x = _to_backend_array(name, x, inputs_on_gpu)
+            if on_gpu:
+                import cupy
+
+                x = cupy.asarray(x)
+            else:
+                x = x.get()
+        else:
+            x = _to_backend_array(name, x, on_gpu)
+        converted[name] = x
+    if on_gpu:
+        import cupy as xp
+
+        if not inputs_on_gpu:
+            to_caller_inner = to_caller
+            to_caller = lambda y: to_caller_inner(y.get())  # noqa: E731
+    else:
+        xp = np
+        if inputs_on_gpu:
+            import cupy
+
+            to_caller_inner = to_caller
+            to_caller = lambda y: to_caller_inner(cupy.asarray(y))  # noqa: E731
+
+    dtype_name = ""
+    for name, x in converted.items():
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be 4-D ({layout.upper()}), got shape {tuple(x.shape)}")
+        this = float_dtype_name(x.dtype)
+        if not this:
+            raise TypeError(f"{name} must be float64, float32, float16 or bfloat16, got {x.dtype}")
+        if dtype_name and this != dtype_name:
+            raise TypeError(f"{name} has dtype {this} but q has {dtype_name}; q, k and v must "
+                            "share one dtype (nothing is cast implicitly)")
+        dtype_name = dtype_name or this
+
+    if layout == "bnhd":
+        converted = {n: xp.swapaxes(x, 1, 2) for n, x in converted.items()}
+    q, k, v = converted["q"], converted["k"], converted["v"]
+    B, Hq, Nq, D = q.shape
+    if min(q.shape) == 0:
+        raise ValueError(f"q must be non-empty, got shape {tuple(q.shape)} (B, H, N, D)")
+    if min(k.shape) == 0:
+        raise ValueError(f"k must be non-empty, got shape {tuple(k.shape)} (B, H, N, D)")
+    if k.shape[0] != B:
+        raise ValueError(f"k has batch {k.shape[0]} but q has {B}")
+    if k.shape[3] != D:
+        raise ValueError(f"k has head dim {k.shape[3]} but q has {D}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have the shape of k (B, H, N, D) = {tuple(k.shape)}, "
+                         f"got {tuple(v.shape)}")
+    if Hq % k.shape[1] != 0:
+        raise ValueError(f"k has {k.shape[1]} heads, which does not divide the {Hq} heads of q "
+                         "(grouped-query attention needs a multiple)")
+    if check_finite:
+        for name, x in converted.items():
+            _check_finite(xp, name, x)
+    return Canonical(q=q, k=k, v=v, xp=xp, on_gpu=on_gpu, layout=layout,
+                     dtype_name=dtype_name, to_caller=to_caller)

@@ -1,0 +1,162 @@
+"""The plan: per query tile, the ordered list of key tiles to visit (plain data).
+
+The builder is written once against the array API subset shared by NumPy and CuPy, so the plan
+of GPU inputs is built on the GPU with no host round trip. Mask preprocessing lives here, apart
+from every kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ._select import BlockMask, SlaSplit, TopK, TopP
+
+__all__ = ["Plan", "block_scores", "build_plan", "tile_count"]
+
+ORDERS = ("natural", "score", "peak")
+
+
+def tile_count(n: int, b: int) -> int:
+    """Number of tiles of size ``b`` covering ``n`` items (the last may be partial)."""
+    return -(-n // b)
+
+
+@dataclass
+class Plan:
+    """Visit lists of a call, in the backend's array namespace.
+
+    Attributes
+    ----------
+    visit : int32 array ``(B, H, nq, L)``
+        Key-tile indices in visit order; ``-1`` past ``count``.
+    count : int32 array ``(B, H, nq)``
+        Valid entries of each visit list (at least one).
+    marginal : bool array ``(B, H, nq, nk)`` or None
+        SLA: key tiles feeding the linear branch.
+    block : tuple of int
+        ``(Bq, Bk)``.
+    nq, nk : int
+        Query and key tile counts.
+    """
+
+    visit: Any
+    count: Any
+    marginal: Optional[Any]
+    block: tuple
+    nq: int
+    nk: int
+
+    @property
+    def max_count(self) -> int:
+        return int(self.visit.shape[-1])
+
+
+def _pool(xp, x, b):
+    """Mean of each tile of ``b`` rows of ``x (B, H, N, D)`` over its valid rows."""
+    B, H, N, D = x.shape
+    n_tiles = tile_count(N, b)
+    padded = xp.zeros((B, H, n_tiles * b, D), dtype=x.dtype)
+    padded[:, :, :N, :] = x
+    sums = padded.reshape(B, H, n_tiles, b, D).sum(axis=3)
+    sizes = xp.full((n_tiles,), float(b), dtype=x.dtype)
+    sizes[-1] = N - (n_tiles - 1) * b
+    return sums / sizes[:, None]
+
+
+def block_scores(xp, q, k, block, scale):
+    """Block scores ``S_IJ = scale * qbar_I . (kbar_J - mean_J kbar_J)`` of DESIGN.md section 3.
+
+    ``q (B, Hq, Nq, D)`` and ``k (B, Hkv, Nk, D)`` are floating arrays of namespace ``xp``;
+    the result has shape ``(B, Hq, nq, nk)`` and the dtype of ``q``.
+    """
+    Bq, Bk = block
+    group = q.shape[1] // k.shape[1]
+    qbar = _pool(xp, q, Bq)
+    kbar = _pool(xp, k, Bk)
+    kbar = kbar - kbar.mean(axis=2, keepdims=True)
+    if group > 1:
+        kbar = xp.repeat(kbar, group, axis=1)
+    return scale * (qbar @ xp.swapaxes(kbar, -1, -2))
+
+
+def _descending_rank(xp, scores):
+    """Rank of every tile by descending score (0 = best), ties to the lower index."""
+    order = xp.argsort(-scores, axis=-1, kind="stable") if xp.__name__ == "numpy" else \
+        xp.argsort(-scores, axis=-1)
+    rank = xp.empty_like(order)
+    positions = xp.broadcast_to(xp.arange(scores.shape[-1], dtype=order.dtype), order.shape)
+    xp.put_along_axis(rank, order, positions, axis=-1)
+    return order, rank
+
+
+def _visit_lists(xp, keep, rank, order, peak):
+    """Order the kept tiles of each query tile; pad with -1 to the longest list."""
+    nk = keep.shape[-1]
+    count = keep.sum(axis=-1).astype(xp.int32)
+    index = xp.broadcast_to(xp.arange(nk, dtype=xp.int64), keep.shape)
+    if order == "natural":
+        key = index
+    else:
+        # Rank among the kept tiles only (a mask may keep tiles of any rank).
+        kept_sorted = xp.take_along_axis(keep, xp.argsort(rank, axis=-1), axis=-1)
+        kept_rank_sorted = xp.cumsum(kept_sorted, axis=-1) - 1
+        kept_rank = xp.take_along_axis(kept_rank_sorted, rank, axis=-1)
+        if order == "score":
+            key = kept_rank
+        else:
+            tail = count[..., None].astype(xp.int64) - 1 - kept_rank
+            key = xp.where(kept_rank < peak, kept_rank, peak + tail)
+    key = xp.where(keep, key, 2 * nk + index)
+    longest = int(count.max())
+    visit = xp.argsort(key, axis=-1)[..., :longest].astype(xp.int32)
+    slot = xp.arange(longest, dtype=xp.int32)
+    visit = xp.where(slot < count[..., None], visit, xp.int32(-1))
+    return xp.ascontiguousarray(visit), xp.ascontiguousarray(count)
+
+
+def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal"):
+    """Build the :class:`Plan` of ``selector`` (or dense when ``None``) for canonical q, k.
+
+    ``selector`` is ``None``, :class:`BlockMask`, :class:`TopK`, :class:`TopP` or the internal
+    :class:`SlaSplit`; ``order`` one of ``"natural"``, ``"score"``, ``"peak"``.
+    """
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    nq, nk = tile_count(Nq, block[0]), tile_count(Nk, block[1])
+    shape = (B, H, nq, nk)
+    marginal = None
+    needs_scores = order != "natural" or isinstance(selector, (TopK, TopP, SlaSplit))
+    if needs_scores:
+        scores = block_scores(xp, q, k, block, scale)
+        sorted_idx, rank = _descending_rank(xp, scores)
+    else:
+        rank = sorted_idx = None
+
+    if selector is None:
+        keep = xp.ones(shape, dtype=bool)
+    elif isinstance(selector, BlockMask):
+        keep = xp.broadcast_to(xp.asarray(selector.mask, dtype=bool), shape)
+    elif isinstance(selector, TopK):
+        keep = rank < selector.count(nk)
+    elif isinstance(selector, TopP):
+        mass = scores - scores.max(axis=-1, keepdims=True)
+        mass = xp.exp(mass)
+        mass = mass / mass.sum(axis=-1, keepdims=True)
+        cumulative = xp.cumsum(xp.take_along_axis(mass, sorted_idx, axis=-1), axis=-1)
+        needed = xp.minimum((cumulative < selector.p).sum(axis=-1) + 1, nk)
+        keep = rank < needed[..., None]
+    elif isinstance(selector, SlaSplit):
+        n_critical, n_negligible = selector.counts(nk)
+        keep = rank < n_critical
+        if linear == "marginal":
+            marginal = ~keep & (rank < nk - n_negligible)
+        elif linear == "complement":
+            marginal = ~keep
+        else:
+            marginal = xp.ones(shape, dtype=bool)
+    else:
+        raise TypeError(f"select must be None, BlockMask, TopK or TopP, got {type(selector).__name__}")
+
+    visit, count = _visit_lists(xp, keep, rank, order, peak)
+    return Plan(visit=visit, count=count, marginal=marginal, block=tuple(block), nq=nq, nk=nk)

@@ -1,0 +1,53 @@
+"""What a call did: per-row statistics and per-tile bitmaps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = ["AttentionStats"]
+
+
+@dataclass
+class AttentionStats:
+    """Statistics of one attention call (``return_stats=True``).
+
+    Arrays are in the namespace of the inputs.
+
+    Attributes
+    ----------
+    lse : array ``(B, H, Nq)``
+        Log-sum-exp of each row over the keys whose P.V was accumulated (float32; float64 on the
+        reference backend).
+    kept : bool array ``(B, H, nq, nk)``
+        Tiles whose P.V was accumulated.
+    visited : bool array ``(B, H, nq, nk)``
+        Tiles whose QK^T was computed (kept or skipped in the loop).
+    marginal : bool array ``(B, H, nq, nk)`` or None
+        SLA: tiles sent to the linear branch.
+    recall_bound : array ``(B, H, Nq)``
+        Certified lower bound ``l / (l + u)`` on each row's kept share of the *visited* mass
+        (1 where nothing was skipped). Equals a bound on the full-row recall when every tile is
+        visited (no selector).
+    density, sparsity : float
+        Share of tiles kept / not kept, over all (batch, head, query tile, key tile).
+    flop_density, flop_sparsity : float
+        Share of dense-equivalent FLOPs spent / saved, counting partial tiles by their valid
+        size, QK^T on every visited tile and P.V on every kept tile.
+    bounded : bool
+        True when ``recall_bound`` bounds the full-row recall (no tile was dropped by the plan).
+    plan : Plan
+        The plan the kernel consumed (visit lists), for introspection.
+    """
+
+    lse: Any
+    kept: Any
+    visited: Any
+    recall_bound: Any
+    density: float
+    sparsity: float
+    flop_density: float
+    flop_sparsity: float
+    bounded: bool
+    marginal: Optional[Any] = None
+    plan: Any = field(default=None, repr=False)

@@ -1,0 +1,50 @@
+"""Backend registry: ``reference`` (float64 oracle), ``cpu`` (C++/OpenMP), ``cupy`` (CUDA).
+
+Each backend is a module with the functions of the backend contract (``docs/internals.rst``):
+``forward``, ``linear_branch``, ``attention_backward``, ``linear_backward``, ``available``,
+``supported_blocks`` (``None`` for any) and optionally ``build_plan``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+NAMES = ("reference", "cpu", "cupy")
+_GPU = ("cupy",)
+
+
+def load(name: str):
+    """The backend module ``name``; ``ValueError`` when unknown or unavailable here."""
+    if name not in NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")
+    try:
+        module = importlib.import_module(f"{__name__}.{name}")
+    except ImportError as error:
+        raise ValueError(f"backend {name!r} is not available: {error}") from error
+    reason = module.unavailable_reason() if hasattr(module, "unavailable_reason") else None
+    if reason is None and not module.available():
+        reason = "not available on this machine"
+    if reason:
+        raise ValueError(f"backend {name!r} is not available: {reason}")
+    return module
+
+
+def is_gpu(name: str) -> bool:
+    return name in _GPU
+
+
+def resolve(name: str, inputs_on_gpu: bool) -> str:
+    """The backend that ``name`` (possibly ``'auto'``) means for inputs on the host or a GPU."""
+    if name != "auto":
+        if name not in NAMES:
+            raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")
+        return name
+    if inputs_on_gpu:
+        return "cupy"
+    try:
+        module = importlib.import_module(f"{__name__}.cpu")
+        if module.available():
+            return "cpu"
+    except ImportError:
+        pass
+    return "reference"
