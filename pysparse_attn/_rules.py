@@ -5,6 +5,7 @@ Each rule is plain data. Backends only see ``(code, param)``; see ``docs/interna
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 
@@ -17,7 +18,8 @@ RECALL = 3
 RECALL_EXACT = 4
 
 
-def _finite_number(name, value):
+def real_number(name, value):
+    """``value`` as a finite float, or a TypeError/ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -26,15 +28,15 @@ def _finite_number(name, value):
     return value
 
 
-class SkipRule:
+class SkipRule(abc.ABC):
     """Base class of the in-loop skip rules."""
 
     code: int
 
     @property
+    @abc.abstractmethod
     def param(self) -> float:
         """The one float the kernels read (see the backend contract)."""
-        raise NotImplementedError  # abstract: every concrete rule defines it
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class Blasst(SkipRule):
     code = BLASST
 
     def __post_init__(self):
-        lam = _finite_number("lam", self.lam)
+        lam = real_number("lam", self.lam)
         if not 0.0 < lam <= 1.0:
             raise ValueError(f"lam must be in (0, 1], got {lam}")
         object.__setattr__(self, "lam", lam)
@@ -79,7 +81,7 @@ class Cef(SkipRule):
     code = CEF
 
     def __post_init__(self):
-        lam = _finite_number("lam", self.lam)
+        lam = real_number("lam", self.lam)
         if lam > 0.0:
             raise ValueError(f"lam must be <= 0 (a log of a mass share), got {lam}")
         object.__setattr__(self, "lam", lam)
@@ -99,7 +101,7 @@ class Cef(SkipRule):
         n_keys : int
             Number of keys ``Nk``.
         """
-        p = _finite_number("p", p)
+        p = real_number("p", p)
         if not 0.0 < p <= 1.0:
             raise ValueError(f"p must be in (0, 1], got {p}")
         if int(block_k) < 1 or int(n_keys) < 1:
@@ -132,7 +134,7 @@ class Recall(SkipRule):
     exact: bool = False
 
     def __post_init__(self):
-        target = _finite_number("target", self.target)
+        target = real_number("target", self.target)
         if not 0.0 < target <= 1.0:
             raise ValueError(f"target must be in (0, 1], got {target}")
         if not isinstance(self.exact, bool):

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ._rules import real_number
+
 __all__ = ["BlockMask", "TopK", "TopP", "Selector"]
 
 
@@ -91,7 +93,7 @@ class SlaSplit(Selector):
 
     def __post_init__(self):
         object.__setattr__(self, "critical", _share("critical", self.critical))
-        negligible = _number("negligible", self.negligible)
+        negligible = real_number("negligible", self.negligible)
         if not 0.0 <= negligible < 1.0:
             raise ValueError(f"negligible must be in [0, 1), got {negligible}")
         object.__setattr__(self, "negligible", negligible)
@@ -101,17 +103,8 @@ class SlaSplit(Selector):
         return max(1, math.floor(self.critical * nk)), math.floor(self.negligible * nk)
 
 
-def _number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
 def _share(name, value):
-    value = _number(name, value)
+    value = real_number(name, value)
     if not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {value}")
     return value

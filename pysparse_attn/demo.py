@@ -1,0 +1,221 @@
+"""The main job: every method at a few settings on a video-like workload, against dense.
+
+``python -m pysparse_attn demo`` (``make demo``) prints one table row per (method, setting):
+tile sparsity, min/mean recall, relative L2 error against dense, time and speedup, then writes
+a Pareto plot (sparsity against error, one curve per method) and says where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _api
+from ._rules import Blasst, Cef, Recall
+from ._select import TopK, TopP
+
+__all__ = ["main", "demo_methods"]
+
+
+@dataclass
+class Row:
+    method: str
+    setting: str
+    sparsity: float
+    recall_min: float
+    recall_mean: float
+    rel_l2: float
+    seconds: float
+    speedup: float
+
+
+def demo_methods(n_keys: int, block_k: int):
+    """``(method, setting, call)`` triples; ``call(q, k, v, **common)`` returns (out, stats)."""
+    def dense(q, k, v, **common):
+        return _api.attention(q, k, v, return_stats=True, **common)
+
+    def attend(**options):
+        return lambda q, k, v, **common: _api.attention(q, k, v, return_stats=True,
+                                                        **options, **common)
+
+    methods = [("dense", "-", dense)]
+    for lam in (1e-2, 1e-3, 1e-4):
+        methods.append(("Blasst", f"lam={lam:g}, natural", attend(skip=Blasst(lam),
+                                                                  order="natural")))
+        methods.append(("Blasst", f"lam={lam:g}, peak", attend(skip=Blasst(lam))))
+    for mass in (1.0, 0.1, 0.01):
+        rule = Cef.from_mass(mass, block_k, n_keys)
+        methods.append(("Cef", f"from_mass({mass:g}) natural", attend(skip=rule,
+                                                                      order="natural")))
+    for target in (0.99, 0.95, 0.8):
+        methods.append(("Recall", f"R={target:g}, peak", attend(skip=Recall(target))))
+    methods.append(("Recall exact", "R=0.95, peak", attend(skip=Recall(0.95, exact=True))))
+    for ratio in (0.5, 0.25, 0.1):
+        methods.append(("TopK", f"ratio={ratio:g}", attend(select=TopK(ratio=ratio))))
+    for p in (0.99, 0.95, 0.9):
+        methods.append(("TopP", f"p={p:g}", attend(select=TopP(p))))
+    return methods
+
+
+def _sla_rows(q, k, v, dense_out, common, repeats):
+    """SLA at two splits with a projection fitted by least squares on this input.
+
+    The zero-initialised SLA equals sparse-only attention; the fitted ``W, b`` stand in for
+    the fine-tuning SLA is designed for (in-sample, so an optimistic bound on what training
+    reaches) and show what the linear branch can recover.
+    """
+    from . import _reference
+
+    rows = []
+    for critical, negligible in ((0.1, 0.5), (0.05, 0.6)):
+        options = dict(critical=critical, negligible=negligible, **common)
+        sparse, stats = _api.sla_attention(q, k, v, return_stats=True, **options)
+        plan = stats.plan
+        o_linear = _reference.linear_branch(q, k, v, plan.marginal, common["block"])
+        residual = (np.asarray(dense_out, np.float64) - np.asarray(sparse, np.float64))
+        features = np.concatenate([o_linear.reshape(-1, q.shape[-1]),
+                                   np.ones((o_linear[..., 0].size, 1))], axis=1)
+        solution = np.linalg.lstsq(features, residual.reshape(-1, q.shape[-1]), rcond=None)[0]
+        weight = solution[:-1].T.astype(np.float32)
+        bias = solution[-1].astype(np.float32)
+        for label, w, b in (("W=0", None, None), ("W fitted", weight, bias)):
+            def run():
+                return _api.sla_attention(q, k, v, proj_weight=w, proj_bias=b,
+                                          return_stats=True, **options)
+            out, seconds = _timed(run, repeats)
+            rows.append(("SLA", f"crit={critical:g} negl={negligible:g} {label}", out, seconds))
+    return rows
+
+
+def _timed(run, repeats):
+    best = np.inf
+    result = None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run()
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+def _rel_l2(out, dense):
+    out = np.asarray(out, dtype=np.float64)
+    dense = np.asarray(dense, dtype=np.float64)
+    return float(np.linalg.norm(out - dense) / np.linalg.norm(dense))
+
+
+def _format_table(rows, backend):
+    header = (f"{'method':<13} {'setting':<30} {'sparsity':>8} {'rec min':>8} {'rec mean':>8} "
+              f"{'rel L2':>9} {'time ms':>9} {'speedup':>8}")
+    lines = [f"backend: {backend}", header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r.method:<13} {r.setting:<30} {r.sparsity:>8.1%} {r.recall_min:>8.4f} "
+                     f"{r.recall_mean:>8.4f} {r.rel_l2:>9.2e} {1e3 * r.seconds:>9.1f} "
+                     f"{r.speedup:>7.2f}x")
+    return "\n".join(lines)
+
+
+def _plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r.method for r in rows if r.method != "dense"):
+        points = sorted((r.sparsity, max(r.rel_l2, 1e-6)) for r in rows if r.method == method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("tile sparsity (share of key tiles whose P.V was skipped)")
+    ax.set_ylabel("relative L2 error vs dense")
+    ax.set_title("pysparse_attn demo: sparsity against error")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_demo(frames=8, height=16, width=24, head_dim=64, block=(64, 64), repeats=2,
+             output_dir="demo_output", backend="auto"):
+    """Run the demo and return its rows; see the module docstring."""
+    from tqdm import tqdm
+
+    from .workloads import video_qkv
+
+    q, k, v = video_qkv(shape=(frames, height, width), heads=4, head_dim=head_dim,
+                        dtype=np.float32, seed=0)
+    on_gpu = backend == "cupy"
+    if backend == "auto":
+        try:
+            import cupy
+
+            on_gpu = cupy.cuda.runtime.getDeviceCount() > 0
+        except Exception:  # no CuPy or no device: the CPU backend runs the demo
+            on_gpu = False
+    if on_gpu:
+        import cupy
+
+        q, k, v = (cupy.asarray(x).astype(cupy.bfloat16) for x in (q, k, v))
+        block = (128, 64)
+    common = dict(block=block, backend="cupy" if on_gpu else backend)
+    if on_gpu:
+        common["backend"] = "cupy"
+    host = lambda x: x.get() if hasattr(x, "get") else np.asarray(x)  # noqa: E731
+    q_host, k_host = host(q).astype(np.float64), host(k).astype(np.float64)
+
+    methods = demo_methods(k.shape[2], block[1])
+    rows = []
+    dense_out = dense_seconds = None
+    progress = tqdm(total=len(methods) + 4, desc="demo", unit="run", file=sys.stderr)
+    for method, setting, call in methods:
+        (out, stats), seconds = _timed(lambda: call(q, k, v, **common), repeats)
+        if method == "dense":
+            dense_out, dense_seconds = host(out), seconds
+        recall = _api.recall(q_host, k_host, host(stats.kept), block=block)
+        rows.append(Row(method, setting, stats.sparsity, float(recall.min()),
+                        float(recall.mean()), _rel_l2(host(out), dense_out), seconds,
+                        dense_seconds / seconds))
+        progress.update()
+    if not on_gpu:
+        for method, setting, (out, stats), seconds in _sla_rows(q, k, v, dense_out, common,
+                                                                repeats):
+            recall = _api.recall(q_host, k_host, host(stats.kept), block=block)
+            rows.append(Row(method, setting, stats.sparsity, float(recall.min()),
+                            float(recall.mean()), _rel_l2(host(out), dense_out), seconds,
+                            dense_seconds / seconds))
+            progress.update()
+    progress.close()
+    backend_name = common["backend"]
+    if backend_name == "auto":
+        from . import backends
+
+        backend_name = backends.resolve("auto", on_gpu)
+    print(f"workload: video_qkv T x H x W = {frames} x {height} x {width} "
+          f"({q.shape[2]} tokens), 4 heads (local, temporal, global, diffuse), D = {head_dim}, "
+          f"{q.dtype}, block {block}")
+    print(_format_table(rows, backend_name))
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.abspath(os.path.join(output_dir, "pareto.png"))
+    _plot(rows, path)
+    print(f"Pareto plot (sparsity vs error, one curve per method): {path}")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m pysparse_attn demo",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--height", type=int, default=16)
+    parser.add_argument("--width", type=int, default=24)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--output-dir", default="demo_output")
+    args = parser.parse_args(argv)
+    run_demo(frames=args.frames, height=args.height, width=args.width, head_dim=args.head_dim,
+             repeats=args.repeats, output_dir=args.output_dir, backend=args.backend)
