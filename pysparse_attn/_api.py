@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from . import backends
-from ._arrays import Canonical, canonicalize, check_block, check_scale
+from ._arrays import (Canonical, as_backend_array, canonicalize, check_block, check_kept,
+                      check_scale)
 from ._plan import ORDERS, build_plan, tile_count
 from ._plan import block_scores as _block_scores
 from ._rules import rule_code
@@ -90,13 +91,7 @@ def _check_selector(select, call: _Call):
         q, k = call.arrays.q, call.arrays.k
         shape = (q.shape[0], q.shape[1], tile_count(q.shape[2], call.block[0]),
                  tile_count(k.shape[2], call.block[1]))
-        mask = select.mask
-        if call.arrays.on_gpu:
-            import cupy
-
-            mask = cupy.asarray(mask)
-        else:
-            mask = np.asarray(mask.get() if hasattr(mask, "get") else mask)
+        mask = as_backend_array("mask", select.mask, call.arrays.on_gpu)
         if mask.dtype != bool:
             raise TypeError(f"mask must be a bool array, got dtype {mask.dtype}")
         try:
@@ -233,15 +228,7 @@ def _check_projection(call: _Call, proj_weight, proj_bias):
         if value is None:
             checked.append(None)
             continue
-        if call.arrays.on_gpu:
-            import cupy
-
-            value = cupy.asarray(value) if not hasattr(value, "__dlpack__") or \
-                type(value).__module__.startswith("numpy") else cupy.from_dlpack(value)
-        else:
-            value = np.asarray(value.get() if hasattr(value, "get") else value) \
-                if not hasattr(value, "__dlpack__") or isinstance(value, np.ndarray) \
-                else np.from_dlpack(value)
+        value = as_backend_array(name, value, call.arrays.on_gpu)
         if tuple(value.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
         if value.dtype.kind != "f" and str(value.dtype) != "bfloat16":
@@ -357,18 +344,6 @@ def _check_cotangent(call: _Call, do, name="do"):
     return g
 
 
-def _check_kept(call: _Call, kept, nq, nk):
-    xp = call.arrays.xp
-    kept = xp.asarray(kept.get() if (hasattr(kept, "get") and not call.arrays.on_gpu) else kept)
-    shape = (call.arrays.q.shape[0], call.arrays.q.shape[1], nq, nk)
-    if kept.dtype != bool or tuple(kept.shape) != shape:
-        raise ValueError(f"kept must be a bool array of shape (B, H, nq, nk) = {shape}, got "
-                         f"{kept.dtype} {tuple(kept.shape)}")
-    if not bool(kept.any(axis=-1).all()):
-        raise ValueError("kept must keep at least one key tile in every query tile")
-    return kept
-
-
 def _grads_out(call: _Call, grads):
     dtype = call.arrays.q.dtype
     return tuple(call.arrays.from_canonical(g.astype(dtype)) for g in grads)
@@ -408,7 +383,7 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
         plan = _plan(call, _check_selector(select, call), _check_order(order, skip, peak), peak)
         kept = call.backend.forward(a.q, a.k, a.v, plan, code, param, call.scale, True,
                                     **call.kwargs())[2]
-    kept = _check_kept(call, kept, nq, nk)
+    kept = check_kept(kept, (a.q.shape[0], a.q.shape[1], nq, nk), a.on_gpu)
     grads = call.backend.attention_backward(a.q, a.k, a.v, g, kept, call.block, call.scale,
                                             **call.kwargs())
     return _grads_out(call, grads)
@@ -447,7 +422,8 @@ def sla_vjp(q, k, v, do, *, critical, negligible, linear="marginal", feature_map
     a = call.arrays
     xp = a.xp
     g = _check_cotangent(call, do)
-    kept = _check_kept(call, sparse[2] if kept is None else kept, plan.nq, plan.nk)
+    kept = check_kept(sparse[2] if kept is None else kept,
+                      (a.q.shape[0], a.q.shape[1], plan.nq, plan.nk), a.on_gpu)
     acc = xp.float64 if call.backend_name == "reference" else xp.float32
     D = a.q.shape[-1]
     weight = xp.zeros((D, D), dtype=acc) if weight is None else weight
@@ -526,10 +502,7 @@ def recall(q, k, kept, *, block=(64, 64), scale=None, layout="bhnd"):
     scale = check_scale(scale, arrays.q.shape[-1])
     nq = tile_count(arrays.q.shape[2], block[0])
     nk = tile_count(arrays.k.shape[2], block[1])
-    kept = np.asarray(kept.get() if hasattr(kept, "get") else kept)
-    shape = (arrays.q.shape[0], arrays.q.shape[1], nq, nk)
-    if kept.dtype != bool or tuple(kept.shape) != shape:
-        raise ValueError(f"kept must be a bool array of shape (B, H, nq, nk) = {shape}, got "
-                         f"{kept.dtype} {tuple(kept.shape)}")
+    kept = check_kept(kept, (arrays.q.shape[0], arrays.q.shape[1], nq, nk), False,
+                      nonempty=False)
     result = recall_of_kept(arrays.q, arrays.k, kept, block, scale)
     return arrays.from_canonical(result)

@@ -71,6 +71,35 @@ def _to_backend_array(name, x, on_gpu):
                         "NumPy array with ml_dtypes.bfloat16") from error
 
 
+def as_backend_array(name, x, on_gpu):
+    """Any array-like as a NumPy (host) or CuPy (GPU) array, moving it between devices if needed.
+
+    For auxiliary inputs (masks, kept sets, projection weights); never changes the dtype.
+    """
+    if _on_cuda(x):
+        x = _to_backend_array(name, x, True)
+        return x if on_gpu else x.get()
+    if isinstance(x, (list, tuple, bool, int, float)):
+        x = np.asarray(x)
+    x = _to_backend_array(name, x, False)
+    if on_gpu:
+        import cupy
+
+        return cupy.asarray(x)
+    return x
+
+
+def check_kept(kept, shape, on_gpu, nonempty=True):
+    """A kept-tile set: bool ``(B, H, nq, nk)``; ``nonempty``: a tile in every query tile."""
+    kept = as_backend_array("kept", kept, on_gpu)
+    if kept.dtype != bool or tuple(kept.shape) != tuple(shape):
+        raise ValueError(f"kept must be a bool array of shape (B, H, nq, nk) = {tuple(shape)}, "
+                         f"got {kept.dtype} {tuple(kept.shape)}")
+    if nonempty and not bool(kept.any(axis=-1).all()):
+        raise ValueError("kept must keep at least one key tile in every query tile")
+    return kept
+
+
 def check_scale(scale, head_dim: int) -> float:
     """The softmax scale: ``head_dim ** -0.5`` when ``None``, else a positive finite float."""
     if scale is None:

@@ -45,16 +45,16 @@ def demo_methods(n_keys: int, block_k: int):
 
     methods = [("dense", "-", dense)]
     for lam in (1e-2, 1e-3, 1e-4):
-        methods.append(("Blasst", f"lam={lam:g}, natural", attend(skip=Blasst(lam),
+        methods.append(("Blasst natural", f"lam={lam:g}", attend(skip=Blasst(lam),
                                                                   order="natural")))
-        methods.append(("Blasst", f"lam={lam:g}, peak", attend(skip=Blasst(lam))))
+        methods.append(("Blasst peak", f"lam={lam:g}", attend(skip=Blasst(lam))))
     for mass in (1.0, 0.1, 0.01):
         rule = Cef.from_mass(mass, block_k, n_keys)
-        methods.append(("Cef", f"from_mass({mass:g}) natural", attend(skip=rule,
+        methods.append(("Cef natural", f"from_mass({mass:g})", attend(skip=rule,
                                                                       order="natural")))
     for target in (0.99, 0.95, 0.8):
-        methods.append(("Recall", f"R={target:g}, peak", attend(skip=Recall(target))))
-    methods.append(("Recall exact", "R=0.95, peak", attend(skip=Recall(0.95, exact=True))))
+        methods.append(("Recall peak", f"R={target:g}", attend(skip=Recall(target))))
+    methods.append(("Recall exact peak", "R=0.95", attend(skip=Recall(0.95, exact=True))))
     for ratio in (0.5, 0.25, 0.1):
         methods.append(("TopK", f"ratio={ratio:g}", attend(select=TopK(ratio=ratio))))
     for p in (0.99, 0.95, 0.9):
@@ -83,12 +83,12 @@ def _sla_rows(q, k, v, dense_out, common, repeats):
         solution = np.linalg.lstsq(features, residual.reshape(-1, q.shape[-1]), rcond=None)[0]
         weight = solution[:-1].T.astype(np.float32)
         bias = solution[-1].astype(np.float32)
-        for label, w, b in (("W=0", None, None), ("W fitted", weight, bias)):
+        for label, w, b in (("SLA W=0", None, None), ("SLA fitted W", weight, bias)):
             def run():
                 return _api.sla_attention(q, k, v, proj_weight=w, proj_bias=b,
                                           return_stats=True, **options)
             out, seconds = _timed(run, repeats)
-            rows.append(("SLA", f"crit={critical:g} negl={negligible:g} {label}", out, seconds))
+            rows.append((label, f"crit={critical:g} negl={negligible:g}", out, seconds))
     return rows
 
 
@@ -109,11 +109,11 @@ def _rel_l2(out, dense):
 
 
 def _format_table(rows, backend):
-    header = (f"{'method':<13} {'setting':<30} {'sparsity':>8} {'rec min':>8} {'rec mean':>8} "
+    header = (f"{'method':<18} {'setting':<22} {'sparsity':>8} {'rec min':>8} {'rec mean':>8} "
               f"{'rel L2':>9} {'time ms':>9} {'speedup':>8}")
     lines = [f"backend: {backend}", header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r.method:<13} {r.setting:<30} {r.sparsity:>8.1%} {r.recall_min:>8.4f} "
+        lines.append(f"{r.method:<18} {r.setting:<22} {r.sparsity:>8.1%} {r.recall_min:>8.4f} "
                      f"{r.recall_mean:>8.4f} {r.rel_l2:>9.2e} {1e3 * r.seconds:>9.1f} "
                      f"{r.speedup:>7.2f}x")
     return "\n".join(lines)
