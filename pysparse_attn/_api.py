@@ -317,7 +317,7 @@ def sla_attention(q, k, v, *, critical, negligible, linear="marginal", feature_m
     a = call.arrays
     out, lse, kept, visited, bound = sparse
     if weight is not None or bias is not None:
-        acc = weight.dtype
+        acc = (weight if weight is not None else bias).dtype
         out = out.astype(acc)
         if weight is not None:
             o_linear = call.backend.linear_branch(a.q, a.k, a.v, plan.marginal, call.block,
@@ -330,18 +330,6 @@ def sla_attention(q, k, v, *, critical, negligible, linear="marginal", feature_m
     if not return_stats:
         return result
     return result, _stats(call, plan, lse, kept, visited, bound, SlaSplit, plan.marginal)
-
-
-def _check_cotangent(call: _Call, do, name="do"):
-    probe = canonicalize({"q": do, "k": do, "v": do}, layout=call.arrays.layout,
-                         device="gpu" if call.arrays.on_gpu else "host")
-    g = probe.q
-    if tuple(g.shape) != tuple(call.arrays.q.shape):
-        raise ValueError(f"{name} must have the shape of the output, got {tuple(g.shape)}")
-    if probe.dtype_name != call.arrays.dtype_name:
-        raise TypeError(f"{name} has dtype {probe.dtype_name} but q has "
-                        f"{call.arrays.dtype_name}")
-    return g
 
 
 def _grads_out(call: _Call, grads):
@@ -375,7 +363,7 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
     """
     call = _prepare(q, k, v, scale=scale, block=block, layout=layout, backend=backend,
                     threads=threads)
-    g = _check_cotangent(call, do)
+    g = call.arrays.like_q("do", do)
     a = call.arrays
     nq, nk = tile_count(a.q.shape[2], call.block[0]), tile_count(a.k.shape[2], call.block[1])
     if kept is None:
@@ -421,7 +409,7 @@ def sla_vjp(q, k, v, do, *, critical, negligible, linear="marginal", feature_map
         skip, order, peak, scale, layout, backend, threads, True)
     a = call.arrays
     xp = a.xp
-    g = _check_cotangent(call, do)
+    g = call.arrays.like_q("do", do)
     kept = check_kept(sparse[2] if kept is None else kept,
                       (a.q.shape[0], a.q.shape[1], plan.nq, plan.nk), a.on_gpu)
     acc = xp.float64 if call.backend_name == "reference" else xp.float32

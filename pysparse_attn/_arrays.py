@@ -136,12 +136,43 @@ class Canonical:
     layout: str
     dtype_name: str
     to_caller: Callable
+    inputs_on_gpu: bool = False
+
+    def like_q(self, name, x):
+        """Validate an array shaped like ``q`` (a cotangent) and give its canonical view."""
+        if not (isinstance(x, np.ndarray) or hasattr(x, "__dlpack__")
+                or hasattr(x, "__cuda_array_interface__")):
+            raise TypeError(f"{name} must be an array (NumPy, CuPy or a DLPack producer), "
+                            f"got {type(x).__name__}")
+        if _on_cuda(x) != self.inputs_on_gpu:
+            raise ValueError(f"{name} must live on the device of q")
+        x = as_backend_array(name, x, self.on_gpu)
+        _check_rank_and_dtype(name, x, self.layout, self.dtype_name)
+        if self.layout == "bnhd":
+            x = self.xp.swapaxes(x, 1, 2)
+        if tuple(x.shape) != tuple(self.q.shape):
+            raise ValueError(f"{name} must have the shape of q, got {tuple(x.shape)}")
+        _check_finite(self.xp, name, x)
+        return x
 
     def from_canonical(self, x):
         """A per-row result ``(B, H, N)`` or ``(B, H, N, D)`` in the caller's layout and namespace."""
         if self.layout == "bnhd":
             x = self.xp.swapaxes(x, 1, 2)
         return self.to_caller(x)
+
+
+def _check_rank_and_dtype(name, x, layout, expected=""):
+    """The dtype name of a 4-D floating array, equal to ``expected`` when one is given."""
+    if x.ndim != 4:
+        raise ValueError(f"{name} must be 4-D ({layout.upper()}), got shape {tuple(x.shape)}")
+    this = float_dtype_name(x.dtype)
+    if not this:
+        raise TypeError(f"{name} must be float64, float32, float16 or bfloat16, got {x.dtype}")
+    if expected and this != expected:
+        raise TypeError(f"{name} has dtype {this} but q has {expected}; q, k, v (and do) must "
+                        "share one dtype (nothing is cast implicitly)")
+    return this
 
 
 def _check_finite(xp, name, x):
@@ -152,8 +183,7 @@ def _check_finite(xp, name, x):
         raise ValueError(f"{name} contains NaN or infinity")
 
 
-def canonicalize(arrays: dict, *, layout: str, device: str = "auto", check_finite=True,
-                 same_kv_heads=True) -> Canonical:
+def canonicalize(arrays: dict, *, layout: str, device: str = "auto", check_finite=True) -> Canonical:
     """Validate ``{'q': q, 'k': k, 'v': v}`` and bring them to canonical form.
 
     ``device`` is ``'auto'`` (follow the inputs), ``'host'`` or ``'gpu'``.
@@ -161,6 +191,11 @@ def canonicalize(arrays: dict, *, layout: str, device: str = "auto", check_finit
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     names = list(arrays)
+    for name, x in arrays.items():
+        if not (isinstance(x, np.ndarray) or hasattr(x, "__dlpack__")
+                or hasattr(x, "__cuda_array_interface__")):
+            raise TypeError(f"{name} must be an array (NumPy, CuPy or a DLPack producer), "
+                            f"got {type(x).__name__}")
     first = arrays[names[0]]
     kinds = {name: ("gpu" if _on_cuda(x) else "host") for name, x in arrays.items()}
     if len(set(kinds.values())) > 1:
@@ -174,45 +209,24 @@ def canonicalize(arrays: dict, *, layout: str, device: str = "auto", check_finit
     on_gpu = inputs_on_gpu if device == "auto" else device == "gpu"
     to_caller = _caller_namespace(first)
 
-    converted = {}
-    for name, x in arrays.items():
-        if on_gpu != inputs_on_gpu:
-            # An explicit backend on the other side: move the data, never its precision.
-            x = _to_backend_array(name, x, inputs_on_gpu)
-            if on_gpu:
-                import cupy
-
-                x = cupy.asarray(x)
-            else:
-                x = x.get()
-        else:
-            x = _to_backend_array(name, x, on_gpu)
-        converted[name] = x
+    converted = {name: as_backend_array(name, x, on_gpu) for name, x in arrays.items()}
     if on_gpu:
         import cupy as xp
-
-        if not inputs_on_gpu:
-            to_caller_inner = to_caller
-            to_caller = lambda y: to_caller_inner(y.get())  # noqa: E731
     else:
         xp = np
+    if on_gpu != inputs_on_gpu:
+        # An explicit backend on the other side: results travel back to the inputs' device.
+        to_caller_inner = to_caller
         if inputs_on_gpu:
             import cupy
 
-            to_caller_inner = to_caller
             to_caller = lambda y: to_caller_inner(cupy.asarray(y))  # noqa: E731
+        else:
+            to_caller = lambda y: to_caller_inner(y.get())  # noqa: E731
 
     dtype_name = ""
     for name, x in converted.items():
-        if x.ndim != 4:
-            raise ValueError(f"{name} must be 4-D ({layout.upper()}), got shape {tuple(x.shape)}")
-        this = float_dtype_name(x.dtype)
-        if not this:
-            raise TypeError(f"{name} must be float64, float32, float16 or bfloat16, got {x.dtype}")
-        if dtype_name and this != dtype_name:
-            raise TypeError(f"{name} has dtype {this} but q has {dtype_name}; q, k and v must "
-                            "share one dtype (nothing is cast implicitly)")
-        dtype_name = dtype_name or this
+        dtype_name = _check_rank_and_dtype(name, x, layout, dtype_name)
 
     if layout == "bnhd":
         converted = {n: xp.swapaxes(x, 1, 2) for n, x in converted.items()}
@@ -236,4 +250,4 @@ def canonicalize(arrays: dict, *, layout: str, device: str = "auto", check_finit
         for name, x in converted.items():
             _check_finite(xp, name, x)
     return Canonical(q=q, k=k, v=v, xp=xp, on_gpu=on_gpu, layout=layout,
-                     dtype_name=dtype_name, to_caller=to_caller)
+                     dtype_name=dtype_name, to_caller=to_caller, inputs_on_gpu=inputs_on_gpu)

@@ -161,6 +161,7 @@ def grid_positions(grid) -> np.ndarray:
 
     Examples
     --------
+    >>> from pysparse_attn.workloads import grid_positions
     >>> grid_positions((2, 2, 3))[4]
     array([0, 1, 1])
     """
@@ -275,6 +276,31 @@ def _head(kind, rotation, n_tokens, head_dim, scale, sharpness, rng, rope, frequ
     return q, k
 
 
+_VALUE_MEAN_STD = 0.5
+_VALUE_NOISE_STD = 0.5
+_VALUE_WAVES = 16
+_VALUE_WAVELENGTHS = (3.0, 30.0)
+
+
+def _values(positions, head_dim, rng, work):
+    """Values ``(N, D)``: per-head mean + smooth random field over the grid + noise.
+
+    The field is a sum of ``_VALUE_WAVES`` plane waves with random 3D directions, wavelengths
+    log-uniform in ``_VALUE_WAVELENGTHS`` tokens and phases, mixed into the channels by a
+    Gaussian matrix scaled to unit variance per channel.
+    """
+    direction = rng.standard_normal((_VALUE_WAVES, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    wavelength = np.exp(rng.uniform(*np.log(_VALUE_WAVELENGTHS), size=_VALUE_WAVES))
+    wave_numbers = 2.0 * np.pi * direction / wavelength[:, None]
+    phase = rng.uniform(0.0, 2.0 * np.pi, size=_VALUE_WAVES)
+    waves = np.cos(positions @ wave_numbers.T + phase).astype(work)  # (N, waves), variance 1/2
+    mixing = rng.standard_normal((_VALUE_WAVES, head_dim)) * np.sqrt(2.0 / _VALUE_WAVES)
+    mean = _VALUE_MEAN_STD * rng.standard_normal(head_dim)
+    noise = _VALUE_NOISE_STD * _normal(rng, (positions.shape[0], head_dim), work)
+    return (waves @ mixing.astype(work)) + mean.astype(work) + noise
+
+
 def video_qkv(shape=(21, 30, 52), heads: Optional[int] = None, head_dim: Optional[int] = None,
               batch: int = 1, kinds: Union[str, Sequence[str]] = HEAD_KINDS, rope: bool = True,
               dtype=np.float32, seed: int = 0, sharpness: float = 1.0):
@@ -318,8 +344,12 @@ def video_qkv(shape=(21, 30, 52), heads: Optional[int] = None, head_dim: Optiona
     Returns
     -------
     q, k, v : arrays ``(batch, heads, T*H*W, head_dim)`` of ``dtype``
-        Values are i.i.d. standard normal around a per-head mean of standard deviation 0.5
-        (so that outputs do not average to zero on diffuse rows).
+        Values are a per-head mean (standard deviation 0.5 per channel), plus a field that
+        varies smoothly over the grid (unit variance, wavelengths of about 3 to 30 tokens, as
+        features of neighbouring patches are alike), plus i.i.d. noise of standard deviation
+        0.5. The smooth part is what makes dropping distant keys cost accuracy: with i.i.d.
+        values, dropped and kept keys would average to the same vector and errors would look
+        smaller than on a real model.
 
     Examples
     --------
@@ -348,9 +378,10 @@ def video_qkv(shape=(21, 30, 52), heads: Optional[int] = None, head_dim: Optiona
         raise ValueError(f"sharpness must be positive and finite, got {sharpness}")
 
     frequencies = rope_frequencies(head_dim)
+    positions = grid_positions(grid)
     # float32 working precision is ample for the structure and halves the generation time.
     work = np.float64 if dtype == np.float64 else np.float32
-    angles = _rope_angles(grid_positions(grid), frequencies)
+    angles = _rope_angles(positions, frequencies)
     n_tokens = angles.shape[0]
     rotation = (np.cos(angles).astype(work), np.sin(angles).astype(work))
     scale = 1.0 / math.sqrt(head_dim)
@@ -364,8 +395,7 @@ def video_qkv(shape=(21, 30, 52), heads: Optional[int] = None, head_dim: Optiona
             q_head, k_head = _head(kinds[h % len(kinds)], rotation, n_tokens, head_dim, scale,
                                    float(sharpness), rng, rope, frequencies)
             q[b, h], k[b, h] = q_head, k_head
-            value_mean = 0.5 * rng.standard_normal(head_dim).astype(work)
-            v[b, h] = value_mean + _normal(rng, (n_tokens, head_dim), work)
+            v[b, h] = _values(positions, head_dim, rng, work)
     return q, k, v
 
 

@@ -1,0 +1,135 @@
+"""Compile every GPU kernel instance with nvcc, without a GPU, and report registers and spills.
+
+Run ``python -m pysparse_attn.backends.compile_check``. Each kernel family's instances (the same
+table the CuPy backend compiles through NVRTC) are instantiated in one translation unit and
+compiled to a cubin for every target architecture (``sm_80`` and ``sm_90`` by default), with
+``-Xptxas -v``. The exit status is non-zero when a compilation fails or, with
+``--fail-on-spill``, when an instance spills registers. Without ``nvcc`` on the PATH it prints
+why and exits 0 (nothing can be checked here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .cupy import FORWARD_INSTANCES, PLAN_INSTANCES, _source_dirs
+
+__all__ = ["families", "compile_family", "main"]
+
+DEFAULT_ARCHS = ("sm_80", "sm_90")
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+
+
+def families():
+    """``{source file: [template instance names]}`` of every kernel family."""
+    return {"attention_forward.cu": sorted(set(FORWARD_INSTANCES.values())),
+            "plan_select.cu": sorted(set(PLAN_INSTANCES.values()))}
+
+
+def _source_dir() -> Path:
+    for folder in _source_dirs():
+        if (folder / "attention_forward.cu").is_file():
+            return folder
+    raise FileNotFoundError("no gpu/ source folder found")
+
+
+def _translation_unit(source: str, instances) -> str:
+    # Taking each instance's address forces nvcc to instantiate and compile it.
+    lines = [f'#include "{source}"', "void* const psa_compile_check_instances[] = {"]
+    lines += [f"    (void*)&{name}," for name in instances]
+    lines.append("};")
+    return "\n".join(lines) + "\n"
+
+
+def _demangle(names):
+    filt = shutil.which("cu++filt") or shutil.which("c++filt")
+    if not filt or not names:
+        return {n: n for n in names}
+    result = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True)
+    lines = result.stdout.splitlines()
+    return dict(zip(names, lines)) if len(lines) == len(names) else {n: n for n in names}
+
+
+def compile_family(nvcc: str, source: str, instances, arch: str):
+    """Compile one family for one architecture; returns ``(ok, rows, log)``.
+
+    ``rows`` holds ``(instance, registers, stack bytes, spill stores, spill loads)``.
+    """
+    folder = _source_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        unit = Path(tmp) / "instances.cu"
+        unit.write_text(_translation_unit(source, instances))
+        command = [nvcc, "-std=c++17", f"-I{folder}", f"-arch={arch}", "-cubin", "-Xptxas", "-v",
+                   "-o", str(Path(tmp) / "out.cubin"), str(unit)]
+        run = subprocess.run(command, capture_output=True, text=True)
+    log = run.stdout + run.stderr
+    rows, current = [], None
+    for line in log.splitlines():
+        entry = _ENTRY.search(line)
+        if entry:
+            current = [entry.group(1), None, None, None, None]
+            rows.append(current)
+            continue
+        spill = _SPILL.search(line)
+        if spill and current is not None:
+            current[2:5] = [int(x) for x in spill.groups()]
+        regs = _REGS.search(line)
+        if regs and current is not None:
+            current[1] = int(regs.group(1))
+    names = _demangle([r[0] for r in rows])
+    rows = [(names[r[0]], *r[1:]) for r in rows]
+    return run.returncode == 0, rows, log
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", action="append", help="target, e.g. sm_90a (repeatable); "
+                        f"default {' '.join(DEFAULT_ARCHS)}")
+    parser.add_argument("--fail-on-spill", action="store_true",
+                        help="also fail when an instance spills registers to local memory")
+    args = parser.parse_args(argv)
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        print("compile_check: nvcc is not on the PATH; nothing compiled (install the CUDA "
+              "toolkit to check the kernels)")
+        return 0
+    archs = args.arch or list(DEFAULT_ARCHS)
+    jobs = [(source, instances, arch) for source, instances in families().items()
+            for arch in archs]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        results = list(pool.map(lambda job: compile_family(nvcc, *job), jobs))
+    failed = spilled = 0
+    for (source, instances, arch), (ok, rows, log) in zip(jobs, results):
+        print(f"== {source} for {arch}: {len(instances)} instances, "
+              f"{'compiled' if ok else 'FAILED'}")
+        if not ok:
+            failed += 1
+            print(log)
+            continue
+        if len(rows) != len(instances):
+            failed += 1
+            print(f"   expected {len(instances)} compiled entries, ptxas reported {len(rows)}")
+        for name, regs, stack, stores, loads in sorted(rows):
+            flag = "  SPILLS" if (stores or loads) else ""
+            spilled += bool(stores or loads)
+            short_name = name.split("(")[0]
+            print(f"   {regs:4d} regs  stack {stack:5d} B  spill st/ld {stores}/{loads} B  "
+                  f"{short_name}{flag}")
+    print(f"compile_check: {len(jobs) - failed}/{len(jobs)} family builds ok, "
+          f"{spilled} instance(s) with spills")
+    if failed or (args.fail_on_spill and spilled):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

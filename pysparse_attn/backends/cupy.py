@@ -1,0 +1,484 @@
+"""The CUDA backend: fused kernels from ``gpu/*.cu`` compiled by NVRTC through CuPy.
+
+Two kernel families, their template instances listed in typed tables and compiled at first use
+(CuPy caches the binaries on disk): the forward (:data:`FORWARD_INSTANCES`; one NVRTC module per
+element type, head dim, query tile and warp count, holding the five skip-rule instances) and
+the plan stage (:data:`PLAN_INSTANCES`: tile means and the per-query-tile selector). Sources are
+read from the installed ``pysparse_attn/_gpu_kernels/`` first, then from the repository's
+``gpu/``, with their local headers inlined.
+
+Precision: bfloat16 and float16 inputs run on tensor cores (``mma.sync`` m16n8k16) with float32
+accumulation. float32 inputs are *converted to bfloat16* for the tensor cores (accumulation
+stays float32, the output is float32): expect bfloat16-level error, about 1e-2 relative.
+
+The backward functions (``attention_backward``, ``linear_backward``) have no GPU kernel yet:
+they run the float64 reference on the host and return CuPy arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .. import _reference
+from .._plan import Plan, tile_count
+from .._plan import build_plan as _generic_build_plan
+from .._rules import BLASST, CEF, NO_SKIP, RECALL, RECALL_EXACT
+from .._select import SlaSplit, TopK, TopP
+
+__all__ = [
+    "available",
+    "unavailable_reason",
+    "supported_blocks",
+    "supported_head_dims",
+    "forward",
+    "linear_branch",
+    "build_plan",
+    "attention_backward",
+    "linear_backward",
+    "fused_block_scores",
+    "FORWARD_INSTANCES",
+    "PLAN_INSTANCES",
+    "kernel_source",
+]
+
+LOG2E = 1.4426950408889634
+_BLOCKS = ((64, 64), (128, 64))
+_HEAD_DIMS = (64, 128)
+# dtype name of the inputs -> C++ element type of the tensor-core path.
+_ELEMENTS = {"bfloat16": "psa::Bf16", "float16": "psa::Fp16"}
+# Rule code of the backend contract -> skip functor of gpu/skip_rules.cuh.
+_RULES = {NO_SKIP: "psa::NoSkip", BLASST: "psa::BlasstRule", CEF: "psa::CefRule",
+          RECALL: "psa::RecallRule", RECALL_EXACT: "psa::RecallExactRule"}
+
+
+#: Warps per CTA for each (head dim, Bq). Four everywhere: 16 rows a warp for 64-row tiles,
+#: 32 for 128-row tiles, which beat 8 warps x 16 rows by 5% at D = 128 and 15% at D = 64
+#: (bench/results/gpu.md) although the D = 128 instance spills a little.
+WARPS = {(64, 64): 4, (64, 128): 4, (128, 64): 4, (128, 128): 4}
+
+
+def _forward_name(element: str, head_dim: int, block_q: int, warps: int, rule: str) -> str:
+    return f"psa::attention_forward<{element}, {head_dim}, {block_q}, {warps}, {rule}>"
+
+
+#: Every instance of the forward family, keyed by (dtype name, head dim, Bq, Bk, rule code).
+FORWARD_INSTANCES = {
+    (dtype, d, bq, bk, code): _forward_name(element, d, bq, WARPS[(d, bq)], rule)
+    for dtype, element in _ELEMENTS.items()
+    for d in _HEAD_DIMS
+    for bq, bk in _BLOCKS
+    for code, rule in _RULES.items()
+}
+
+#: Plan-stage instances: tile means per (dtype name, head dim), and the tile selector.
+_MEAN_ROW_GROUPS = {64: 16, 128: 8}  # (D / 8) * groups = 128 threads
+PLAN_INSTANCES = {
+    **{("tile_means", dtype, d): f"psa::tile_means<{element}, {d}, {_MEAN_ROW_GROUPS[d]}>"
+       for dtype, element in _ELEMENTS.items() for d in _HEAD_DIMS},
+    ("select_tiles",): "psa::select_tiles",
+}
+_SELECT_THREADS = 256
+_MAX_SORTED_TILES = 4096  # shared memory of the in-CTA sort: 8 bytes a tile
+_ORDER_CODES = {"natural": 0, "score": 1, "peak": 2}
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+
+def _source_dirs():
+    package = Path(__file__).resolve().parent.parent
+    return [package / "_gpu_kernels", package.parent / "gpu"]
+
+
+def _read_source(name: str) -> str:
+    for folder in _source_dirs():
+        path = folder / name
+        if path.is_file():
+            return path.read_text()
+    raise FileNotFoundError(f"CUDA source {name!r} not found in "
+                            f"{[str(d) for d in _source_dirs()]}")
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_source(name: str) -> str:
+    """The source of ``name`` with its local ``#include "..."`` inlined (each header once).
+
+    Inlining makes the headers part of the text CuPy hashes for its kernel cache, so an edited
+    header can never be served a stale binary.
+    """
+    seen = set()
+
+    def expand(file_name):
+        if file_name in seen:
+            return ""
+        seen.add(file_name)
+        text = _read_source(file_name)
+        return _INCLUDE.sub(lambda match: expand(match.group(1)), text)
+
+    return expand(name)
+
+
+def unavailable_reason():
+    """Why this backend cannot run here, or ``None``."""
+    try:
+        import cupy
+    except Exception as error:  # ImportError, or a CUDA library that fails to load
+        return f"CuPy is not importable ({type(error).__name__}: {error})"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "no CUDA device is visible"
+        major = int(cupy.cuda.Device().compute_capability[:-1])
+    except Exception as error:
+        return f"no usable CUDA device ({type(error).__name__}: {error})"
+    if major < 8:
+        return "the kernels need compute capability 8.0 or newer (mma.sync bf16, cp.async)"
+    return None
+
+
+def available() -> bool:
+    """Whether CuPy and a CUDA device of compute capability >= 8.0 are present."""
+    return unavailable_reason() is None
+
+
+def supported_blocks():
+    """Tile sizes ``(Bq, Bk)`` the kernels are instantiated for."""
+    return [tuple(b) for b in _BLOCKS]
+
+
+def supported_head_dims():
+    """Head dimensions the kernels are instantiated for."""
+    return list(_HEAD_DIMS)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_module(dtype_name: str, head_dim: int, block_q: int, warps: int):
+    """The NVRTC module of one (element type, head dim, query tile, warps): five rule instances."""
+    import cupy
+
+    arch = cupy.cuda.Device().compute_capability
+    names = [_forward_name(_ELEMENTS[dtype_name], head_dim, block_q, warps, rule)
+             for rule in _RULES.values()]
+    return cupy.RawModule(code=kernel_source("attention_forward.cu"),
+                          options=("--std=c++17", f"-arch=sm_{arch}"), name_expressions=names)
+
+
+def _forward_kernel(dtype_name, head_dim, block_q, code, warps=None):
+    """The compiled instance, its shared-memory size and thread count.
+
+    ``warps`` overrides :data:`WARPS` (benchmarks compare both layouts).
+    """
+    warps = warps or WARPS[(head_dim, block_q)]
+    name = _forward_name(_ELEMENTS[dtype_name], head_dim, block_q, warps, _RULES[code])
+    kernel = _forward_module(dtype_name, head_dim, block_q, warps).get_function(name)
+    shared = _shared_bytes(head_dim, block_q)
+    if shared > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared:
+        kernel.max_dynamic_shared_size_bytes = shared
+    return kernel, shared, warps * 32
+
+
+def _shared_bytes(head_dim, block_q, block_k=64):
+    """Shared memory of one CTA: Q plus double-buffered K and V (gpu/tile_traits.cuh)."""
+    return 2 * (block_q * head_dim + 4 * block_k * head_dim)
+
+
+def _dtype_name(x) -> str:
+    return getattr(x.dtype, "name", str(x.dtype))
+
+
+def _kernel_ready(cupy, x):
+    """``x`` itself when the kernel can read it by strides, else a contiguous copy.
+
+    The kernel needs a unit stride along D and 16-byte aligned rows (cp.async copies 16 bytes).
+    """
+    item = x.itemsize
+    strides = x.strides
+    aligned = (strides[-1] == item and all(s % 16 == 0 for s in strides[:-1])
+               and x.data.ptr % 16 == 0)
+    return x if aligned else cupy.ascontiguousarray(x)
+
+
+def _element_strides(x):
+    return [np.int64(s // x.itemsize) for s in x.strides[:3]]
+
+
+def forward(q, k, v, plan, rule_code, rule_param, scale, want_stats=True, warps=None):
+    """Fused forward of the backend contract (``docs/internals.rst``).
+
+    Parameters
+    ----------
+    q : cupy.ndarray ``(B, Hq, Nq, D)``
+        bfloat16, float16 or float32 (see the module docstring); any strides.
+    k, v : cupy.ndarray ``(B, Hkv, Nk, D)``
+        Same dtype as ``q``; ``Hq % Hkv == 0``.
+    plan : pysparse_attn._plan.Plan
+        Visit lists (CuPy or NumPy arrays); ``plan.block`` must be a supported tile size.
+    rule_code : int
+        0 none, 1 Blasst, 2 Cef, 3 Recall, 4 Recall exact.
+    rule_param : float
+        The rule's parameter as in the contract (natural-log units for codes 1 and 2).
+    scale : float
+        Logit scale (> 0).
+    want_stats : bool
+        Also return the kept/visited bitmaps and the recall bound.
+    warps : int, optional
+        Warps per CTA, overriding :data:`WARPS` (for benchmarks; 4 or ``Bq / 16``).
+
+    Returns
+    -------
+    out, lse, kept, visited, recall_bound
+        ``out`` in the input dtype, ``lse`` and ``recall_bound`` float32, bitmaps bool
+        ``(B, Hq, nq, nk)``; the last three are None when ``want_stats`` is false.
+    """
+    import cupy
+
+    dtype_name = _dtype_name(q)
+    for name, x in (("k", k), ("v", v)):
+        if _dtype_name(x) != dtype_name:
+            raise TypeError(f"{name} has dtype {_dtype_name(x)} but q has {dtype_name}")
+    if dtype_name not in (*_ELEMENTS, "float32"):
+        raise TypeError(f"q must be bfloat16, float16 or float32 on the cupy backend, got "
+                        f"{dtype_name}")
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if D not in _HEAD_DIMS:
+        raise ValueError(f"q has head dim {D}; the cupy backend supports {list(_HEAD_DIMS)}")
+    if Hq % Hkv:
+        raise ValueError(f"q has {Hq} heads, not a multiple of k's {Hkv}")
+    block = tuple(int(b) for b in plan.block)
+    if block not in _BLOCKS:
+        raise ValueError(f"block {block} is not supported by the cupy backend; supported: "
+                         f"{list(_BLOCKS)}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    if rule_code not in _RULES:
+        raise ValueError(f"rule_code must be one of {sorted(_RULES)}, got {rule_code}")
+
+    out_dtype = q.dtype
+    if dtype_name == "float32":
+        import ml_dtypes
+
+        q, k, v = (x.astype(ml_dtypes.bfloat16) for x in (q, k, v))
+        dtype_name = "bfloat16"
+    q, k, v = (_kernel_ready(cupy, x) for x in (q, k, v))
+    nq, nk = tile_count(Nq, block[0]), tile_count(Nk, block[1])
+    if (plan.nq, plan.nk) != (nq, nk):
+        raise ValueError(f"plan has {plan.nq}x{plan.nk} tiles but the inputs need {nq}x{nk}")
+
+    out = cupy.empty((B, Hq, Nq, D), dtype=q.dtype)
+    lse = cupy.empty((B, Hq, Nq), dtype=cupy.float32)
+    if want_stats:
+        kept = cupy.zeros((B, Hq, nq, nk), dtype=cupy.bool_)
+        visited = cupy.zeros((B, Hq, nq, nk), dtype=cupy.bool_)
+        bound = cupy.empty((B, Hq, Nq), dtype=cupy.float32)
+    else:  # the kernel never touches these when want_stats is 0
+        kept = visited = cupy.zeros((1,), dtype=cupy.bool_)
+        bound = cupy.zeros((1,), dtype=cupy.float32)
+    visit = cupy.ascontiguousarray(cupy.asarray(plan.visit), dtype=cupy.int32)
+    count = cupy.ascontiguousarray(cupy.asarray(plan.count), dtype=cupy.int32)
+    if tuple(visit.shape[:3]) != (B, Hq, nq) or tuple(count.shape) != (B, Hq, nq):
+        raise ValueError(f"plan arrays have shapes {visit.shape}, {count.shape}; expected "
+                         f"(B, H, nq, L) and (B, H, nq) = {(B, Hq, nq)}")
+
+    param = float(rule_param) * LOG2E if rule_code in (BLASST, CEF) else float(rule_param)
+    kernel, shared, threads = _forward_kernel(dtype_name, D, block[0], rule_code, warps)
+    args = (q, k, v, out, *_element_strides(q), *_element_strides(k), *_element_strides(v),
+            *_element_strides(out), np.int32(Nq), np.int32(Nk), np.int32(Hq // Hkv),
+            visit, count, np.int32(visit.shape[-1]), np.float32(scale * LOG2E),
+            np.float32(param), lse, bound, kept, visited, np.int32(bool(want_stats)))
+    kernel((nq, Hq, B), (threads,), args, shared_mem=shared)
+    if out.dtype != out_dtype:
+        out = out.astype(out_dtype)
+    if not want_stats:
+        return out, lse, None, None, None
+    return out, lse, kept, visited, bound
+
+
+@functools.lru_cache(maxsize=None)
+def _plan_module():
+    import cupy
+
+    arch = cupy.cuda.Device().compute_capability
+    return cupy.RawModule(code=kernel_source("plan_select.cu"),
+                          options=("--std=c++17", f"-arch=sm_{arch}"),
+                          name_expressions=list(PLAN_INSTANCES.values()))
+
+
+def _tile_means(cupy, x, tile, factor):
+    """float32 ``(B, H, n_tiles, D)`` means of each tile's valid rows, times ``factor``."""
+    B, H, N, D = x.shape
+    x = _kernel_ready(cupy, x)
+    n_tiles = tile_count(N, tile)
+    means = cupy.empty((B, H, n_tiles, D), dtype=cupy.float32)
+    kernel = _plan_module().get_function(PLAN_INSTANCES[("tile_means", _dtype_name(x), D)])
+    kernel((n_tiles, H, B), ((D // 8) * _MEAN_ROW_GROUPS[D],),
+           (x, *_element_strides(x), np.int32(N), np.int32(tile), np.float32(factor), means))
+    return means
+
+
+def fused_block_scores(q, k, block, scale):
+    """Block scores of DESIGN.md section 3 for 16-bit CuPy inputs: float32 ``(B, Hq, nq, nk)``.
+
+    One pass over q and k (tile means in a kernel), then one small GEMM per kv head group.
+    """
+    import cupy
+
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    q_means = _tile_means(cupy, q, block[0], scale)
+    k_means = _tile_means(cupy, k, block[1], 1.0)
+    k_means -= k_means.mean(axis=2, keepdims=True)
+    nq, nk = q_means.shape[2], k_means.shape[2]
+    grouped = q_means.reshape(B, Hkv, (Hq // Hkv) * nq, D)
+    return cupy.matmul(grouped, k_means.swapaxes(-1, -2)).reshape(B, Hq, nq, nk)
+
+
+def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal"):
+    """The plan of ``selector`` on the GPU, with no host round trip for TopK, TopP and dense.
+
+    16-bit inputs with ``select`` None, :class:`TopK` or :class:`TopP` take the fused path:
+    block scores from :func:`fused_block_scores`, then one kernel that sorts each query tile's
+    scores in shared memory and writes its visit list. TopP lists are padded with -1 to ``nk``
+    (their longest length is not known without a device-to-host copy). Other selectors
+    (BlockMask, the SLA split) and float32 inputs use the generic builder of ``_plan.py``,
+    with scores in float32.
+    """
+    import cupy
+
+    B, Hq, Nq, D = q.shape
+    nq, nk = tile_count(Nq, block[0]), tile_count(k.shape[2], block[1])
+    n_pow2 = 1 << max(0, (nk - 1).bit_length())
+    fused = (xp is cupy and _dtype_name(q) in _ELEMENTS and D in _HEAD_DIMS
+             and (selector is None or isinstance(selector, (TopK, TopP)))
+             and n_pow2 <= _MAX_SORTED_TILES)
+    if fused and selector is None and order == "natural":
+        visit = cupy.broadcast_to(cupy.arange(nk, dtype=cupy.int32), (B, Hq, nq, nk))
+        return Plan(visit=cupy.ascontiguousarray(visit),
+                    count=cupy.full((B, Hq, nq), nk, dtype=cupy.int32), marginal=None,
+                    block=tuple(block), nq=nq, nk=nk)
+    if fused:
+        if isinstance(selector, TopK):
+            keep, top_p, width = selector.count(nk), 0.0, min(selector.count(nk), nk)
+        elif isinstance(selector, TopP):
+            keep, top_p, width = 0, float(selector.p), nk
+        else:
+            keep, top_p, width = nk, 0.0, nk
+        scores = fused_block_scores(q, k, block, scale)
+        visit = cupy.empty((B, Hq, nq, width), dtype=cupy.int32)
+        count = cupy.empty((B, Hq, nq), dtype=cupy.int32)
+        kernel = _plan_module().get_function(PLAN_INSTANCES[("select_tiles",)])
+        shared = 8 * n_pow2 + 4 * _SELECT_THREADS
+        if shared > 48 * 1024:
+            kernel.max_dynamic_shared_size_bytes = shared
+        kernel((nq, Hq, B), (_SELECT_THREADS,),
+               (scores, np.int32(nk), np.int32(n_pow2), np.int32(keep), np.float32(top_p),
+                np.int32(_ORDER_CODES[order]), np.int32(peak), visit, np.int32(width), count),
+               shared_mem=shared)
+        return Plan(visit=visit, count=count, marginal=None, block=tuple(block), nq=nq, nk=nk)
+    needs_scores = order != "natural" or isinstance(selector, (TopK, TopP, SlaSplit))
+    if needs_scores and _dtype_name(q) != "float32":
+        q = q.astype(xp.float32)
+        k = k.astype(xp.float32)
+    return _generic_build_plan(xp, q, k, selector, order, peak, block, scale, linear)
+
+
+# ---------------------------------------------------------------------------------------------
+# SLA linear branch: per key tile phi(K_J)^T V_J and phi(K_J)^T 1 by batched GEMM, then the
+# per-query-tile sums over the marginal set as one GEMM of the 0/1 marginal matrix.
+
+
+def _feature_map(cupy, x, name):
+    if name == "softmax":
+        e = cupy.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    if name == "elu1":
+        return cupy.where(x > 0, x + 1.0, cupy.exp(cupy.minimum(x, 0.0)))
+    if name == "relu":
+        return cupy.maximum(x, 0.0)
+    raise ValueError(f"feature_map must be 'softmax', 'elu1' or 'relu', got {name!r}")
+
+
+def _tiles(cupy, x, block):
+    """``(B, H, N, D)`` -> zero-padded ``(B, H, n_tiles, block, D)``."""
+    B, H, N, D = x.shape
+    n = tile_count(N, block)
+    if n * block != N:
+        x = cupy.concatenate([x, cupy.zeros((B, H, n * block - N, D), dtype=x.dtype)], axis=2)
+    return x.reshape(B, H, n, block, D)
+
+
+def linear_branch(q, k, v, marginal, block, feature_map="softmax", eps=0.0):
+    """SLA linear branch ``O_l = phi(q) H_I / (phi(q) . Z_I + eps)`` in float32 on the GPU.
+
+    ``H_I = sum_{J marginal} phi(K_J)^T V_J`` and ``Z_I = sum_{J marginal} phi(K_J)^T 1`` are
+    formed as (marginal 0/1 matrix) x (per-tile sums), one GEMM per kv head group; rows of query
+    tiles with no marginal tile, or a zero denominator, are zero.
+
+    Returns
+    -------
+    cupy.ndarray float32 ``(B, Hq, Nq, D)``
+    """
+    import cupy
+
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    block_q, block_k = block
+    nq, nk = tile_count(Nq, block_q), tile_count(Nk, block_k)
+    if marginal is None:
+        return cupy.zeros((B, Hq, Nq, D), dtype=cupy.float32)
+    f32 = cupy.float32
+    phi_q = _feature_map(cupy, q.astype(f32), feature_map)
+    phi_k = _feature_map(cupy, k.astype(f32), feature_map)
+    phi_k_tiles = _tiles(cupy, phi_k, block_k)                       # (B, Hkv, nk, Bk, D)
+    v_tiles = _tiles(cupy, v.astype(f32), block_k)
+    tile_h = cupy.matmul(phi_k_tiles.swapaxes(-1, -2), v_tiles)     # (B, Hkv, nk, D, D)
+    tile_z = phi_k_tiles.sum(axis=3)                                 # (B, Hkv, nk, D)
+    weights = cupy.asarray(marginal, dtype=f32).reshape(B, Hkv, group * nq, nk)
+    h_sum = cupy.matmul(weights, tile_h.reshape(B, Hkv, nk, D * D))
+    z_sum = cupy.matmul(weights, tile_z)
+    h_sum = h_sum.reshape(B, Hq, nq, D, D)
+    z_sum = z_sum.reshape(B, Hq, nq, D, 1)
+    phi_q_tiles = _tiles(cupy, phi_q, block_q)                       # (B, Hq, nq, Bq, D)
+    numerator = cupy.matmul(phi_q_tiles, h_sum)
+    denominator = cupy.matmul(phi_q_tiles, z_sum) + f32(eps)         # (B, Hq, nq, Bq, 1)
+    has_marginal = cupy.asarray(marginal).any(axis=-1)[:, :, :, None, None]
+    usable = has_marginal & (denominator != 0)
+    result = cupy.where(usable, numerator / cupy.where(usable, denominator, 1), 0)
+    return cupy.ascontiguousarray(result.reshape(B, Hq, nq * block_q, D)[:, :, :Nq].astype(f32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients: no GPU kernel yet; the float64 reference on the host, results back on the device.
+
+
+def _host(x):
+    return None if x is None else (x.get() if hasattr(x, "get") else np.asarray(x))
+
+
+def _host_f64(x):
+    """A float64 NumPy copy (bfloat16 goes through float32: NumPy cannot cast it directly)."""
+    host = _host(x)
+    if getattr(host.dtype, "name", "") == "bfloat16":
+        host = host.astype(np.float32)
+    return host.astype(np.float64)
+
+
+def attention_backward(q, k, v, do, kept, block, scale):
+    """``(dq, dk, dv)`` in float32 CuPy arrays, computed by the float64 reference on the host."""
+    import cupy
+
+    grads = _reference.attention_backward(_host_f64(q), _host_f64(k), _host_f64(v),
+                                          _host_f64(do), _host(kept), block, scale)
+    return tuple(cupy.asarray(g.astype(np.float32)) for g in grads)
+
+
+def linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear):
+    """Gradients of :func:`linear_branch`, by the float64 reference on the host (float32 out)."""
+    import cupy
+
+    grads = _reference.linear_backward(_host_f64(q), _host_f64(k), _host_f64(v), _host(marginal),
+                                       block, feature_map, eps, _host_f64(d_linear))
+    return tuple(cupy.asarray(g.astype(np.float32)) for g in grads)

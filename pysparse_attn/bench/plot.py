@@ -1,0 +1,92 @@
+"""Plots of sweep records: error against sparsity (with the Pareto front) and speedup."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["plot_records", "pareto_front"]
+
+
+def _metadata(fmt):
+    # No timestamp in SVGs, so a re-plot of the same records gives the same file.
+    return {"metadata": {"Date": None}} if fmt == "svg" else {}
+
+
+def pareto_front(points):
+    """Points ``(sparsity, error)`` not dominated by another (higher sparsity, lower error)."""
+    front, best_error = [], float("inf")
+    for sparsity, error in sorted(points, key=lambda p: (-p[0], p[1])):
+        if error < best_error:
+            front.append((sparsity, error))
+            best_error = error
+    return sorted(front)
+
+
+def plot_records(records, out_dir, formats=("png", "svg"), sparsity="tile_sparsity",
+                 metric="rel_l2"):
+    """Write ``<workload>_error.<fmt>`` and ``<workload>_speedup.<fmt>`` per workload.
+
+    Returns the list of written paths.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        if record.get("type") == "run":
+            groups[record["workload"]][record["method"]].append(record)
+    written = []
+    for workload, methods in sorted(groups.items()):
+        safe = workload.replace(":", "_").replace("/", "_")
+        markers = "os^vD<>pPX*h"
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        everything = []
+        for index, (method, runs) in enumerate(sorted(methods.items())):
+            runs = sorted(runs, key=lambda r: r[sparsity])
+            xs = [r[sparsity] for r in runs]
+            # Exact matches give zero error; clip so they stay visible on a log axis.
+            ys = [max(r[metric], 1e-6) for r in runs]
+            everything += list(zip(xs, ys))
+            axis.plot(xs, ys, marker=markers[index % len(markers)], ms=4, lw=1, label=method)
+        front = pareto_front(everything)
+        axis.step([p[0] for p in front], [p[1] for p in front], where="post", color="k",
+                  lw=2, alpha=0.3, label="Pareto front")
+        for budget in (0.01, 0.03, 0.05):
+            axis.axhline(budget, color="grey", lw=0.6, ls=":")
+        axis.set_yscale("log")
+        axis.set_xlabel(sparsity.replace("_", " "))
+        axis.set_ylabel(f"{metric.replace('_', ' ')} vs dense (float64)")
+        axis.set_title(f"{workload}: error against sparsity")
+        axis.legend(fontsize=7, ncol=2)
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        for fmt in formats:
+            path = out_dir / f"{safe}_error.{fmt}"
+            figure.savefig(path, **_metadata(fmt))
+            written.append(path)
+        plt.close(figure)
+
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        for index, (method, runs) in enumerate(sorted(methods.items())):
+            runs = sorted(runs, key=lambda r: r[sparsity])
+            axis.plot([r[sparsity] for r in runs], [r["speedup"] for r in runs],
+                      marker=markers[index % len(markers)], ms=4, lw=1, label=method)
+        axis.axhline(1.0, color="grey", lw=0.6)
+        backend = next(iter(next(iter(methods.values()))))["backend"]
+        axis.set_xlabel(sparsity.replace("_", " "))
+        axis.set_ylabel(f"speedup over dense ({backend} backend)")
+        axis.set_title(f"{workload}: speedup against sparsity")
+        axis.legend(fontsize=7, ncol=2)
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        for fmt in formats:
+            path = out_dir / f"{safe}_speedup.{fmt}"
+            figure.savefig(path, **_metadata(fmt))
+            written.append(path)
+        plt.close(figure)
+    return written

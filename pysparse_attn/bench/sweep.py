@@ -1,0 +1,324 @@
+"""The sweep: methods x settings x workloads, one JSONL record per run, resumable.
+
+File format: one JSON object per line. ``{"type": "environment", ...}`` opens every session
+(versions, machine, git commit, command); each run is ``{"type": "run", "key": ..., ...}``.
+A run whose ``key`` is already in the file is not run again, so an interrupted sweep
+continues where it stopped and a finished one is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .. import workloads as _workloads
+from .methods import METHODS
+from .metrics import dense_reference, error_metrics, recall_from_tile_mass, recall_metrics
+
+__all__ = ["Workload", "WORKLOADS", "parse_workload", "environment", "run_key", "read_records",
+           "run_sweep"]
+
+# Named synthetic workloads. The "-small" ones keep the head dimension, head mix and frame
+# count structure of Wan2.1 on a grid small enough for a CPU sweep of every method in minutes.
+WORKLOADS = {
+    "mixed-small": dict(shape=(9, 15, 26), heads=8, head_dim=128,
+                        kinds=_workloads.HEAD_KINDS),
+    "local-small": dict(shape=(9, 15, 26), heads=4, head_dim=128, kinds=("local",)),
+    "temporal-small": dict(shape=(9, 15, 26), heads=4, head_dim=128, kinds=("temporal",)),
+    "global-small": dict(shape=(9, 15, 26), heads=4, head_dim=128, kinds=("global",)),
+    "diffuse-small": dict(shape=(9, 15, 26), heads=4, head_dim=128, kinds=("diffuse",)),
+    # Wan2.1's 21 frames at a quarter of its 480p patch grid: 8,190 tokens, 128 key tiles.
+    "mixed-mid": dict(shape=(21, 15, 26), heads=4, head_dim=128, kinds=_workloads.HEAD_KINDS),
+    "mixed-wan2.1-480p": dict(shape="wan2.1-1.3b-480p", heads=4, head_dim=128,
+                              kinds=_workloads.HEAD_KINDS),
+}
+
+
+@dataclass
+class Workload:
+    """Tensors of one workload and their exact dense reference, made on first use.
+
+    Build with :func:`parse_workload`. Tensors and the dense reference are made on first use
+    and kept; ``cache`` holds per-workload fitted parameters (SLA's projection).
+    """
+
+    name: str
+    spec: dict
+    dtype: str
+    block: tuple
+    seed: int = 0
+    path: Optional[str] = None
+    layout: str = "bhnd"
+    _tensors: Optional[tuple] = field(default=None, repr=False)
+    _reference: object = field(default=None, repr=False)
+    cache: dict = field(default_factory=dict, repr=False)
+
+    def _make(self, seed):
+        if self.path is not None:
+            q, k, v = _workloads.load_qkv(self.path, layout=self.layout)
+            return tuple(np.ascontiguousarray(x, dtype=np.dtype(self.dtype)) for x in (q, k, v))
+        return _workloads.video_qkv(**self.spec, dtype=self.dtype, seed=seed)
+
+    def tensors(self):
+        """``(q, k, v)`` in canonical layout and the workload's dtype."""
+        if self._tensors is None:
+            self._tensors = self._make(self.seed)
+        return self._tensors
+
+    def reference(self):
+        """The :class:`~pysparse_attn.bench.metrics.DenseReference` of :meth:`tensors`."""
+        if self._reference is None:
+            self._reference = dense_reference(*self.tensors(), self.block)
+        return self._reference
+
+    def fit_tensors(self):
+        """``(q, k, v, dense_out)`` to fit parameters on: the workload's own tensors.
+
+        Synthetic seeds draw new head content and value means, so a fit on another seed is a
+        fit to another model; fitting in-sample is the optimistic bound a trained projection
+        can approach, and records say ``"fit": "in-sample"``.
+        """
+        return (*self.tensors(), self.reference().out)
+
+    def describe(self) -> dict:
+        q = self.tensors()[0]
+        info = {"workload": self.name, "shape_bhnd": list(q.shape), "dtype": self.dtype,
+                "block": list(self.block), "seed": self.seed}
+        if self.path is None:
+            spec = dict(self.spec)
+            spec["shape"] = list(_workloads._check_grid(spec["shape"]))
+            spec["kinds"] = list(spec.get("kinds", _workloads.HEAD_KINDS))
+            info["generator"] = spec
+        else:
+            info["file"] = self.path
+        return info
+
+
+def parse_workload(text: str, *, dtype="float32", block=(64, 64), seed=0) -> Workload:
+    """A :class:`Workload` from a name in :data:`WORKLOADS`, ``file:PATH[:LAYOUT]`` or
+    ``video:TxHxW:HEADS:HEAD_DIM:KIND+KIND[:SHARPNESS]``.
+
+    Examples
+    --------
+    >>> from pysparse_attn.bench import parse_workload
+    >>> parse_workload("video:4x6x8:2:32:local+diffuse").spec["kinds"]
+    ('local', 'diffuse')
+    """
+    if text in WORKLOADS:
+        return Workload(text, dict(WORKLOADS[text]), dtype, tuple(block), seed)
+    if text.startswith("file:"):
+        rest = text[len("file:"):]
+        layout = "bhnd"
+        for candidate in ("bhnd", "bnhd", "hnd", "nhd"):
+            if rest.endswith(":" + candidate):
+                rest, layout = rest[: -len(candidate) - 1], candidate
+        return Workload(text, {}, dtype, tuple(block), seed, path=rest, layout=layout)
+    if text.startswith("video:"):
+        parts = text.split(":")
+        if len(parts) not in (5, 6):
+            raise ValueError(f"workload {text!r}: expected video:TxHxW:HEADS:HEAD_DIM:KINDS"
+                             "[:SHARPNESS]")
+        try:
+            grid = tuple(int(s) for s in parts[1].split("x"))
+            if len(grid) != 3:
+                raise ValueError(f"the grid must be TxHxW, got {parts[1]!r}")
+            spec = dict(shape=grid, heads=int(parts[2]), head_dim=int(parts[3]),
+                        kinds=tuple(parts[4].split("+")))
+            if len(parts) == 6:
+                spec["sharpness"] = float(parts[5])
+        except ValueError as error:
+            raise ValueError(f"workload {text!r}: {error}") from error
+        return Workload(text, spec, dtype, tuple(block), seed)
+    raise ValueError(f"workload must be one of {sorted(WORKLOADS)}, 'file:PATH[:LAYOUT]' or "
+                     f"'video:TxHxW:HEADS:HEAD_DIM:KINDS[:SHARPNESS]', got {text!r}")
+
+
+def _git_commit() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                                capture_output=True, timeout=10)
+        if commit.returncode != 0:
+            return "uncommitted"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, text=True, capture_output=True, timeout=10)
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "uncommitted"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _device(backend: str) -> str:
+    if backend == "cupy":
+        try:
+            import cupy
+
+            props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+            return props["name"].decode()
+        except Exception as error:  # reported, not fatal: the header is informational
+            return f"cupy device unknown ({type(error).__name__})"
+    return f"{_cpu_model()} ({os.cpu_count()} logical cores)"
+
+
+def environment(backend: str, argv=None) -> dict:
+    """The environment header record: versions, machine, git commit, command, UTC time."""
+    import numba
+
+    from .. import __version__
+
+    return {
+        "type": "environment",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "command": " ".join(sys.argv if argv is None else argv),
+        "pysparse_attn": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "platform": platform.platform(),
+        "backend": backend,
+        "device": _device(backend),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
+    }
+
+
+def run_key(workload: str, method: str, value, block, backend: str, dtype: str) -> str:
+    """The identity of one run in a results file (what resuming compares)."""
+    return f"{workload}|{method}|{value!r}|{block[0]}x{block[1]}|{backend}|{dtype}"
+
+
+def read_records(paths):
+    """All records of one or more JSONL files (a torn last line is ignored)."""
+    records = []
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        path = Path(path)
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # an interrupted write; the run is redone on resume
+    return records
+
+
+def _timed_against(function, baseline, repeat):
+    """Median wall times of ``function`` and ``baseline``, called alternately ``repeat`` times.
+
+    Alternating the two makes their ratio robust to slow drifts of machine load (other jobs on
+    a shared machine), which a dense time measured once per session is not. Returns
+    ``(seconds, baseline_seconds, first result of function)``.
+    """
+    times, baseline_times, result = [], [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        value = function()
+        times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        baseline()
+        baseline_times.append(time.perf_counter() - start)
+        result = value if result is None else result
+    return float(np.median(times)), float(np.median(baseline_times)), result
+
+
+def run_sweep(output, workloads, methods, *, backend="cpu", repeat=3, values=None,
+              progress=True, argv=None):
+    """Run every (workload, method, setting) not yet in ``output``; append JSONL records.
+
+    Parameters
+    ----------
+    output : path
+        JSONL file, created or appended to.
+    workloads : list of Workload
+    methods : list of str
+        Names in :data:`~pysparse_attn.bench.methods.METHODS`.
+    backend : str
+        Backend of the timed calls (``"cpu"``, ``"cupy"``, ``"reference"``).
+    repeat : int
+        Timed calls per run, alternating with dense calls (medians reported); the first call
+        also yields the stats.
+    values : dict, optional
+        Per method name, settings replacing the method's defaults.
+    progress : bool
+        tqdm progress bar on stderr.
+
+    Returns
+    -------
+    int
+        Number of runs performed (0 when everything was already in the file).
+    """
+    from tqdm import tqdm
+
+    from .._api import attention
+
+    for name in methods:
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be a positive int, got {repeat!r}")
+    values = values or {}
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = {r["key"] for r in read_records(output) if r.get("type") == "run"}
+    plan = []
+    for workload in workloads:
+        for name in methods:
+            for value in values.get(name, METHODS[name].values):
+                key = run_key(workload.name, name, value, workload.block, backend, workload.dtype)
+                if key not in done:
+                    plan.append((workload, name, value, key))
+    if not plan:
+        return 0
+    with open(output, "a") as sink:
+        sink.write(json.dumps(environment(backend, argv)) + "\n")
+        sink.flush()
+        bar = tqdm(plan, file=sys.stderr, disable=not progress, unit="run")
+        for workload, name, value, key in bar:
+            bar.set_description(f"{workload.name} {name}={value}")
+            q, k, v = workload.tensors()
+            reference = workload.reference()
+            method = METHODS[name]
+            run = lambda: method.call(q, k, v, value, workload.block, backend, workload)  # noqa
+            dense = lambda: attention(q, k, v, block=workload.block, backend=backend)  # noqa
+            seconds, dense_seconds, (out, stats) = _timed_against(run, dense, repeat)
+            recall = recall_from_tile_mass(reference, stats.kept)
+            record = {
+                "type": "run", "key": key, "method": name, "parameter": method.parameter,
+                "value": value, "backend": backend, **workload.describe(),
+                "tile_sparsity": float(stats.sparsity),
+                "flop_sparsity": float(stats.flop_sparsity),
+                **recall_metrics(recall),
+                **error_metrics(out, reference.out),
+                "time_s": seconds, "dense_time_s": dense_seconds,
+                "speedup": dense_seconds / seconds,
+                "repeat": repeat,
+            }
+            if name == "sla-fit":
+                record["fit"] = "in-sample"
+            if stats.recall_bound is not None and stats.bounded:
+                record["recall_bound_min"] = float(np.min(stats.recall_bound))
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+    return len(plan)
