@@ -82,8 +82,7 @@ def block_scores(xp, q, k, block, scale):
 
 def _descending_rank(xp, scores):
     """Rank of every tile by descending score (0 = best), ties to the lower index."""
-    order = xp.argsort(-scores, axis=-1, kind="stable") if xp.__name__ == "numpy" else \
-        xp.argsort(-scores, axis=-1)
+    order = xp.argsort(-scores, axis=-1, kind="stable")  # CuPy's argsort is always stable
     rank = xp.empty_like(order)
     positions = xp.broadcast_to(xp.arange(scores.shape[-1], dtype=order.dtype), order.shape)
     xp.put_along_axis(rank, order, positions, axis=-1)

@@ -1,0 +1,455 @@
+"""GPU backend: build, check and time everything in one run (``make bench-gpu``).
+
+Steps, each logged under ``--out`` (default ``$OUT`` or ``bench/results/``):
+
+1. ``compile``: every kernel instance through nvcc (registers and spills), when nvcc exists.
+2. ``tests``: ``pytest -m gpu tests/test_gpu_backend.py``.
+3. ``sanitize``: ``compute-sanitizer`` memcheck and racecheck over every forward instance on
+   small odd shapes (this script's ``--sanitize-target`` mode, CuPy's memory pool off so that
+   out-of-bounds accesses hit allocation boundaries).
+4. ``time``: the issue's targets, side by side in the same process: dense vs torch SDPA
+   (flash and cuDNN backends), TopK(0.05) plan and kernel, in-loop skip rules at their sparsity
+   vs this kernel's dense path, Recall's bookkeeping vs Blasst, the Wan2.2 shape and D = 64.
+
+Times are CUDA-event medians after warm-up; dense-equivalent TFLOP/s = 4 B H Nq Nk D / t.
+The results go to ``gpu-<date>.jsonl`` (one record per measurement, with device, date, commit
+and command) and a markdown table printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pysparse_attn._plan import tile_count  # noqa: E402
+from pysparse_attn._rules import Blasst, Cef, Recall, rule_code  # noqa: E402
+from pysparse_attn._select import TopK  # noqa: E402
+
+
+def _commit():
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()
+    except OSError:
+        return "uncommitted"
+    if not sha:
+        return "uncommitted"
+    return sha + ("+uncommitted" if dirty else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+
+
+def _bf16():
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16
+
+
+def video_like(cupy, B, H, N, D, strength, seed, dtype=None, frames_hw=None):
+    """q, k, v whose attention is local on a (frames, height, width) token grid.
+
+    Tokens carry random low-frequency Fourier features of their grid position scaled by
+    ``strength`` plus unit noise, so q.k decays with distance: larger ``strength``, more local
+    attention, more tiles a skip rule can drop. Each head draws its own frequencies.
+    """
+    rng = cupy.random.default_rng(seed)
+    if frames_hw is None:
+        frames_hw = (21, 30, 52) if N == 32760 else (max(1, N // 1024), 32, 32)
+    f, h, w = frames_hw
+    n = cupy.arange(N)
+    pos = cupy.stack([(n // (h * w)) % f, (n // w) % h, n % w], axis=-1).astype(cupy.float32)
+    half = D // 2
+    freq = rng.standard_normal((B, H, 1, half, 3), dtype=cupy.float32) * 0.35
+    phase = (pos[None, None, :, None, :] * freq).sum(-1)               # (B, H, N, half)
+    emb = cupy.concatenate([cupy.cos(phase), cupy.sin(phase)], axis=-1) * (strength / math.sqrt(
+        0.5))
+    q = emb + rng.standard_normal((B, H, N, D), dtype=cupy.float32)
+    k = emb + rng.standard_normal((B, H, N, D), dtype=cupy.float32)
+    v = rng.standard_normal((B, H, N, D), dtype=cupy.float32)
+    return tuple(x.astype(dtype or _bf16()) for x in (q, k, v))
+
+
+def random_inputs(cupy, B, H, N, D, seed, dtype=None):
+    rng = cupy.random.default_rng(seed)
+    return tuple(rng.standard_normal((B, H, N, D), dtype=cupy.float32).astype(dtype or _bf16())
+                 for _ in range(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_ms(cupy, fn, reps=10, warmup=2):
+    """Median milliseconds of ``fn()`` over ``reps`` CUDA-event-timed runs after warm-up."""
+    for _ in range(warmup):
+        fn()
+    cupy.cuda.runtime.deviceSynchronize()
+    times = []
+    for _ in range(reps):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return float(np.median(times)), float(np.min(times)), float(np.max(times))
+
+
+def tflops(B, H, Nq, Nk, D, ms):
+    return 4.0 * B * H * Nq * Nk * D / (ms * 1e-3) / 1e12
+
+
+def rel_l2(cupy, a, b):
+    a = a.astype(cupy.float32)
+    b = b.astype(cupy.float32)
+    return float(cupy.linalg.norm(a - b) / cupy.linalg.norm(b))
+
+
+def sampled_recall(cupy, q, k, kept, block, scale, tiles_per_head=4, seed=0):
+    """Exact recall (float32) of ``kept`` on a few query tiles of every head: min and mean."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    nq = tile_count(Nq, block[0])
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(nq, size=min(tiles_per_head, nq), replace=False)
+    values = []
+    for b in range(B):
+        for t in picks:
+            rows = slice(t * block[0], min((t + 1) * block[0], Nq))
+            s = scale * cupy.matmul(q[b, :, rows].astype(cupy.float32),
+                                    k[b].astype(cupy.float32).swapaxes(-1, -2))
+            p = cupy.exp(s - s.max(axis=-1, keepdims=True))
+            mask = cupy.repeat(kept[b, :, t], block[1], axis=-1)[:, :Nk]   # (H, Nk)
+            values.append((p * mask[:, None, :]).sum(-1) / p.sum(-1))
+    values = cupy.concatenate([v.ravel() for v in values])
+    return float(values.min()), float(values.mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+def step_compile(out_dir, log):
+    if shutil.which("nvcc") is None:
+        log("compile: nvcc not on PATH, skipped")
+        return None
+    result = subprocess.run([sys.executable, "-m", "pysparse_attn.backends.compile_check",
+                             "--arch", "sm_80", "--arch", "sm_90a"], cwd=ROOT,
+                            capture_output=True, text=True)
+    (out_dir / "compile_check.log").write_text(result.stdout + result.stderr)
+    log(f"compile: exit {result.returncode}; {result.stdout.strip().splitlines()[-1]}")
+    return result.returncode
+
+
+def step_tests(out_dir, log, extra):
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+               "tests/test_gpu_backend.py", "-x" if "x" in extra else "-q"]
+    started = time.time()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    (out_dir / "tests.log").write_text(result.stdout + result.stderr)
+    tail = [line for line in result.stdout.splitlines() if line.strip()][-1:] or ["(no output)"]
+    log(f"tests: exit {result.returncode} in {time.time() - started:.0f} s; {tail[0]}")
+    if result.returncode:
+        log("\n".join(result.stdout.splitlines()[-60:]))
+    return result.returncode
+
+
+def step_sanitize(out_dir, log):
+    tool = shutil.which("compute-sanitizer")
+    if tool is None:
+        log("sanitize: compute-sanitizer not on PATH, skipped")
+        return None
+    codes = {}
+    for name in ("memcheck", "racecheck"):
+        command = [tool, "--tool", name, "--error-exitcode", "9", sys.executable,
+                   str(Path(__file__).resolve()), "--sanitize-target"]
+        started = time.time()
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        text = result.stdout + result.stderr
+        (out_dir / f"sanitize_{name}.log").write_text(text)
+        summary = [line for line in text.splitlines() if "ERROR SUMMARY" in line
+                   or "RACECHECK SUMMARY" in line]
+        log(f"sanitize {name}: exit {result.returncode} in {time.time() - started:.0f} s; "
+            f"{summary[-1] if summary else text.strip().splitlines()[-1:]}")
+        codes[name] = result.returncode
+    return codes
+
+
+def sanitize_target():
+    """Run every forward instance once on small odd shapes (under compute-sanitizer)."""
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    cupy.cuda.set_allocator(None)  # plain cudaMalloc: out-of-bounds accesses are visible
+    rng = np.random.default_rng(0)
+    for (dtype, D, bq, bk, code) in sorted(backend.FORWARD_INSTANCES):
+        dtype = _bf16() if dtype == "bfloat16" else np.float16
+        q = cupy.asarray(rng.standard_normal((1, 2, 150, D)).astype(np.float32)).astype(dtype)
+        k = cupy.asarray(rng.standard_normal((1, 1, 201, D)).astype(np.float32)).astype(dtype)
+        v = cupy.asarray(rng.standard_normal((1, 1, 201, D)).astype(np.float32)).astype(dtype)
+        rule = {0: None, 1: Blasst(0.5), 2: Cef(-1.0), 3: Recall(0.5),
+                4: Recall(0.5, exact=True)}[code]
+        c, p = rule_code(rule)
+        plan = backend.build_plan(cupy, q, k, None, "peak" if rule else "natural", 4, (bq, bk),
+                                  D ** -0.5)
+        backend.forward(q, k, v, plan, c, p, D ** -0.5, True)
+        cupy.cuda.runtime.deviceSynchronize()
+    print("sanitize target: all instances ran")
+
+
+def step_time(log, records, quick):
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    try:
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except Exception as error:  # torch is optional: our numbers still stand alone
+        torch = None
+        log(f"time: torch unavailable ({error}); no SDPA baseline")
+
+    def record(**fields):
+        records.append(fields)
+        if records.path is not None:  # written as measured: a run cut short keeps its numbers
+            with open(records.path, "a") as handle:
+                handle.write(json.dumps({**records.meta, **fields}) + "\n")
+        print(_markdown([fields]).splitlines()[-1], flush=True)
+
+    def ours(q, k, v, plan, rule=None, want_stats=False, warps=None):
+        code, param = rule_code(rule)
+        D = q.shape[-1]
+        return backend.forward(q, k, v, plan, code, param, D ** -0.5, want_stats, warps=warps)
+
+    def sdpa(q, k, v, which):
+        tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+        kind = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[which]
+
+        def run():
+            with sdpa_kernel(kind):
+                return F.scaled_dot_product_attention(tq, tk, tv)
+        return run
+
+    def dense_block(label, B, H, N, D, blocks, reps):
+        q, k, v = random_inputs(cupy, B, H, N, D, seed=1)
+        variants = [(block, None) for block in blocks]
+        if (128, 64) in blocks:  # the other warp layout of 128-row tiles, for the record
+            other = 8 if backend.WARPS[(D, 128)] == 4 else 4
+            variants.append(((128, 64), other))
+        for block, warps in variants:
+            plan = backend.build_plan(cupy, q, k, None, "natural", 4, block, D ** -0.5)
+            started = time.time()
+            ours(q, k, v, plan, warps=warps)
+            cupy.cuda.runtime.deviceSynchronize()
+            compile_s = time.time() - started
+            ms = time_ms(cupy, lambda: ours(q, k, v, plan, warps=warps), reps=reps)
+            name = f"ours {block[0]}x{block[1]} {warps or backend.WARPS[(D, block[0])]} warps"
+            record(what="dense", shape=label, impl=name, ms=ms[0],
+                   ms_min=ms[1], ms_max=ms[2], tflops=tflops(B, H, N, N, D, ms[0]),
+                   first_call_s=compile_s)
+        if torch is not None:
+            for which in ("flash", "cudnn"):
+                try:
+                    run = sdpa(q, k, v, which)
+                    ms = time_ms(cupy, run, reps=reps)
+                    record(what="dense", shape=label, impl=f"torch sdpa {which}", ms=ms[0],
+                           ms_min=ms[1], ms_max=ms[2], tflops=tflops(B, H, N, N, D, ms[0]))
+                    if which == "flash":
+                        plan = backend.build_plan(cupy, q, k, None, "natural", 4, (128, 64),
+                                                  D ** -0.5)
+                        mine = ours(q, k, v, plan)[0]
+                        theirs = cupy.from_dlpack(run())
+                        record(what="dense agreement", shape=label, impl="ours 128x64 vs flash",
+                               rel_l2=rel_l2(cupy, mine, theirs))
+                except Exception as error:  # a backend this torch build lacks
+                    record(what="dense", shape=label, impl=f"torch sdpa {which}",
+                           error=str(error)[:200])
+        del q, k, v
+
+    B, H, N, D = 1, 12, 32760, 128
+    target = f"B={B} H={H} N={N} D={D}"
+    reps = 5 if quick else 15
+    dense_block(target, B, H, N, D, [(128, 64), (64, 64)], reps)
+
+    # TopK(0.05), 128x64 tiles: plan and kernel separately.
+    q, k, v = video_like(cupy, B, H, N, D, strength=1.0, seed=2)
+    scale = D ** -0.5
+    block = (128, 64)
+    plan_ms = time_ms(cupy, lambda: backend.build_plan(cupy, q, k, TopK(ratio=0.05), "natural",
+                                                       4, block, scale), reps=reps)
+    plan = backend.build_plan(cupy, q, k, TopK(ratio=0.05), "natural", 4, block, scale)
+    kernel_ms = time_ms(cupy, lambda: ours(q, k, v, plan), reps=reps)
+    dense_plan = backend.build_plan(cupy, q, k, None, "natural", 4, block, scale)
+    dense_ms = time_ms(cupy, lambda: ours(q, k, v, dense_plan), reps=reps)
+    dense_out = ours(q, k, v, dense_plan)[0]
+    out, _, kept, _, _ = ours(q, k, v, plan, want_stats=True)
+    record(what="topk 0.05", shape=target, impl="ours 128x64", plan_ms=plan_ms[0],
+           ms=kernel_ms[0], dense_ms=dense_ms[0], sparsity=1 - float(kept.mean()),
+           rel_l2_vs_dense=rel_l2(cupy, out, dense_out),
+           recall_min_mean=sampled_recall(cupy, q, k, kept, block, scale))
+
+    # In-loop skip rules on video-like heads, peak order, vs this kernel's dense path.
+    rules = [("Blasst(1e-3)", Blasst(1e-3)), ("Blasst(1e-2)", Blasst(1e-2)),
+             ("Cef(-8.5)", Cef(-8.5)), ("Recall(0.95)", Recall(0.95)),
+             ("Recall(0.8)", Recall(0.8)), ("Recall(0.95,exact)", Recall(0.95, exact=True))]
+    # SLA linear branch at the target shape (critical 5%, negligible 50%: 45% marginal).
+    from pysparse_attn._select import SlaSplit
+
+    sla_plan = backend.build_plan(cupy, q, k, SlaSplit(0.05, 0.5), "natural", 4, block, scale)
+    linear_ms = time_ms(cupy, lambda: backend.linear_branch(q, k, v, sla_plan.marginal, block,
+                                                            "softmax", 0.0), reps=reps)
+    record(what="SLA linear branch", shape=target, impl="ours (cuBLAS GEMMs) 128x64",
+           ms=linear_ms[0], marginal_share=float(sla_plan.marginal.mean()))
+
+    for strength in ((1.0, 2.0) if quick else (1.0, 1.5, 2.0, 3.0)):
+        q, k, v = video_like(cupy, B, H, N, D, strength=strength, seed=3)
+        for block in [(128, 64), (64, 64)]:
+            dense_plan = backend.build_plan(cupy, q, k, None, "natural", 4, block, scale)
+            dense_ms = time_ms(cupy, lambda: ours(q, k, v, dense_plan), reps=reps)
+            dense_out = ours(q, k, v, dense_plan)[0]
+            peak_plan = backend.build_plan(cupy, q, k, None, "peak", 4, block, scale)
+            for label, rule in rules:
+                ms = time_ms(cupy, lambda: ours(q, k, v, peak_plan, rule), reps=reps)
+                out, _, kept, _, bound = ours(q, k, v, peak_plan, rule, want_stats=True)
+                record(what="skip rule", shape=target, workload=f"video-like s={strength}",
+                       impl=f"ours {block[0]}x{block[1]} peak", rule=label, ms=ms[0],
+                       dense_ms=dense_ms[0], speedup=dense_ms[0] / ms[0],
+                       sparsity=1 - float(kept.mean()),
+                       rel_l2_vs_dense=rel_l2(cupy, out, dense_out),
+                       recall_bound_min=float(bound.min()),
+                       recall_min_mean=sampled_recall(cupy, q, k, kept, block, scale))
+            if strength != 1.0:
+                continue
+            # Bookkeeping: the same (full) kept set for every rule, nothing skipped (checked).
+            for label, rule in [("none", None), ("Blasst(1e-30)", Blasst(1e-30)),
+                                ("Recall(1.0)", Recall(1.0)), ("Cef(-1e4)", Cef(-1e4))]:
+                ms = time_ms(cupy, lambda: ours(q, k, v, peak_plan, rule), reps=reps)
+                kept = ours(q, k, v, peak_plan, rule, want_stats=True)[2]
+                record(what="bookkeeping (nothing skipped)", shape=target,
+                       impl=f"ours {block[0]}x{block[1]} peak", rule=label, ms=ms[0],
+                       all_kept=bool(kept.all()))
+        del q, k, v
+
+    if not quick:
+        dense_block("B=1 H=12 N=32760 D=64", 1, 12, 32760, 64, [(128, 64), (64, 64)], reps)
+        dense_block("B=1 H=40 N=75600 D=128", 1, 40, 75600, 128, [(128, 64)], 3)
+        # Skip rules at the Wan2.2 shape on video-like heads.
+        B2, H2, N2 = 1, 40, 75600
+        q, k, v = video_like(cupy, B2, H2, N2, D, strength=1.0, seed=4,
+                             frames_hw=(21, 45, 80))
+        plan_d = backend.build_plan(cupy, q, k, None, "natural", 4, (128, 64), scale)
+        plan_p = backend.build_plan(cupy, q, k, None, "peak", 4, (128, 64), scale)
+        dense_ms = time_ms(cupy, lambda: ours(q, k, v, plan_d), reps=3)
+        dense_out = ours(q, k, v, plan_d)[0]
+        for label, rule in [("Blasst(1e-3)", Blasst(1e-3)), ("Recall(0.95)", Recall(0.95))]:
+            ms = time_ms(cupy, lambda: ours(q, k, v, plan_p, rule), reps=3)
+            out, _, kept, _, _ = ours(q, k, v, plan_p, rule, want_stats=True)
+            record(what="skip rule", shape=f"B=1 H=40 N=75600 D=128",
+                   workload="video-like s=1.0", impl="ours 128x64 peak", rule=label, ms=ms[0],
+                   dense_ms=dense_ms[0], speedup=dense_ms[0] / ms[0],
+                   sparsity=1 - float(kept.mean()),
+                   rel_l2_vs_dense=rel_l2(cupy, out, dense_out))
+
+
+class _Records(list):
+    """Measurements, appended to ``path`` (JSONL with ``meta``) as they are taken."""
+
+    path = None
+    meta: dict = {}
+
+
+def _markdown(records):
+    lines = ["| what | shape | impl | rule / workload | ms | TFLOP/s | other |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        other = {k: v for k, v in r.items() if k not in (
+            "what", "shape", "impl", "rule", "workload", "ms", "tflops", "device", "date",
+            "commit", "command")}
+        other_text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else
+                               f"{k}={tuple(round(x, 4) for x in v)}" if isinstance(v, tuple)
+                               else f"{k}={v}" for k, v in other.items())
+        rule = " ".join(str(r.get(k, "")) for k in ("rule", "workload")).strip()
+        ms = f"{r['ms']:.3f}" if "ms" in r else ""
+        tf = f"{r['tflops']:.0f}" if "tflops" in r else ""
+        lines.append(f"| {r['what']} | {r.get('shape', '')} | {r.get('impl', '')} | {rule} | "
+                     f"{ms} | {tf} | {other_text} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", default="compile,tests,sanitize,time",
+                        help="comma-separated subset of compile,tests,sanitize,time")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and shapes")
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench/results"))
+    parser.add_argument("--sanitize-target", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.sanitize_target:
+        sanitize_target()
+        return 0
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps = args.steps.split(",")
+    messages = []
+
+    def log(text):
+        print(text, flush=True)
+        messages.append(text)
+
+    device = "no GPU"
+    try:
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        device = f"{props['name'].decode()} (sm_{props['major']}{props['minor']}), " \
+                 f"CuPy {cupy.__version__}, CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}"
+    except Exception as error:
+        device = f"no GPU ({error})"
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    meta = dict(device=device, date=stamp.isoformat(timespec="seconds"), commit=_commit(),
+                command=" ".join([Path(sys.executable).name] + sys.argv), host=platform.node())
+    log(f"device: {device}; commit {meta['commit']}; {meta['date']}")
+    status = 0
+    if "compile" in steps:
+        status |= bool(step_compile(out_dir, log))
+    if "tests" in steps:
+        status |= bool(step_tests(out_dir, log, ""))
+    if "sanitize" in steps:
+        codes = step_sanitize(out_dir, log)
+        status |= bool(codes and any(codes.values()))
+    records = _Records()
+    if "time" in steps:
+        records.path = out_dir / f"gpu-{stamp.strftime('%Y%m%dT%H%M%S')}.jsonl"
+        records.meta = meta
+        try:
+            step_time(log, records, args.quick)
+        finally:
+            (out_dir / "summary.md").write_text(
+                "\n".join(f"- {m}" for m in messages) + "\n\n" + _markdown(records) + "\n")
+            print(_markdown(records))
+    print("\n".join(messages[:6]))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

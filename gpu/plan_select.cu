@@ -1,0 +1,161 @@
+// Plan stage on the GPU (DESIGN.md sections 3-4): tile means for the block scores, and per
+// query tile the ordered visit list of TopK / TopP / dense-by-score, with no host round trip.
+//
+//   tile_means:   mean of each tile's valid rows, fp32, times a factor (the logit scale for q).
+//   select_tiles: one CTA per query tile sorts its nk scores (bitonic, in shared memory;
+//                 descending score, ties to the lower tile index), keeps the TopK count or the
+//                 TopP prefix, and writes the kept tiles in natural, score or peak order.
+
+#include "element_types.cuh"
+
+namespace psa {
+
+// grid (tiles, H, B); blockDim.x = (HEAD_DIM / 8) * ROW_GROUPS. Each thread sums 8 consecutive
+// dims (one 16-byte load a row) over every ROW_GROUPS-th row of the tile.
+template <class Element, int HEAD_DIM, int ROW_GROUPS>
+__global__ void __launch_bounds__((HEAD_DIM / 8) * ROW_GROUPS) tile_means(
+    const unsigned short* __restrict__ x, long long batch_stride, long long head_stride,
+    long long row_stride, int n_rows, int tile, float factor, float* __restrict__ means) {
+    constexpr int kChunks = HEAD_DIM / 8;
+    __shared__ float partial[ROW_GROUPS][HEAD_DIM];
+    const int chunk = threadIdx.x % kChunks;
+    const int group = threadIdx.x / kChunks;
+    const int first = blockIdx.x * tile;
+    const int rows = min(tile, n_rows - first);
+    const unsigned short* slab = x + blockIdx.z * batch_stride + blockIdx.y * head_stride +
+                                 (long long)first * row_stride + chunk * 8;
+    float sum[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int row = group; row < rows; row += ROW_GROUPS) {
+        const uint4 packed = *reinterpret_cast<const uint4*>(slab + (long long)row * row_stride);
+        const unsigned words[4] = {packed.x, packed.y, packed.z, packed.w};
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            sum[2 * w] += Element::to_float(static_cast<unsigned short>(words[w] & 0xffffu));
+            sum[2 * w + 1] += Element::to_float(static_cast<unsigned short>(words[w] >> 16));
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) partial[group][chunk * 8 + e] = sum[e];
+    __syncthreads();
+    for (int d = threadIdx.x; d < HEAD_DIM; d += blockDim.x) {
+        float total = 0.f;
+#pragma unroll
+        for (int g = 0; g < ROW_GROUPS; ++g) total += partial[g][d];
+        const long long tile_index =
+            ((long long)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+        means[tile_index * HEAD_DIM + d] = total * (factor / rows);
+    }
+}
+
+// True when entry a comes before entry b: higher score first, then lower tile index.
+__device__ __forceinline__ bool comes_before(float score_a, int index_a, float score_b,
+                                             int index_b) {
+    return score_a > score_b || (score_a == score_b && index_a < index_b);
+}
+
+// Bitonic sort of n (a power of two) (score, index) pairs in shared memory, comes_before order.
+__device__ void bitonic_sort(float* score, int* index, int n) {
+    for (int size = 2; size <= n; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < n / 2; i += blockDim.x) {
+                const int lo = 2 * i - (i & (stride - 1));
+                const int hi = lo + stride;
+                const bool forward = (lo & size) == 0;
+                const bool swap = forward ? comes_before(score[hi], index[hi], score[lo], index[lo])
+                                          : comes_before(score[lo], index[lo], score[hi], index[hi]);
+                if (swap) {
+                    const float s = score[lo];
+                    score[lo] = score[hi];
+                    score[hi] = s;
+                    const int t = index[lo];
+                    index[lo] = index[hi];
+                    index[hi] = t;
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+enum VisitOrder { kNatural = 0, kScore = 1, kPeak = 2 };
+
+// grid (nq, H, B); dynamic shared memory 2 * n_pow2 words + blockDim.x floats.
+// keep > 0: keep exactly `keep` tiles (TopK, or every tile); keep == 0: TopP with `top_p`.
+__global__ void select_tiles(const float* __restrict__ scores, int n_key_tiles, int n_pow2,
+                             int keep, float top_p, int order, int peak,
+                             int* __restrict__ visit, int max_count, int* __restrict__ count) {
+    extern __shared__ __align__(16) unsigned char shared_raw[];
+    float* score = reinterpret_cast<float*>(shared_raw);
+    int* index = reinterpret_cast<int*>(score + n_pow2);
+    float* partial = reinterpret_cast<float*>(index + n_pow2);
+    __shared__ int kept_count;
+
+    const long long row = ((long long)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    const float* row_scores = scores + row * n_key_tiles;
+    for (int i = threadIdx.x; i < n_pow2; i += blockDim.x) {
+        const bool valid = i < n_key_tiles;
+        score[i] = valid ? row_scores[i] : __int_as_float(0xff800000);
+        index[i] = valid ? i : 0x7fffffff;
+    }
+    __syncthreads();
+    bitonic_sort(score, index, n_pow2);
+
+    int n_keep = keep;
+    if (keep <= 0) {
+        // TopP: the shortest prefix of the sorted tiles whose softmax mass reaches top_p.
+        // Each thread owns a contiguous run; run sums are scanned across the block.
+        const int per_thread = (n_pow2 + blockDim.x - 1) / blockDim.x;
+        const int begin = threadIdx.x * per_thread;
+        const float top = score[0];
+        float local = 0.f;
+        for (int i = begin; i < min(begin + per_thread, n_key_tiles); ++i)
+            local += __expf(score[i] - top);
+        partial[threadIdx.x] = local;
+        __syncthreads();
+        for (int offset = 1; offset < (int)blockDim.x; offset <<= 1) {  // inclusive scan
+            const float add = threadIdx.x >= offset ? partial[threadIdx.x - offset] : 0.f;
+            __syncthreads();
+            partial[threadIdx.x] += add;
+            __syncthreads();
+        }
+        const float total = partial[blockDim.x - 1];
+        if (threadIdx.x == 0) kept_count = 0;
+        __syncthreads();
+        float running = partial[threadIdx.x] - local;  // exclusive prefix of this run
+        int below = 0;
+        for (int i = begin; i < min(begin + per_thread, n_key_tiles); ++i) {
+            running += __expf(score[i] - top);
+            below += running / total < top_p;
+        }
+        if (below) atomicAdd(&kept_count, below);
+        __syncthreads();
+        n_keep = min(kept_count + 1, n_key_tiles);
+    }
+    n_keep = min(n_keep, n_key_tiles);
+
+    int* row_visit = visit + row * max_count;
+    if (order == kNatural) {
+        // Re-sort the kept indices ascending: equal scores, so index order decides.
+        __syncthreads();
+        for (int i = threadIdx.x; i < n_pow2; i += blockDim.x) {
+            const bool kept = i < n_keep;
+            score[i] = kept ? 0.f : __int_as_float(0xff800000);
+            if (!kept) index[i] = 0x7fffffff;
+        }
+        __syncthreads();
+        bitonic_sort(score, index, n_pow2);
+        for (int t = threadIdx.x; t < max_count; t += blockDim.x)
+            row_visit[t] = t < n_keep ? index[t] : -1;
+    } else {
+        const int first = order == kPeak ? min(peak, n_keep) : n_keep;
+        for (int t = threadIdx.x; t < max_count; t += blockDim.x) {
+            int tile = -1;
+            if (t < first) tile = index[t];
+            else if (t < n_keep) tile = index[n_keep - 1 - (t - first)];  // rest: ascending score
+            row_visit[t] = tile;
+        }
+    }
+    if (threadIdx.x == 0) count[row] = n_keep;
+}
+
+}  // namespace psa

@@ -1,0 +1,52 @@
+// Thin wrappers over the PTX instructions the kernels use (sm_80+), so that no CUDA header is
+// needed: NVRTC and nvcc compile these sources as they are.
+#pragma once
+
+namespace psa {
+
+// Shared-memory address of a generic pointer, as the 32-bit operand PTX expects.
+__device__ __forceinline__ unsigned shared_address(const void* pointer) {
+    unsigned address;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }"
+                 : "=r"(address) : "l"(pointer));
+    return address;
+}
+
+// 16-byte asynchronous copy global -> shared. `source_bytes` of 0 writes zeros, so padded rows
+// of a partial tile are zero-filled without a branch around the copy.
+__device__ __forceinline__ void copy_async_16(unsigned destination, const void* source,
+                                              int source_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(destination), "l"(source), "r"(source_bytes) : "memory");
+}
+
+__device__ __forceinline__ void copy_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int PENDING>
+__device__ __forceinline__ void copy_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(PENDING) : "memory");
+}
+
+// Four 8x8 b16 matrices from shared memory; lane l gives the row address of matrix l / 8.
+__device__ __forceinline__ void load_matrix_x4(unsigned (&r)[4], unsigned address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
+}
+
+// Same, transposed: turns row-major V (keys x dims) into the column operand of P.V.
+__device__ __forceinline__ void load_matrix_x4_transposed(unsigned (&r)[4], unsigned address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ float negative_infinity() { return __int_as_float(0xff800000); }
+
+}  // namespace psa

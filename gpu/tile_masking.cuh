@@ -1,0 +1,45 @@
+// Partial tiles: zero-filled loads of rows past the end, and -inf logits for padded keys.
+#pragma once
+
+#include "ptx.cuh"
+
+namespace psa {
+
+// Start the asynchronous copy of ROWS rows (from `first_row`, of `total_rows`) of a
+// (rows x HEAD_DIM) slab with row stride `row_stride` into a swizzled shared tile. Rows past
+// the end are zero-filled: padded keys then give finite logits (masked next) and padded values
+// contribute exact zeros, never NaN from stale memory.
+template <class Traits, int ROWS>
+__device__ __forceinline__ void load_tile_async(unsigned short* tile, const unsigned short* slab,
+                                                long long row_stride, int first_row,
+                                                int total_rows) {
+    constexpr int kChunks = ROWS * Traits::kChunksPerRow;
+    static_assert(kChunks % Traits::kThreads == 0, "every thread copies the same chunk count");
+#pragma unroll
+    for (int i = 0; i < kChunks / Traits::kThreads; ++i) {
+        const int index = i * Traits::kThreads + threadIdx.x;
+        const int row = index / Traits::kChunksPerRow;
+        const int chunk = index % Traits::kChunksPerRow;
+        const bool valid = first_row + row < total_rows;
+        const unsigned short* source =
+            slab + (valid ? (long long)(first_row + row) * row_stride + chunk * 8 : 0);
+        copy_async_16(shared_address(tile + Traits::swizzle(row, chunk)), source, valid ? 16 : 0);
+    }
+}
+
+// Set the logits of keys at or past `valid_keys` (within the tile) to -inf, so they drop out
+// of the row max, the exponentials and every skip statistic.
+template <int KEY_BLOCKS>
+__device__ __forceinline__ void mask_padded_keys(float (&s)[KEY_BLOCKS][4], int valid_keys,
+                                                 int lane) {
+#pragma unroll
+    for (int nb = 0; nb < KEY_BLOCKS; ++nb) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int key = nb * 8 + 2 * (lane & 3) + (e & 1);
+            if (key >= valid_keys) s[nb][e] = negative_infinity();
+        }
+    }
+}
+
+}  // namespace psa
