@@ -8,7 +8,6 @@ when Numba is importable and that runs as plain NumPy otherwise (same code, same
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 
@@ -31,11 +30,8 @@ __all__ = [
 def _maybe_njit(function):
     try:
         import numba
-        from numba.core.errors import NumbaPerformanceWarning
     except ImportError:  # the plain NumPy path has the same semantics, only slower
         return function
-    # Tile slices of strided inputs are not contiguous; the copy BLAS makes is cheap here.
-    warnings.simplefilter("ignore", NumbaPerformanceWarning)
     return numba.njit(cache=True)(function)
 
 
@@ -61,7 +57,7 @@ def _tile_loop_py(q, k, v, visit, count, scale, block_q, block_k, code, param, f
                 r0 = qt * block_q
                 r1 = min(r0 + block_q, n_q)
                 rows = r1 - r0
-                qi = q[b, h, r0:r1, :]
+                qi = np.ascontiguousarray(q[b, h, r0:r1, :])
                 m = np.full(rows, -np.inf)
                 l = np.zeros(rows)
                 u = np.zeros(rows)
@@ -71,7 +67,7 @@ def _tile_loop_py(q, k, v, visit, count, scale, block_q, block_k, code, param, f
                     c0 = kt * block_k
                     c1 = min(c0 + block_k, n_k)
                     keys = c1 - c0
-                    s = (qi @ k[b, hk, c0:c1, :].T) * scale
+                    s = (qi @ np.ascontiguousarray(k[b, hk, c0:c1, :]).T) * scale
                     visited[b, h, qt, kt] = True
                     tile_max = np.empty(rows)
                     for i in range(rows):
@@ -118,7 +114,8 @@ def _tile_loop_py(q, k, v, visit, count, scale, block_q, block_k, code, param, f
                     p = np.exp(s - m_new.reshape(rows, 1))
                     l = l * alpha + p.sum(axis=1)
                     u = u * alpha
-                    acc = acc * alpha.reshape(rows, 1) + p @ v[b, hk, c0:c1, :]
+                    values = np.ascontiguousarray(v[b, hk, c0:c1, :])
+                    acc = acc * alpha.reshape(rows, 1) + p @ values
                     m = m_new
                 out[b, h, r0:r1, :] = acc / l.reshape(rows, 1)
                 lse[b, h, r0:r1] = m + np.log(l)
