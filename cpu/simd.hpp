@@ -1,8 +1,10 @@
-// Portable 512-bit vectors (GCC/Clang vector extensions) and the vectorised exponential.
+// Portable SIMD vectors (GCC/Clang vector extensions) and the vectorised exponential.
 //
-// The vector width is fixed at 64 bytes: with -march=native on an AVX-512 machine each vector
-// is one zmm register; on AVX2 the compiler splits it in two ymm halves, so the same source
-// serves both without intrinsics.
+// The vector width follows the target the extension is compiled for (setup.py passes
+// -march=native unless PYSPARSE_ATTN_PORTABLE=1): 64 bytes with AVX-512, 32 with AVX, 16
+// otherwise. A width the target lacks would be split by the compiler into narrower halves and
+// spill registers: measured 3-5 GFLOP/s instead of ~85 on one core when 64-byte vectors were
+// compiled for AVX2, hence the choice at compile time rather than one fixed width.
 #pragma once
 
 #include <cmath>
@@ -11,10 +13,18 @@
 
 namespace psa {
 
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;
+#endif
+
 template <typename T>
 struct Simd {
-    typedef T vec __attribute__((vector_size(64)));
-    static constexpr int lanes = 64 / static_cast<int>(sizeof(T));
+    typedef T vec __attribute__((vector_size(kVectorBytes)));
+    static constexpr int lanes = kVectorBytes / static_cast<int>(sizeof(T));
 };
 
 template <typename T>
@@ -44,13 +54,15 @@ inline int64_t round_up_lanes(int64_t n) {
     return (n + w - 1) / w * w;
 }
 
-// exp(x) for float lanes, about 2 ulp on [-87, 88]; exp of anything at or below -87.3
-// (including -inf) is exactly 0, which is what masked logits need.
+// exp(x) for float lanes, about 2 ulp on [-87, 88] (Cephes' polynomial on the reduced
+// argument); anything at or below -87.3, including -inf, gives exactly 0, which is what masked
+// logits and an initial running max of -inf need.
 inline Vec<float> exp_vec(Vec<float> x) {
-    typedef int32_t ivec __attribute__((vector_size(64)));
-    const Vec<float> lo = splat(-87.33654f), hi = splat(88.72283f);
-    const ivec underflow = x < lo;
+    const Vec<float> lo = splat(-87.33654f);
     x = x < lo ? lo : x;
+    typedef int32_t ivec __attribute__((vector_size(kVectorBytes)));
+    const ivec underflow = x <= lo;
+    const Vec<float> hi = splat(88.72283f);
     x = x > hi ? hi : x;
     // n = round(x / ln 2) by the 1.5 * 2^23 trick: exact for |n| < 2^22, no libm call.
     const Vec<float> magic = splat(12582912.0f);
@@ -73,6 +85,17 @@ inline Vec<float> exp_vec(Vec<float> x) {
     result_bits &= ~underflow;
     std::memcpy(&result, &result_bits, sizeof(result));
     return result;
+}
+
+// exp(x) for float64 lanes: libm per lane (the float64 path favours accuracy over speed).
+inline Vec<double> exp_vec(Vec<double> x) {
+    for (int i = 0; i < Simd<double>::lanes; ++i) x[i] = std::exp(x[i]);
+    return x;
+}
+
+template <typename T>
+inline Vec<T> max_vec(Vec<T> a, Vec<T> b) {
+    return a > b ? a : b;
 }
 
 // row[j] <- exp(row[j] - shift) for j < n (n a multiple of the lane count); returns the sum.
@@ -98,26 +121,15 @@ inline double exp_shift_sum(double* row, double shift, int64_t n) {
     return sum;
 }
 
-// Sum of exp(row[j] - shift) without storing it (Recall exact's skip test).
-inline float sum_exp_shift(const float* row, float shift, int64_t n) {
-    Vec<float> total{};
-    for (int64_t j = 0; j < n; j += Simd<float>::lanes) total += exp_vec(load_vec(row + j) - shift);
-    float sum = 0.0f;
-    for (int i = 0; i < Simd<float>::lanes; ++i) sum += total[i];
-    return sum;
+// row[j] <- exp(row[j] - shift[j]) for j < n (n a multiple of the lane count); a shift of
+// +inf gives 0 (the backward's padded query columns).
+inline void exp_shift_columns(float* row, const float* shift, int64_t n) {
+    for (int64_t j = 0; j < n; j += Simd<float>::lanes)
+        store_vec(row + j, exp_vec(load_vec(row + j) - load_vec(shift + j)));
 }
 
-inline double sum_exp_shift(const double* row, double shift, int64_t n) {
-    double sum = 0.0;
-    for (int64_t j = 0; j < n; ++j) sum += std::exp(row[j] - shift);
-    return sum;
-}
-
-template <typename T>
-inline T row_max(const T* row, int64_t n) {
-    T best = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) best = row[j] > best ? row[j] : best;
-    return best;
+inline void exp_shift_columns(double* row, const double* shift, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) row[j] = std::exp(row[j] - shift[j]);
 }
 
 }  // namespace psa

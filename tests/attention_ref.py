@@ -71,6 +71,20 @@ def recall_ref(q, k, tile_mask, block, scale=None):
     return (p * mask).sum(axis=-1)
 
 
+def mass_share(q, k, part, whole, block, scale=None):
+    """Share of the softmax mass over the tiles ``whole`` that lies in the tiles ``part``.
+
+    Both sums are taken relative to the largest logit of ``whole``, so the share stays exact
+    even when ``whole`` holds a vanishing fraction of the full row.
+    """
+    s = logits(q, k, scale)
+    inside_whole = element_mask(whole, s.shape[2], s.shape[3], block)
+    inside_part = element_mask(part, s.shape[2], s.shape[3], block) & inside_whole
+    s_whole = np.where(inside_whole, s, -np.inf)
+    weights = np.exp(s_whole - s_whole.max(axis=-1, keepdims=True))
+    return (weights * inside_part).sum(axis=-1) / weights.sum(axis=-1)
+
+
 def block_scores_ref(q, k, block, scale=None):
     """DESIGN.md section 3, tile by tile: ``scale * qbar_I . (kbar_J - mean_J kbar_J)``."""
     q = np.asarray(q, dtype=np.float64)
@@ -118,7 +132,10 @@ def rule_margins(name, threshold, tile_max, m, l, u, added):
     allowed = (1.0 - threshold) / threshold * l
     spent = u + added
     size = np.maximum(allowed + spent, np.finfo(np.float64).tiny)
-    return (allowed - spent) / size
+    with np.errstate(invalid="ignore"):
+        relative = (allowed - spent) / size
+    # A tile whose logits exceed the running max by > 709 overflows the bound: never skippable.
+    return np.where(np.isinf(spent), -1.0, relative)
 
 
 def replay_skip_decisions(q, k, visit_lists, kept, rule_name, threshold, block, scale=None,
@@ -161,11 +178,14 @@ def replay_skip_decisions(q, k, visit_lists, kept, rule_name, threshold, block, 
                         if not kept[b, h, tile_q, tile_k]:
                             problems.append(f"first visited tile skipped {where}")
                     else:
-                        if rule_name == "recall_exact":
-                            added = np.exp(s - m[:, None]).sum(axis=1)
-                        else:
-                            added = (c1 - c0) * np.exp(tile_max - m)
+                        with np.errstate(over="ignore"):
+                            if rule_name == "recall_exact":
+                                added = np.exp(s - m[:, None]).sum(axis=1)
+                            else:
+                                added = (c1 - c0) * np.exp(tile_max - m)
                         margin = rule_margins(rule_name, threshold, tile_max, m, l, u, added)
+                        if np.isnan(margin).any():
+                            problems.append(f"replay produced NaN margins {where}")
                         worst = float(margin.min())
                         if not kept[b, h, tile_q, tile_k]:
                             skipped += 1
@@ -262,3 +282,17 @@ def linear_branch_total_minus_rest_ref(q, k, v, marginal, block, feature_map="so
                 rows[nonzero] = (phi_q[nonzero] @ state) / denominator[nonzero, None]
                 out[b, h, r0:r1] = rows
     return out
+
+
+def linear_denominators(q, k, marginal, block, feature_map="softmax"):
+    """Per row: ``phi(q_i) . Z_I`` over the marginal keys, and over all keys.
+
+    The ratio tells how much cancellation "total minus the rest" suffers on that row.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    B, H, Nq, D = q.shape
+    phi_q = feature_map_ref(q, feature_map)
+    phi_k = feature_map_ref(expand_kv(k, H), feature_map)
+    key_tiles = element_mask(marginal, Nq, phi_k.shape[2], block)  # (B, H, Nq, Nk)
+    per_key = np.einsum("bhid,bhjd->bhij", phi_q, phi_k)
+    return (per_key * key_tiles).sum(axis=-1), per_key.sum(axis=-1)

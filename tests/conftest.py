@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 _SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large]
 
 settings.register_profile(
-    "ci", max_examples=60, deadline=None, suppress_health_check=_SLOW_IS_FINE, print_blob=True
+    "ci", max_examples=100, deadline=None, suppress_health_check=_SLOW_IS_FINE, print_blob=True
 )
 settings.register_profile(
-    "thorough", max_examples=600, deadline=None, suppress_health_check=_SLOW_IS_FINE,
+    "thorough", max_examples=1000, deadline=None, suppress_health_check=_SLOW_IS_FINE,
     print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

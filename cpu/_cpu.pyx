@@ -1,0 +1,164 @@
+# distutils: language = c++
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Thin Cython bridge to the C++/OpenMP kernels of the CPU backend (``cpu/kernels.hpp``).
+
+Callers (``pysparse_attn.backends.cpu``) validate shapes and allocate every output; this module
+only turns NumPy arrays into pointers and element strides and runs the kernel with the GIL
+released. Inputs are read through their strides, never copied.
+"""
+
+from libc.stdint cimport int32_t, int64_t, uint8_t
+
+import numpy as np
+
+cimport numpy as cnp
+
+cnp.import_array()
+
+
+cdef extern from "kernels.hpp" namespace "psa" nogil:
+    cdef struct TensorArg:
+        const void* data
+        int64_t stride[4]
+
+    cdef struct Shape:
+        int dtype
+        int64_t batch, q_heads, kv_heads, q_len, kv_len, dim
+        int64_t block_q, block_k
+        int threads
+
+    cdef struct ForwardArgs:
+        Shape shape
+        TensorArg q, k, v
+        const int32_t* visit
+        const int32_t* count
+        int64_t max_count
+        int rule_code
+        double rule_param
+        double scale
+        void* out
+        float* lse
+        uint8_t* kept
+        uint8_t* visited
+        float* recall_bound
+
+    cdef struct BackwardArgs:
+        Shape shape
+        TensorArg q, k, v, d_out
+        const uint8_t* kept
+        double scale
+        void* dq
+        void* dk
+        void* dv
+
+    cdef struct LinearArgs:
+        Shape shape
+        TensorArg q, k, v
+        const uint8_t* marginal
+        int feature_map
+        double eps
+        void* out
+        TensorArg d_linear
+        void* dq
+        void* dk
+        void* dv
+
+    void c_attention_forward "psa::attention_forward"(const ForwardArgs& args) except +
+    void c_attention_backward "psa::attention_backward"(const BackwardArgs& args) except +
+    void c_linear_forward "psa::linear_forward"(const LinearArgs& args) except +
+    void c_linear_backward "psa::linear_backward"(const LinearArgs& args) except +
+
+
+DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
+FEATURE_MAPS = {"softmax": 0, "elu1": 1, "relu": 2}
+
+
+cdef void* _pointer(a):
+    """Data pointer of an ndarray (None gives NULL)."""
+    if a is None:
+        return NULL
+    return cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef TensorArg _tensor(cnp.ndarray a):
+    cdef TensorArg t
+    cdef int axis
+    cdef Py_ssize_t itemsize = a.itemsize
+    t.data = cnp.PyArray_DATA(a)
+    for axis in range(4):
+        if a.strides[axis] % itemsize:
+            raise ValueError("array strides must be whole elements")
+        t.stride[axis] = a.strides[axis] // itemsize
+    return t
+
+
+cdef Shape _shape(cnp.ndarray q, cnp.ndarray k, block, threads):
+    cdef Shape s
+    s.dtype = DTYPE_CODES[q.dtype.name]
+    s.batch, s.q_heads, s.q_len, s.dim = q.shape[0], q.shape[1], q.shape[2], q.shape[3]
+    s.kv_heads, s.kv_len = k.shape[1], k.shape[2]
+    s.block_q, s.block_k = int(block[0]), int(block[1])
+    s.threads = int(threads)
+    return s
+
+
+def forward(q, k, v, visit, count, block, int rule_code, double rule_param, double scale,
+            out, lse, kept, visited, recall_bound, int threads):
+    """Run the fused tile loop; writes ``out``, ``lse`` and the optional stats in place."""
+    cdef ForwardArgs args
+    args.shape = _shape(q, k, block, threads)
+    args.q, args.k, args.v = _tensor(q), _tensor(k), _tensor(v)
+    args.visit = <const int32_t*>_pointer(visit)
+    args.count = <const int32_t*>_pointer(count)
+    args.max_count = visit.shape[3]
+    args.rule_code, args.rule_param, args.scale = rule_code, rule_param, scale
+    args.out = _pointer(out)
+    args.lse = <float*>_pointer(lse)
+    args.kept = <uint8_t*>_pointer(kept)
+    args.visited = <uint8_t*>_pointer(visited)
+    args.recall_bound = <float*>_pointer(recall_bound)
+    with nogil:
+        c_attention_forward(args)
+
+
+def backward(q, k, v, d_out, kept, block, double scale, dq, dk, dv, int threads):
+    """Gradients of attention restricted to ``kept``; writes ``dq``, ``dk``, ``dv`` in place."""
+    cdef BackwardArgs args
+    args.shape = _shape(q, k, block, threads)
+    args.q, args.k, args.v, args.d_out = _tensor(q), _tensor(k), _tensor(v), _tensor(d_out)
+    args.kept = <const uint8_t*>_pointer(kept)
+    args.scale = scale
+    args.dq, args.dk, args.dv = _pointer(dq), _pointer(dk), _pointer(dv)
+    with nogil:
+        c_attention_backward(args)
+
+
+cdef LinearArgs _linear_args(q, k, v, marginal, block, feature_map, double eps, int threads):
+    cdef LinearArgs args
+    args.shape = _shape(q, k, block, threads)
+    args.q, args.k, args.v = _tensor(q), _tensor(k), _tensor(v)
+    args.marginal = <const uint8_t*>_pointer(marginal)
+    args.feature_map = FEATURE_MAPS[feature_map]
+    args.eps = eps
+    args.out = NULL
+    args.d_linear.data = NULL
+    args.dq = args.dk = args.dv = NULL
+    return args
+
+
+def linear_forward(q, k, v, marginal, block, feature_map, double eps, out, int threads):
+    """SLA linear branch; writes ``out`` in place."""
+    cdef LinearArgs args = _linear_args(q, k, v, marginal, block, feature_map, eps, threads)
+    args.out = _pointer(out)
+    with nogil:
+        c_linear_forward(args)
+
+
+def linear_backward(q, k, v, marginal, block, feature_map, double eps, d_linear, dq, dk, dv,
+                    int threads):
+    """Gradients of the linear branch given ``d_linear``; writes ``dq``, ``dk``, ``dv``."""
+    cdef LinearArgs args = _linear_args(q, k, v, marginal, block, feature_map, eps, threads)
+    args.d_linear = _tensor(d_linear)
+    args.dq, args.dk, args.dv = _pointer(dq), _pointer(dk), _pointer(dv)
+    with nogil:
+        c_linear_backward(args)

@@ -1,0 +1,298 @@
+// The SLA linear branch and its gradient (DESIGN.md section 6):
+// O_l,i = phi(q_i) H_I / (phi(q_i) . Z_I + eps), H_I = sum_{J marginal} phi(K_J)^T V_J,
+// Z_I = sum_{J marginal} phi(K_J)^T 1.
+//
+// Per key tile the D x D summary phi(K_J)^T V_J is formed once (one task per (batch, kv head,
+// key tile)); each query tile then sums the summaries of its marginal tiles directly, which is
+// O(nq nk D^2) against the sparse branch's O(N^2 D) and agrees with the float64 direct sum
+// within float32 rounding. The backward runs the same steps in reverse: per query tile dH_I and
+// dZ_I, then per key tile the sum of dH_I over the query tiles (and GQA heads) that marked it
+// marginal. All products are the register-blocked gemm.
+#include <cmath>
+#include <vector>
+
+#include "dispatch.hpp"
+#include "feature_map.hpp"
+#include "gemm.hpp"
+#include "kernels.hpp"
+#include "openmp.hpp"
+#include "simd.hpp"
+#include "strided.hpp"
+
+namespace psa {
+namespace {
+
+template <typename T>
+struct LinearWorkspace {
+    int64_t d_pad, rows_pad;
+    std::vector<T> x, phi, phi_t, v, h, h_t, z, num, d_num, d_phi, dx, d_den;
+
+    LinearWorkspace(int64_t block, int64_t dim)
+        : d_pad(round_up_lanes<T>(dim)), rows_pad(round_up_lanes<T>(block)),
+          x(block * d_pad), phi(block * d_pad), phi_t(dim * rows_pad), v(block * d_pad),
+          h(dim * d_pad), h_t(dim * d_pad), z(d_pad), num(block * d_pad), d_num(block * d_pad),
+          d_phi(block * d_pad), dx(block * d_pad), d_den(block) {}
+};
+
+template <typename In, typename T>
+struct Linear {
+    const LinearArgs& a;
+    Strided<In> q, k, v;
+    int64_t D, dp, Bq, Bk, nq, nk, group;
+    std::vector<T> tile_h;  // (B, Hkv, nk, D, dp): phi(K_J)^T V_J
+    std::vector<T> tile_z;  // (B, Hkv, nk, dp): phi(K_J)^T 1
+    std::vector<T> query_dh;  // backward: (B, Hq, nq, D, dp) dH_I
+    std::vector<T> query_dz;  // backward: (B, Hq, nq, dp) dZ_I
+
+    explicit Linear(const LinearArgs& args)
+        : a(args), q(strided<In>(args.q)), k(strided<In>(args.k)), v(strided<In>(args.v)),
+          D(args.shape.dim), dp(round_up_lanes<T>(D)), Bq(args.shape.block_q),
+          Bk(args.shape.block_k), nq(tile_count(args.shape.q_len, Bq)),
+          nk(tile_count(args.shape.kv_len, Bk)),
+          group(args.shape.q_heads / args.shape.kv_heads) {}
+
+    int threads() const { return thread_count(a.shape.threads); }
+
+    bool is_marginal(int64_t b, int64_t h, int64_t qt, int64_t kt) const {
+        return a.marginal[((b * a.shape.q_heads + h) * nq + qt) * nk + kt] != 0;
+    }
+
+    // phi of `rows` rows of x (b, h, row0..) into ws.phi, keeping the raw rows in ws.x.
+    void load_features(LinearWorkspace<T>& ws, const Strided<In>& x, int64_t b, int64_t h,
+                       int64_t row0, int64_t rows) {
+        load_rows(x, b, h, row0, rows, D, T(1), ws.x.data(), dp);
+        for (int64_t r = 0; r < rows; ++r)
+            feature_map_row(a.feature_map, ws.x.data() + r * dp, ws.phi.data() + r * dp, D);
+    }
+
+    void key_summaries() {
+        const Shape& sh = a.shape;
+        tile_h.assign(sh.batch * sh.kv_heads * nk * D * dp, T(0));
+        tile_z.assign(sh.batch * sh.kv_heads * nk * dp, T(0));
+        const int64_t tasks = sh.batch * sh.kv_heads * nk;
+        auto workspaces = per_thread<LinearWorkspace<T>>(threads(), Bk, D);
+#pragma omp parallel num_threads(threads())
+        {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t task = 0; task < tasks; ++task) {
+                LinearWorkspace<T>& ws = workspaces[thread_index()];
+                const int64_t kt = task % nk, bh = task / nk;
+                const int64_t b = bh / sh.kv_heads, hk = bh % sh.kv_heads;
+                const int64_t key0 = kt * Bk, keys = std::min(Bk, sh.kv_len - key0);
+                load_features(ws, k, b, hk, key0, keys);
+                load_rows(v, b, hk, key0, keys, D, T(1), ws.v.data(), dp);
+                transpose(keys, D, ws.phi.data(), dp, ws.phi_t.data(), ws.rows_pad);
+                gemm<T, false>(D, dp, keys, ws.phi_t.data(), ws.rows_pad, ws.v.data(), dp,
+                               tile_h.data() + task * D * dp, dp);
+                T* z = tile_z.data() + task * dp;
+                for (int64_t r = 0; r < keys; ++r)
+                    for (int64_t d = 0; d < D; ++d) z[d] += ws.phi[r * dp + d];
+            }
+        }
+    }
+
+    // H_I and Z_I of a query tile into ws.h, ws.z; false when it has no marginal tile.
+    bool gather(LinearWorkspace<T>& ws, int64_t b, int64_t h, int64_t qt) const {
+        const int64_t hk = h / group;
+        bool any = false;
+        std::fill(ws.h.begin(), ws.h.end(), T(0));
+        std::fill(ws.z.begin(), ws.z.end(), T(0));
+        for (int64_t kt = 0; kt < nk; ++kt) {
+            if (!is_marginal(b, h, qt, kt)) continue;
+            any = true;
+            const int64_t slot = (b * a.shape.kv_heads + hk) * nk + kt;
+            const T* th = tile_h.data() + slot * D * dp;
+            const T* tz = tile_z.data() + slot * dp;
+            for (int64_t i = 0; i < D * dp; ++i) ws.h[i] += th[i];
+            for (int64_t d = 0; d < dp; ++d) ws.z[d] += tz[d];
+        }
+        return any;
+    }
+
+    // Numerator rows phi H into ws.num; returns nothing, denominators into ws.d_den.
+    void numerator_and_denominator(LinearWorkspace<T>& ws, int64_t rows) const {
+        gemm<T, false>(rows, dp, D, ws.phi.data(), dp, ws.h.data(), dp, ws.num.data(), dp);
+        for (int64_t r = 0; r < rows; ++r) {
+            T den = 0;
+            for (int64_t d = 0; d < D; ++d) den += ws.phi[r * dp + d] * ws.z[d];
+            ws.d_den[r] = den + static_cast<T>(a.eps);
+        }
+    }
+
+    void forward() {
+        key_summaries();
+        const Shape& sh = a.shape;
+        const int64_t tasks = sh.batch * sh.q_heads * nq;
+        T* out = static_cast<T*>(a.out);
+        auto workspaces = per_thread<LinearWorkspace<T>>(threads(), std::max(Bq, Bk), D);
+#pragma omp parallel num_threads(threads())
+        {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t task = 0; task < tasks; ++task) {
+                LinearWorkspace<T>& ws = workspaces[thread_index()];
+                const int64_t qt = task % nq, bh = task / nq;
+                const int64_t b = bh / sh.q_heads, h = bh % sh.q_heads;
+                const int64_t row0 = qt * Bq, rows = std::min(Bq, sh.q_len - row0);
+                T* dst = out + (bh * sh.q_len + row0) * D;
+                if (!gather(ws, b, h, qt)) {
+                    std::fill(dst, dst + rows * D, T(0));
+                    continue;
+                }
+                load_features(ws, q, b, h, row0, rows);
+                numerator_and_denominator(ws, rows);
+                for (int64_t r = 0; r < rows; ++r) {
+                    const T den = ws.d_den[r];
+                    for (int64_t d = 0; d < D; ++d)
+                        dst[r * D + d] = den != T(0) ? ws.num[r * dp + d] / den : T(0);
+                }
+            }
+        }
+    }
+
+    // Backward, per query tile: dq, dH_I and dZ_I.
+    void query_tile_backward(LinearWorkspace<T>& ws, const Strided<T>& g, int64_t b, int64_t h,
+                             int64_t qt) {
+        const Shape& sh = a.shape;
+        const int64_t task = (b * sh.q_heads + h) * nq + qt;
+        const int64_t row0 = qt * Bq, rows = std::min(Bq, sh.q_len - row0);
+        T* dq = static_cast<T*>(a.dq) + ((b * sh.q_heads + h) * sh.q_len + row0) * D;
+        T* dh = query_dh.data() + task * D * dp;
+        T* dz = query_dz.data() + task * dp;
+        if (!gather(ws, b, h, qt)) {
+            std::fill(dq, dq + rows * D, T(0));
+            std::fill(dh, dh + D * dp, T(0));
+            std::fill(dz, dz + dp, T(0));
+            return;
+        }
+        load_features(ws, q, b, h, row0, rows);
+        numerator_and_denominator(ws, rows);
+        load_rows(g, b, h, row0, rows, D, T(1), ws.d_num.data(), dp);
+        for (int64_t r = 0; r < rows; ++r) {
+            const T den = ws.d_den[r];
+            T* d_num = ws.d_num.data() + r * dp;
+            if (den == T(0)) {  // the output is the constant 0 there
+                std::fill(d_num, d_num + dp, T(0));
+                ws.d_den[r] = 0;
+                continue;
+            }
+            T g_dot_out = 0;
+            for (int64_t d = 0; d < D; ++d) {
+                g_dot_out += d_num[d] * (ws.num[r * dp + d] / den);
+                d_num[d] /= den;
+            }
+            ws.d_den[r] = -g_dot_out / den;
+        }
+        // d_phi = d_num H^T + d_den Z.
+        transpose(D, D, ws.h.data(), dp, ws.h_t.data(), dp);
+        gemm<T, false>(rows, dp, D, ws.d_num.data(), dp, ws.h_t.data(), dp, ws.d_phi.data(),
+                       dp);
+        for (int64_t r = 0; r < rows; ++r) {
+            T* d_phi = ws.d_phi.data() + r * dp;
+            for (int64_t d = 0; d < D; ++d) d_phi[d] += ws.d_den[r] * ws.z[d];
+            feature_map_vjp_row(a.feature_map, ws.x.data() + r * dp, ws.phi.data() + r * dp,
+                                d_phi, dq + r * D, D);
+        }
+        // dH_I = phi^T d_num, dZ_I = phi^T d_den.
+        transpose(rows, D, ws.phi.data(), dp, ws.phi_t.data(), ws.rows_pad);
+        gemm<T, false>(D, dp, rows, ws.phi_t.data(), ws.rows_pad, ws.d_num.data(), dp, dh, dp);
+        std::fill(dz, dz + dp, T(0));
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t d = 0; d < D; ++d) dz[d] += ws.d_den[r] * ws.phi[r * dp + d];
+    }
+
+    // Backward, per key tile: dk and dv from the dH_I, dZ_I of the query tiles marking it.
+    void key_tile_backward(LinearWorkspace<T>& ws, int64_t b, int64_t hk, int64_t kt) {
+        const Shape& sh = a.shape;
+        const int64_t key0 = kt * Bk, keys = std::min(Bk, sh.kv_len - key0);
+        const int64_t flat0 = (b * sh.kv_heads + hk) * sh.kv_len + key0;
+        T* dk = static_cast<T*>(a.dk) + flat0 * D;
+        T* dv = static_cast<T*>(a.dv) + flat0 * D;
+        bool any = false;
+        std::fill(ws.h.begin(), ws.h.end(), T(0));  // dG, the sum of dH_I
+        std::fill(ws.z.begin(), ws.z.end(), T(0));  // dz, the sum of dZ_I
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+            for (int64_t qt = 0; qt < nq; ++qt) {
+                if (!is_marginal(b, h, qt, kt)) continue;
+                any = true;
+                const int64_t task = (b * sh.q_heads + h) * nq + qt;
+                const T* dh = query_dh.data() + task * D * dp;
+                const T* dz = query_dz.data() + task * dp;
+                for (int64_t i = 0; i < D * dp; ++i) ws.h[i] += dh[i];
+                for (int64_t d = 0; d < dp; ++d) ws.z[d] += dz[d];
+            }
+        }
+        if (!any) {
+            std::fill(dk, dk + keys * D, T(0));
+            std::fill(dv, dv + keys * D, T(0));
+            return;
+        }
+        load_features(ws, k, b, hk, key0, keys);
+        load_rows(v, b, hk, key0, keys, D, T(1), ws.v.data(), dp);
+        // dV = phi(K) dG.
+        gemm<T, false>(keys, dp, D, ws.phi.data(), dp, ws.h.data(), dp, ws.num.data(), dp);
+        for (int64_t r = 0; r < keys; ++r)
+            for (int64_t d = 0; d < D; ++d) dv[r * D + d] = ws.num[r * dp + d];
+        // d_phi(K) = V dG^T + dz.
+        transpose(D, D, ws.h.data(), dp, ws.h_t.data(), dp);
+        gemm<T, false>(keys, dp, D, ws.v.data(), dp, ws.h_t.data(), dp, ws.d_phi.data(), dp);
+        for (int64_t r = 0; r < keys; ++r) {
+            T* d_phi = ws.d_phi.data() + r * dp;
+            for (int64_t d = 0; d < D; ++d) d_phi[d] += ws.z[d];
+            feature_map_vjp_row(a.feature_map, ws.x.data() + r * dp, ws.phi.data() + r * dp,
+                                d_phi, dk + r * D, D);
+        }
+    }
+
+    void backward() {
+        key_summaries();
+        const Shape& sh = a.shape;
+        query_dh.assign(sh.batch * sh.q_heads * nq * D * dp, T(0));
+        query_dz.assign(sh.batch * sh.q_heads * nq * dp, T(0));
+        const Strided<T> g = strided<T>(a.d_linear);
+        const int64_t query_tasks = sh.batch * sh.q_heads * nq;
+        const int64_t key_tasks = sh.batch * sh.kv_heads * nk;
+        auto workspaces = per_thread<LinearWorkspace<T>>(threads(), std::max(Bq, Bk), D);
+#pragma omp parallel num_threads(threads())
+        {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t task = 0; task < query_tasks; ++task) {
+                const int64_t bh = task / nq;
+                LinearWorkspace<T>& ws = workspaces[thread_index()];
+                query_tile_backward(ws, g, bh / sh.q_heads, bh % sh.q_heads, task % nq);
+            }
+            // The implicit barrier above makes every dH_I, dZ_I visible here.
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t task = 0; task < key_tasks; ++task) {
+                const int64_t bh = task / nk;
+                LinearWorkspace<T>& ws = workspaces[thread_index()];
+                key_tile_backward(ws, bh / sh.kv_heads, bh % sh.kv_heads, task % nk);
+            }
+        }
+    }
+};
+
+struct RunLinear {
+    const LinearArgs& a;
+    bool backward;
+
+    template <typename In>
+    void operator()() const {
+        Linear<In, typename AccumulatorOf<In>::type> linear(a);
+        if (backward)
+            linear.backward();
+        else
+            linear.forward();
+    }
+};
+
+}  // namespace
+
+void linear_forward(const LinearArgs& args) {
+    dispatch_dtype(args.shape.dtype, RunLinear{args, false});
+}
+
+void linear_backward(const LinearArgs& args) {
+    dispatch_dtype(args.shape.dtype, RunLinear{args, true});
+}
+
+}  // namespace psa

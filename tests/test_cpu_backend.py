@@ -1,0 +1,467 @@
+"""The C++/OpenMP CPU backend (``backends/cpu.py`` + ``cpu/``) against the float64 reference.
+
+The oracle for a forward output is exact attention on the kept set the kernel itself reports
+(``_reference.masked_attention``); each of its skip decisions is checked against the rule with
+a small margin (``_reference.decision_slack``), since float32 and float64 may decide
+differently only within rounding of the threshold (DESIGN.md section 8). Gradients and the SLA
+linear branch are compared with the reference directly. The backend module is called directly
+and through the public API with ``backend="cpu"``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import TOLERANCES, make_rule, problems, random_tile_mask, skip_rules_params
+
+import pysparse_attn as psa
+from pysparse_attn import _reference
+from pysparse_attn._plan import build_plan
+from pysparse_attn._rules import rule_code
+from pysparse_attn._select import BlockMask, TopK, TopP
+from pysparse_attn.backends import cpu
+
+pytestmark = pytest.mark.skipif(not cpu.available(),
+                                reason=f"CPU backend not built: {cpu.unavailable_reason()}")
+
+DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
+LAYOUTS = ["bhnd", "bnhd", "strided"]
+# Margin, in natural-log units, within which a float32 decision may differ from float64's:
+# logits of magnitude <= ~40 carry float32 rounding ~40 * 2**-23 ~ 5e-6; l and u sums ~1e-6
+# relative. 2e-3 leaves a wide margin while still catching a wrong rule or a wrong state.
+DECISION_MARGIN = 2e-3
+# LSE is returned in float32 for every input dtype: |lse| <= ~50 here, float32 rounding of the
+# logits and of log(l) stays below 1e-5 relative; 3e-5 relative + 3e-5 absolute.
+LSE_TOLERANCE = (3e-5, 3e-5)
+# Gradients, relative to the largest reference entry (+1 so that gradients that vanish in exact
+# arithmetic, e.g. an SLA row fed by a single key, are compared absolutely): float32
+# accumulation over <= 200 keys of products of O(10) terms ~1e-6; float64 ~1e-14.
+GRAD_TOLERANCE = {"float32": 2e-5, "float64": 1e-10}
+
+
+def exact(x):
+    """float64 copy of the values a backend actually reads (after rounding to its dtype)."""
+    return np.asarray(x, dtype=np.float64)
+
+
+def laid_out(x, dtype, layout):
+    """``x`` (float64, canonical) rounded to ``dtype`` and seen through ``layout``'s strides.
+
+    ``bnhd`` is the flash-attn layout seen as a transposed view; ``strided`` has a negative
+    stride along N and a stride of 2 along D, so no kernel may assume contiguous rows.
+    """
+    x = x.astype(dtype)
+    if layout == "bhnd":
+        return np.ascontiguousarray(x)
+    if layout == "bnhd":
+        return np.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    buffer = np.zeros(x.shape[:3] + (2 * x.shape[3],), dtype=dtype)
+    buffer[..., ::2] = x[:, :, ::-1]
+    view = buffer[:, :, ::-1, ::2]
+    assert view.strides[2] < 0 and not view.flags.c_contiguous
+    return view
+
+
+def inputs(problem, dtype, layout):
+    q, k, v = (laid_out(x, DTYPES[dtype], layout) for x in (problem.q, problem.k, problem.v))
+    return (q, k, v), tuple(exact(x) for x in (q, k, v))
+
+
+def make_selector(kind, problem):
+    nq, nk = problem.n_tiles
+    if kind is None:
+        return None
+    if kind == "topk":
+        return TopK(k=max(1, nk // 2))
+    if kind == "topp":
+        return TopP(0.8)
+    B, H = problem.q.shape[:2]
+    return BlockMask(random_tile_mask(problem.rng(1), (B, H, nq, nk), 0.5))
+
+
+def listed_tiles(plan):
+    """The (B, H, nq, nk) tiles named by a plan's visit lists, and each list's first tile."""
+    listed = np.zeros(plan.visit.shape[:3] + (plan.nk,), dtype=bool)
+    first = np.zeros_like(listed)
+    for index in np.ndindex(*plan.visit.shape[:3]):
+        entries = plan.visit[index][: plan.count[index]]
+        listed[index][entries] = True
+        first[index][entries[0]] = True
+    return listed, first
+
+
+def logit_error(q, k, scale, dtype):
+    """Absolute error that float32 logits can carry: a few ulps of the largest |q.k| scaled.
+
+    Each logit s = scale * q.k is formed in float32 with an error of a few ulps of
+    scale * sum_d |q_d k_d| (sharp problems reach |s| ~ 100s); the LSE moves by as much and P,
+    hence O, by that times max|v|. Zero for float64, which accumulates in float64.
+    """
+    if dtype == "float64":
+        return 0.0
+    group = q.shape[1] // k.shape[1]
+    k_abs = np.repeat(np.abs(k), group, axis=1)
+    largest = (abs(scale) * np.abs(q) @ np.swapaxes(k_abs, -1, -2)).max()
+    return 8 * 2.0**-24 * largest
+
+
+def assert_close(actual, expected, dtype, what, extra_atol=0.0):
+    rtol, atol = TOLERANCES["float64" if dtype == "float64" else dtype]
+    np.testing.assert_allclose(exact(actual), expected, rtol=rtol, atol=atol + extra_atol,
+                               err_msg=what)
+
+
+def assert_grads_close(actual, expected, dtype, what, term_scale=0.0):
+    tol = GRAD_TOLERANCE["float64" if dtype == "float64" else "float32"]
+    for name, a, b in zip(("dq", "dk", "dv"), actual, expected):
+        assert a.shape == b.shape, f"{what} {name} shape"
+        bound = tol * (np.abs(b).max() + term_scale + 1.0)
+        error = np.abs(exact(a) - b).max()
+        assert error <= bound, f"{what} {name}: max error {error:.3g} > {bound:.3g}"
+
+
+def check_forward(problem, dtype, layout, selector_kind, rule, order, threads=None):
+    """Run ``cpu.forward`` and check every guarantee of the backend contract."""
+    (q, k, v), (q64, k64, v64) = inputs(problem, dtype, layout)
+    before = [x.copy() for x in (q, k, v)]
+    skip = make_rule(*rule) if rule is not None else None
+    code, param = rule_code(skip)
+    scale = problem.effective_scale
+    plan = build_plan(np, q64, k64, make_selector(selector_kind, problem), order, 2,
+                      problem.block, scale)
+    out, lse, kept, visited, bound = cpu.forward(q, k, v, plan, code, param, scale, True,
+                                                 threads=threads)
+
+    for x, y in zip((q, k, v), before):
+        np.testing.assert_array_equal(x, y, err_msg="an input was written")
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert lse.dtype == np.float32 and bound.dtype == np.float32
+    assert np.isfinite(exact(out)).all() and np.isfinite(lse).all()
+
+    listed, first = listed_tiles(plan)
+    np.testing.assert_array_equal(visited, listed, err_msg="visited != the plan's lists")
+    assert not (kept & ~visited).any(), "a kept tile was not visited"
+    assert kept[first].all(), "the first visited tile of a list was skipped"
+
+    ref_out, ref_lse = _reference.masked_attention(q64, k64, v64, kept, problem.block, scale)
+    assert_close(out, ref_out, dtype, "output vs exact attention on the reported kept set",
+                 logit_error(q64, k64, scale, dtype) * np.abs(v64).max())
+    np.testing.assert_allclose(lse, ref_lse, rtol=LSE_TOLERANCE[0],
+                               atol=LSE_TOLERANCE[1] + logit_error(q64, k64, scale, dtype))
+
+    slack = _reference.decision_slack(q64, k64, v64, plan, kept, code, param, scale)
+    decided = ~np.isnan(slack)
+    assert (slack[decided & ~kept] >= -DECISION_MARGIN).all(), "skipped a tile the rule keeps"
+    assert (slack[decided & kept] <= DECISION_MARGIN).all(), "kept a tile the rule skips"
+    if skip is None:
+        np.testing.assert_array_equal(kept, visited)
+        np.testing.assert_array_equal(bound, 1.0)
+    return out, kept
+
+
+@given(problem=problems(sharp=True), dtype=st.sampled_from(list(DTYPES)),
+       layout=st.sampled_from(LAYOUTS), rule=st.one_of(st.none(), skip_rules_params),
+       order=st.sampled_from(["natural", "score", "peak"]))
+def test_forward_matches_reference_on_its_kept_set(problem, dtype, layout, rule, order):
+    check_forward(problem, dtype, layout, None, rule, order)
+
+
+@given(problem=problems(sharp=True), dtype=st.sampled_from(["float32", "bfloat16"]),
+       selector=st.sampled_from(["topk", "topp", "mask"]),
+       rule=st.one_of(st.none(), skip_rules_params),
+       order=st.sampled_from(["natural", "score", "peak"]))
+def test_forward_with_selectors(problem, dtype, selector, rule, order):
+    check_forward(problem, dtype, "bhnd", selector, rule, order)
+
+
+def peaked_problem(seed, n=300, dim=32, block=(32, 32)):
+    """Keys in tiles of very different gains: most tiles hold little mass."""
+    from strategies import Problem, random_qkv
+
+    rng = np.random.default_rng(seed)
+    q, k, v = random_qkv(rng, 1, 2, 1, n, n, dim, 3.0, 1.5, block[1])
+    return Problem(q=q, k=k, v=v, block=block, scale=None, seed=seed)
+
+
+@pytest.mark.parametrize("rule", [("blasst", 1e-2), ("cef", -6.0), ("recall", 0.9),
+                                  ("recall_exact", 0.9)])
+def test_skip_rules_skip_on_peaked_data(rule):
+    """Each rule skips something on concentrated attention (else the checks above are void)."""
+    seed = int(np.random.SeedSequence().entropy % (1 << 63))
+    print(f"seed={seed}")
+    problem = peaked_problem(seed)
+    _, kept = check_forward(problem, "float32", "bhnd", None, rule, "peak")
+    assert kept.mean() < 1.0, "no tile skipped on peaked data"
+
+
+@pytest.mark.parametrize("target", [0.6, 0.9, 0.99])
+@pytest.mark.parametrize("exact_sums", [False, True])
+def test_recall_bound_is_certified(target, exact_sums):
+    """With no selector every row keeps >= target of its softmax mass (exact float64 oracle)."""
+    seed = int(np.random.SeedSequence().entropy % (1 << 63))
+    print(f"seed={seed}")
+    problem = peaked_problem(seed)
+    (q, k, v), (q64, k64, _) = inputs(problem, "float32", "bhnd")
+    scale = problem.effective_scale
+    code, param = rule_code(psa.Recall(target, exact=exact_sums))
+    plan = build_plan(np, q64, k64, None, "peak", 4, problem.block, scale)
+    _, _, kept, _, bound = cpu.forward(q, k, v, plan, code, param, scale, True)
+    true_recall = _reference.recall_of_kept(q64, k64, kept, problem.block, scale)
+    # float32 bookkeeping of a bound that can sit exactly at the threshold: rounding only.
+    assert (bound >= target * (1 - 1e-5)).all()
+    assert (true_recall >= target * (1 - 1e-5)).all()
+    assert (bound <= true_recall + 1e-5).all(), "the bound must not exceed the true recall"
+
+
+@given(problem=problems(max_n=120), dtype=st.sampled_from(list(DTYPES)),
+       layout=st.sampled_from(LAYOUTS), density=st.floats(0.1, 1.0))
+def test_attention_backward_matches_reference(problem, dtype, layout, density):
+    (q, k, v), (q64, k64, v64) = inputs(problem, dtype, layout)
+    rng = problem.rng(2)
+    do = laid_out(rng.standard_normal(problem.q.shape), DTYPES[dtype], layout)
+    nq, nk = problem.n_tiles
+    kept = random_tile_mask(rng, (q.shape[0], q.shape[1], nq, nk), density)
+    scale = problem.effective_scale
+    grads = cpu.attention_backward(q, k, v, do, kept, problem.block, scale)
+    expected = _reference.attention_backward(q64, k64, v64, exact(do), kept, problem.block,
+                                             scale)
+    accumulator = np.float64 if dtype == "float64" else np.float32
+    assert all(g.dtype == accumulator for g in grads)
+    assert_grads_close(grads, expected, dtype, "attention backward")
+
+
+@given(problem=problems(max_n=120), dtype=st.sampled_from(list(DTYPES)),
+       layout=st.sampled_from(LAYOUTS), feature_map=st.sampled_from(["softmax", "elu1", "relu"]),
+       density=st.floats(0.0, 1.0), eps=st.sampled_from([0.0, 1e-5, 0.5]))
+def test_linear_branch_and_its_gradient_match_reference(problem, dtype, layout, feature_map,
+                                                        density, eps):
+    (q, k, v), (q64, k64, v64) = inputs(problem, dtype, layout)
+    rng = problem.rng(3)
+    nq, nk = problem.n_tiles
+    marginal = rng.random((q.shape[0], q.shape[1], nq, nk)) < density
+    out = cpu.linear_branch(q, k, v, marginal, problem.block, feature_map, eps)
+    expected = _reference.linear_branch(q64, k64, v64, marginal, problem.block, feature_map, eps)
+    # O_l is a ratio of sums of positive-weighted values: relative float32 rounding ~1e-6 of
+    # the inputs' magnitude, except relu rows whose denominator nearly cancels; compare
+    # relative to the largest entry of the row block.
+    tol = GRAD_TOLERANCE["float64" if dtype == "float64" else "float32"]
+    assert np.abs(exact(out) - expected).max() <= tol * (np.abs(expected).max() + 1.0)
+
+    d_linear = rng.standard_normal(q.shape).astype(np.float32)
+    grads = cpu.linear_backward(q, k, v, marginal, problem.block, feature_map, eps, d_linear)
+    expected = _reference.linear_backward(q64, k64, v64, marginal, problem.block, feature_map,
+                                          eps, d_linear)
+    slack = linear_gradient_scale(q64, k64, v64, marginal, problem.block, feature_map, eps,
+                                  d_linear)
+    assert_grads_close(grads, expected, dtype, f"linear backward ({feature_map})", slack)
+
+
+def linear_gradient_scale(q, k, v, marginal, block, feature_map, eps, d_linear):
+    """Magnitude of the terms that cancel in the linear branch's gradient.
+
+    d phi(q_i) = d_num_i H_I^T + d_den_i Z_I with terms of size ~|g_i| max|v| max(Z_I) / den_i
+    that cancel exactly when, e.g., one key feeds the branch (O_l = v is then constant). The
+    float32 rounding of each term, not the size of the result, bounds the error; relu and
+    small denominators make these terms large.
+    """
+    phi_q = _reference.feature_map_forward(q, feature_map)
+    phi_k = _reference.feature_map_forward(k, feature_map)
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    nk = -(-Nk // block[1])
+    pad = nk * block[1] - Nk
+    z_tiles = np.pad(phi_k, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(
+        B, k.shape[1], nk, block[1], -1).sum(axis=3)
+    z_tiles = np.repeat(z_tiles, H // k.shape[1], axis=1)
+    z_rows = np.repeat(np.einsum("bhij,bhja->bhia", marginal, z_tiles), block[0], axis=2)[:, :, :Nq]
+    den = (phi_q * z_rows).sum(axis=-1) + eps
+    usable = den > 0
+    size = np.abs(d_linear).sum(axis=-1) * np.abs(v).max() * z_rows.max(axis=-1)
+    return float((size[usable] / den[usable]).max(initial=0.0))
+
+
+def test_every_output_element_is_written():
+    """Outputs prefilled with NaN come back finite (the extension writes each element)."""
+    from pysparse_attn import _cpu
+
+    rng = np.random.default_rng()
+    B, H, Hkv, Nq, Nk, D, block = 2, 4, 2, 37, 53, 19, (16, 8)
+    q = rng.standard_normal((B, H, Nq, D)).astype(np.float32)
+    k, v = (rng.standard_normal((B, Hkv, Nk, D)).astype(np.float32) for _ in range(2))
+    plan = build_plan(np, q, k, TopK(k=3), "peak", 2, block, 0.3)
+    out = np.full(q.shape, np.nan, np.float32)
+    lse, bound = np.full((2, B, H, Nq), np.nan, np.float32)
+    kept = np.zeros((B, H, plan.nq, plan.nk), bool)
+    visited = np.zeros_like(kept)
+    _cpu.forward(q, k, v, plan.visit, plan.count, block, 3, 0.2, 0.3, out, lse, kept, visited,
+                 bound, 0)
+    assert np.isfinite(out).all() and np.isfinite(lse).all() and np.isfinite(bound).all()
+    marginal = rng.random(kept.shape) < 0.5
+    marginal[0, 0] = False  # a head with no marginal tile must get zero rows, not stale data
+    poisoned = [np.full(s, np.nan, np.float32) for s in (q.shape, k.shape, k.shape)]
+    _cpu.backward(q, k, v, q, kept | visited, block, 0.3, *poisoned, 0)
+    assert all(np.isfinite(g).all() for g in poisoned)
+    o_linear = np.full(q.shape, np.nan, np.float32)
+    _cpu.linear_forward(q, k, v, marginal.view(np.uint8), block, "elu1", 0.0, o_linear, 0)
+    assert np.isfinite(o_linear).all() and (o_linear[0, 0] == 0).all()
+    poisoned = [np.full(s, np.nan, np.float32) for s in (q.shape, k.shape, k.shape)]
+    _cpu.linear_backward(q, k, v, marginal.view(np.uint8), block, "elu1", 0.0, q, *poisoned, 0)
+    assert all(np.isfinite(g).all() for g in poisoned)
+
+
+def test_results_do_not_depend_on_thread_count():
+    """Each task owns its outputs, so 1 and 2 threads give bitwise-identical results."""
+    rng = np.random.default_rng()
+    q, k, v = (rng.standard_normal((2, 3, 150, 24)).astype(np.float32) for _ in range(3))
+    plan = build_plan(np, q, k, None, "peak", 4, (32, 16), 0.2)
+    code, param = rule_code(psa.Recall(0.9))
+    one = cpu.forward(q, k, v, plan, code, param, 0.2, True, threads=1)
+    two = cpu.forward(q, k, v, plan, code, param, 0.2, True, threads=2)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+    kept = one[2]
+    grads_one = cpu.attention_backward(q, k, v, q, kept, (32, 16), 0.2, threads=1)
+    grads_two = cpu.attention_backward(q, k, v, q, kept, (32, 16), 0.2, threads=2)
+    for a, b in zip(grads_one, grads_two):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_concurrent_calls_from_python_threads():
+    """The GIL is released in the kernels; concurrent calls stay correct (no shared state)."""
+    rng = np.random.default_rng()
+    problems_ = [tuple(rng.standard_normal((1, 2, 97, 16)).astype(np.float32) for _ in range(3))
+                 for _ in range(4)]
+    expected = [cpu.forward(q, k, v, build_plan(np, q, k, None, "natural", 4, (16, 16), 0.25),
+                            0, 0.0, 0.25, False)[0] for q, k, v in problems_]
+    results = [None] * len(problems_)
+
+    def work(i):
+        q, k, v = problems_[i]
+        plan = build_plan(np, q, k, None, "natural", 4, (16, 16), 0.25)
+        results[i] = cpu.forward(q, k, v, plan, 0, 0.0, 0.25, False, threads=1)[0]
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(len(problems_))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for got, want in zip(results, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+@given(problem=problems(sharp=True, max_n=150), dtype=st.sampled_from(list(DTYPES)),
+       layout=st.sampled_from(["bhnd", "bnhd"]), rule=st.one_of(st.none(), skip_rules_params),
+       selector=st.sampled_from([None, "topk", "topp"]))
+def test_public_api_with_backend_cpu(problem, dtype, layout, rule, selector):
+    """``psa.attention(..., backend="cpu")`` agrees with the reference on its kept set."""
+    q, k, v = (x.astype(DTYPES[dtype]) for x in (problem.q, problem.k, problem.v))
+    if layout == "bnhd":
+        q, k, v = (np.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in (q, k, v))
+    skip = make_rule(*rule) if rule is not None else None
+    out, stats = psa.attention(q, k, v, select=make_selector(selector, problem), skip=skip,
+                               block=problem.block, scale=problem.scale, layout=layout,
+                               backend="cpu", return_stats=True)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    canon = (lambda x: x.transpose(0, 2, 1, 3)) if layout == "bnhd" else (lambda x: x)
+    q64, k64, v64 = (exact(canon(x)) for x in (q, k, v))
+    ref_out, _ = _reference.masked_attention(q64, k64, v64, stats.kept, problem.block,
+                                             problem.effective_scale)
+    assert_close(canon(out), ref_out, dtype, "public API output vs reference on its kept set",
+                 logit_error(q64, k64, problem.effective_scale, dtype) * np.abs(v64).max())
+
+
+@given(problem=problems(max_n=100), critical=st.floats(0.1, 1.0), negligible=st.floats(0, 0.9),
+       feature_map=st.sampled_from(["softmax", "elu1", "relu"]))
+def test_public_sla_and_vjps_with_backend_cpu(problem, critical, negligible, feature_map):
+    q, k, v = (x.astype(np.float32) for x in (problem.q, problem.k, problem.v))
+    D = q.shape[-1]
+    rng = problem.rng(4)
+    weight = rng.standard_normal((D, D)) * 0.3
+    do = rng.standard_normal(q.shape).astype(np.float32)
+    options = dict(critical=critical, negligible=negligible, feature_map=feature_map,
+                   proj_weight=weight, block=problem.block, scale=problem.scale)
+    out, stats = psa.sla_attention(q, k, v, backend="cpu", return_stats=True, **options)
+    ref = psa.sla_attention(q, k, v, backend="reference", **options)
+    assert_close(out, exact(ref), "float32", "sla_attention")
+    grads = psa.sla_vjp(q, k, v, do, backend="cpu", **options)
+    ref_grads = psa.sla_vjp(q, k, v, do, backend="reference", **options)
+    q64, k64, v64 = (exact(x) for x in (q, k, v))
+    term_scale = linear_gradient_scale(q64, k64, v64, stats.marginal, problem.block,
+                                       feature_map, 0.0, exact(do) @ weight)
+    assert_grads_close(grads[:3], [exact(g) for g in ref_grads[:3]], "float32", "sla_vjp",
+                       term_scale)
+    for got, want in zip(grads[3:], ref_grads[3:]):
+        assert np.abs(exact(got) - want).max() <= 1e-4 * (np.abs(want).max() + 1.0)
+    att = psa.attention_vjp(q, k, v, do, block=problem.block, scale=problem.scale,
+                            backend="cpu")
+    ref_att = psa.attention_vjp(q, k, v, do, block=problem.block, scale=problem.scale,
+                                backend="reference")
+    assert_grads_close(att, [exact(g) for g in ref_att], "float32", "attention_vjp")
+
+
+def test_bad_arguments_name_the_argument():
+    rng = np.random.default_rng()
+    q = rng.standard_normal((1, 2, 10, 8)).astype(np.float32)
+    plan = build_plan(np, q, q, None, "natural", 4, (4, 4), 0.3)
+    with pytest.raises(TypeError, match="q, k and v must share a dtype"):
+        cpu.forward(q, q.astype(np.float64), q, plan, 0, 0.0, 0.3, False)
+    with pytest.raises(TypeError, match="q must be one of"):
+        cpu.forward(q.astype(np.int32), q, q, plan, 0, 0.0, 0.3, False)
+    with pytest.raises(ValueError, match="threads"):
+        cpu.forward(q, q, q, plan, 0, 0.0, 0.3, False, threads=0)
+    with pytest.raises(ValueError, match="heads"):
+        cpu.forward(q, q[:, :1].repeat(3, axis=1), q[:, :1].repeat(3, axis=1), plan, 0, 0.0,
+                    0.3, False)
+    broken = build_plan(np, q, q, None, "natural", 4, (4, 4), 0.3)
+    broken.visit = broken.visit.copy()
+    broken.visit[0, 0, 0, 0] = 99
+    with pytest.raises(ValueError, match="plan"):
+        cpu.forward(q, q, q, broken, 0, 0.0, 0.3, False)
+    with pytest.raises(ValueError, match="feature_map"):
+        cpu.linear_branch(q, q, q, np.ones((1, 2, 3, 3), bool), (4, 4), "tanh", 0.0)
+    with pytest.raises(TypeError, match="marginal"):
+        cpu.linear_branch(q, q, q, np.ones((1, 2, 3, 3), np.int8), (4, 4), "relu", 0.0)
+    with pytest.raises(ValueError, match="kept"):
+        cpu.attention_backward(q, q, q, q, np.zeros((1, 2, 3, 3), bool), (4, 4), 0.3)
+    with pytest.raises(TypeError, match="do"):
+        cpu.attention_backward(q, q, q, q.astype(np.float64), np.ones((1, 2, 3, 3), bool),
+                               (4, 4), 0.3)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16bit_inputs_widen_and_round_like_numpy(dtype):
+    """With q = 0 and two keys, O = (v1 + v2) * 0.5 in float32, then rounded to the dtype.
+
+    Every computed step is exact or one IEEE float32 operation, so the result must equal
+    NumPy's/ml_dtypes' own round-to-nearest-even exactly: the first row checks every finite
+    16-bit value (v1 = v2 = v), the second random pairs (rounding ties included).
+    """
+    rng = np.random.default_rng()
+    dt = DTYPES[dtype]
+    every = np.arange(1 << 16, dtype=np.uint16).view(dt)
+    # Finite values whose double is finite in float32 too (bfloat16 reaches float32's max).
+    every = every[np.abs(every.astype(np.float32)) <= np.finfo(np.float32).max / 2]
+    D = every.size
+    pairs = rng.integers(0, 1 << 16, size=(2, D), dtype=np.uint16).view(dt)
+    pairs = np.where(np.isfinite(pairs.astype(np.float32)), pairs, dt.type(1.0))
+    # Keep sums finite: halve the magnitudes of the random pairs.
+    pairs = (pairs.astype(np.float32) * 0.5).astype(dt)
+    for v1, v2 in ((every, every), (pairs[0], pairs[1])):
+        v = np.stack([v1, v2])[None, None]           # (1, 1, 2, D)
+        q = np.zeros((1, 1, 1, D), dtype=dt)
+        plan = build_plan(np, q, v, None, "natural", 4, (1, 2), 1.0)
+        out = cpu.forward(q, np.zeros_like(v), v, plan, 0, 0.0, 1.0, False)[0]
+        expected = ((v1.astype(np.float32) + v2.astype(np.float32)) * np.float32(0.5)).astype(dt)
+        # Compared as values: the accumulator starts at +0, so -0 inputs may come back as +0.
+        np.testing.assert_array_equal(out[0, 0, 0].astype(np.float32),
+                                      expected.astype(np.float32))
