@@ -226,15 +226,18 @@ def recall_of_kept(q, k, kept, block, scale):
 # SLA linear branch
 
 
-def feature_map_forward(x, name):
-    """phi(x) along the last axis: ``softmax``, ``elu1`` (elu + 1) or ``relu``."""
+def feature_map_forward(x, name, xp=np):
+    """phi(x) along the last axis: ``softmax``, ``elu1`` (elu + 1) or ``relu``.
+
+    ``xp`` is the array namespace of ``x`` (NumPy here; the GPU backend passes CuPy).
+    """
     if name == "softmax":
-        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        e = xp.exp(x - x.max(axis=-1, keepdims=True))
         return e / e.sum(axis=-1, keepdims=True)
     if name == "elu1":
-        return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+        return xp.where(x > 0, x + 1.0, xp.exp(xp.minimum(x, 0.0)))
     if name == "relu":
-        return np.maximum(x, 0.0)
+        return xp.maximum(x, 0.0)
     raise ValueError(f"feature_map must be 'softmax', 'elu1' or 'relu', got {name!r}")
 
 

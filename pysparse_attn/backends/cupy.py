@@ -26,6 +26,7 @@ import numpy as np
 from .. import _reference
 from .._plan import Plan, tile_count
 from .._plan import build_plan as _generic_build_plan
+from .._reference import feature_map_forward
 from .._rules import BLASST, CEF, NO_SKIP, RECALL, RECALL_EXACT
 from .._select import SlaSplit, TopK, TopP
 
@@ -389,17 +390,6 @@ def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal")
 # per-query-tile sums over the marginal set as one GEMM of the 0/1 marginal matrix.
 
 
-def _feature_map(cupy, x, name):
-    if name == "softmax":
-        e = cupy.exp(x - x.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
-    if name == "elu1":
-        return cupy.where(x > 0, x + 1.0, cupy.exp(cupy.minimum(x, 0.0)))
-    if name == "relu":
-        return cupy.maximum(x, 0.0)
-    raise ValueError(f"feature_map must be 'softmax', 'elu1' or 'relu', got {name!r}")
-
-
 def _tiles(cupy, x, block):
     """``(B, H, N, D)`` -> zero-padded ``(B, H, n_tiles, block, D)``."""
     B, H, N, D = x.shape
@@ -430,8 +420,8 @@ def linear_branch(q, k, v, marginal, block, feature_map="softmax", eps=0.0):
     if marginal is None:
         return cupy.zeros((B, Hq, Nq, D), dtype=cupy.float32)
     f32 = cupy.float32
-    phi_q = _feature_map(cupy, q.astype(f32), feature_map)
-    phi_k = _feature_map(cupy, k.astype(f32), feature_map)
+    phi_q = feature_map_forward(q.astype(f32), feature_map, xp=cupy)
+    phi_k = feature_map_forward(k.astype(f32), feature_map, xp=cupy)
     phi_k_tiles = _tiles(cupy, phi_k, block_k)                       # (B, Hkv, nk, Bk, D)
     v_tiles = _tiles(cupy, v.astype(f32), block_k)
     tile_h = cupy.matmul(phi_k_tiles.swapaxes(-1, -2), v_tiles)     # (B, Hkv, nk, D, D)
