@@ -9,6 +9,7 @@ from ._api import attention, attention_vjp, block_scores, recall, sla_attention,
 from ._rules import Blasst, Cef, Recall
 from ._select import BlockMask, TopK, TopP
 from ._stats import AttentionStats
+from .calibrate import calibrate_blasst, calibrate_cef
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,6 @@ __all__ = [
     "Cef",
     "Recall",
     "AttentionStats",
+    "calibrate_blasst",
+    "calibrate_cef",
 ]

@@ -430,7 +430,9 @@ def sla_vjp(q, k, v, do, *, critical, negligible, linear="marginal", feature_map
 
 
 def block_scores(q, k, *, block=(64, 64), scale=None, layout="bhnd"):
-    """Block scores ``S_IJ = scale * qbar_I . (kbar_J - mean_J kbar_J)`` (DESIGN.md section 3).
+    """Block scores: mean-pooled query tiles against centred mean-pooled key tiles.
+
+    ``S_IJ = scale * qbar_I . (kbar_J - mean_J kbar_J)`` (DESIGN.md section 3).
 
     Parameters
     ----------

@@ -8,9 +8,16 @@ from pathlib import Path
 __all__ = ["plot_records", "pareto_front"]
 
 
-def _metadata(fmt):
-    # No timestamp in SVGs, so a re-plot of the same records gives the same file.
-    return {"metadata": {"Date": None}} if fmt == "svg" else {}
+def _save(figure, path, fmt):
+    """Save ``figure``; SVGs get no timestamp and fixed element ids, so re-plotting the same
+    records gives byte-identical files (and clean diffs of committed plots)."""
+    import matplotlib
+
+    if fmt != "svg":
+        figure.savefig(path)
+        return
+    with matplotlib.rc_context({"svg.hashsalt": "pysparse_attn"}):
+        figure.savefig(path, metadata={"Date": None})
 
 
 def pareto_front(points):
@@ -67,7 +74,7 @@ def plot_records(records, out_dir, formats=("png", "svg"), sparsity="tile_sparsi
         figure.tight_layout()
         for fmt in formats:
             path = out_dir / f"{safe}_error.{fmt}"
-            figure.savefig(path, **_metadata(fmt))
+            _save(figure, path, fmt)
             written.append(path)
         plt.close(figure)
 
@@ -86,7 +93,7 @@ def plot_records(records, out_dir, formats=("png", "svg"), sparsity="tile_sparsi
         figure.tight_layout()
         for fmt in formats:
             path = out_dir / f"{safe}_speedup.{fmt}"
-            figure.savefig(path, **_metadata(fmt))
+            _save(figure, path, fmt)
             written.append(path)
         plt.close(figure)
     return written
