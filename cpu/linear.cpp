@@ -2,12 +2,14 @@
 // O_l,i = phi(q_i) H_I / (phi(q_i) . Z_I + eps), H_I = sum_{J marginal} phi(K_J)^T V_J,
 // Z_I = sum_{J marginal} phi(K_J)^T 1.
 //
-// Per key tile the D x D summary phi(K_J)^T V_J is formed once (one task per (batch, kv head,
-// key tile)); each query tile then sums the summaries of its marginal tiles directly, which is
-// O(nq nk D^2) against the sparse branch's O(N^2 D) and agrees with the float64 direct sum
-// within float32 rounding. The backward runs the same steps in reverse: per query tile dH_I and
-// dZ_I, then per key tile the sum of dH_I over the query tiles (and GQA heads) that marked it
-// marginal. All products are the register-blocked gemm.
+// One (batch, kv head) at a time: per key tile the D x D summary phi(K_J)^T V_J is formed once
+// (one task per key tile); each query tile of the head group then sums the summaries of its
+// marginal tiles directly, which is O(nq nk D^2) against the sparse branch's O(N^2 D) and
+// agrees with the float64 direct sum within float32 rounding. The backward runs the same steps
+// in reverse: per query tile dH_I and dZ_I, then per key tile the sum of dH_I over the query
+// tiles (and GQA heads) that marked it marginal. Holding the summaries of one kv head only
+// keeps the extra memory at nk D^2 (+ group nq D^2 in the backward) floats: 8 MB at N = 32k,
+// D = 128, where all heads at once would take hundreds of MB. All products are the gemm.
 #include <cmath>
 #include <vector>
 
@@ -39,17 +41,19 @@ struct Linear {
     const LinearArgs& a;
     Strided<In> q, k, v;
     int64_t D, dp, Bq, Bk, nq, nk, group;
-    std::vector<T> tile_h;  // (B, Hkv, nk, D, dp): phi(K_J)^T V_J
-    std::vector<T> tile_z;  // (B, Hkv, nk, dp): phi(K_J)^T 1
-    std::vector<T> query_dh;  // backward: (B, Hq, nq, D, dp) dH_I
-    std::vector<T> query_dz;  // backward: (B, Hq, nq, dp) dZ_I
+    // Of the current (batch, kv head) only:
+    std::vector<T> tile_h;    // (nk, D, dp): phi(K_J)^T V_J
+    std::vector<T> tile_z;    // (nk, dp): phi(K_J)^T 1
+    std::vector<T> query_dh;  // backward: (group, nq, D, dp) dH_I of the group's query heads
+    std::vector<T> query_dz;  // backward: (group, nq, dp) dZ_I
 
     explicit Linear(const LinearArgs& args)
         : a(args), q(strided<In>(args.q)), k(strided<In>(args.k)), v(strided<In>(args.v)),
           D(args.shape.dim), dp(round_up_lanes<T>(D)), Bq(args.shape.block_q),
           Bk(args.shape.block_k), nq(tile_count(args.shape.q_len, Bq)),
           nk(tile_count(args.shape.kv_len, Bk)),
-          group(args.shape.q_heads / args.shape.kv_heads) {}
+          group(args.shape.q_heads / args.shape.kv_heads), tile_h(nk * D * dp),
+          tile_z(nk * dp) {}
 
     int threads() const { return thread_count(a.shape.threads); }
 
@@ -65,44 +69,35 @@ struct Linear {
             feature_map_row(a.feature_map, ws.x.data() + r * dp, ws.phi.data() + r * dp, D);
     }
 
-    void key_summaries() {
+    // phi(K_J)^T V_J and phi(K_J)^T 1 of every key tile of kv head (b, hk).
+    void key_summaries(std::vector<LinearWorkspace<T>>& workspaces, int64_t b, int64_t hk) {
         const Shape& sh = a.shape;
-        tile_h.assign(sh.batch * sh.kv_heads * nk * D * dp, T(0));
-        tile_z.assign(sh.batch * sh.kv_heads * nk * dp, T(0));
-        const int64_t tasks = sh.batch * sh.kv_heads * nk;
-        auto workspaces = per_thread<LinearWorkspace<T>>(threads(), Bk, D);
-#pragma omp parallel num_threads(threads())
-        {
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t task = 0; task < tasks; ++task) {
-                LinearWorkspace<T>& ws = workspaces[thread_index()];
-                const int64_t kt = task % nk, bh = task / nk;
-                const int64_t b = bh / sh.kv_heads, hk = bh % sh.kv_heads;
-                const int64_t key0 = kt * Bk, keys = std::min(Bk, sh.kv_len - key0);
-                load_features(ws, k, b, hk, key0, keys);
-                load_rows(v, b, hk, key0, keys, D, T(1), ws.v.data(), dp);
-                transpose(keys, D, ws.phi.data(), dp, ws.phi_t.data(), ws.rows_pad);
-                gemm<T, false>(D, dp, keys, ws.phi_t.data(), ws.rows_pad, ws.v.data(), dp,
-                               tile_h.data() + task * D * dp, dp);
-                T* z = tile_z.data() + task * dp;
-                for (int64_t r = 0; r < keys; ++r)
-                    for (int64_t d = 0; d < D; ++d) z[d] += ws.phi[r * dp + d];
-            }
+        std::fill(tile_z.begin(), tile_z.end(), T(0));
+#pragma omp parallel for num_threads(threads()) schedule(dynamic, 1)
+        for (int64_t kt = 0; kt < nk; ++kt) {
+            LinearWorkspace<T>& ws = workspaces[thread_index()];
+            const int64_t key0 = kt * Bk, keys = std::min(Bk, sh.kv_len - key0);
+            load_features(ws, k, b, hk, key0, keys);
+            load_rows(v, b, hk, key0, keys, D, T(1), ws.v.data(), dp);
+            transpose(keys, D, ws.phi.data(), dp, ws.phi_t.data(), ws.rows_pad);
+            gemm<T, false>(D, dp, keys, ws.phi_t.data(), ws.rows_pad, ws.v.data(), dp,
+                           tile_h.data() + kt * D * dp, dp);
+            T* z = tile_z.data() + kt * dp;
+            for (int64_t r = 0; r < keys; ++r)
+                for (int64_t d = 0; d < D; ++d) z[d] += ws.phi[r * dp + d];
         }
     }
 
     // H_I and Z_I of a query tile into ws.h, ws.z; false when it has no marginal tile.
     bool gather(LinearWorkspace<T>& ws, int64_t b, int64_t h, int64_t qt) const {
-        const int64_t hk = h / group;
         bool any = false;
         std::fill(ws.h.begin(), ws.h.end(), T(0));
         std::fill(ws.z.begin(), ws.z.end(), T(0));
         for (int64_t kt = 0; kt < nk; ++kt) {
             if (!is_marginal(b, h, qt, kt)) continue;
             any = true;
-            const int64_t slot = (b * a.shape.kv_heads + hk) * nk + kt;
-            const T* th = tile_h.data() + slot * D * dp;
-            const T* tz = tile_z.data() + slot * dp;
+            const T* th = tile_h.data() + kt * D * dp;
+            const T* tz = tile_z.data() + kt * dp;
             for (int64_t i = 0; i < D * dp; ++i) ws.h[i] += th[i];
             for (int64_t d = 0; d < dp; ++d) ws.z[d] += tz[d];
         }
@@ -120,30 +115,30 @@ struct Linear {
     }
 
     void forward() {
-        key_summaries();
         const Shape& sh = a.shape;
-        const int64_t tasks = sh.batch * sh.q_heads * nq;
+        const int64_t tasks = group * nq;  // the query tiles of one kv head's group
         T* out = static_cast<T*>(a.out);
         auto workspaces = per_thread<LinearWorkspace<T>>(threads(), std::max(Bq, Bk), D);
-#pragma omp parallel num_threads(threads())
-        {
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t task = 0; task < tasks; ++task) {
-                LinearWorkspace<T>& ws = workspaces[thread_index()];
-                const int64_t qt = task % nq, bh = task / nq;
-                const int64_t b = bh / sh.q_heads, h = bh % sh.q_heads;
-                const int64_t row0 = qt * Bq, rows = std::min(Bq, sh.q_len - row0);
-                T* dst = out + (bh * sh.q_len + row0) * D;
-                if (!gather(ws, b, h, qt)) {
-                    std::fill(dst, dst + rows * D, T(0));
-                    continue;
-                }
-                load_features(ws, q, b, h, row0, rows);
-                numerator_and_denominator(ws, rows);
-                for (int64_t r = 0; r < rows; ++r) {
-                    const T den = ws.d_den[r];
-                    for (int64_t d = 0; d < D; ++d)
-                        dst[r * D + d] = den != T(0) ? ws.num[r * dp + d] / den : T(0);
+        for (int64_t b = 0; b < sh.batch; ++b) {
+            for (int64_t hk = 0; hk < sh.kv_heads; ++hk) {
+                key_summaries(workspaces, b, hk);
+#pragma omp parallel for num_threads(threads()) schedule(dynamic, 1)
+                for (int64_t task = 0; task < tasks; ++task) {
+                    LinearWorkspace<T>& ws = workspaces[thread_index()];
+                    const int64_t h = hk * group + task / nq, qt = task % nq;
+                    const int64_t row0 = qt * Bq, rows = std::min(Bq, sh.q_len - row0);
+                    T* dst = out + ((b * sh.q_heads + h) * sh.q_len + row0) * D;
+                    if (!gather(ws, b, h, qt)) {
+                        std::fill(dst, dst + rows * D, T(0));
+                        continue;
+                    }
+                    load_features(ws, q, b, h, row0, rows);
+                    numerator_and_denominator(ws, rows);
+                    for (int64_t r = 0; r < rows; ++r) {
+                        const T den = ws.d_den[r];
+                        for (int64_t d = 0; d < D; ++d)
+                            dst[r * D + d] = den != T(0) ? ws.num[r * dp + d] / den : T(0);
+                    }
                 }
             }
         }
@@ -153,11 +148,11 @@ struct Linear {
     void query_tile_backward(LinearWorkspace<T>& ws, const Strided<T>& g, int64_t b, int64_t h,
                              int64_t qt) {
         const Shape& sh = a.shape;
-        const int64_t task = (b * sh.q_heads + h) * nq + qt;
+        const int64_t slot = (h % group) * nq + qt;  // within the kv head's group
         const int64_t row0 = qt * Bq, rows = std::min(Bq, sh.q_len - row0);
         T* dq = static_cast<T*>(a.dq) + ((b * sh.q_heads + h) * sh.q_len + row0) * D;
-        T* dh = query_dh.data() + task * D * dp;
-        T* dz = query_dz.data() + task * dp;
+        T* dh = query_dh.data() + slot * D * dp;
+        T* dz = query_dz.data() + slot * dp;
         if (!gather(ws, b, h, qt)) {
             std::fill(dq, dq + rows * D, T(0));
             std::fill(dh, dh + D * dp, T(0));
@@ -214,9 +209,9 @@ struct Linear {
             for (int64_t qt = 0; qt < nq; ++qt) {
                 if (!is_marginal(b, h, qt, kt)) continue;
                 any = true;
-                const int64_t task = (b * sh.q_heads + h) * nq + qt;
-                const T* dh = query_dh.data() + task * D * dp;
-                const T* dz = query_dz.data() + task * dp;
+                const int64_t slot = (h % group) * nq + qt;
+                const T* dh = query_dh.data() + slot * D * dp;
+                const T* dz = query_dz.data() + slot * dp;
                 for (int64_t i = 0; i < D * dp; ++i) ws.h[i] += dh[i];
                 for (int64_t d = 0; d < dp; ++d) ws.z[d] += dz[d];
             }
@@ -244,28 +239,26 @@ struct Linear {
     }
 
     void backward() {
-        key_summaries();
         const Shape& sh = a.shape;
-        query_dh.assign(sh.batch * sh.q_heads * nq * D * dp, T(0));
-        query_dz.assign(sh.batch * sh.q_heads * nq * dp, T(0));
+        query_dh.assign(group * nq * D * dp, T(0));
+        query_dz.assign(group * nq * dp, T(0));
         const Strided<T> g = strided<T>(a.d_linear);
-        const int64_t query_tasks = sh.batch * sh.q_heads * nq;
-        const int64_t key_tasks = sh.batch * sh.kv_heads * nk;
+        const int64_t query_tasks = group * nq;
         auto workspaces = per_thread<LinearWorkspace<T>>(threads(), std::max(Bq, Bk), D);
+        for (int64_t b = 0; b < sh.batch; ++b) {
+            for (int64_t hk = 0; hk < sh.kv_heads; ++hk) {
+                key_summaries(workspaces, b, hk);
 #pragma omp parallel num_threads(threads())
-        {
+                {
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t task = 0; task < query_tasks; ++task) {
-                const int64_t bh = task / nq;
-                LinearWorkspace<T>& ws = workspaces[thread_index()];
-                query_tile_backward(ws, g, bh / sh.q_heads, bh % sh.q_heads, task % nq);
-            }
-            // The implicit barrier above makes every dH_I, dZ_I visible here.
+                    for (int64_t task = 0; task < query_tasks; ++task)
+                        query_tile_backward(workspaces[thread_index()], g, b,
+                                            hk * group + task / nq, task % nq);
+                    // The implicit barrier above makes every dH_I, dZ_I visible here.
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t task = 0; task < key_tasks; ++task) {
-                const int64_t bh = task / nk;
-                LinearWorkspace<T>& ws = workspaces[thread_index()];
-                key_tile_backward(ws, bh / sh.kv_heads, bh % sh.kv_heads, task % nk);
+                    for (int64_t kt = 0; kt < nk; ++kt)
+                        key_tile_backward(workspaces[thread_index()], b, hk, kt);
+                }
             }
         }
     }
