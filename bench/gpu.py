@@ -364,7 +364,7 @@ def step_time(log, records, quick):
         for label, rule in [("Blasst(1e-3)", Blasst(1e-3)), ("Recall(0.95)", Recall(0.95))]:
             ms = time_ms(cupy, lambda: ours(q, k, v, plan_p, rule), reps=3)
             out, _, kept, _, _ = ours(q, k, v, plan_p, rule, want_stats=True)
-            record(what="skip rule", shape=f"B=1 H=40 N=75600 D=128",
+            record(what="skip rule", shape="B=1 H=40 N=75600 D=128",
                    workload="video-like s=1.0", impl="ours 128x64 peak", rule=label, ms=ms[0],
                    dense_ms=dense_ms[0], speedup=dense_ms[0] / ms[0],
                    sparsity=1 - float(kept.mean()),

@@ -6,15 +6,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from . import backends
-from ._arrays import (Canonical, as_backend_array, canonicalize, check_block, check_kept,
-                      check_scale)
+from ._arrays import (Canonical, as_backend_array, canonicalize, check_block, check_scale,
+                      check_tile_mask)
 from ._plan import ORDERS, build_plan, tile_count
 from ._plan import block_scores as _block_scores
 from ._rules import rule_code
-from ._select import BlockMask, Selector, SlaSplit, TopK, TopP
+from ._select import BlockMask, SlaSplit, TopK, TopP
 from ._stats import AttentionStats
 
 __all__ = [
@@ -87,24 +85,11 @@ def _check_selector(select, call: _Call):
     if select is None or isinstance(select, (TopK, TopP)):
         return select
     if isinstance(select, BlockMask):
-        xp = call.arrays.xp
         q, k = call.arrays.q, call.arrays.k
         shape = (q.shape[0], q.shape[1], tile_count(q.shape[2], call.block[0]),
                  tile_count(k.shape[2], call.block[1]))
-        mask = as_backend_array("mask", select.mask, call.arrays.on_gpu)
-        if mask.dtype != bool:
-            raise TypeError(f"mask must be a bool array, got dtype {mask.dtype}")
-        try:
-            mask = xp.broadcast_to(mask, shape)
-        except ValueError as error:
-            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to "
-                             f"(B, H, nq, nk) = {shape}") from error
-        if not bool(mask.any(axis=-1).all()):
-            raise ValueError("mask must keep at least one key tile in every query tile")
-        return BlockMask(mask)
-    if isinstance(select, Selector):
-        raise TypeError(f"select must be None, BlockMask, TopK or TopP, got "
-                        f"{type(select).__name__}")
+        return BlockMask(check_tile_mask("mask", select.mask, shape, call.arrays.on_gpu,
+                                         nonempty=True))
     raise TypeError(f"select must be None, BlockMask, TopK or TopP, got {type(select).__name__}")
 
 
@@ -371,7 +356,8 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
         plan = _plan(call, _check_selector(select, call), _check_order(order, skip, peak), peak)
         kept = call.backend.forward(a.q, a.k, a.v, plan, code, param, call.scale, True,
                                     **call.kwargs())[2]
-    kept = check_kept(kept, (a.q.shape[0], a.q.shape[1], nq, nk), a.on_gpu)
+    kept = check_tile_mask("kept", kept, (a.q.shape[0], a.q.shape[1], nq, nk), a.on_gpu,
+                           nonempty=True)
     grads = call.backend.attention_backward(a.q, a.k, a.v, g, kept, call.block, call.scale,
                                             **call.kwargs())
     return _grads_out(call, grads)
@@ -410,8 +396,9 @@ def sla_vjp(q, k, v, do, *, critical, negligible, linear="marginal", feature_map
     a = call.arrays
     xp = a.xp
     g = call.arrays.like_q("do", do)
-    kept = check_kept(sparse[2] if kept is None else kept,
-                      (a.q.shape[0], a.q.shape[1], plan.nq, plan.nk), a.on_gpu)
+    kept = check_tile_mask("kept", sparse[2] if kept is None else kept,
+                           (a.q.shape[0], a.q.shape[1], plan.nq, plan.nk), a.on_gpu,
+                           nonempty=True)
     acc = xp.float64 if call.backend_name == "reference" else xp.float32
     D = a.q.shape[-1]
     weight = xp.zeros((D, D), dtype=acc) if weight is None else weight
@@ -492,7 +479,6 @@ def recall(q, k, kept, *, block=(64, 64), scale=None, layout="bhnd"):
     scale = check_scale(scale, arrays.q.shape[-1])
     nq = tile_count(arrays.q.shape[2], block[0])
     nk = tile_count(arrays.k.shape[2], block[1])
-    kept = check_kept(kept, (arrays.q.shape[0], arrays.q.shape[1], nq, nk), False,
-                      nonempty=False)
+    kept = check_tile_mask("kept", kept, (arrays.q.shape[0], arrays.q.shape[1], nq, nk), False)
     result = recall_of_kept(arrays.q, arrays.k, kept, block, scale)
     return arrays.from_canonical(result)

@@ -89,15 +89,26 @@ def as_backend_array(name, x, on_gpu):
     return x
 
 
-def check_kept(kept, shape, on_gpu, nonempty=True):
-    """A kept-tile set: bool ``(B, H, nq, nk)``; ``nonempty``: a tile in every query tile."""
-    kept = as_backend_array("kept", kept, on_gpu)
-    if kept.dtype != bool or tuple(kept.shape) != tuple(shape):
-        raise ValueError(f"kept must be a bool array of shape (B, H, nq, nk) = {tuple(shape)}, "
-                         f"got {kept.dtype} {tuple(kept.shape)}")
-    if nonempty and not bool(kept.any(axis=-1).all()):
-        raise ValueError("kept must keep at least one key tile in every query tile")
-    return kept
+def check_tile_mask(name, mask, shape, on_gpu, nonempty=False):
+    """A bool tile mask broadcast to ``shape = (B, H, nq, nk)``, on the backend's device.
+
+    ``nonempty``: every query tile must keep at least one key tile.
+    """
+    mask = as_backend_array(name, mask, on_gpu)
+    if mask.dtype != bool:
+        raise TypeError(f"{name} must be a bool array, got dtype {mask.dtype}")
+    if on_gpu:
+        import cupy as xp
+    else:
+        xp = np
+    try:
+        mask = xp.broadcast_to(mask, tuple(shape))
+    except ValueError as error:
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to "
+                         f"(B, H, nq, nk) = {tuple(shape)}") from error
+    if nonempty and not bool(mask.any(axis=-1).all()):
+        raise ValueError(f"{name} must keep at least one key tile in every query tile")
+    return mask
 
 
 def check_scale(scale, head_dim: int) -> float:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._arrays import canonicalize, check_block, check_scale
-from ._plan import ORDERS, build_plan, tile_count
+from ._plan import ORDERS, build_plan
 from ._rules import Blasst, Cef
 
 __all__ = ["BlasstCalibration", "CefCalibration", "calibrate_blasst", "calibrate_cef",
@@ -123,7 +123,6 @@ def blasst_statistics(q, k, *, order="peak", peak=4, block=(64, 64), scale=None,
     q, k = arrays.q, arrays.k
     plan = build_plan(np, q, k, None, order, peak, block, scale)
     B, H, Nq, _ = q.shape
-    Nk = k.shape[2]
     group = H // k.shape[1]
     bq, bk = block
     nq, nk = plan.nq, plan.nk

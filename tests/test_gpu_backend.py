@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from pysparse_attn import _reference
-from pysparse_attn._plan import Plan, build_plan, tile_count
+from pysparse_attn._plan import Plan, tile_count
 from pysparse_attn._rules import Blasst, Cef, Recall, rule_code
 from pysparse_attn._select import TopK, TopP
 

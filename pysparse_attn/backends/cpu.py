@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._arrays import check_tile_mask
+
 try:
     from .. import _cpu
 except ImportError as _error:  # the extension was not built (e.g. no compiler at install)
@@ -111,15 +113,7 @@ def _check_block(block, n_queries, n_keys):
 
 def _tile_flags(name, flags, shape):
     """A C-contiguous byte view of a bool tile mask of the expected shape."""
-    flags = np.asarray(flags)
-    if flags.dtype != np.bool_:
-        raise TypeError(f"{name} must be a bool array, got dtype {flags.dtype}")
-    try:
-        flags = np.broadcast_to(flags, shape)
-    except ValueError as error:
-        raise ValueError(f"{name} of shape {flags.shape} does not broadcast to (B, H, nq, nk) "
-                         f"= {shape}") from error
-    return np.ascontiguousarray(flags).view(np.uint8)
+    return np.ascontiguousarray(check_tile_mask(name, flags, shape, on_gpu=False)).view(np.uint8)
 
 
 def forward(q, k, v, plan, rule_code, rule_param, scale, want_stats, threads=None):
