@@ -93,8 +93,9 @@ def _sla_rows(q, k, v, dense_out, common, repeats):
 
 
 def _timed(run, repeats):
+    """``(result, best time)`` of ``repeats`` calls after one untimed warm-up call."""
     best = np.inf
-    result = None
+    result = run()
     for _ in range(repeats):
         start = time.perf_counter()
         result = run()
@@ -140,7 +141,7 @@ def _plot(rows, path):
     plt.close(fig)
 
 
-def run_demo(frames=8, height=16, width=24, head_dim=64, block=(64, 64), repeats=2,
+def run_demo(frames=8, height=16, width=24, head_dim=64, block=(64, 64), repeats=3,
              output_dir="demo_output", backend="auto"):
     """Run the demo and return its rows; see the module docstring."""
     from tqdm import tqdm
@@ -213,7 +214,7 @@ def main(argv=None):
     parser.add_argument("--height", type=int, default=16)
     parser.add_argument("--width", type=int, default=24)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--output-dir", default="demo_output")
     args = parser.parse_args(argv)
