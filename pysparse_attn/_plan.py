@@ -53,22 +53,27 @@ class Plan:
 
 
 def _pool(xp, x, b):
-    """Mean of each tile of ``b`` rows of ``x (B, H, N, D)`` over its valid rows."""
+    """Mean of each tile of ``b`` rows of ``x (B, H, N, D)`` over its valid rows.
+
+    Accumulates in float64 for float64 inputs and float32 otherwise, reading ``x`` in place
+    (no padded copy of q or k).
+    """
     B, H, N, D = x.shape
-    n_tiles = tile_count(N, b)
-    padded = xp.zeros((B, H, n_tiles * b, D), dtype=x.dtype)
-    padded[:, :, :N, :] = x
-    sums = padded.reshape(B, H, n_tiles, b, D).sum(axis=3)
-    sizes = xp.full((n_tiles,), float(b), dtype=x.dtype)
-    sizes[-1] = N - (n_tiles - 1) * b
-    return sums / sizes[:, None]
+    acc = xp.float64 if x.dtype == xp.float64 else xp.float32
+    full = N // b
+    parts = []
+    if full:
+        parts.append(x[:, :, :full * b].reshape(B, H, full, b, D).mean(axis=3, dtype=acc))
+    if N % b:
+        parts.append(x[:, :, full * b:].mean(axis=2, keepdims=True, dtype=acc))
+    return parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=2)
 
 
 def block_scores(xp, q, k, block, scale):
     """Block scores ``S_IJ = scale * qbar_I . (kbar_J - mean_J kbar_J)`` of DESIGN.md section 3.
 
     ``q (B, Hq, Nq, D)`` and ``k (B, Hkv, Nk, D)`` are floating arrays of namespace ``xp``;
-    the result has shape ``(B, Hq, nq, nk)`` and the dtype of ``q``.
+    the result has shape ``(B, Hq, nq, nk)``, float64 for float64 inputs, float32 otherwise.
     """
     Bq, Bk = block
     group = q.shape[1] // k.shape[1]
