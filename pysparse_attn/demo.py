@@ -63,26 +63,23 @@ def demo_methods(n_keys: int, block_k: int):
 
 
 def _sla_rows(q, k, v, dense_out, common, repeats):
-    """SLA at two splits with a projection fitted by least squares on this input.
+    """SLA at two splits, untrained (W = 0) and with a projection fitted by least squares.
 
     The zero-initialised SLA equals sparse-only attention; the fitted ``W, b`` stand in for
     the fine-tuning SLA is designed for (in-sample, so an optimistic bound on what training
     reaches) and show what the linear branch can recover.
     """
-    from . import _reference
+    from .bench.methods import fit_sla_projection
 
     rows = []
     for critical, negligible in ((0.1, 0.5), (0.05, 0.6)):
         options = dict(critical=critical, negligible=negligible, **common)
-        sparse, stats = _api.sla_attention(q, k, v, return_stats=True, **options)
-        plan = stats.plan
-        o_linear = _reference.linear_branch(q, k, v, plan.marginal, common["block"])
-        residual = (np.asarray(dense_out, np.float64) - np.asarray(sparse, np.float64))
-        features = np.concatenate([o_linear.reshape(-1, q.shape[-1]),
-                                   np.ones((o_linear[..., 0].size, 1))], axis=1)
-        solution = np.linalg.lstsq(features, residual.reshape(-1, q.shape[-1]), rcond=None)[0]
-        weight = solution[:-1].T.astype(np.float32)
-        bias = solution[-1].astype(np.float32)
+        weight, bias = fit_sla_projection(q, k, v, dense_out, critical, common["block"],
+                                          common["backend"], negligible=negligible)
+        if hasattr(q, "get"):  # GPU inputs: the projection goes to the device too
+            import cupy
+
+            weight, bias = cupy.asarray(weight), cupy.asarray(bias)
         for label, w, b in (("SLA W=0", None, None), ("SLA fitted W", weight, bias)):
             def run():
                 return _api.sla_attention(q, k, v, proj_weight=w, proj_bias=b,
@@ -182,14 +179,13 @@ def run_demo(frames=8, height=16, width=24, head_dim=64, block=(64, 64), repeats
                         float(recall.mean()), _rel_l2(host(out), dense_out), seconds,
                         dense_seconds / seconds))
         progress.update()
-    if not on_gpu:
-        for method, setting, (out, stats), seconds in _sla_rows(q, k, v, dense_out, common,
-                                                                repeats):
-            recall = _api.recall(q_host, k_host, host(stats.kept), block=block)
-            rows.append(Row(method, setting, stats.sparsity, float(recall.min()),
-                            float(recall.mean()), _rel_l2(host(out), dense_out), seconds,
-                            dense_seconds / seconds))
-            progress.update()
+    for method, setting, (out, stats), seconds in _sla_rows(q, k, v, dense_out, common,
+                                                            repeats):
+        recall = _api.recall(q_host, k_host, host(stats.kept), block=block)
+        rows.append(Row(method, setting, stats.sparsity, float(recall.min()),
+                        float(recall.mean()), _rel_l2(host(out), dense_out), seconds,
+                        dense_seconds / seconds))
+        progress.update()
     progress.close()
     backend_name = common["backend"]
     if backend_name == "auto":

@@ -60,7 +60,11 @@ def _sla_call(q, k, v, value, block, backend, context):
                          return_stats=True)
 
 
-def fit_sla_projection(q, k, v, reference, critical, block, backend):
+def _host_f64(x):
+    return np.asarray(x.get() if hasattr(x, "get") else x, dtype=np.float64)
+
+
+def fit_sla_projection(q, k, v, reference, critical, block, backend, negligible=0.0):
     """Least-squares ``W``, ``b`` of SLA's output projection on ``(q, k, v)``.
 
     SLA learns ``W`` by fine-tuning the model; here it is fitted to make sparse + linear match
@@ -69,12 +73,11 @@ def fit_sla_projection(q, k, v, reference, critical, block, backend):
     """
     D = q.shape[-1]
     identity = np.eye(D, dtype=np.float32)
-    sparse = sla_attention(q, k, v, critical=critical, negligible=0.0, block=block,
-                           backend=backend).astype(np.float64)
-    with_linear = sla_attention(q, k, v, critical=critical, negligible=0.0, block=block,
-                                backend=backend, proj_weight=identity).astype(np.float64)
+    split = dict(critical=critical, negligible=negligible, block=block, backend=backend)
+    sparse = _host_f64(sla_attention(q, k, v, **split))
+    with_linear = _host_f64(sla_attention(q, k, v, proj_weight=identity, **split))
     features = (with_linear - sparse).reshape(-1, D)
-    residual = (reference - sparse).reshape(-1, D)
+    residual = (_host_f64(reference) - sparse).reshape(-1, D)
     design = np.concatenate([features, np.ones((features.shape[0], 1))], axis=1)
     # A small ridge keeps the solve defined when a feature column is (near) zero.
     gram = design.T @ design + 1e-6 * np.eye(D + 1)
