@@ -47,6 +47,16 @@ def plot_records(records, out_dir, formats=("png", "svg"), sparsity="tile_sparsi
     for record in records:
         if record.get("type") == "run":
             groups[record["workload"]][record["method"]].append(record)
+    def finish(figure, axis, stem):
+        axis.legend(fontsize=7, ncol=2)
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        paths = [out_dir / f"{stem}.{fmt}" for fmt in formats]
+        for path, fmt in zip(paths, formats):
+            _save(figure, path, fmt)
+        plt.close(figure)
+        return paths
+
     written = []
     for workload, methods in sorted(groups.items()):
         safe = workload.replace(":", "_").replace("/", "_")
@@ -69,14 +79,7 @@ def plot_records(records, out_dir, formats=("png", "svg"), sparsity="tile_sparsi
         axis.set_xlabel(sparsity.replace("_", " "))
         axis.set_ylabel(f"{metric.replace('_', ' ')} vs dense (float64)")
         axis.set_title(f"{workload}: error against sparsity")
-        axis.legend(fontsize=7, ncol=2)
-        axis.grid(alpha=0.3)
-        figure.tight_layout()
-        for fmt in formats:
-            path = out_dir / f"{safe}_error.{fmt}"
-            _save(figure, path, fmt)
-            written.append(path)
-        plt.close(figure)
+        written += finish(figure, axis, f"{safe}_error")
 
         figure, axis = plt.subplots(figsize=(7, 4.5))
         for index, (method, runs) in enumerate(sorted(methods.items())):
@@ -88,12 +91,5 @@ def plot_records(records, out_dir, formats=("png", "svg"), sparsity="tile_sparsi
         axis.set_xlabel(sparsity.replace("_", " "))
         axis.set_ylabel(f"speedup over dense ({backend} backend)")
         axis.set_title(f"{workload}: speedup against sparsity")
-        axis.legend(fontsize=7, ncol=2)
-        axis.grid(alpha=0.3)
-        figure.tight_layout()
-        for fmt in formats:
-            path = out_dir / f"{safe}_speedup.{fmt}"
-            _save(figure, path, fmt)
-            written.append(path)
-        plt.close(figure)
+        written += finish(figure, axis, f"{safe}_speedup")
     return written
