@@ -114,7 +114,7 @@ def _flop_shares(xp, kept, visited, n_q, n_k, block):
     return float(spent) / (2.0 * kept.shape[0] * kept.shape[1] * n_q * n_k)
 
 
-def _stats(call: _Call, plan, lse, kept, visited, bound, select, marginal=None):
+def _stats(call: _Call, plan, lse, kept, visited, bound, marginal=None):
     xp = call.arrays.xp
     density = float(kept.mean())
     flop_density = _flop_shares(xp, kept, visited, call.arrays.q.shape[2],
@@ -126,7 +126,8 @@ def _stats(call: _Call, plan, lse, kept, visited, bound, select, marginal=None):
         recall_bound=call.arrays.from_canonical(bound),
         density=density, sparsity=1.0 - density,
         flop_density=flop_density, flop_sparsity=1.0 - flop_density,
-        bounded=select is None, marginal=None if marginal is None else give(marginal),
+        bounded=bool((plan.count == plan.nk).all()),
+        marginal=None if marginal is None else give(marginal),
         plan=plan)
 
 
@@ -202,7 +203,7 @@ def attention(q, k, v, *, select=None, skip=None, order=None, peak=4, scale=None
     result = a.from_canonical(out)
     if not return_stats:
         return result
-    return result, _stats(call, plan, lse, kept, visited, bound, select)
+    return result, _stats(call, plan, lse, kept, visited, bound)
 
 
 def _check_projection(call: _Call, proj_weight, proj_bias):
@@ -314,7 +315,7 @@ def sla_attention(q, k, v, *, critical, negligible, linear="marginal", feature_m
     result = a.from_canonical(out)
     if not return_stats:
         return result
-    return result, _stats(call, plan, lse, kept, visited, bound, SlaSplit, plan.marginal)
+    return result, _stats(call, plan, lse, kept, visited, bound, marginal=plan.marginal)
 
 
 def _grads_out(call: _Call, grads):

@@ -35,7 +35,8 @@ class AttentionStats:
         Share of dense-equivalent FLOPs spent / saved, counting partial tiles by their valid
         size, QK^T on every visited tile and P.V on every kept tile.
     bounded : bool
-        True when ``recall_bound`` bounds the full-row recall (no tile was dropped by the plan).
+        True when ``recall_bound`` bounds the full-row recall: the plan visits every key tile
+        of every query tile (no selector, or one that kept everything).
     plan : Plan
         The plan the kernel consumed (visit lists), for introspection.
     """
