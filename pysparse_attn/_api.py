@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import backends
-from ._arrays import (Canonical, as_backend_array, canonicalize, check_block, check_scale,
-                      check_tile_mask)
+from ._arrays import (LAYOUTS, Canonical, as_backend_array, canonicalize, check_block,
+                      check_scale, check_tile_mask, on_cuda)
 from ._plan import ORDERS, build_plan, tile_count
 from ._plan import block_scores as _block_scores
 from ._rules import rule_code
@@ -50,11 +50,9 @@ def _prepare(q, k, v, *, scale, block, layout, backend, threads, check_finite=Tr
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    if layout not in ("bhnd", "bnhd"):
-        raise ValueError(f"layout must be 'bhnd' or 'bnhd', got {layout!r}")
-    from ._arrays import _on_cuda
-
-    name = backends.resolve(backend, _on_cuda(q))
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    name = backends.resolve(backend, on_cuda(q))
     module = backends.load(name)
     arrays = canonicalize({"q": q, "k": k, "v": v}, layout=layout,
                           device="gpu" if backends.is_gpu(name) else "host",
@@ -73,7 +71,7 @@ def _prepare(q, k, v, *, scale, block, layout, backend, threads, check_finite=Tr
 
 def _check_order(order, skip, peak):
     if order is None:
-        return "peak" if skip is not None else "natural"
+        order = "peak" if skip is not None else "natural"
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS} or None, got {order!r}")
     if order == "peak" and (isinstance(peak, bool) or not isinstance(peak, int) or peak < 0):

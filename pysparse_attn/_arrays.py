@@ -28,7 +28,8 @@ def _is_cupy(x) -> bool:
     return type(x).__module__.split(".")[0] == "cupy"
 
 
-def _on_cuda(x) -> bool:
+def on_cuda(x) -> bool:
+    """Whether ``x`` lives in CUDA device memory (CuPy, or a DLPack producer on a GPU)."""
     if _is_cupy(x) or hasattr(x, "__cuda_array_interface__"):
         return True
     device = getattr(x, "__dlpack_device__", None)
@@ -76,7 +77,7 @@ def as_backend_array(name, x, on_gpu):
 
     For auxiliary inputs (masks, kept sets, projection weights); never changes the dtype.
     """
-    if _on_cuda(x):
+    if on_cuda(x):
         x = _to_backend_array(name, x, True)
         return x if on_gpu else x.get()
     if isinstance(x, (list, tuple, bool, int, float)):
@@ -155,7 +156,7 @@ class Canonical:
                 or hasattr(x, "__cuda_array_interface__")):
             raise TypeError(f"{name} must be an array (NumPy, CuPy or a DLPack producer), "
                             f"got {type(x).__name__}")
-        if _on_cuda(x) != self.inputs_on_gpu:
+        if on_cuda(x) != self.inputs_on_gpu:
             raise ValueError(f"{name} must live on the device of q")
         x = as_backend_array(name, x, self.on_gpu)
         _check_rank_and_dtype(name, x, self.layout, self.dtype_name)
@@ -209,7 +210,7 @@ def canonicalize(arrays: dict, *, layout: str, device: str = "auto", check_finit
             raise TypeError(f"{name} must be an array (NumPy, CuPy or a DLPack producer), "
                             f"got {type(x).__name__}")
     first = arrays[names[0]]
-    kinds = {name: ("gpu" if _on_cuda(x) else "host") for name, x in arrays.items()}
+    kinds = {name: ("gpu" if on_cuda(x) else "host") for name, x in arrays.items()}
     if len(set(kinds.values())) > 1:
         raise ValueError("q, k and v must live on the same device, got "
                          + ", ".join(f"{n} on {d}" for n, d in kinds.items()))
