@@ -208,7 +208,8 @@ def _check_projection(call: _Call, proj_weight, proj_bias):
     D = call.arrays.q.shape[-1]
     xp = call.arrays.xp
     checked = []
-    for name, value, shape in (("proj_weight", proj_weight, (D, D)), ("proj_bias", proj_bias, (D,))):
+    expected = (("proj_weight", proj_weight, (D, D)), ("proj_bias", proj_bias, (D,)))
+    for name, value, shape in expected:
         if value is None:
             checked.append(None)
             continue

@@ -168,7 +168,7 @@ class Canonical:
         return x
 
     def from_canonical(self, x):
-        """A per-row result ``(B, H, N)`` or ``(B, H, N, D)`` in the caller's layout and namespace."""
+        """A per-row result ``(B, H, N)`` or ``(B, H, N, D)`` in the caller's layout, namespace."""
         if self.layout == "bnhd":
             x = self.xp.swapaxes(x, 1, 2)
         return self.to_caller(x)
@@ -196,7 +196,8 @@ def _check_finite(xp, name, x):
         raise ValueError(f"{name} contains NaN or infinity")
 
 
-def canonicalize(arrays: dict, *, layout: str, device: str = "auto", check_finite=True) -> Canonical:
+def canonicalize(arrays: dict, *, layout: str, device: str = "auto",
+                 check_finite=True) -> Canonical:
     """Validate ``{'q': q, 'k': k, 'v': v}`` and bring them to canonical form.
 
     ``device`` is ``'auto'`` (follow the inputs), ``'host'`` or ``'gpu'``.

@@ -160,7 +160,8 @@ def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal")
         else:
             marginal = xp.ones(shape, dtype=bool)
     else:
-        raise TypeError(f"select must be None, BlockMask, TopK or TopP, got {type(selector).__name__}")
+        raise TypeError("select must be None, BlockMask, TopK or TopP, got "
+                        f"{type(selector).__name__}")
 
     visit, count = _visit_lists(xp, keep, rank, order, peak)
     return Plan(visit=visit, count=count, marginal=marginal, block=tuple(block), nq=nq, nk=nk)

@@ -1,7 +1,8 @@
 """The float64 reference as a backend (any tile size, host arrays)."""
 
 from .. import _reference
-from .._reference import attention_backward, linear_backward, linear_branch  # noqa: F401 (the contract)
+# Re-exported: these three are the contract functions as they stand.
+from .._reference import attention_backward, linear_backward, linear_branch  # noqa: F401
 
 
 def forward(q, k, v, plan, rule_code, rule_param, scale, want_stats=True):
