@@ -10,6 +10,7 @@ from . import backends
 from ._arrays import (LAYOUTS, Canonical, as_backend_array, canonicalize, check_block,
                       check_scale, check_tile_mask, on_cuda)
 from ._plan import ORDERS, build_plan, tile_count
+from ._reference import FEATURE_MAPS
 from ._plan import block_scores as _block_scores
 from ._rules import rule_code
 from ._select import BlockMask, SlaSplit, TopK, TopP
@@ -25,7 +26,6 @@ __all__ = [
 ]
 
 LINEAR_MODES = ("marginal", "complement", "global")
-FEATURE_MAPS = ("softmax", "elu1", "relu")
 
 
 @dataclass

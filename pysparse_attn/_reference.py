@@ -226,6 +226,9 @@ def recall_of_kept(q, k, kept, block, scale):
 # SLA linear branch
 
 
+FEATURE_MAPS = ("softmax", "elu1", "relu")
+
+
 def feature_map_forward(x, name, xp=np):
     """phi(x) along the last axis: ``softmax``, ``elu1`` (elu + 1) or ``relu``.
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from .._arrays import check_tile_mask
+from .._reference import FEATURE_MAPS
+from .._rules import BLASST, CEF, NO_SKIP, RECALL, RECALL_EXACT
 
 try:
     from .. import _cpu
@@ -35,8 +37,7 @@ __all__ = [
 ]
 
 _DTYPES = ("float32", "float64", "float16", "bfloat16")
-_FEATURE_MAPS = ("softmax", "elu1", "relu")
-_RULE_CODES = (0, 1, 2, 3, 4)  # none, Blasst, Cef, Recall, Recall exact (pysparse_attn._rules)
+_RULE_CODES = (NO_SKIP, BLASST, CEF, RECALL, RECALL_EXACT)
 
 
 def available() -> bool:
@@ -180,8 +181,8 @@ def _check_marginal(marginal, q, k, block):
 
 
 def _check_feature_map(feature_map, eps):
-    if feature_map not in _FEATURE_MAPS:
-        raise ValueError(f"feature_map must be one of {_FEATURE_MAPS}, got {feature_map!r}")
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
     eps = float(eps)
     if not (np.isfinite(eps) and eps >= 0.0):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
