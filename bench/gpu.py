@@ -152,16 +152,16 @@ def step_compile(out_dir, log):
         log("compile: nvcc not on PATH, skipped")
         return None
     result = subprocess.run([sys.executable, "-m", "pysparse_attn.backends.compile_check",
-                             "--arch", "sm_80", "--arch", "sm_90a"], cwd=ROOT,
+                             "--arch", "sm_80", "--arch", "sm_90"], cwd=ROOT,
                             capture_output=True, text=True)
     (out_dir / "compile_check.log").write_text(result.stdout + result.stderr)
     log(f"compile: exit {result.returncode}; {result.stdout.strip().splitlines()[-1]}")
     return result.returncode
 
 
-def step_tests(out_dir, log, extra):
+def step_tests(out_dir, log, select=None):
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
-               "tests/test_gpu_backend.py", "-x" if "x" in extra else "-q"]
+               "tests/test_gpu_backend.py"] + (["-k", select] if select else [])
     started = time.time()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     (out_dir / "tests.log").write_text(result.stdout + result.stderr)
@@ -201,7 +201,9 @@ def sanitize_target():
 
     cupy.cuda.set_allocator(None)  # plain cudaMalloc: out-of-bounds accesses are visible
     rng = np.random.default_rng(0)
-    for (dtype, D, bq, bk, code) in sorted(backend.FORWARD_INSTANCES):
+    kernels = [name for name in backend.KERNELS if _runs_here(backend, name)]
+    for kernel, (dtype, D, bq, bk, code) in ((kernel, key) for kernel in kernels
+                                             for key in sorted(backend.FORWARD_INSTANCES)):
         dtype = _bf16() if dtype == "bfloat16" else np.float16
         q = cupy.asarray(rng.standard_normal((1, 2, 150, D)).astype(np.float32)).astype(dtype)
         k = cupy.asarray(rng.standard_normal((1, 1, 201, D)).astype(np.float32)).astype(dtype)
@@ -211,12 +213,20 @@ def sanitize_target():
         c, p = rule_code(rule)
         plan = backend.build_plan(cupy, q, k, None, "peak" if rule else "natural", 4, (bq, bk),
                                   D ** -0.5)
-        backend.forward(q, k, v, plan, c, p, D ** -0.5, True)
+        backend.forward(q, k, v, plan, c, p, D ** -0.5, True, kernel=kernel)
         cupy.cuda.runtime.deviceSynchronize()
-    print("sanitize target: all instances ran")
+    print(f"sanitize target: all instances of {kernels} ran")
 
 
-def step_time(log, records, quick):
+def _runs_here(backend, kernel):
+    import cupy
+
+    runs_on = backend.KERNELS[kernel]
+    capability = tuple(int(c) for c in divmod(int(cupy.cuda.Device().compute_capability), 10))
+    return runs_on is None or capability in runs_on
+
+
+def step_time(log, records, quick, dense_only=False):
     import cupy
 
     from pysparse_attn.backends import cupy as backend
@@ -236,10 +246,11 @@ def step_time(log, records, quick):
                 handle.write(json.dumps({**records.meta, **fields}) + "\n")
         print(_markdown([fields]).splitlines()[-1], flush=True)
 
-    def ours(q, k, v, plan, rule=None, want_stats=False, warps=None):
+    def ours(q, k, v, plan, rule=None, want_stats=False, warps=None, kernel=None):
         code, param = rule_code(rule)
         D = q.shape[-1]
-        return backend.forward(q, k, v, plan, code, param, D ** -0.5, want_stats, warps=warps)
+        return backend.forward(q, k, v, plan, code, param, D ** -0.5, want_stats, warps=warps,
+                               kernel=kernel)
 
     def sdpa(q, k, v, which):
         tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
@@ -250,20 +261,18 @@ def step_time(log, records, quick):
                 return F.scaled_dot_product_attention(tq, tk, tv)
         return run
 
-    def dense_block(label, B, H, N, D, blocks, reps):
+    def dense_block(label, B, H, N, D, blocks, reps, families=None):
         q, k, v = random_inputs(cupy, B, H, N, D, seed=1)
-        variants = [(block, None) for block in blocks]
-        if (128, 64) in blocks:  # the other warp layout of 128-row tiles, for the record
-            other = 8 if backend.WARPS[(D, 128)] == 4 else 4
-            variants.append(((128, 64), other))
-        for block, warps in variants:
+        families = families or [name for name in backend.KERNELS if _runs_here(backend, name)]
+        variants = [(kernel, block) for kernel in families for block in blocks]
+        for kernel, block in variants:
             plan = backend.build_plan(cupy, q, k, None, "natural", 4, block, D ** -0.5)
             started = time.time()
-            ours(q, k, v, plan, warps=warps)
+            ours(q, k, v, plan, kernel=kernel)
             cupy.cuda.runtime.deviceSynchronize()
             compile_s = time.time() - started
-            ms = time_ms(cupy, lambda: ours(q, k, v, plan, warps=warps), reps=reps)
-            name = f"ours {block[0]}x{block[1]} {warps or backend.WARPS[(D, block[0])]} warps"
+            ms = time_ms(cupy, lambda: ours(q, k, v, plan, kernel=kernel), reps=reps)
+            name = f"ours {kernel} {block[0]}x{block[1]}"
             record(what="dense", shape=label, impl=name, ms=ms[0],
                    ms_min=ms[1], ms_max=ms[2], tflops=tflops(B, H, N, N, D, ms[0]),
                    first_call_s=compile_s)
@@ -279,7 +288,8 @@ def step_time(log, records, quick):
                                                   D ** -0.5)
                         mine = ours(q, k, v, plan)[0]
                         theirs = cupy.from_dlpack(run())
-                        record(what="dense agreement", shape=label, impl="ours 128x64 vs flash",
+                        record(what="dense agreement", shape=label,
+                               impl=f"ours {backend.default_kernel()} 128x64 vs flash",
                                rel_l2=rel_l2(cupy, mine, theirs))
                 except Exception as error:  # a backend this torch build lacks
                     record(what="dense", shape=label, impl=f"torch sdpa {which}",
@@ -290,6 +300,9 @@ def step_time(log, records, quick):
     target = f"B={B} H={H} N={N} D={D}"
     reps = 5 if quick else 15
     dense_block(target, B, H, N, D, [(128, 64), (64, 64)], reps)
+    if dense_only:
+        dense_block("B=1 H=12 N=32760 D=64", 1, 12, 32760, 64, [(128, 64), (64, 64)], reps)
+        return
 
     # TopK(0.05), 128x64 tiles: plan and kernel separately.
     q, k, v = video_like(cupy, B, H, N, D, strength=1.0, seed=2)
@@ -399,7 +412,10 @@ def _markdown(records):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="compile,tests,sanitize,time",
-                        help="comma-separated subset of compile,tests,sanitize,time")
+                        help="comma-separated subset of compile,tests,sanitize,time,dense "
+                        "(dense: only the dense rows of the time step)")
+    parser.add_argument("--tests", default=None, metavar="EXPR",
+                        help="pytest -k expression selecting a subset of the GPU tests")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and shapes")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench/results"))
     parser.add_argument("--sanitize-target", action="store_true", help=argparse.SUPPRESS)
@@ -433,16 +449,16 @@ def main():
     if "compile" in steps:
         status |= bool(step_compile(out_dir, log))
     if "tests" in steps:
-        status |= bool(step_tests(out_dir, log, ""))
+        status |= bool(step_tests(out_dir, log, args.tests))
     if "sanitize" in steps:
         codes = step_sanitize(out_dir, log)
         status |= bool(codes and any(codes.values()))
     records = _Records()
-    if "time" in steps:
+    if "time" in steps or "dense" in steps:
         records.path = out_dir / f"gpu-{stamp.strftime('%Y%m%dT%H%M%S')}.jsonl"
         records.meta = meta
         try:
-            step_time(log, records, args.quick)
+            step_time(log, records, args.quick, dense_only="time" not in steps)
         finally:
             (out_dir / "summary.md").write_text(
                 "\n".join(f"- {m}" for m in messages) + "\n\n" + _markdown(records) + "\n")

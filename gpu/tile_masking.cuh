@@ -6,9 +6,9 @@
 namespace psa {
 
 // Start the asynchronous copy of ROWS rows (from `first_row`, of `total_rows`) of a
-// (rows x HEAD_DIM) slab with row stride `row_stride` into a swizzled shared tile. Rows past
-// the end are zero-filled: padded keys then give finite logits (masked next) and padded values
-// contribute exact zeros, never NaN from stale memory.
+// (rows x HEAD_DIM) slab with row stride `row_stride` into a shared tile laid out by Traits.
+// Rows past the end are zero-filled: padded keys then give finite logits (masked next) and
+// padded values contribute exact zeros, never NaN from stale memory.
 template <class Traits, int ROWS>
 __device__ __forceinline__ void load_tile_async(unsigned short* tile, const unsigned short* slab,
                                                 long long row_stride, int first_row,
@@ -23,7 +23,8 @@ __device__ __forceinline__ void load_tile_async(unsigned short* tile, const unsi
         const bool valid = first_row + row < total_rows;
         const unsigned short* source =
             slab + (valid ? (long long)(first_row + row) * row_stride + chunk * 8 : 0);
-        copy_async_16(shared_address(tile + Traits::swizzle(row, chunk)), source, valid ? 16 : 0);
+        copy_async_16(shared_address(tile + Traits::template tile_offset<ROWS>(row, chunk)), source,
+                      valid ? 16 : 0);
     }
 }
 

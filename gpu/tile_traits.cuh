@@ -40,6 +40,11 @@ struct TileTraits {
     __device__ static __forceinline__ int swizzle(int row, int chunk) {
         return row * HEAD_DIM + ((chunk ^ (row & 7)) << 3);
     }
+    // The loader's view (gpu/tile_masking.cuh): a tile of any row count uses the same swizzle.
+    template <int ROWS>
+    __device__ static __forceinline__ int tile_offset(int row, int chunk) {
+        return swizzle(row, chunk);
+    }
 };
 
 }  // namespace psa

@@ -35,6 +35,28 @@ _REASON = _gpu_skip_reason()
 gpu = pytest.mark.skipif(_REASON is not None, reason=f"GPU tests need CuPy and a CUDA device "
                          f"of compute capability >= 8.0: {_REASON}")
 
+
+def _kernel_skip_reason(kernel):
+    if _REASON is not None:
+        return _REASON
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    runs_on = backend.KERNELS[kernel]
+    capability = tuple(int(c) for c in divmod(int(cupy.cuda.Device().compute_capability), 10))
+    if runs_on is not None and capability not in runs_on:
+        return f"kernel {kernel!r} needs compute capability {runs_on}, this device has {capability}"
+    return None
+
+
+# Both forward families on every case where the device runs them (wgmma: Hopper only).
+KERNEL_PARAMS = [
+    pytest.param(name, marks=pytest.mark.skipif(_kernel_skip_reason(name) is not None,
+                                                reason=str(_kernel_skip_reason(name))))
+    for name in ("wgmma", "mma_sync")
+]
+
 # Relative L2 error of the output vs float64 attention on the same (rounded) inputs and kept
 # set. The inputs are exact; the error comes from P rounded to the 16-bit type before P.V
 # (bf16: 8 significant bits, ~4e-3 per element; fp16: 11 bits, ~5e-4) and fp32 accumulation.
@@ -125,7 +147,7 @@ def _rel_l2(a, b):
 
 
 def _run_and_check(rng, *, dtype, D, block, layout, rule_name, selector, Nq=197, Nk=251,
-                   B=2, Hq=4, Hkv=2, order=None, strength=1.0):
+                   B=2, Hq=4, Hkv=2, order=None, strength=1.0, kernel=None):
     import cupy
 
     from pysparse_attn.backends import cupy as backend
@@ -137,7 +159,8 @@ def _run_and_check(rng, *, dtype, D, block, layout, rule_name, selector, Nq=197,
     order = order or ("peak" if skip is not None else "natural")
     plan = backend.build_plan(cupy, q, k, selector, order, 4, block, scale)
     _poison_pool((B, Hq, Nq, D))
-    out, lse, kept, visited, bound = backend.forward(q, k, v, plan, code, param, scale, True)
+    out, lse, kept, visited, bound = backend.forward(q, k, v, plan, code, param, scale, True,
+                                                     kernel=kernel)
     cupy.cuda.runtime.deviceSynchronize()
     out_h = cupy.asnumpy(out.astype(cupy.float32)).astype(np.float64)
     lse_h, kept_h, visited_h, bound_h = (cupy.asnumpy(x) for x in (lse, kept, visited, bound))
@@ -183,10 +206,11 @@ def _run_and_check(rng, *, dtype, D, block, layout, rule_name, selector, Nq=197,
 @pytest.mark.parametrize("block", [(64, 64), (128, 64)])
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 @pytest.mark.parametrize("rule_name", list(RULES))
-def test_forward_matches_reference_on_its_kept_set(dtype, D, block, layout, rule_name):
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+def test_forward_matches_reference_on_its_kept_set(dtype, D, block, layout, rule_name, kernel):
     rng = _fresh_rng()
     _run_and_check(rng, dtype=dtype, D=D, block=block, layout=layout, rule_name=rule_name,
-                   selector=None)
+                   selector=None, kernel=kernel)
 
 
 @pytest.mark.gpu
@@ -205,11 +229,13 @@ def test_plans_with_selectors_and_orders(selector, rule_name, order):
 @gpu
 @pytest.mark.parametrize("Nq,Nk,Hq,Hkv", [(64, 64, 2, 2), (1, 300, 3, 1), (300, 1, 2, 1),
                                           (129, 1000, 6, 2), (500, 77, 1, 1)])
-def test_odd_sizes_cross_attention_and_gqa(Nq, Nk, Hq, Hkv):
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+def test_odd_sizes_cross_attention_and_gqa(Nq, Nk, Hq, Hkv, kernel):
     rng = _fresh_rng()
     for block in [(64, 64), (128, 64)]:
         _run_and_check(rng, dtype="float16", D=128, block=block, layout="bhnd",
-                       rule_name="recall", selector=None, Nq=Nq, Nk=Nk, B=1, Hq=Hq, Hkv=Hkv)
+                       rule_name="recall", selector=None, Nq=Nq, Nk=Nk, B=1, Hq=Hq, Hkv=Hkv,
+                       kernel=kernel)
 
 
 @pytest.mark.gpu
@@ -300,6 +326,9 @@ def test_rejects_what_it_cannot_compute():
         backend.forward(q, q, q, plan, 0, 0.0, 1.0, False)
     with pytest.raises(TypeError, match="dtype"):
         backend.forward(q, q.astype(cupy.float32), q, plan, 0, 0.0, 1.0, False)
+    plan = backend.build_plan(cupy, q, q, None, "natural", 4, (64, 64), 1.0)
+    with pytest.raises(ValueError, match="kernel"):
+        backend.forward(q, q, q, plan, 0, 0.0, 1.0, False, kernel="tensor-magic")
 
 
 @pytest.mark.gpu
@@ -488,4 +517,4 @@ def test_every_kernel_instance_compiles():
     result = subprocess.run([sys.executable, "-m", "pysparse_attn.backends.compile_check"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4/4 family builds ok" in result.stdout
+    assert "5/5 family builds ok" in result.stdout

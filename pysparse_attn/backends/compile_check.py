@@ -19,11 +19,13 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .cupy import FORWARD_INSTANCES, PLAN_INSTANCES, _source_dirs
+from .cupy import FORWARD_INSTANCES, FORWARD_SM90_INSTANCES, PLAN_INSTANCES, _source_dirs
 
 __all__ = ["families", "compile_family", "main"]
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
+#: Families bound to one architecture (wgmma exists only on sm_90a).
+FIXED_ARCHS = {"attention_forward_sm90.cu": ("sm_90a",)}
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
@@ -32,7 +34,17 @@ _REGS = re.compile(r"Used (\d+) registers")
 def families():
     """``{source file: [template instance names]}`` of every kernel family."""
     return {"attention_forward.cu": sorted(set(FORWARD_INSTANCES.values())),
+            "attention_forward_sm90.cu": sorted(set(FORWARD_SM90_INSTANCES.values())),
             "plan_select.cu": sorted(set(PLAN_INSTANCES.values()))}
+
+
+def _arch_flag(arch: str) -> str:
+    # "-arch=sm_90a" also runs a plain sm_90 pass that rejects wgmma (nvcc 13.0); the gencode
+    # form targets the architecture-specific variant alone.
+    if arch.endswith("a"):
+        number = arch[len("sm_"):]
+        return f"-gencode=arch=compute_{number},code={arch}"
+    return f"-arch={arch}"
 
 
 def _source_dir() -> Path:
@@ -62,15 +74,17 @@ def _demangle(names):
 def compile_family(nvcc: str, source: str, instances, arch: str):
     """Compile one family for one architecture; returns ``(ok, rows, log)``.
 
-    ``rows`` holds ``(instance, registers, stack bytes, spill stores, spill loads)``.
+    ``rows`` holds ``(instance, registers, stack bytes, spill stores, spill loads, sass)``;
+    ``sass`` counts matrix and local-memory instructions (None without ``cuobjdump``).
     """
     folder = _source_dir()
     with tempfile.TemporaryDirectory() as tmp:
         unit = Path(tmp) / "instances.cu"
         unit.write_text(_translation_unit(source, instances))
-        command = [nvcc, "-std=c++17", f"-I{folder}", f"-arch={arch}", "-cubin", "-Xptxas", "-v",
+        command = [nvcc, "-std=c++17", f"-I{folder}", _arch_flag(arch), "-cubin", "-Xptxas", "-v",
                    "-o", str(Path(tmp) / "out.cubin"), str(unit)]
         run = subprocess.run(command, capture_output=True, text=True)
+        sass = _sass_counts(Path(tmp) / "out.cubin") if run.returncode == 0 else {}
     log = run.stdout + run.stderr
     rows, current = [], None
     for line in log.splitlines():
@@ -86,14 +100,43 @@ def compile_family(nvcc: str, source: str, instances, arch: str):
         if regs and current is not None:
             current[1] = int(regs.group(1))
     names = _demangle([r[0] for r in rows])
-    rows = [(names[r[0]], *r[1:]) for r in rows]
+    rows = [(names[r[0]], *r[1:], sass.get(r[0])) for r in rows]
     return run.returncode == 0, rows, log
+
+
+_SASS_OPCODES = ("HGMMA", "HMMA", "LDL", "STL")
+
+
+def _sass_counts(cubin: Path):
+    """``{mangled name: {opcode: count}}`` from ``cuobjdump --dump-sass``, or ``{}`` without it.
+
+    Shows which matrix instructions each instance really uses (HGMMA = wgmma, HMMA = mma.sync)
+    and any local-memory traffic (LDL/STL).
+    """
+    tool = shutil.which("cuobjdump")
+    if tool is None:
+        return {}
+    text = subprocess.run([tool, "--dump-sass", str(cubin)], capture_output=True,
+                          text=True).stdout
+    counts, current = {}, None
+    for line in text.splitlines():
+        function = re.search(r"Function : (\S+)", line)
+        if function:
+            current = counts.setdefault(function.group(1), dict.fromkeys(_SASS_OPCODES, 0))
+            continue
+        opcode = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)", line)
+        if opcode and current is not None:
+            name = opcode.group(1)
+            if name in current:
+                current[name] += 1
+    return counts
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", action="append", help="target, e.g. sm_90a (repeatable); "
-                        f"default {' '.join(DEFAULT_ARCHS)}")
+    parser.add_argument("--arch", action="append", help="target, e.g. sm_86 (repeatable); "
+                        f"default {' '.join(DEFAULT_ARCHS)}; the wgmma family is always "
+                        "built for sm_90a")
     parser.add_argument("--fail-on-spill", action="store_true",
                         help="also fail when an instance spills registers to local memory")
     args = parser.parse_args(argv)
@@ -104,7 +147,7 @@ def main(argv=None) -> int:
         return 0
     archs = args.arch or list(DEFAULT_ARCHS)
     jobs = [(source, instances, arch) for source, instances in families().items()
-            for arch in archs]
+            for arch in FIXED_ARCHS.get(source, archs)]
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         results = list(pool.map(lambda job: compile_family(nvcc, *job), jobs))
     failed = spilled = 0
@@ -118,12 +161,13 @@ def main(argv=None) -> int:
         if len(rows) != len(instances):
             failed += 1
             print(f"   expected {len(instances)} compiled entries, ptxas reported {len(rows)}")
-        for name, regs, stack, stores, loads in sorted(rows):
+        for name, regs, stack, stores, loads, sass in sorted(rows, key=lambda row: row[0]):
             flag = "  SPILLS" if (stores or loads) else ""
             spilled += bool(stores or loads)
             short_name = name.split("(")[0]
+            opcodes = ("  sass " + " ".join(f"{k}={v}" for k, v in sass.items())) if sass else ""
             print(f"   {regs:4d} regs  stack {stack:5d} B  spill st/ld {stores}/{loads} B  "
-                  f"{short_name}{flag}")
+                  f"{short_name}{flag}{opcodes}")
     print(f"compile_check: {len(jobs) - failed}/{len(jobs)} family builds ok, "
           f"{spilled} instance(s) with spills")
     if failed or (args.fail_on_spill and spilled):

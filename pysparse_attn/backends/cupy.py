@@ -1,14 +1,17 @@
 """The CUDA backend: fused kernels from ``gpu/*.cu`` compiled by NVRTC through CuPy.
 
-Two kernel families, their template instances listed in typed tables and compiled at first use
-(CuPy caches the binaries on disk): the forward (:data:`FORWARD_INSTANCES`; one NVRTC module per
-element type, head dim, query tile and warp count, holding the five skip-rule instances) and
-the plan stage (:data:`PLAN_INSTANCES`: tile means and the per-query-tile selector). Sources are
+Kernel families, their template instances listed in typed tables and compiled at first use
+(CuPy caches the binaries on disk): two forwards with one contract, ``"wgmma"`` (Hopper warpgroup
+MMA, ``gpu/attention_forward_sm90.cu``, :data:`FORWARD_SM90_INSTANCES`, compiled for sm_90a and
+used by default on compute capability 9.0) and ``"mma_sync"`` (``gpu/attention_forward.cu``,
+:data:`FORWARD_INSTANCES`, sm_80 and newer); one NVRTC module per element type, head dim and
+query tile, holding the five skip-rule instances. Then the plan stage (:data:`PLAN_INSTANCES`:
+tile means and the per-query-tile selector). Sources are
 read from the installed ``pysparse_attn/_gpu_kernels/`` first, then from the repository's
 ``gpu/``, with their local headers inlined.
 
-Precision: bfloat16 and float16 inputs run on tensor cores (``mma.sync`` m16n8k16) with float32
-accumulation. float32 inputs are *converted to bfloat16* for the tensor cores (accumulation
+Precision: bfloat16 and float16 inputs run on tensor cores (``wgmma`` m64nNk16 or ``mma.sync``
+m16n8k16) with float32 accumulation. float32 inputs are *converted to bfloat16* for the tensor cores (accumulation
 stays float32, the output is float32): expect bfloat16-level error, about 1e-2 relative.
 
 The backward functions (``attention_backward``, ``linear_backward``) have no GPU kernel yet:
@@ -42,6 +45,9 @@ __all__ = [
     "linear_backward",
     "fused_block_scores",
     "FORWARD_INSTANCES",
+    "FORWARD_SM90_INSTANCES",
+    "KERNELS",
+    "default_kernel",
     "PLAN_INSTANCES",
     "kernel_source",
 ]
@@ -74,6 +80,23 @@ FORWARD_INSTANCES = {
     for bq, bk in _BLOCKS
     for code, rule in _RULES.items()
 }
+
+
+def _forward_sm90_name(element: str, head_dim: int, block_q: int, rule: str) -> str:
+    return f"psa::attention_forward_sm90<{element}, {head_dim}, {block_q}, {rule}>"
+
+
+#: The wgmma forward's instances, same keys as :data:`FORWARD_INSTANCES`.
+FORWARD_SM90_INSTANCES = {
+    (dtype, d, bq, bk, code): _forward_sm90_name(element, d, bq, rule)
+    for dtype, element in _ELEMENTS.items()
+    for d in _HEAD_DIMS
+    for bq, bk in _BLOCKS
+    for code, rule in _RULES.items()
+}
+
+#: Forward kernels by name, with the compute capabilities (major, minor) each runs on.
+KERNELS = {"wgmma": ((9, 0),), "mma_sync": None}  # None: any capability >= 8.0
 
 #: Plan-stage instances: tile means per (dtype name, head dim), and the tile selector.
 _MEAN_ROW_GROUPS = {64: 16, 128: 8}  # (D / 8) * groups = 128 threads
@@ -166,23 +189,68 @@ def _forward_module(dtype_name: str, head_dim: int, block_q: int, warps: int):
                           options=("--std=c++17", f"-arch=sm_{arch}"), name_expressions=names)
 
 
-def _forward_kernel(dtype_name, head_dim, block_q, code, warps=None):
+@functools.lru_cache(maxsize=None)
+def _forward_sm90_module(dtype_name: str, head_dim: int, block_q: int):
+    """The sm_90a NVRTC module of one (element type, head dim, query tile): five rule instances."""
+    import cupy
+
+    names = [_forward_sm90_name(_ELEMENTS[dtype_name], head_dim, block_q, rule)
+             for rule in _RULES.values()]
+    return cupy.RawModule(code=kernel_source("attention_forward_sm90.cu"),
+                          options=("--std=c++17", "-arch=sm_90a"), name_expressions=names)
+
+
+def default_kernel() -> str:
+    """``"wgmma"`` on compute capability 9.0, else ``"mma_sync"``."""
+    import cupy
+
+    return "wgmma" if cupy.cuda.Device().compute_capability == "90" else "mma_sync"
+
+
+def _check_kernel(kernel):
+    import cupy
+
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
+    capability = tuple(int(c) for c in divmod(int(cupy.cuda.Device().compute_capability), 10))
+    runs_on = KERNELS[kernel]
+    if runs_on is not None and capability not in runs_on:
+        raise ValueError(f"kernel {kernel!r} needs compute capability {runs_on}; this device "
+                         f"has {capability}")
+
+
+def _forward_kernel(dtype_name, head_dim, block_q, code, warps=None, kernel=None):
     """The compiled instance, its shared-memory size and thread count.
 
-    ``warps`` overrides :data:`WARPS` (benchmarks compare both layouts).
+    ``kernel`` picks the family (:func:`default_kernel` when None); ``warps`` overrides
+    :data:`WARPS` for the mma.sync family (benchmarks compare both layouts).
     """
-    warps = warps or WARPS[(head_dim, block_q)]
-    name = _forward_name(_ELEMENTS[dtype_name], head_dim, block_q, warps, _RULES[code])
-    kernel = _forward_module(dtype_name, head_dim, block_q, warps).get_function(name)
-    shared = _shared_bytes(head_dim, block_q)
-    if shared > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared:
-        kernel.max_dynamic_shared_size_bytes = shared
-    return kernel, shared, warps * 32
+    kernel = kernel or default_kernel()
+    _check_kernel(kernel)
+    if kernel == "wgmma":
+        name = _forward_sm90_name(_ELEMENTS[dtype_name], head_dim, block_q, _RULES[code])
+        function = _forward_sm90_module(dtype_name, head_dim, block_q).get_function(name)
+        shared, threads = _shared_bytes_sm90(head_dim, block_q), 2 * block_q
+    else:
+        warps = warps or WARPS[(head_dim, block_q)]
+        name = _forward_name(_ELEMENTS[dtype_name], head_dim, block_q, warps, _RULES[code])
+        function = _forward_module(dtype_name, head_dim, block_q, warps).get_function(name)
+        shared, threads = _shared_bytes(head_dim, block_q), warps * 32
+    if shared > 48 * 1024 and function.max_dynamic_shared_size_bytes < shared:
+        function.max_dynamic_shared_size_bytes = shared
+    return function, shared, threads
 
 
 def _shared_bytes(head_dim, block_q, block_k=64):
-    """Shared memory of one CTA: Q plus double-buffered K and V (gpu/tile_traits.cuh)."""
+    """Shared memory of one mma.sync CTA: Q plus double-buffered K and V (gpu/tile_traits.cuh)."""
     return 2 * (block_q * head_dim + 4 * block_k * head_dim)
+
+
+def _shared_bytes_sm90(head_dim, block_q, block_k=64):
+    """Shared memory of one wgmma CTA (gpu/tile_traits_sm90.cuh): Q, a ring of K and V tiles,
+    and 1024 bytes to align the swizzle atoms."""
+    stages = 3 if block_q == 128 else 2
+    return 2 * (block_q * head_dim + 2 * stages * block_k * head_dim) + 1024
 
 
 def _dtype_name(x) -> str:
@@ -205,7 +273,8 @@ def _element_strides(x):
     return [np.int64(s // x.itemsize) for s in x.strides[:3]]
 
 
-def forward(q, k, v, plan, rule_code, rule_param, scale, want_stats=True, warps=None):
+def forward(q, k, v, plan, rule_code, rule_param, scale, want_stats=True, warps=None,
+            kernel=None):
     """Fused forward of the backend contract (``docs/internals.rst``).
 
     Parameters
@@ -225,7 +294,10 @@ def forward(q, k, v, plan, rule_code, rule_param, scale, want_stats=True, warps=
     want_stats : bool
         Also return the kept/visited bitmaps and the recall bound.
     warps : int, optional
-        Warps per CTA, overriding :data:`WARPS` (for benchmarks; 4 or ``Bq / 16``).
+        Warps per CTA of the mma.sync kernel, overriding :data:`WARPS` (for benchmarks; 4 or
+        ``Bq / 16``).
+    kernel : {"wgmma", "mma_sync"}, optional
+        Forward family (:data:`KERNELS`); :func:`default_kernel` when None.
 
     Returns
     -------
@@ -284,12 +356,12 @@ def forward(q, k, v, plan, rule_code, rule_param, scale, want_stats=True, warps=
                          f"(B, H, nq, L) and (B, H, nq) = {(B, Hq, nq)}")
 
     param = float(rule_param) * LOG2E if rule_code in (BLASST, CEF) else float(rule_param)
-    kernel, shared, threads = _forward_kernel(dtype_name, D, block[0], rule_code, warps)
+    function, shared, threads = _forward_kernel(dtype_name, D, block[0], rule_code, warps, kernel)
     args = (q, k, v, out, *_element_strides(q), *_element_strides(k), *_element_strides(v),
             *_element_strides(out), np.int32(Nq), np.int32(Nk), np.int32(Hq // Hkv),
             visit, count, np.int32(visit.shape[-1]), np.float32(scale * LOG2E),
             np.float32(param), lse, bound, kept, visited, np.int32(bool(want_stats)))
-    kernel((nq, Hq, B), (threads,), args, shared_mem=shared)
+    function((nq, Hq, B), (threads,), args, shared_mem=shared)
     if out.dtype != out_dtype:
         out = out.astype(out_dtype)
     if not want_stats:

@@ -1,0 +1,225 @@
+// Fused sparse attention forward on Hopper warpgroup MMA (wgmma, sm_90a), DESIGN.md sections 4-5.
+//
+// Same contract, arguments and skip logic as attention_forward.cu (the sm_80 mma.sync kernel);
+// what changes is the matrix engine. One CTA per (query tile, head, batch) with one warpgroup
+// per 64 query rows. Q stays in shared memory for the whole CTA; K and V stream through a ring
+// of kStages 128-byte-swizzled shared tiles filled by cp.async, kStages - 1 tiles ahead of the
+// compute. S = Q.K^T is one chain of wgmma reading both operands from shared memory; after the
+// row maxima and the all-rows skip decision, P goes from the accumulators straight into the
+// register A operand of the P.V wgmma, which reads V (MN-major) from shared memory.
+//
+// Template instances are listed by pysparse_attn/backends/cupy.py (NVRTC name expressions) and
+// by pysparse_attn/backends/compile_check.py (nvcc, sm_90a).
+
+#include "element_types.cuh"
+#include "online_softmax.cuh"
+#include "ptx.cuh"
+#include "skip_rules.cuh"
+#include "tile_masking.cuh"
+#include "tile_traits_sm90.cuh"
+#include "warpgroup_mma.cuh"
+
+namespace psa {
+
+template <class Element, int HEAD_DIM, int BLOCK_Q, class Rule>
+__global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_forward_sm90(
+    const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
+    const unsigned short* __restrict__ v, unsigned short* __restrict__ out,
+    long long q_batch_stride, long long q_head_stride, long long q_row_stride,
+    long long k_batch_stride, long long k_head_stride, long long k_row_stride,
+    long long v_batch_stride, long long v_head_stride, long long v_row_stride,
+    long long out_batch_stride, long long out_head_stride, long long out_row_stride,
+    int n_queries, int n_keys, int head_group,
+    const int* __restrict__ visit, const int* __restrict__ count, int max_count,
+    float scale_log2, float rule_param,
+    float* __restrict__ lse, float* __restrict__ recall_bound,
+    unsigned char* __restrict__ kept, unsigned char* __restrict__ visited, int want_stats) {
+    using Traits = WarpgroupTileTraits<HEAD_DIM, BLOCK_Q, 64>;
+    constexpr int kKeyBlocks = Traits::kKeyBlocks;
+    constexpr int kDimBlocks = Traits::kDimBlocks;
+    constexpr int kBlockK = Traits::kBlockK;
+    constexpr int kStages = Traits::kStages;
+    static_assert(Traits::kThreads == BLOCK_Q * 2, "launch bounds above assume 2 threads a row");
+
+    extern __shared__ unsigned char shared_raw[];
+    // The swizzle is a function of address bits 4-9: tiles must sit on 1024-byte boundaries.
+    const unsigned raw_address = shared_address(shared_raw);
+    unsigned short* shared = reinterpret_cast<unsigned short*>(
+        shared_raw + ((Traits::kAlignment - (raw_address & (Traits::kAlignment - 1))) &
+                      (Traits::kAlignment - 1)));
+    unsigned short* q_tile = shared;
+    unsigned short* k_tiles = shared + Traits::kKOffset;
+    unsigned short* v_tiles = shared + Traits::kVOffset;
+
+    const int query_tile = blockIdx.x;
+    const int head = blockIdx.y;
+    const int batch = blockIdx.z;
+    const int kv_head = head / head_group;
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int warpgroup = warp >> 2;
+    const int n_query_tiles = gridDim.x;
+    const int n_key_tiles = (n_keys + kBlockK - 1) / kBlockK;
+
+    const long long plan_row = ((long long)batch * gridDim.y + head) * n_query_tiles + query_tile;
+    const int n_visit = count[plan_row];
+    const int* visit_list = visit + plan_row * max_count;
+    const long long stats_row = plan_row * n_key_tiles;
+
+    const unsigned short* q_slab = q + batch * q_batch_stride + head * q_head_stride;
+    const unsigned short* k_slab = k + batch * k_batch_stride + kv_head * k_head_stride;
+    const unsigned short* v_slab = v + batch * v_batch_stride + kv_head * v_head_stride;
+    const int first_query = query_tile * BLOCK_Q;
+    const int warp_row = warp * 16;  // warp w of warpgroup g owns rows 64g + 16w ..
+
+    // Prologue: Q with the first tile, then the next kStages - 2 tiles, one copy group each.
+    load_tile_async<Traits, BLOCK_Q>(q_tile, q_slab, q_row_stride, first_query, n_queries);
+#pragma unroll
+    for (int stage = 0; stage < kStages - 1; ++stage) {
+        if (stage < n_visit) {
+            const int tile = visit_list[stage];
+            load_tile_async<Traits, kBlockK>(k_tiles + stage * Traits::kKvElements, k_slab,
+                                             k_row_stride, tile * kBlockK, n_keys);
+            load_tile_async<Traits, kBlockK>(v_tiles + stage * Traits::kKvElements, v_slab,
+                                             v_row_stride, tile * kBlockK, n_keys);
+        }
+        copy_async_commit();
+    }
+
+    bool row_valid[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+        row_valid[r] = first_query + warp_row + (lane >> 2) + 8 * r < n_queries;
+
+    const unsigned q_base = shared_address(q_tile) + warpgroup * 64 * 128;
+    const unsigned k_base = shared_address(k_tiles);
+    const unsigned v_base = shared_address(v_tiles);
+    constexpr unsigned kKvBytes = 2 * Traits::kKvElements;
+
+    float o[kDimBlocks][4];
+#pragma unroll
+    for (int db = 0; db < kDimBlocks; ++db)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[db][e] = 0.f;
+    RowState state;
+    state.init();
+
+    for (int step = 0; step < n_visit; ++step) {
+        const int key_tile = visit_list[step];
+        const int stage = step % kStages;
+        copy_async_wait<kStages - 2>();
+        fence_generic_to_async_shared();
+        // This step's K/V have landed for every thread, and every warpgroup is done with the
+        // stage the prefetch below overwrites (it held step - 1).
+        __syncthreads();
+        if (step + kStages - 1 < n_visit) {
+            const int tile = visit_list[step + kStages - 1];
+            const int target = (step + kStages - 1) % kStages;
+            load_tile_async<Traits, kBlockK>(k_tiles + target * Traits::kKvElements, k_slab,
+                                             k_row_stride, tile * kBlockK, n_keys);
+            load_tile_async<Traits, kBlockK>(v_tiles + target * Traits::kKvElements, v_slab,
+                                             v_row_stride, tile * kBlockK, n_keys);
+        }
+        copy_async_commit();
+
+        // S = Q.K^T (raw dot products, fp32), K-major operands, one k16 step per 32 bytes of a
+        // 128-byte panel row.
+        float s[kKeyBlocks][4];
+        const unsigned k_stage = k_base + stage * kKvBytes;
+        warpgroup_fence();
+        pin_accumulator(s);
+#pragma unroll
+        for (int ks = 0; ks < Traits::kDimSteps; ++ks) {
+            const unsigned panel = ks >> 2, within = (ks & 3) * 32;
+            Warpgroup<Element, kBlockK>::ss(
+                s,
+                sw128_descriptor(q_base + panel * Traits::kQPanelBytes + within, 16),
+                sw128_descriptor(k_stage + panel * Traits::kKvPanelBytes + within, 16),
+                ks > 0);
+        }
+        warpgroup_commit();
+        warpgroup_wait<0>();
+        pin_accumulator(s);
+
+        const int valid_keys = min(kBlockK, n_keys - key_tile * kBlockK);
+        if (valid_keys < kBlockK) mask_padded_keys(s, valid_keys, lane);
+        float tile_max2[2];
+        tile_row_max(s, tile_max2);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) tile_max2[r] *= scale_log2;  // scale > 0: max commutes
+
+        if (Rule::kCanSkip && step > 0) {
+            float added[2];
+            bool may_skip = true;
+            if (Rule::kExactMass) {
+                tile_row_mass(s, scale_log2, state.max2, added);
+            } else {
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+                    added[r] = (float)valid_keys * fast_exp2(tile_max2[r] - state.max2[r]);
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+                may_skip &= !row_valid[r] || Rule::may_skip(tile_max2[r], state.max2[r],
+                                                             state.sum[r], state.skipped[r],
+                                                             added[r], rule_param);
+            if (__syncthreads_and(may_skip)) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) state.skipped[r] += added[r];
+                if (want_stats && threadIdx.x == 0) visited[stats_row + key_tile] = 1;
+                continue;
+            }
+        }
+        if (want_stats && threadIdx.x == 0) {
+            visited[stats_row + key_tile] = 1;
+            kept[stats_row + key_tile] = 1;
+        }
+
+        keep_tile<Rule::kNeedsRowSum>(s, tile_max2, scale_log2, state, o);
+
+        // O += P.V: P from the accumulators in the A-fragment layout (two n8 blocks = one k16
+        // step), V MN-major: 16 keys = 2048 bytes of each 64-column panel per step.
+        unsigned p[Traits::kKeySteps][4];
+#pragma unroll
+        for (int kstep = 0; kstep < Traits::kKeySteps; ++kstep) {
+            p[kstep][0] = Element::pack(s[2 * kstep][0], s[2 * kstep][1]);
+            p[kstep][1] = Element::pack(s[2 * kstep][2], s[2 * kstep][3]);
+            p[kstep][2] = Element::pack(s[2 * kstep + 1][0], s[2 * kstep + 1][1]);
+            p[kstep][3] = Element::pack(s[2 * kstep + 1][2], s[2 * kstep + 1][3]);
+        }
+        const unsigned v_stage = v_base + stage * kKvBytes;
+        warpgroup_fence();
+        pin_accumulator(o);
+#pragma unroll
+        for (int kstep = 0; kstep < Traits::kKeySteps; ++kstep)
+            Warpgroup<Element, HEAD_DIM>::rs_transposed_b(
+                o, p[kstep], sw128_descriptor(v_stage + kstep * 16 * 128, Traits::kKvPanelBytes));
+        warpgroup_commit();
+        warpgroup_wait<0>();
+        pin_accumulator(o);
+    }
+    copy_async_wait<0>();
+
+    // Epilogue: normalise, write O, LSE and the recall bound of the valid rows.
+    const long long row_base = ((long long)batch * gridDim.y + head) * n_queries;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float sum = Rule::kNeedsRowSum ? state.sum[r] : quad_sum(state.sum[r]);
+        const int row = first_query + warp_row + (lane >> 2) + 8 * r;
+        if (!row_valid[r]) continue;
+        const float inverse = 1.f / sum;
+        unsigned short* out_row = out + batch * out_batch_stride + head * out_head_stride +
+                                  (long long)row * out_row_stride;
+#pragma unroll
+        for (int db = 0; db < kDimBlocks; ++db) {
+            const unsigned packed = Element::pack(o[db][2 * r] * inverse, o[db][2 * r + 1] * inverse);
+            *reinterpret_cast<unsigned*>(out_row + db * 8 + 2 * (lane & 3)) = packed;
+        }
+        if ((lane & 3) == 0) {
+            lse[row_base + row] = (state.max2[r] + log2f(sum)) * 0.69314718055994531f;
+            if (want_stats) recall_bound[row_base + row] = sum / (sum + state.skipped[r]);
+        }
+    }
+}
+
+}  // namespace psa

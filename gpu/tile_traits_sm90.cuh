@@ -1,0 +1,50 @@
+// Compile-time shape of one CTA of the sm_90 (wgmma) forward: warpgroups, pipeline depth and
+// the 128-byte-swizzled shared-memory layout that wgmma descriptors read.
+#pragma once
+
+namespace psa {
+
+template <int HEAD_DIM, int BLOCK_Q, int BLOCK_K>
+struct WarpgroupTileTraits {
+    static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "head dims 64 and 128");
+    static_assert(BLOCK_Q == 64 || BLOCK_Q == 128, "query tiles of 64 or 128 rows");
+    static_assert(BLOCK_K == 64, "key tiles of 64 keys");
+
+    static constexpr int kHeadDim = HEAD_DIM;
+    static constexpr int kBlockQ = BLOCK_Q;
+    static constexpr int kBlockK = BLOCK_K;
+    // One warpgroup (4 warps) per 64 query rows; each warp owns 16 rows.
+    static constexpr int kWarpgroups = BLOCK_Q / 64;
+    static constexpr int kThreads = kWarpgroups * 128;
+    static constexpr int kChunksPerRow = HEAD_DIM / 8;  // 16-byte chunks of a row
+    static constexpr int kKeyBlocks = BLOCK_K / 8;       // n8 blocks of S
+    static constexpr int kDimBlocks = HEAD_DIM / 8;      // n8 blocks of O
+    static constexpr int kDimSteps = HEAD_DIM / 16;      // k16 steps of Q.K^T
+    static constexpr int kKeySteps = BLOCK_K / 16;       // k16 steps of P.V
+    // K/V ring depth: tiles in flight ahead of the one being computed is kStages - 1. The
+    // 64-row instance keeps two stages so that two CTAs share an SM.
+    static constexpr int kStages = BLOCK_Q == 128 ? 3 : 2;
+
+    // Shared memory, in 16-bit elements: Q, then kStages K tiles, then kStages V tiles; every
+    // tile starts on a 1024-byte boundary (the swizzle atom), given a 1024-aligned base.
+    static constexpr int kQElements = BLOCK_Q * HEAD_DIM;
+    static constexpr int kKvElements = BLOCK_K * HEAD_DIM;
+    static constexpr int kKOffset = kQElements;
+    static constexpr int kVOffset = kQElements + kStages * kKvElements;
+    static constexpr int kAlignment = 1024;
+    static constexpr int kSharedBytes = 2 * (kQElements + 2 * kStages * kKvElements) + kAlignment;
+
+    // Element offset of 16-byte chunk `chunk` of row `row` in a ROWS-row tile. Columns are
+    // split into 64-element (128-byte) panels stored one after the other, ROWS x 128 bytes
+    // each; inside a panel, chunk c of row r sits at c ^ (r % 8): the SW128 pattern wgmma
+    // expects, and conflict-free for the 16-byte cp.async stores.
+    template <int ROWS>
+    __device__ static __forceinline__ int tile_offset(int row, int chunk) {
+        return (chunk >> 3) * ROWS * 64 + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+    }
+    // Bytes between the 64-column panels of the Q tile and of a K/V tile.
+    static constexpr unsigned kQPanelBytes = BLOCK_Q * 128;
+    static constexpr unsigned kKvPanelBytes = BLOCK_K * 128;
+};
+
+}  // namespace psa
