@@ -3,10 +3,12 @@
 // Same contract, arguments and skip logic as attention_forward.cu (the sm_80 mma.sync kernel);
 // what changes is the matrix engine. One CTA per (query tile, head, batch) with one warpgroup
 // per 64 query rows. Q stays in shared memory for the whole CTA; K and V stream through a ring
-// of kStages 128-byte-swizzled shared tiles filled by cp.async, kStages - 1 tiles ahead of the
+// of kStages 128-byte-swizzled shared tiles filled by cp.async, kTilesAhead tiles ahead of the
 // compute. S = Q.K^T is one chain of wgmma reading both operands from shared memory; after the
-// row maxima and the all-rows skip decision, P goes from the accumulators straight into the
-// register A operand of the P.V wgmma, which reads V (MN-major) from shared memory.
+// row maxima and the all-rows skip decision, P goes from the accumulators into the register A
+// operand of the P.V wgmma, which reads V (MN-major) from shared memory. A kept tile's P.V is
+// issued with the next tile's Q.K^T and runs while the warpgroup computes that tile's softmax
+// (the tensor cores stay busy through the exponentials).
 //
 // Template instances are listed by pysparse_attn/backends/cupy.py (NVRTC name expressions) and
 // by pysparse_attn/backends/compile_check.py (nvcc, sm_90a).
@@ -72,10 +74,12 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_
     const int first_query = query_tile * BLOCK_Q;
     const int warp_row = warp * 16;  // warp w of warpgroup g owns rows 64g + 16w ..
 
-    // Prologue: Q with the first tile, then the next kStages - 2 tiles, one copy group each.
-    load_tile_async<Traits, BLOCK_Q>(q_tile, q_slab, q_row_stride, first_query, n_queries);
+    // Prologue: Q with the first tile, then up to kAhead - 1 more tiles, one copy group each.
+    constexpr int kAhead = Traits::kTilesAhead;
 #pragma unroll
-    for (int stage = 0; stage < kStages - 1; ++stage) {
+    for (int stage = 0; stage < kAhead; ++stage) {
+        if (stage == 0)
+            load_tile_async<Traits, BLOCK_Q>(q_tile, q_slab, q_row_stride, first_query, n_queries);
         if (stage < n_visit) {
             const int tile = visit_list[stage];
             load_tile_async<Traits, kBlockK>(k_tiles + stage * Traits::kKvElements, k_slab,
@@ -103,18 +107,34 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_
         for (int e = 0; e < 4; ++e) o[db][e] = 0.f;
     RowState state;
     state.init();
+    // P of the last kept tile, whose P.V is issued together with the next tile's Q.K^T so that
+    // the tensor cores run it while this warpgroup does the next softmax.
+    unsigned p[Traits::kKeySteps][4];
+    bool pv_pending = false;
+    unsigned pv_stage = 0;
+
+    // The vote keeps the condition visibly warp-uniform: a wgmma under a branch ptxas thinks
+    // divergent gets every wgmma of the kernel serialized (C7520). The fence orders the
+    // writes of p and o before the wgmma reads them (ptxas would inject it otherwise, C7519).
+    auto issue_pv = [&](unsigned v_stage) {
+        warpgroup_fence();
+#pragma unroll
+        for (int kstep = 0; kstep < Traits::kKeySteps; ++kstep)
+            Warpgroup<Element, HEAD_DIM>::rs_transposed_b(
+                o, p[kstep], sw128_descriptor(v_stage + kstep * 16 * 128, Traits::kKvPanelBytes));
+    };
 
     for (int step = 0; step < n_visit; ++step) {
         const int key_tile = visit_list[step];
         const int stage = step % kStages;
-        copy_async_wait<kStages - 2>();
+        copy_async_wait<kAhead - 1>();
         fence_generic_to_async_shared();
-        // This step's K/V have landed for every thread, and every warpgroup is done with the
-        // stage the prefetch below overwrites (it held step - 1).
+        // This step's K/V have landed for every thread, and every warpgroup has finished the
+        // P.V that read the stage the prefetch below overwrites (it held step - 2).
         __syncthreads();
-        if (step + kStages - 1 < n_visit) {
-            const int tile = visit_list[step + kStages - 1];
-            const int target = (step + kStages - 1) % kStages;
+        if (step + kAhead < n_visit) {
+            const int tile = visit_list[step + kAhead];
+            const int target = (step + kAhead) % kStages;
             load_tile_async<Traits, kBlockK>(k_tiles + target * Traits::kKvElements, k_slab,
                                              k_row_stride, tile * kBlockK, n_keys);
             load_tile_async<Traits, kBlockK>(v_tiles + target * Traits::kKvElements, v_slab,
@@ -123,22 +143,23 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_
         copy_async_commit();
 
         // S = Q.K^T (raw dot products, fp32), K-major operands, one k16 step per 32 bytes of a
-        // 128-byte panel row.
+        // 128-byte panel row; then the previous kept tile's P.V, in a second group.
         float s[kKeyBlocks][4];
         const unsigned k_stage = k_base + stage * kKvBytes;
         warpgroup_fence();
         pin_accumulator(s);
+        pin_accumulator(o);
 #pragma unroll
         for (int ks = 0; ks < Traits::kDimSteps; ++ks) {
             const unsigned panel = ks >> 2, within = (ks & 3) * 32;
             Warpgroup<Element, kBlockK>::ss(
-                s,
-                sw128_descriptor(q_base + panel * Traits::kQPanelBytes + within, 16),
-                sw128_descriptor(k_stage + panel * Traits::kKvPanelBytes + within, 16),
-                ks > 0);
+                s, sw128_descriptor(q_base + panel * Traits::kQPanelBytes + within, 16),
+                sw128_descriptor(k_stage + panel * Traits::kKvPanelBytes + within, 16), ks > 0);
         }
         warpgroup_commit();
-        warpgroup_wait<0>();
+        if (__all_sync(0xffffffffu, pv_pending)) issue_pv(v_base + pv_stage * kKvBytes);
+        warpgroup_commit();
+        warpgroup_wait<1>();
         pin_accumulator(s);
 
         const int valid_keys = min(kBlockK, n_keys - key_tile * kBlockK);
@@ -148,6 +169,7 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_
 #pragma unroll
         for (int r = 0; r < 2; ++r) tile_max2[r] *= scale_log2;  // scale > 0: max commutes
 
+        bool skip = false;
         if (Rule::kCanSkip && step > 0) {
             float added[2];
             bool may_skip = true;
@@ -163,23 +185,25 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_
                 may_skip &= !row_valid[r] || Rule::may_skip(tile_max2[r], state.max2[r],
                                                              state.sum[r], state.skipped[r],
                                                              added[r], rule_param);
-            if (__syncthreads_and(may_skip)) {
+            skip = __syncthreads_and(may_skip);
+            if (skip) {
 #pragma unroll
                 for (int r = 0; r < 2; ++r) state.skipped[r] += added[r];
-                if (want_stats && threadIdx.x == 0) visited[stats_row + key_tile] = 1;
-                continue;
             }
         }
         if (want_stats && threadIdx.x == 0) {
             visited[stats_row + key_tile] = 1;
-            kept[stats_row + key_tile] = 1;
+            if (!skip) kept[stats_row + key_tile] = 1;
         }
-
-        keep_tile<Rule::kNeedsRowSum>(s, tile_max2, scale_log2, state, o);
-
-        // O += P.V: P from the accumulators in the A-fragment layout (two n8 blocks = one k16
-        // step), V MN-major: 16 keys = 2048 bytes of each 64-column panel per step.
-        unsigned p[Traits::kKeySteps][4];
+        float alpha[2];
+        if (!skip) softmax_tile<Rule::kNeedsRowSum>(s, tile_max2, scale_log2, state, alpha);
+        // The previous P.V has to finish before O is rescaled and before p is overwritten.
+        warpgroup_wait<0>();
+        pin_accumulator(o);
+        pv_pending = !skip;
+        if (skip) continue;
+        rescale_output(o, alpha);
+        pv_stage = stage;
 #pragma unroll
         for (int kstep = 0; kstep < Traits::kKeySteps; ++kstep) {
             p[kstep][0] = Element::pack(s[2 * kstep][0], s[2 * kstep][1]);
@@ -187,13 +211,10 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_
             p[kstep][2] = Element::pack(s[2 * kstep + 1][0], s[2 * kstep + 1][1]);
             p[kstep][3] = Element::pack(s[2 * kstep + 1][2], s[2 * kstep + 1][3]);
         }
-        const unsigned v_stage = v_base + stage * kKvBytes;
-        warpgroup_fence();
+    }
+    if (__all_sync(0xffffffffu, pv_pending)) {
         pin_accumulator(o);
-#pragma unroll
-        for (int kstep = 0; kstep < Traits::kKeySteps; ++kstep)
-            Warpgroup<Element, HEAD_DIM>::rs_transposed_b(
-                o, p[kstep], sw128_descriptor(v_stage + kstep * 16 * 128, Traits::kKvPanelBytes));
+        issue_pv(v_base + pv_stage * kKvBytes);
         warpgroup_commit();
         warpgroup_wait<0>();
         pin_accumulator(o);

@@ -65,17 +65,18 @@ __device__ __forceinline__ void tile_row_mass(const float (&s)[KEY_BLOCKS][4], f
     }
 }
 
-// Keep a tile: move the running max, turn S into P = exp2(s2 - max2) in place, rescale the sum,
-// the skipped-mass bound and the output accumulator. With FULL_ROW_SUM false the sum stays a
+// Keep a tile, statistics part: move the running max, turn S into P = exp2(s2 - max2) in
+// place, rescale the sum and the skipped-mass bound; `alpha` is the factor the output
+// accumulator must be scaled by (rescale_output). With FULL_ROW_SUM false the sum stays a
 // per-lane partial (reduced once at the end), which saves two shuffles a row per tile.
-template <bool FULL_ROW_SUM, int KEY_BLOCKS, int DIM_BLOCKS>
-__device__ __forceinline__ void keep_tile(float (&s)[KEY_BLOCKS][4], const float (&tile_max2)[2],
-                                          float scale_log2, RowState& state,
-                                          float (&out)[DIM_BLOCKS][4]) {
+template <bool FULL_ROW_SUM, int KEY_BLOCKS>
+__device__ __forceinline__ void softmax_tile(float (&s)[KEY_BLOCKS][4], const float (&tile_max2)[2],
+                                             float scale_log2, RowState& state,
+                                             float (&alpha)[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const float new_max = fmaxf(state.max2[r], tile_max2[r]);
-        const float alpha = fast_exp2(state.max2[r] - new_max);
+        alpha[r] = fast_exp2(state.max2[r] - new_max);
         float row_sum = 0.f;
 #pragma unroll
         for (int nb = 0; nb < KEY_BLOCKS; ++nb) {
@@ -84,15 +85,31 @@ __device__ __forceinline__ void keep_tile(float (&s)[KEY_BLOCKS][4], const float
             row_sum += s[nb][2 * r] + s[nb][2 * r + 1];
         }
         if (FULL_ROW_SUM) row_sum = quad_sum(row_sum);
-        state.sum[r] = state.sum[r] * alpha + row_sum;
-        state.skipped[r] *= alpha;
+        state.sum[r] = state.sum[r] * alpha[r] + row_sum;
+        state.skipped[r] *= alpha[r];
         state.max2[r] = new_max;
-#pragma unroll
-        for (int db = 0; db < DIM_BLOCKS; ++db) {
-            out[db][2 * r] *= alpha;
-            out[db][2 * r + 1] *= alpha;
-        }
     }
+}
+
+template <int DIM_BLOCKS>
+__device__ __forceinline__ void rescale_output(float (&out)[DIM_BLOCKS][4], const float (&alpha)[2]) {
+#pragma unroll
+    for (int db = 0; db < DIM_BLOCKS; ++db) {
+        out[db][0] *= alpha[0];
+        out[db][1] *= alpha[0];
+        out[db][2] *= alpha[1];
+        out[db][3] *= alpha[1];
+    }
+}
+
+// Keep a tile: statistics, then the output rescale.
+template <bool FULL_ROW_SUM, int KEY_BLOCKS, int DIM_BLOCKS>
+__device__ __forceinline__ void keep_tile(float (&s)[KEY_BLOCKS][4], const float (&tile_max2)[2],
+                                          float scale_log2, RowState& state,
+                                          float (&out)[DIM_BLOCKS][4]) {
+    float alpha[2];
+    softmax_tile<FULL_ROW_SUM>(s, tile_max2, scale_log2, state, alpha);
+    rescale_output(out, alpha);
 }
 
 }  // namespace psa

@@ -21,9 +21,11 @@ struct WarpgroupTileTraits {
     static constexpr int kDimBlocks = HEAD_DIM / 8;      // n8 blocks of O
     static constexpr int kDimSteps = HEAD_DIM / 16;      // k16 steps of Q.K^T
     static constexpr int kKeySteps = BLOCK_K / 16;       // k16 steps of P.V
-    // K/V ring depth: tiles in flight ahead of the one being computed is kStages - 1. The
-    // 64-row instance keeps two stages so that two CTAs share an SM.
-    static constexpr int kStages = BLOCK_Q == 128 ? 3 : 2;
+    // K/V ring: a tile's V is read until the next tile's step (its P.V overlaps that softmax),
+    // so kStages - 2 tiles can be in flight ahead of the one computed. The 64-row instance
+    // keeps three stages so that two CTAs still share an SM at D = 128.
+    static constexpr int kStages = BLOCK_Q == 128 ? 4 : 3;
+    static constexpr int kTilesAhead = kStages - 2;
 
     // Shared memory, in 16-bit elements: Q, then kStages K tiles, then kStages V tiles; every
     // tile starts on a 1024-byte boundary (the swizzle atom), given a 1024-aligned base.

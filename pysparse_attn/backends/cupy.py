@@ -249,7 +249,7 @@ def _shared_bytes(head_dim, block_q, block_k=64):
 def _shared_bytes_sm90(head_dim, block_q, block_k=64):
     """Shared memory of one wgmma CTA (gpu/tile_traits_sm90.cuh): Q, a ring of K and V tiles,
     and 1024 bytes to align the swizzle atoms."""
-    stages = 3 if block_q == 128 else 2
+    stages = 4 if block_q == 128 else 3
     return 2 * (block_q * head_dim + 2 * stages * block_k * head_dim) + 1024
 
 
