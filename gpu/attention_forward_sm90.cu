@@ -132,15 +132,6 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_
         // This step's K/V have landed for every thread, and every warpgroup has finished the
         // P.V that read the stage the prefetch below overwrites (it held step - 2).
         __syncthreads();
-        if (step + kAhead < n_visit) {
-            const int tile = visit_list[step + kAhead];
-            const int target = (step + kAhead) % kStages;
-            load_tile_async<Traits, kBlockK>(k_tiles + target * Traits::kKvElements, k_slab,
-                                             k_row_stride, tile * kBlockK, n_keys);
-            load_tile_async<Traits, kBlockK>(v_tiles + target * Traits::kKvElements, v_slab,
-                                             v_row_stride, tile * kBlockK, n_keys);
-        }
-        copy_async_commit();
 
         // S = Q.K^T (raw dot products, fp32), K-major operands, one k16 step per 32 bytes of a
         // 128-byte panel row; then the previous kept tile's P.V, in a second group.
@@ -159,6 +150,16 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_
         warpgroup_commit();
         if (__all_sync(0xffffffffu, pv_pending)) issue_pv(v_base + pv_stage * kKvBytes);
         warpgroup_commit();
+        // The prefetch is issued while the tensor cores work on the two groups above.
+        if (step + kAhead < n_visit) {
+            const int tile = visit_list[step + kAhead];
+            const int target = (step + kAhead) % kStages;
+            load_tile_async<Traits, kBlockK>(k_tiles + target * Traits::kKvElements, k_slab,
+                                             k_row_stride, tile * kBlockK, n_keys);
+            load_tile_async<Traits, kBlockK>(v_tiles + target * Traits::kKvElements, v_slab,
+                                             v_row_stride, tile * kBlockK, n_keys);
+        }
+        copy_async_commit();
         warpgroup_wait<1>();
         pin_accumulator(s);
 

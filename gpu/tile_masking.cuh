@@ -15,15 +15,22 @@ __device__ __forceinline__ void load_tile_async(unsigned short* tile, const unsi
                                                 int total_rows) {
     constexpr int kChunks = ROWS * Traits::kChunksPerRow;
     static_assert(kChunks % Traits::kThreads == 0, "every thread copies the same chunk count");
+    // A thread keeps its chunk column and steps down kRowStep rows per copy; with kRowStep a
+    // multiple of 8 the swizzle pattern repeats, so every copy is the first one plus a constant
+    // (one add for each address instead of a full index computation).
+    constexpr int kRowStep = Traits::kThreads / Traits::kChunksPerRow;
+    static_assert(kRowStep % 8 == 0, "row step keeps the swizzle phase");
+    constexpr int kSharedStep = 2 * Traits::template tile_offset<ROWS>(kRowStep, 0);  // bytes
+    const int row = threadIdx.x / Traits::kChunksPerRow;
+    const int chunk = threadIdx.x % Traits::kChunksPerRow;
+    const unsigned destination =
+        shared_address(tile) + 2 * Traits::template tile_offset<ROWS>(row, chunk);
+    const unsigned short* source = slab + (long long)(first_row + row) * row_stride + chunk * 8;
+    const long long source_step = kRowStep * row_stride;
 #pragma unroll
     for (int i = 0; i < kChunks / Traits::kThreads; ++i) {
-        const int index = i * Traits::kThreads + threadIdx.x;
-        const int row = index / Traits::kChunksPerRow;
-        const int chunk = index % Traits::kChunksPerRow;
-        const bool valid = first_row + row < total_rows;
-        const unsigned short* source =
-            slab + (valid ? (long long)(first_row + row) * row_stride + chunk * 8 : 0);
-        copy_async_16(shared_address(tile + Traits::template tile_offset<ROWS>(row, chunk)), source,
+        const bool valid = first_row + row + i * kRowStep < total_rows;
+        copy_async_16(destination + i * kSharedStep, valid ? source + i * source_step : slab,
                       valid ? 16 : 0);
     }
 }

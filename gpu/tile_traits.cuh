@@ -37,12 +37,12 @@ struct TileTraits {
 
     // Element offset of 16-byte chunk `chunk` of row `row`. XOR-ing the chunk with the row's
     // low three bits puts the eight rows an ldmatrix reads into eight different bank groups.
-    __device__ static __forceinline__ int swizzle(int row, int chunk) {
+    __host__ __device__ static constexpr int swizzle(int row, int chunk) {
         return row * HEAD_DIM + ((chunk ^ (row & 7)) << 3);
     }
     // The loader's view (gpu/tile_masking.cuh): a tile of any row count uses the same swizzle.
     template <int ROWS>
-    __device__ static __forceinline__ int tile_offset(int row, int chunk) {
+    __host__ __device__ static constexpr int tile_offset(int row, int chunk) {
         return swizzle(row, chunk);
     }
 };

@@ -41,7 +41,7 @@ struct WarpgroupTileTraits {
     // each; inside a panel, chunk c of row r sits at c ^ (r % 8): the SW128 pattern wgmma
     // expects, and conflict-free for the 16-byte cp.async stores.
     template <int ROWS>
-    __device__ static __forceinline__ int tile_offset(int row, int chunk) {
+    __host__ __device__ static constexpr int tile_offset(int row, int chunk) {
         return (chunk >> 3) * ROWS * 64 + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
     }
     // Bytes between the 64-column panels of the Q tile and of a K/V tile.
