@@ -2,9 +2,9 @@
 //
 // Same contract, arguments and skip logic as attention_forward.cu (the sm_80 mma.sync kernel);
 // what changes is the matrix engine. One CTA per (query tile, head, batch) with one warpgroup
-// per 64 query rows. Q stays in shared memory for the whole CTA; K and V stream through a ring
+// per 64 query rows. Q is loaded once into registers; K and V stream through a ring
 // of kStages 128-byte-swizzled shared tiles filled by cp.async, kTilesAhead tiles ahead of the
-// compute. S = Q.K^T is one chain of wgmma reading both operands from shared memory; after the
+// compute. S = Q.K^T is one chain of wgmma reading K from shared memory; after the
 // row maxima and the all-rows skip decision, P goes from the accumulators into the register A
 // operand of the P.V wgmma, which reads V (MN-major) from shared memory. A kept tile's P.V is
 // issued with the next tile's Q.K^T and runs while the warpgroup computes that tile's softmax
@@ -59,7 +59,6 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_
     const int kv_head = head / head_group;
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
-    const int warpgroup = warp >> 2;
     const int n_query_tiles = gridDim.x;
     const int n_key_tiles = (n_keys + kBlockK - 1) / kBlockK;
 
@@ -95,7 +94,6 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_
     for (int r = 0; r < 2; ++r)
         row_valid[r] = first_query + warp_row + (lane >> 2) + 8 * r < n_queries;
 
-    const unsigned q_base = shared_address(q_tile) + warpgroup * 64 * 128;
     const unsigned k_base = shared_address(k_tiles);
     const unsigned v_base = shared_address(v_tiles);
     constexpr unsigned kKvBytes = 2 * Traits::kKvElements;
@@ -110,6 +108,9 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_
     // P of the last kept tile, whose P.V is issued together with the next tile's Q.K^T so that
     // the tensor cores run it while this warpgroup does the next softmax.
     unsigned p[Traits::kKeySteps][4];
+    // Q as the register A operand of Q.K^T (loaded once, after the first barrier): the wgmma
+    // then reads only K from shared memory, whose bandwidth two warpgroups otherwise saturate.
+    unsigned q_fragments[Traits::kDimSteps][4];
     bool pv_pending = false;
     unsigned pv_stage = 0;
 
@@ -132,6 +133,13 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_
         // This step's K/V have landed for every thread, and every warpgroup has finished the
         // P.V that read the stage the prefetch below overwrites (it held step - 2).
         __syncthreads();
+        if (step == 0) {
+#pragma unroll
+            for (int ks = 0; ks < Traits::kDimSteps; ++ks)
+                load_matrix_x4(q_fragments[ks],
+                               shared_address(q_tile + Traits::template tile_offset<BLOCK_Q>(
+                                                           warp_row + (lane & 15), ks * 2 + (lane >> 4))));
+        }
 
         // S = Q.K^T (raw dot products, fp32), K-major operands, one k16 step per 32 bytes of a
         // 128-byte panel row; then the previous kept tile's P.V, in a second group.
@@ -143,8 +151,8 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_
 #pragma unroll
         for (int ks = 0; ks < Traits::kDimSteps; ++ks) {
             const unsigned panel = ks >> 2, within = (ks & 3) * 32;
-            Warpgroup<Element, kBlockK>::ss(
-                s, sw128_descriptor(q_base + panel * Traits::kQPanelBytes + within, 16),
+            Warpgroup<Element, kBlockK>::rs(
+                s, q_fragments[ks],
                 sw128_descriptor(k_stage + panel * Traits::kKvPanelBytes + within, 16), ks > 0);
         }
         warpgroup_commit();
