@@ -2,9 +2,9 @@
 //
 // Same contract, arguments and skip logic as attention_forward.cu (the sm_80 mma.sync kernel);
 // what changes is the matrix engine. One CTA per (query tile, head, batch) with one warpgroup
-// per 64 query rows. Q is loaded once into registers; K and V stream through a ring
+// per 64 query rows. Q is loaded once (into registers at D = 128); K and V stream through a ring
 // of kStages 128-byte-swizzled shared tiles filled by cp.async, kTilesAhead tiles ahead of the
-// compute. S = Q.K^T is one chain of wgmma reading K from shared memory; after the
+// compute. S = Q.K^T is one chain of wgmma reading K (and Q at D = 64) from shared memory; after the
 // row maxima and the all-rows skip decision, P goes from the accumulators into the register A
 // operand of the P.V wgmma, which reads V (MN-major) from shared memory. A kept tile's P.V is
 // issued with the next tile's Q.K^T and runs while the warpgroup computes that tile's softmax
@@ -24,7 +24,8 @@
 namespace psa {
 
 template <class Element, int HEAD_DIM, int BLOCK_Q, class Rule>
-__global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_forward_sm90(
+__global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 || HEAD_DIM == 64 ? 2 : 1)
+attention_forward_sm90(
     const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
     const unsigned short* __restrict__ v, unsigned short* __restrict__ out,
     long long q_batch_stride, long long q_head_stride, long long q_row_stride,
@@ -108,9 +109,13 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_
     // P of the last kept tile, whose P.V is issued together with the next tile's Q.K^T so that
     // the tensor cores run it while this warpgroup does the next softmax.
     unsigned p[Traits::kKeySteps][4];
-    // Q as the register A operand of Q.K^T (loaded once, after the first barrier): the wgmma
-    // then reads only K from shared memory, whose bandwidth two warpgroups otherwise saturate.
-    unsigned q_fragments[Traits::kDimSteps][4];
+    // At D = 128, Q is the register A operand of Q.K^T (loaded once, after the first barrier),
+    // so the wgmma reads only K from shared memory (64x64 tiles: 17.96 -> 17.16 ms, 128x64
+    // unchanged). At D = 64 the 32 extra registers cost the second CTA per SM (128x64: 9.1 ->
+    // 11.9 ms), so Q is read from shared memory there.
+    constexpr bool kQInRegisters = HEAD_DIM == 128;
+    unsigned q_fragments[kQInRegisters ? Traits::kDimSteps : 1][4];
+    const unsigned q_base = shared_address(q_tile) + (warp >> 2) * 64 * 128;
     bool pv_pending = false;
     unsigned pv_stage = 0;
 
@@ -133,10 +138,10 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_
         // This step's K/V have landed for every thread, and every warpgroup has finished the
         // P.V that read the stage the prefetch below overwrites (it held step - 2).
         __syncthreads();
-        if (step == 0) {
+        if (kQInRegisters && step == 0) {
 #pragma unroll
             for (int ks = 0; ks < Traits::kDimSteps; ++ks)
-                load_matrix_x4(q_fragments[ks],
+                load_matrix_x4(q_fragments[kQInRegisters ? ks : 0],
                                shared_address(q_tile + Traits::template tile_offset<BLOCK_Q>(
                                                            warp_row + (lane & 15), ks * 2 + (lane >> 4))));
         }
@@ -151,9 +156,15 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 ? 2 : 1) attention_
 #pragma unroll
         for (int ks = 0; ks < Traits::kDimSteps; ++ks) {
             const unsigned panel = ks >> 2, within = (ks & 3) * 32;
-            Warpgroup<Element, kBlockK>::rs(
-                s, q_fragments[ks],
-                sw128_descriptor(k_stage + panel * Traits::kKvPanelBytes + within, 16), ks > 0);
+            const unsigned long long k_descriptor =
+                sw128_descriptor(k_stage + panel * Traits::kKvPanelBytes + within, 16);
+            if (kQInRegisters)
+                Warpgroup<Element, kBlockK>::rs(s, q_fragments[kQInRegisters ? ks : 0],
+                                                k_descriptor, ks > 0);
+            else
+                Warpgroup<Element, kBlockK>::ss(
+                    s, sw128_descriptor(q_base + panel * Traits::kQPanelBytes + within, 16),
+                    k_descriptor, ks > 0);
         }
         warpgroup_commit();
         if (__all_sync(0xffffffffu, pv_pending)) issue_pv(v_base + pv_stage * kKvBytes);
