@@ -113,6 +113,23 @@ def time_ms(cupy, fn, reps=10, warmup=2):
     return float(np.median(times)), float(np.min(times)), float(np.max(times))
 
 
+def time_ms_queued(cupy, fn, reps=20, warmup=3):
+    """Median milliseconds of ``fn()`` with every run queued back to back (events around each,
+    one synchronisation at the end), as ``triton.testing.do_bench`` times: the host enqueues
+    ahead of the GPU, so launch overhead shows only where the host is the slower side."""
+    for _ in range(warmup):
+        fn()
+    cupy.cuda.runtime.deviceSynchronize()
+    events = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(reps)]
+    for start, stop in events:
+        start.record()
+        fn()
+        stop.record()
+    events[-1][1].synchronize()
+    times = [cupy.cuda.get_elapsed_time(start, stop) for start, stop in events]
+    return float(np.median(times)), float(np.min(times)), float(np.max(times))
+
+
 def tflops(B, H, Nq, Nk, D, ms):
     return 4.0 * B * H * Nq * Nk * D / (ms * 1e-3) / 1e12
 
@@ -311,13 +328,24 @@ def step_time(log, records, quick, dense_only=False):
     plan_ms = time_ms(cupy, lambda: backend.build_plan(cupy, q, k, TopK(ratio=0.05), "natural",
                                                        4, block, scale), reps=reps)
     plan = backend.build_plan(cupy, q, k, TopK(ratio=0.05), "natural", 4, block, scale)
+    plan_queued_ms = time_ms_queued(cupy, lambda: backend.build_plan(
+        cupy, q, k, TopK(ratio=0.05), "natural", 4, block, scale))
+    means_ms = time_ms_queued(cupy, lambda: (backend._tile_means(cupy, q, block[0], scale),
+                                             backend._tile_means(cupy, k, block[1], 1.0)))
+    scores_ms = time_ms_queued(cupy, lambda: backend.fused_block_scores(q, k, block, scale))
+    record(what="topk 0.05 plan breakdown", shape=target, impl="ours 128x64",
+           plan_sync_ms=plan_ms[0], plan_queued_ms=plan_queued_ms[0],
+           tile_means_queued_ms=means_ms[0], block_scores_queued_ms=scores_ms[0],
+           select_queued_ms_by_difference=plan_queued_ms[0] - scores_ms[0])
     kernel_ms = time_ms(cupy, lambda: ours(q, k, v, plan), reps=reps)
+    kernel_queued_ms = time_ms_queued(cupy, lambda: ours(q, k, v, plan))
     dense_plan = backend.build_plan(cupy, q, k, None, "natural", 4, block, scale)
     dense_ms = time_ms(cupy, lambda: ours(q, k, v, dense_plan), reps=reps)
     dense_out = ours(q, k, v, dense_plan)[0]
     out, _, kept, _, _ = ours(q, k, v, plan, want_stats=True)
     record(what="topk 0.05", shape=target, impl="ours 128x64", plan_ms=plan_ms[0],
-           ms=kernel_ms[0], dense_ms=dense_ms[0], sparsity=1 - float(kept.mean()),
+           plan_queued_ms=plan_queued_ms[0], ms=kernel_ms[0], queued_ms=kernel_queued_ms[0],
+           dense_ms=dense_ms[0], sparsity=1 - float(kept.mean()),
            rel_l2_vs_dense=rel_l2(cupy, out, dense_out),
            recall_min_mean=sampled_recall(cupy, q, k, kept, block, scale))
 
