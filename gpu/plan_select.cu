@@ -2,6 +2,8 @@
 // query tile the ordered visit list of TopK / TopP / dense-by-score, with no host round trip.
 //
 //   tile_means:   mean of each tile's valid rows, fp32, times a factor (the logit scale for q).
+//   block_scores: q-tile means . (k-tile means - their mean over tiles), 16 x 16 blocks of
+//                 scores per step from shared memory, one CTA per 16 query tiles of a kv head.
 //   select_tiles: one CTA per query tile sorts its nk scores (bitonic, in shared memory;
 //                 descending score, ties to the lower tile index), keeps the TopK count or the
 //                 TopP prefix, and writes the kept tiles in natural, score or peak order.
@@ -44,6 +46,67 @@ __global__ void __launch_bounds__((HEAD_DIM / 8) * ROW_GROUPS) tile_means(
         const long long tile_index =
             ((long long)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
         means[tile_index * HEAD_DIM + d] = total * (factor / rows);
+    }
+}
+
+// grid (ceil(group * nq / 16), Hkv, B), 256 threads. Rows of q_means are taken kv-head-grouped
+// (the `group` query heads sharing kv head h are rows h*group*nq ...), as GQA shares k_means.
+template <int HEAD_DIM>
+__global__ void __launch_bounds__(256) block_scores(const float* __restrict__ q_means,
+                                                    const float* __restrict__ k_means, int nq,
+                                                    int nk, int group,
+                                                    float* __restrict__ scores) {
+    constexpr int kRows = 16;
+    constexpr int kParts = 256 / HEAD_DIM;
+    __shared__ float centre_parts[kParts][HEAD_DIM];
+    __shared__ float centre[HEAD_DIM];
+    // +1 column: the 16 k rows a warp reads at one d fall in 16 different banks.
+    __shared__ float q_rows[kRows][HEAD_DIM + 1];
+    __shared__ float k_rows[kRows][HEAD_DIM + 1];
+    const int tid = threadIdx.x;
+    const long long kv = (long long)blockIdx.z * gridDim.y + blockIdx.y;
+    const float* k_head = k_means + kv * nk * HEAD_DIM;
+    {  // centre = mean over key tiles, in a fixed order (the plan must be reproducible)
+        const int d = tid % HEAD_DIM, part = tid / HEAD_DIM;
+        float sum = 0.f;
+        for (int j = part; j < nk; j += kParts) sum += k_head[(long long)j * HEAD_DIM + d];
+        centre_parts[part][d] = sum;
+    }
+    const int grouped_rows = group * nq;
+    const int first_row = blockIdx.x * kRows;
+    for (int e = tid; e < kRows * HEAD_DIM; e += 256) {
+        const int i = e / HEAD_DIM, d = e % HEAD_DIM, row = first_row + i;
+        float value = 0.f;
+        if (row < grouped_rows) {
+            const long long head = (long long)blockIdx.y * group + row / nq;
+            value = q_means[(((long long)blockIdx.z * gridDim.y * group + head) * nq + row % nq) *
+                                HEAD_DIM + d];
+        }
+        q_rows[i][d] = value;
+    }
+    __syncthreads();
+    if (tid < HEAD_DIM) {
+        float sum = 0.f;
+#pragma unroll
+        for (int p = 0; p < kParts; ++p) sum += centre_parts[p][tid];
+        centre[tid] = sum / nk;
+    }
+    const int i = tid / kRows, jj = tid % kRows, row = first_row + i;
+    for (int j0 = 0; j0 < nk; j0 += kRows) {
+        __syncthreads();  // centre is ready; the previous block of k rows is consumed
+        for (int e = tid; e < kRows * HEAD_DIM; e += 256) {
+            const int r = e / HEAD_DIM, d = e % HEAD_DIM;
+            k_rows[r][d] = j0 + r < nk ? k_head[(long long)(j0 + r) * HEAD_DIM + d] - centre[d] : 0.f;
+        }
+        __syncthreads();
+        float dot = 0.f;
+#pragma unroll 16
+        for (int d = 0; d < HEAD_DIM; ++d) dot = fmaf(q_rows[i][d], k_rows[jj][d], dot);
+        if (row < grouped_rows && j0 + jj < nk) {
+            const long long head = (long long)blockIdx.y * group + row / nq;
+            scores[(((long long)blockIdx.z * gridDim.y * group + head) * nq + row % nq) * nk + j0 +
+                   jj] = dot;
+        }
     }
 }
 
@@ -135,17 +198,31 @@ __global__ void select_tiles(const float* __restrict__ scores, int n_key_tiles, 
 
     int* row_visit = visit + row * max_count;
     if (order == kNatural) {
-        // Re-sort the kept indices ascending: equal scores, so index order decides.
+        // Kept tiles in index order: flag them, then compact the flags with a block scan
+        // (each thread a contiguous run), cheaper than a second sort.
+        int* flag = reinterpret_cast<int*>(score);
         __syncthreads();
-        for (int i = threadIdx.x; i < n_pow2; i += blockDim.x) {
-            const bool kept = i < n_keep;
-            score[i] = kept ? 0.f : __int_as_float(0xff800000);
-            if (!kept) index[i] = 0x7fffffff;
+        for (int i = threadIdx.x; i < n_pow2; i += blockDim.x) flag[i] = 0;
+        __syncthreads();
+        for (int t = threadIdx.x; t < n_keep; t += blockDim.x) flag[index[t]] = 1;
+        __syncthreads();
+        const int per_thread = (n_pow2 + blockDim.x - 1) / blockDim.x;
+        const int begin = threadIdx.x * per_thread, end = min(begin + per_thread, n_key_tiles);
+        int local = 0;
+        for (int i = begin; i < end; ++i) local += flag[i];
+        int* running = reinterpret_cast<int*>(partial);
+        running[threadIdx.x] = local;
+        __syncthreads();
+        for (int offset = 1; offset < (int)blockDim.x; offset <<= 1) {  // inclusive scan
+            const int add = threadIdx.x >= offset ? running[threadIdx.x - offset] : 0;
+            __syncthreads();
+            running[threadIdx.x] += add;
+            __syncthreads();
         }
-        __syncthreads();
-        bitonic_sort(score, index, n_pow2);
-        for (int t = threadIdx.x; t < max_count; t += blockDim.x)
-            row_visit[t] = t < n_keep ? index[t] : -1;
+        int position = running[threadIdx.x] - local;
+        for (int i = begin; i < end; ++i)
+            if (flag[i]) row_visit[position++] = i;
+        for (int t = n_keep + threadIdx.x; t < max_count; t += blockDim.x) row_visit[t] = -1;
     } else {
         const int first = order == kPeak ? min(peak, n_keep) : n_keep;
         for (int t = threadIdx.x; t < max_count; t += blockDim.x) {

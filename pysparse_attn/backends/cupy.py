@@ -103,6 +103,7 @@ _MEAN_ROW_GROUPS = {64: 16, 128: 8}  # (D / 8) * groups = 128 threads
 PLAN_INSTANCES = {
     **{("tile_means", dtype, d): f"psa::tile_means<{element}, {d}, {_MEAN_ROW_GROUPS[d]}>"
        for dtype, element in _ELEMENTS.items() for d in _HEAD_DIMS},
+    **{("block_scores", d): f"psa::block_scores<{d}>" for d in _HEAD_DIMS},
     ("select_tiles",): "psa::select_tiles",
 }
 _SELECT_THREADS = 256
@@ -394,7 +395,8 @@ def _tile_means(cupy, x, tile, factor):
 def fused_block_scores(q, k, block, scale):
     """Block scores of DESIGN.md section 3 for 16-bit CuPy inputs: float32 ``(B, Hq, nq, nk)``.
 
-    One pass over q and k (tile means in a kernel), then one small GEMM per kv head group.
+    Two kernels: the tile means of q and of k (one pass over each), then the centred products
+    (``block_scores`` in ``gpu/plan_select.cu``).
     """
     import cupy
 
@@ -402,10 +404,13 @@ def fused_block_scores(q, k, block, scale):
     Hkv = k.shape[1]
     q_means = _tile_means(cupy, q, block[0], scale)
     k_means = _tile_means(cupy, k, block[1], 1.0)
-    k_means -= k_means.mean(axis=2, keepdims=True)
     nq, nk = q_means.shape[2], k_means.shape[2]
-    grouped = q_means.reshape(B, Hkv, (Hq // Hkv) * nq, D)
-    return cupy.matmul(grouped, k_means.swapaxes(-1, -2)).reshape(B, Hq, nq, nk)
+    group = Hq // Hkv
+    scores = cupy.empty((B, Hq, nq, nk), dtype=cupy.float32)
+    kernel = _plan_module().get_function(PLAN_INSTANCES[("block_scores", D)])
+    kernel(((group * nq + 15) // 16, Hkv, B), (256,),
+           (q_means, k_means, np.int32(nq), np.int32(nk), np.int32(group), scores))
+    return scores
 
 
 def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal"):
