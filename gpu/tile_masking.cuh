@@ -30,8 +30,11 @@ __device__ __forceinline__ void load_tile_async(unsigned short* tile, const unsi
 #pragma unroll
     for (int i = 0; i < kChunks / Traits::kThreads; ++i) {
         const bool valid = first_row + row + i * kRowStep < total_rows;
-        copy_async_16(destination + i * kSharedStep, valid ? source + i * source_step : slab,
-                      valid ? 16 : 0);
+        copy_async_16(destination + i * kSharedStep, valid ? source : slab, valid ? 16 : 0);
+        source += source_step;
+        // An opaque step: otherwise every i * source_step is hoisted out of the tile loop,
+        // two registers each, which the wgmma kernel cannot spare.
+        asm volatile("" : "+l"(source));
     }
 }
 
