@@ -160,6 +160,28 @@ def sampled_recall(cupy, q, k, kept, block, scale, tiles_per_head=4, seed=0):
     return float(values.min()), float(values.mean())
 
 
+def sampled_error(cupy, q, k, v, out, block, scale, tiles_per_head=2, seed=0):
+    """Relative L2 error of ``out`` vs exact full attention (float64) on a few query tiles of
+    every head: the kernel's rounding plus whatever its skipped tiles left out."""
+    B, H, Nq, D = q.shape
+    nq = tile_count(Nq, block[0])
+    group = H // k.shape[1]
+    picks = np.random.default_rng(seed).choice(nq, size=min(tiles_per_head, nq), replace=False)
+    num = den = 0.0
+    for b in range(B):
+        kb = cupy.repeat(k[b].astype(cupy.float64), group, axis=0)
+        vb = cupy.repeat(v[b].astype(cupy.float64), group, axis=0)
+        for t in picks:
+            rows = slice(t * block[0], min((t + 1) * block[0], Nq))
+            s = scale * cupy.matmul(q[b, :, rows].astype(cupy.float64), kb.swapaxes(-1, -2))
+            p = cupy.exp(s - s.max(axis=-1, keepdims=True))
+            exact = cupy.matmul(p, vb) / p.sum(-1, keepdims=True)
+            got = out[b, :, rows].astype(cupy.float64)
+            num += float(((got - exact) ** 2).sum())
+            den += float((exact ** 2).sum())
+    return math.sqrt(num / den)
+
+
 # ---------------------------------------------------------------------------------------------
 # Steps
 
@@ -375,6 +397,9 @@ def step_time(log, records, quick, dense_only=False):
             dense_plan = backend.build_plan(cupy, q, k, None, "natural", 4, block, scale)
             dense_ms = time_ms(cupy, lambda: ours(q, k, v, dense_plan), reps=reps)
             dense_out = ours(q, k, v, dense_plan)[0]
+            record(what="dense error", shape=target, workload=f"video-like s={strength}",
+                   impl=f"ours {block[0]}x{block[1]} natural",
+                   rel_l2_vs_exact=sampled_error(cupy, q, k, v, dense_out, block, scale))
             peak_plan = backend.build_plan(cupy, q, k, None, "peak", 4, block, scale)
             for label, rule in rules:
                 ms = time_ms(cupy, lambda: ours(q, k, v, peak_plan, rule), reps=reps)
@@ -384,6 +409,7 @@ def step_time(log, records, quick, dense_only=False):
                        dense_ms=dense_ms[0], speedup=dense_ms[0] / ms[0],
                        sparsity=1 - float(kept.mean()),
                        rel_l2_vs_dense=rel_l2(cupy, out, dense_out),
+                       rel_l2_vs_exact=sampled_error(cupy, q, k, v, out, block, scale),
                        recall_bound_min=float(bound.min()),
                        recall_min_mean=sampled_recall(cupy, q, k, kept, block, scale))
             if strength != 1.0:

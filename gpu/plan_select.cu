@@ -57,8 +57,9 @@ __global__ void __launch_bounds__(256) block_scores(const float* __restrict__ q_
                                                     int nk, int group,
                                                     float* __restrict__ scores) {
     constexpr int kRows = 16;
-    constexpr int kParts = 256 / HEAD_DIM;
-    __shared__ float centre_parts[kParts][HEAD_DIM];
+    constexpr int kColumns4 = HEAD_DIM / 4;        // float4 columns of a k_means row
+    constexpr int kParts = 256 / kColumns4;        // rows summed in parallel per column
+    __shared__ float4 centre_parts[kParts][kColumns4];
     __shared__ float centre[HEAD_DIM];
     // +1 column: the 16 k rows a warp reads at one d fall in 16 different banks.
     __shared__ float q_rows[kRows][HEAD_DIM + 1];
@@ -66,11 +67,20 @@ __global__ void __launch_bounds__(256) block_scores(const float* __restrict__ q_
     const int tid = threadIdx.x;
     const long long kv = (long long)blockIdx.z * gridDim.y + blockIdx.y;
     const float* k_head = k_means + kv * nk * HEAD_DIM;
-    {  // centre = mean over key tiles, in a fixed order (the plan must be reproducible)
-        const int d = tid % HEAD_DIM, part = tid / HEAD_DIM;
-        float sum = 0.f;
-        for (int j = part; j < nk; j += kParts) sum += k_head[(long long)j * HEAD_DIM + d];
-        centre_parts[part][d] = sum;
+    {  // centre = mean over key tiles, in a fixed order (the plan must be reproducible);
+       // 16-byte loads, eight in flight per thread.
+        const int column = tid % kColumns4, part = tid / kColumns4;
+        const float4* rows = reinterpret_cast<const float4*>(k_head);
+        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+        for (int j = part; j < nk; j += kParts) {
+            const float4 x = rows[(long long)j * kColumns4 + column];
+            sum.x += x.x;
+            sum.y += x.y;
+            sum.z += x.z;
+            sum.w += x.w;
+        }
+        centre_parts[part][column] = sum;
     }
     const int grouped_rows = group * nq;
     const int first_row = blockIdx.x * kRows;
@@ -88,7 +98,7 @@ __global__ void __launch_bounds__(256) block_scores(const float* __restrict__ q_
     if (tid < HEAD_DIM) {
         float sum = 0.f;
 #pragma unroll
-        for (int p = 0; p < kParts; ++p) sum += centre_parts[p][tid];
+        for (int p = 0; p < kParts; ++p) sum += reinterpret_cast<const float*>(centre_parts[p])[tid];
         centre[tid] = sum / nk;
     }
     const int i = tid / kRows, jj = tid % kRows, row = first_row + i;
