@@ -131,10 +131,13 @@ attention_forward_sm90(
         // Tile j's K/V have landed for every thread, and the stage the prefetch below
         // overwrites (tile j - 3) has no reader left.
         bool keep_pending = pending;
-        if (Rule::kCanSkip)
-            keep_pending = pending && !__syncthreads_and(pending_vote);
-        else
+        if (Rule::kCanSkip) {
+            // Always reached by every thread (it is also step 0's data barrier).
+            const bool all_skip = __syncthreads_and(pending_vote);
+            keep_pending = pending && !all_skip;
+        } else {
             __syncthreads();
+        }
         if (pending && want_stats && threadIdx.x == 0) {
             visited[stats_row + pending_tile] = 1;
             if (keep_pending) kept[stats_row + pending_tile] = 1;
