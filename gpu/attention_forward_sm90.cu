@@ -2,13 +2,13 @@
 //
 // Same contract, arguments and skip logic as attention_forward.cu (the sm_80 mma.sync kernel);
 // what changes is the matrix engine. One CTA per (query tile, head, batch) with one warpgroup
-// per 64 query rows. Q is loaded once (into registers at D = 128); K and V stream through a
-// ring of 128-byte-swizzled shared stages filled by cp.async. S = Q.K^T is one chain of wgmma
-// reading K (and Q at D = 64) from shared memory; P goes from the accumulators into the
-// register A operand of the P.V wgmma, which reads V (MN-major) from shared memory. The loop is
-// software-pipelined (see the loop comment): one CTA barrier per tile, which also carries the
-// all-rows skip vote, and the tensor cores work on one tile's products while the warpgroup
-// computes the neighbouring tile's softmax.
+// per 64 query rows. Q is loaded once (into registers at D = 128); K and V stream through a ring
+// of kStages 128-byte-swizzled shared tiles filled by cp.async, kTilesAhead tiles ahead of the
+// compute. S = Q.K^T is one chain of wgmma reading K (and Q at D = 64) from shared memory; after the
+// row maxima and the all-rows skip decision, P goes from the accumulators into the register A
+// operand of the P.V wgmma, which reads V (MN-major) from shared memory. A kept tile's P.V is
+// issued with the next tile's Q.K^T and runs while the warpgroup computes that tile's softmax
+// (the tensor cores stay busy through the exponentials).
 //
 // Template instances are listed by pysparse_attn/backends/cupy.py (NVRTC name expressions) and
 // by pysparse_attn/backends/compile_check.py (nvcc, sm_90a).
@@ -24,7 +24,7 @@
 namespace psa {
 
 template <class Element, int HEAD_DIM, int BLOCK_Q, class Rule>
-__global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 && HEAD_DIM == 64 ? 2 : 1)
+__global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 || HEAD_DIM == 64 ? 2 : 1)
 attention_forward_sm90(
     const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
     const unsigned short* __restrict__ v, unsigned short* __restrict__ out,
@@ -50,8 +50,9 @@ attention_forward_sm90(
     unsigned short* shared = reinterpret_cast<unsigned short*>(
         shared_raw + ((Traits::kAlignment - (raw_address & (Traits::kAlignment - 1))) &
                       (Traits::kAlignment - 1)));
-    unsigned short* q_tile = shared + Traits::kQOffset;
-    unsigned short* stages = shared + Traits::kStagesOffset;  // stage s: K, then V
+    unsigned short* q_tile = shared;
+    unsigned short* k_tiles = shared + Traits::kKOffset;
+    unsigned short* v_tiles = shared + Traits::kVOffset;
 
     const int query_tile = blockIdx.x;
     const int head = blockIdx.y;
@@ -73,21 +74,19 @@ attention_forward_sm90(
     const int first_query = query_tile * BLOCK_Q;
     const int warp_row = warp * 16;  // warp w of warpgroup g owns rows 64g + 16w ..
 
-    auto load_stage = [&](int stage, int tile) {
-        load_tile_async<Traits, kBlockK>(stages + stage * Traits::kStageElements, k_slab,
-                                         k_row_stride, tile * kBlockK, n_keys);
-        load_tile_async<Traits, kBlockK>(stages + stage * Traits::kStageElements +
-                                             Traits::kKvElements,
-                                         v_slab, v_row_stride, tile * kBlockK, n_keys);
-    };
-
     // Prologue: Q with the first tile, then up to kAhead - 1 more tiles, one copy group each.
     constexpr int kAhead = Traits::kTilesAhead;
 #pragma unroll
     for (int stage = 0; stage < kAhead; ++stage) {
         if (stage == 0)
             load_tile_async<Traits, BLOCK_Q>(q_tile, q_slab, q_row_stride, first_query, n_queries);
-        if (stage < n_visit) load_stage(stage, visit_list[stage]);
+        if (stage < n_visit) {
+            const int tile = visit_list[stage];
+            load_tile_async<Traits, kBlockK>(k_tiles + stage * Traits::kKvElements, k_slab,
+                                             k_row_stride, tile * kBlockK, n_keys);
+            load_tile_async<Traits, kBlockK>(v_tiles + stage * Traits::kKvElements, v_slab,
+                                             v_row_stride, tile * kBlockK, n_keys);
+        }
         copy_async_commit();
     }
 
@@ -96,12 +95,9 @@ attention_forward_sm90(
     for (int r = 0; r < 2; ++r)
         row_valid[r] = first_query + warp_row + (lane >> 2) + 8 * r < n_queries;
 
-    constexpr bool kQInRegisters = Traits::kQInRegisters;
-    unsigned q_fragments[kQInRegisters ? Traits::kDimSteps : 1][4];
-    const unsigned q_base = shared_address(q_tile) + (warp >> 2) * 64 * 128;
-    const unsigned stages_base = shared_address(stages);
-    constexpr unsigned kStageBytes = 2 * Traits::kStageElements;
-    constexpr unsigned kVBytesOffset = 2 * Traits::kKvElements;
+    const unsigned k_base = shared_address(k_tiles);
+    const unsigned v_base = shared_address(v_tiles);
+    constexpr unsigned kKvBytes = 2 * Traits::kKvElements;
 
     float o[kDimBlocks][4];
 #pragma unroll
@@ -110,38 +106,38 @@ attention_forward_sm90(
         for (int e = 0; e < 4; ++e) o[db][e] = 0.f;
     RowState state;
     state.init();
-
-    // Software pipeline, one CTA barrier per tile. Step j: the barrier also reduces the skip
-    // vote on tile j - 1 (whose S was computed in step j - 1); Q.K^T of tile j is issued; tile
-    // j - 1's softmax runs while the tensor cores compute it; tile j - 1's P.V is issued and
-    // runs through the row maxima and vote of tile j and into step j + 1, which waits for it
-    // before rescaling O. A stage is therefore busy for three steps, so the ring holds
-    // kStages = kTilesAhead + 3 tiles.
-    float s[kKeyBlocks][4];          // S of tile j
-    float pending_s[kKeyBlocks][4];  // S of tile j - 1, awaiting the vote
-    float pending_max2[2], pending_added[2];
-    bool pending = false, pending_vote = false;
-    int pending_tile = 0, pending_stage = 0;
+    // P of the last kept tile, whose P.V is issued together with the next tile's Q.K^T so that
+    // the tensor cores run it while this warpgroup does the next softmax.
     unsigned p[Traits::kKeySteps][4];
+    // At D = 128, Q is the register A operand of Q.K^T (loaded once, after the first barrier),
+    // so the wgmma reads only K from shared memory (64x64 tiles: 17.96 -> 17.16 ms, 128x64
+    // unchanged). At D = 64 the 32 extra registers cost the second CTA per SM (128x64: 9.1 ->
+    // 11.9 ms), so Q is read from shared memory there.
+    constexpr bool kQInRegisters = HEAD_DIM == 128;
+    unsigned q_fragments[kQInRegisters ? Traits::kDimSteps : 1][4];
+    const unsigned q_base = shared_address(q_tile) + (warp >> 2) * 64 * 128;
+    bool pv_pending = false;
+    unsigned pv_stage = 0;
 
-    for (int step = 0; step <= n_visit; ++step) {
-        const bool has_tile = step < n_visit;
+    // The vote keeps the condition visibly warp-uniform: a wgmma under a branch ptxas thinks
+    // divergent gets every wgmma of the kernel serialized (C7520). The fence orders the
+    // writes of p and o before the wgmma reads them (ptxas would inject it otherwise, C7519).
+    auto issue_pv = [&](unsigned v_stage) {
+        warpgroup_fence();
+#pragma unroll
+        for (int kstep = 0; kstep < Traits::kKeySteps; ++kstep)
+            Warpgroup<Element, HEAD_DIM>::rs_transposed_b(
+                o, p[kstep], sw128_descriptor(v_stage + kstep * 16 * 128, Traits::kKvPanelBytes));
+    };
+
+    for (int step = 0; step < n_visit; ++step) {
+        const int key_tile = visit_list[step];
+        const int stage = step % kStages;
         copy_async_wait<kAhead - 1>();
         fence_generic_to_async_shared();
-        // Tile j's K/V have landed for every thread, and the stage the prefetch below
-        // overwrites (tile j - 3) has no reader left.
-        bool keep_pending = pending;
-        if (Rule::kCanSkip) {
-            // Always reached by every thread (it is also step 0's data barrier).
-            const bool all_skip = __syncthreads_and(pending_vote);
-            keep_pending = pending && !all_skip;
-        } else {
-            __syncthreads();
-        }
-        if (pending && want_stats && threadIdx.x == 0) {
-            visited[stats_row + pending_tile] = 1;
-            if (keep_pending) kept[stats_row + pending_tile] = 1;
-        }
+        // This step's K/V have landed for every thread, and every warpgroup has finished the
+        // P.V that read the stage the prefetch below overwrites (it held step - 2).
+        __syncthreads();
         if (kQInRegisters && step == 0) {
 #pragma unroll
             for (int ks = 0; ks < Traits::kDimSteps; ++ks)
@@ -150,102 +146,99 @@ attention_forward_sm90(
                                                            warp_row + (lane & 15), ks * 2 + (lane >> 4))));
         }
 
-        // S = Q.K^T of tile j (raw dot products, fp32), K-major operands, one k16 step per 32
-        // bytes of a 128-byte panel row. The vote keeps the condition visibly warp-uniform: a
-        // wgmma under a branch ptxas thinks divergent gets every wgmma serialized (C7520).
-        const int key_tile = has_tile ? visit_list[step] : 0;
-        const int stage = step % kStages;
-        if (__all_sync(0xffffffffu, has_tile)) {
-            const unsigned k_stage = stages_base + stage * kStageBytes;
-            warpgroup_fence();
-            pin_accumulator(s);
-#pragma unroll
-            for (int ks = 0; ks < Traits::kDimSteps; ++ks) {
-                const unsigned panel = ks >> 2, within = (ks & 3) * 32;
-                const unsigned long long k_descriptor =
-                    sw128_descriptor(k_stage + panel * Traits::kKvPanelBytes + within, 16);
-                if (kQInRegisters)
-                    Warpgroup<Element, kBlockK>::rs(s, q_fragments[kQInRegisters ? ks : 0],
-                                                    k_descriptor, ks > 0);
-                else
-                    Warpgroup<Element, kBlockK>::ss(
-                        s, sw128_descriptor(q_base + panel * Traits::kQPanelBytes + within, 16),
-                        k_descriptor, ks > 0);
-            }
-        }
-        warpgroup_commit();
-        if (step + kAhead < n_visit) load_stage((step + kAhead) % kStages, visit_list[step + kAhead]);
-        copy_async_commit();
-
-        // Tile j - 1: softmax if kept (overlapping Q.K^T of tile j), else its mass bound.
-        float alpha[2];
-        if (keep_pending) {
-            softmax_tile<Rule::kNeedsRowSum>(pending_s, pending_max2, scale_log2, state, alpha);
-        } else if (pending) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) state.skipped[r] += pending_added[r];
-        }
-        // In flight: P.V of tile j - 2 (older), Q.K^T of tile j. The P.V has to finish before
-        // O is rescaled and p is overwritten.
-        warpgroup_wait<1>();
+        // S = Q.K^T (raw dot products, fp32), K-major operands, one k16 step per 32 bytes of a
+        // 128-byte panel row; then the previous kept tile's P.V, in a second group.
+        float s[kKeyBlocks][4];
+        const unsigned k_stage = k_base + stage * kKvBytes;
+        warpgroup_fence();
+        pin_accumulator(s);
         pin_accumulator(o);
-        if (__all_sync(0xffffffffu, keep_pending)) {
-            rescale_output(o, alpha);
 #pragma unroll
-            for (int kstep = 0; kstep < Traits::kKeySteps; ++kstep) {
-                p[kstep][0] = Element::pack(pending_s[2 * kstep][0], pending_s[2 * kstep][1]);
-                p[kstep][1] = Element::pack(pending_s[2 * kstep][2], pending_s[2 * kstep][3]);
-                p[kstep][2] = Element::pack(pending_s[2 * kstep + 1][0], pending_s[2 * kstep + 1][1]);
-                p[kstep][3] = Element::pack(pending_s[2 * kstep + 1][2], pending_s[2 * kstep + 1][3]);
-            }
-            // O += P.V: P in the A-fragment layout (two n8 blocks = one k16 step), V MN-major:
-            // 16 keys = 2048 bytes of each 64-column panel per step.
-            const unsigned v_stage = stages_base + pending_stage * kStageBytes + kVBytesOffset;
-            warpgroup_fence();
-            pin_accumulator(o);
-#pragma unroll
-            for (int kstep = 0; kstep < Traits::kKeySteps; ++kstep)
-                Warpgroup<Element, HEAD_DIM>::rs_transposed_b(
-                    o, p[kstep],
-                    sw128_descriptor(v_stage + kstep * 16 * 128, Traits::kKvPanelBytes));
+        for (int ks = 0; ks < Traits::kDimSteps; ++ks) {
+            const unsigned panel = ks >> 2, within = (ks & 3) * 32;
+            const unsigned long long k_descriptor =
+                sw128_descriptor(k_stage + panel * Traits::kKvPanelBytes + within, 16);
+            if (kQInRegisters)
+                Warpgroup<Element, kBlockK>::rs(s, q_fragments[kQInRegisters ? ks : 0],
+                                                k_descriptor, ks > 0);
+            else
+                Warpgroup<Element, kBlockK>::ss(
+                    s, sw128_descriptor(q_base + panel * Traits::kQPanelBytes + within, 16),
+                    k_descriptor, ks > 0);
         }
         warpgroup_commit();
-        // In flight: Q.K^T of tile j (older), P.V of tile j - 1.
+        if (__all_sync(0xffffffffu, pv_pending)) issue_pv(v_base + pv_stage * kKvBytes);
+        warpgroup_commit();
+        // The prefetch is issued while the tensor cores work on the two groups above.
+        if (step + kAhead < n_visit) {
+            const int tile = visit_list[step + kAhead];
+            const int target = (step + kAhead) % kStages;
+            load_tile_async<Traits, kBlockK>(k_tiles + target * Traits::kKvElements, k_slab,
+                                             k_row_stride, tile * kBlockK, n_keys);
+            load_tile_async<Traits, kBlockK>(v_tiles + target * Traits::kKvElements, v_slab,
+                                             v_row_stride, tile * kBlockK, n_keys);
+        }
+        copy_async_commit();
         warpgroup_wait<1>();
         pin_accumulator(s);
 
-        pending = has_tile;
-        if (!has_tile) break;
         const int valid_keys = min(kBlockK, n_keys - key_tile * kBlockK);
         if (valid_keys < kBlockK) mask_padded_keys(s, valid_keys, lane);
-        tile_row_max(s, pending_max2);
+        float tile_max2[2];
+        tile_row_max(s, tile_max2);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) pending_max2[r] *= scale_log2;  // scale > 0: max commutes
-        pending_vote = false;
-        if (Rule::kCanSkip && step > 0) {  // the first tile of a list is never skipped
+        for (int r = 0; r < 2; ++r) tile_max2[r] *= scale_log2;  // scale > 0: max commutes
+
+        bool skip = false;
+        if (Rule::kCanSkip && step > 0) {
+            float added[2];
+            bool may_skip = true;
             if (Rule::kExactMass) {
-                tile_row_mass(s, scale_log2, state.max2, pending_added);
+                tile_row_mass(s, scale_log2, state.max2, added);
             } else {
 #pragma unroll
                 for (int r = 0; r < 2; ++r)
-                    pending_added[r] = (float)valid_keys * fast_exp2(pending_max2[r] - state.max2[r]);
+                    added[r] = (float)valid_keys * fast_exp2(tile_max2[r] - state.max2[r]);
             }
-            pending_vote = true;
 #pragma unroll
             for (int r = 0; r < 2; ++r)
-                pending_vote &= !row_valid[r] || Rule::may_skip(pending_max2[r], state.max2[r],
-                                                                state.sum[r], state.skipped[r],
-                                                                pending_added[r], rule_param);
+                may_skip &= !row_valid[r] || Rule::may_skip(tile_max2[r], state.max2[r],
+                                                             state.sum[r], state.skipped[r],
+                                                             added[r], rule_param);
+            skip = __syncthreads_and(may_skip);
+            if (skip) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) state.skipped[r] += added[r];
+            }
         }
+        if (want_stats && threadIdx.x == 0) {
+            visited[stats_row + key_tile] = 1;
+            if (!skip) kept[stats_row + key_tile] = 1;
+        }
+        float alpha[2];
+        if (!skip) softmax_tile<Rule::kNeedsRowSum>(s, tile_max2, scale_log2, state, alpha);
+        // The previous P.V has to finish before O is rescaled and before p is overwritten.
+        warpgroup_wait<0>();
+        pin_accumulator(o);
+        pv_pending = !skip;
+        if (skip) continue;
+        rescale_output(o, alpha);
+        pv_stage = stage;
 #pragma unroll
-        for (int nb = 0; nb < kKeyBlocks; ++nb)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) pending_s[nb][e] = s[nb][e];
-        pending_tile = key_tile;
-        pending_stage = stage;
+        for (int kstep = 0; kstep < Traits::kKeySteps; ++kstep) {
+            p[kstep][0] = Element::pack(s[2 * kstep][0], s[2 * kstep][1]);
+            p[kstep][1] = Element::pack(s[2 * kstep][2], s[2 * kstep][3]);
+            p[kstep][2] = Element::pack(s[2 * kstep + 1][0], s[2 * kstep + 1][1]);
+            p[kstep][3] = Element::pack(s[2 * kstep + 1][2], s[2 * kstep + 1][3]);
+        }
     }
-    warpgroup_wait<0>();
-    pin_accumulator(o);
+    if (__all_sync(0xffffffffu, pv_pending)) {
+        pin_accumulator(o);
+        issue_pv(v_base + pv_stage * kKvBytes);
+        warpgroup_commit();
+        warpgroup_wait<0>();
+        pin_accumulator(o);
+    }
     copy_async_wait<0>();
 
     // Epilogue: normalise, write O, LSE and the recall bound of the valid rows.

@@ -21,27 +21,20 @@ struct WarpgroupTileTraits {
     static constexpr int kDimBlocks = HEAD_DIM / 8;      // n8 blocks of O
     static constexpr int kDimSteps = HEAD_DIM / 16;      // k16 steps of Q.K^T
     static constexpr int kKeySteps = BLOCK_K / 16;       // k16 steps of P.V
-    // K/V ring: a stage is read for three pipeline steps (gpu/attention_forward_sm90.cu), so
-    // kStages - 3 tiles are loaded ahead of the one computed.
-    static constexpr int kStages = BLOCK_Q == 128 ? 5 : 4;
-    static constexpr int kTilesAhead = kStages - 3;
-    // At D = 128, Q is the register A operand of Q.K^T (loaded once, after the first barrier),
-    // so the wgmma reads only K from shared memory (64x64 tiles: 17.96 -> 17.16 ms, 128x64
-    // unchanged), and Q's shared tile is the last ring stage, first overwritten two steps
-    // later. At D = 64 the 32 extra registers would cost the second CTA per SM (128x64: 9.1
-    // -> 11.9 ms), so Q stays in its own shared tile and is read from there.
-    static constexpr bool kQInRegisters = HEAD_DIM == 128;
+    // K/V ring: a tile's V is read until the next tile's step (its P.V overlaps that softmax),
+    // so kStages - 2 tiles can be in flight ahead of the one computed. The 64-row instance
+    // keeps three stages so that two CTAs still share an SM at D = 128.
+    static constexpr int kStages = BLOCK_Q == 128 ? 4 : 3;
+    static constexpr int kTilesAhead = kStages - 2;
 
-    // Shared memory, in 16-bit elements: [Q], then kStages stages of (K tile, V tile); every
+    // Shared memory, in 16-bit elements: Q, then kStages K tiles, then kStages V tiles; every
     // tile starts on a 1024-byte boundary (the swizzle atom), given a 1024-aligned base.
     static constexpr int kQElements = BLOCK_Q * HEAD_DIM;
     static constexpr int kKvElements = BLOCK_K * HEAD_DIM;
-    static constexpr int kStageElements = 2 * kKvElements;
-    static_assert(kQElements <= kStageElements, "Q fits in the stage it shares");
-    static constexpr int kStagesOffset = kQInRegisters ? 0 : kQElements;
-    static constexpr int kQOffset = kQInRegisters ? (kStages - 1) * kStageElements : 0;
+    static constexpr int kKOffset = kQElements;
+    static constexpr int kVOffset = kQElements + kStages * kKvElements;
     static constexpr int kAlignment = 1024;
-    static constexpr int kSharedBytes = 2 * (kStagesOffset + kStages * kStageElements) + kAlignment;
+    static constexpr int kSharedBytes = 2 * (kQElements + 2 * kStages * kKvElements) + kAlignment;
 
     // Element offset of 16-byte chunk `chunk` of row `row` in a ROWS-row tile. Columns are
     // split into 64-element (128-byte) panels stored one after the other, ROWS x 128 bytes

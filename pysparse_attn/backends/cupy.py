@@ -248,11 +248,10 @@ def _shared_bytes(head_dim, block_q, block_k=64):
 
 
 def _shared_bytes_sm90(head_dim, block_q, block_k=64):
-    """Shared memory of one wgmma CTA (gpu/tile_traits_sm90.cuh): a ring of K and V tiles,
-    Q (its own tile at D = 64) and 1024 bytes to align the swizzle atoms."""
-    stages = 5 if block_q == 128 else 4
-    q_own_tile = head_dim != 128  # at D = 128, Q shares the last stage
-    return 2 * (q_own_tile * block_q * head_dim + 2 * stages * block_k * head_dim) + 1024
+    """Shared memory of one wgmma CTA (gpu/tile_traits_sm90.cuh): Q, a ring of K and V tiles,
+    and 1024 bytes to align the swizzle atoms."""
+    stages = 4 if block_q == 128 else 3
+    return 2 * (block_q * head_dim + 2 * stages * block_k * head_dim) + 1024
 
 
 def _dtype_name(x) -> str:
