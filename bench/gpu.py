@@ -272,7 +272,7 @@ def _runs_here(backend, kernel):
     return runs_on is None or capability in runs_on
 
 
-def step_time(log, records, quick, dense_only=False):
+def step_time(log, records, quick, part="all"):
     import cupy
 
     from pysparse_attn.backends import cupy as backend
@@ -345,8 +345,9 @@ def step_time(log, records, quick, dense_only=False):
     B, H, N, D = 1, 12, 32760, 128
     target = f"B={B} H={H} N={N} D={D}"
     reps = 5 if quick else 15
-    dense_block(target, B, H, N, D, [(128, 64), (64, 64)], reps)
-    if dense_only:
+    if part in ("all", "dense"):
+        dense_block(target, B, H, N, D, [(128, 64), (64, 64)], reps)
+    if part == "dense":
         dense_block("B=1 H=12 N=32760 D=64", 1, 12, 32760, 64, [(128, 64), (64, 64)], reps)
         return
 
@@ -377,6 +378,8 @@ def step_time(log, records, quick, dense_only=False):
            dense_ms=dense_ms[0], sparsity=1 - float(kept.mean()),
            rel_l2_vs_dense=rel_l2(cupy, out, dense_out),
            recall_min_mean=sampled_recall(cupy, q, k, kept, block, scale))
+    if part == "topk":
+        return
 
     # In-loop skip rules on video-like heads, peak order, vs this kernel's dense path.
     rules = [("Blasst(1e-3)", Blasst(1e-3)), ("Blasst(1e-2)", Blasst(1e-2)),
@@ -473,8 +476,8 @@ def _markdown(records):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="compile,tests,sanitize,time",
-                        help="comma-separated subset of compile,tests,sanitize,time,dense "
-                        "(dense: only the dense rows of the time step)")
+                        help="comma-separated subset of compile,tests,sanitize,time,dense,topk "
+                        "(dense, topk: only those rows of the time step)")
     parser.add_argument("--tests", default=None, metavar="EXPR",
                         help="pytest -k expression selecting a subset of the GPU tests")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and shapes")
@@ -515,11 +518,12 @@ def main():
         codes = step_sanitize(out_dir, log)
         status |= bool(codes and any(codes.values()))
     records = _Records()
-    if "time" in steps or "dense" in steps:
+    if "time" in steps or "dense" in steps or "topk" in steps:
         records.path = out_dir / f"gpu-{stamp.strftime('%Y%m%dT%H%M%S')}.jsonl"
         records.meta = meta
         try:
-            step_time(log, records, args.quick, dense_only="time" not in steps)
+            part = "all" if "time" in steps else "dense" if "dense" in steps else "topk"
+            step_time(log, records, args.quick, part)
         finally:
             (out_dir / "summary.md").write_text(
                 "\n".join(f"- {m}" for m in messages) + "\n\n" + _markdown(records) + "\n")

@@ -2,7 +2,7 @@
 // query tile the ordered visit list of TopK / TopP / dense-by-score, with no host round trip.
 //
 //   tile_means:   mean of each tile's valid rows, fp32, times a factor (the logit scale for q).
-//   block_scores: q-tile means . (k-tile means - their mean over tiles), 16 x 16 blocks of
+//   block_scores: q-tile means . (k-tile means - their mean over tiles), 16 x 64 blocks of
 //                 scores per step from shared memory, one CTA per 16 query tiles of a kv head.
 //   select_tiles: one CTA per query tile sorts its nk scores (bitonic, in shared memory;
 //                 descending score, ties to the lower tile index), keeps the TopK count or the
@@ -52,18 +52,20 @@ __global__ void __launch_bounds__((HEAD_DIM / 8) * ROW_GROUPS) tile_means(
 // grid (ceil(group * nq / 16), Hkv, B), 256 threads. Rows of q_means are taken kv-head-grouped
 // (the `group` query heads sharing kv head h are rows h*group*nq ...), as GQA shares k_means.
 template <int HEAD_DIM>
-__global__ void __launch_bounds__(256) block_scores(const float* __restrict__ q_means,
+__global__ void __launch_bounds__(256, 1) block_scores(const float* __restrict__ q_means,
                                                     const float* __restrict__ k_means, int nq,
                                                     int nk, int group,
                                                     float* __restrict__ scores) {
-    constexpr int kRows = 16;
+    constexpr int kRows = 16;                      // query tiles (grouped rows) per CTA
+    constexpr int kCols = 64;                      // key tiles per step
     constexpr int kColumns4 = HEAD_DIM / 4;        // float4 columns of a k_means row
     constexpr int kParts = 256 / kColumns4;        // rows summed in parallel per column
+    constexpr int kLoads = kCols * kColumns4 / 256;
     __shared__ float4 centre_parts[kParts][kColumns4];
     __shared__ float centre[HEAD_DIM];
     // +1 column: the 16 k rows a warp reads at one d fall in 16 different banks.
     __shared__ float q_rows[kRows][HEAD_DIM + 1];
-    __shared__ float k_rows[kRows][HEAD_DIM + 1];
+    __shared__ float k_rows[kCols][HEAD_DIM + 1];
     const int tid = threadIdx.x;
     const long long kv = (long long)blockIdx.z * gridDim.y + blockIdx.y;
     const float* k_head = k_means + kv * nk * HEAD_DIM;
@@ -101,21 +103,43 @@ __global__ void __launch_bounds__(256) block_scores(const float* __restrict__ q_
         for (int p = 0; p < kParts; ++p) sum += reinterpret_cast<const float*>(centre_parts[p])[tid];
         centre[tid] = sum / nk;
     }
-    const int i = tid / kRows, jj = tid % kRows, row = first_row + i;
-    for (int j0 = 0; j0 < nk; j0 += kRows) {
+    // Steps of kCols key tiles: each thread issues its kLoads 16-byte loads of the next block
+    // before the barrier, then computes 4 of the 16 x 64 scores from shared memory.
+    const float4* rows4 = reinterpret_cast<const float4*>(k_head);
+    const int i = tid / 16, jq = tid % 16, row = first_row + i;
+    for (int j0 = 0; j0 < nk; j0 += kCols) {
+        float4 loaded[kLoads];
+#pragma unroll
+        for (int l = 0; l < kLoads; ++l) {
+            const int e = l * 256 + tid, r = e / kColumns4, c = e % kColumns4;
+            loaded[l] = j0 + r < nk ? rows4[(long long)(j0 + r) * kColumns4 + c]
+                                    : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
         __syncthreads();  // centre is ready; the previous block of k rows is consumed
-        for (int e = tid; e < kRows * HEAD_DIM; e += 256) {
-            const int r = e / HEAD_DIM, d = e % HEAD_DIM;
-            k_rows[r][d] = j0 + r < nk ? k_head[(long long)(j0 + r) * HEAD_DIM + d] - centre[d] : 0.f;
+#pragma unroll
+        for (int l = 0; l < kLoads; ++l) {
+            const int e = l * 256 + tid, r = e / kColumns4, c = e % kColumns4;
+            const bool valid = j0 + r < nk;
+            k_rows[r][4 * c] = valid ? loaded[l].x - centre[4 * c] : 0.f;
+            k_rows[r][4 * c + 1] = valid ? loaded[l].y - centre[4 * c + 1] : 0.f;
+            k_rows[r][4 * c + 2] = valid ? loaded[l].z - centre[4 * c + 2] : 0.f;
+            k_rows[r][4 * c + 3] = valid ? loaded[l].w - centre[4 * c + 3] : 0.f;
         }
         __syncthreads();
-        float dot = 0.f;
-#pragma unroll 16
-        for (int d = 0; d < HEAD_DIM; ++d) dot = fmaf(q_rows[i][d], k_rows[jj][d], dot);
-        if (row < grouped_rows && j0 + jj < nk) {
+        float dot[kCols / 16] = {};
+#pragma unroll 8
+        for (int d = 0; d < HEAD_DIM; ++d) {
+            const float qd = q_rows[i][d];
+#pragma unroll
+            for (int c = 0; c < kCols / 16; ++c) dot[c] = fmaf(qd, k_rows[jq + 16 * c][d], dot[c]);
+        }
+        if (row < grouped_rows) {
             const long long head = (long long)blockIdx.y * group + row / nq;
-            scores[(((long long)blockIdx.z * gridDim.y * group + head) * nq + row % nq) * nk + j0 +
-                   jj] = dot;
+            float* out = scores + (((long long)blockIdx.z * gridDim.y * group + head) * nq +
+                                   row % nq) * nk;
+#pragma unroll
+            for (int c = 0; c < kCols / 16; ++c)
+                if (j0 + jq + 16 * c < nk) out[j0 + jq + 16 * c] = dot[c];
         }
     }
 }
