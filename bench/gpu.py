@@ -254,12 +254,13 @@ def sanitize_target():
                                   D ** -0.5)
         backend.forward(q, k, v, plan, c, p, D ** -0.5, True, kernel=kernel)
         cupy.cuda.runtime.deviceSynchronize()
-    for dtype in (_bf16(), np.float16):  # the plan kernels' TopK / TopP natural-order paths
+    for dtype in (_bf16(), np.float16):  # plan kernels: 65 key tiles (a partial score block)
         for D in (64, 128):
             q = cupy.asarray(rng.standard_normal((1, 2, 150, D)).astype(np.float32)).astype(dtype)
-            k = cupy.asarray(rng.standard_normal((1, 1, 201, D)).astype(np.float32)).astype(dtype)
+            k = cupy.asarray(rng.standard_normal((1, 1, 4100, D)).astype(np.float32)).astype(dtype)
             for selector in (TopK(ratio=0.3), TopP(0.9)):
-                backend.build_plan(cupy, q, k, selector, "natural", 4, (64, 64), D ** -0.5)
+                for order in ("natural", "peak"):
+                    backend.build_plan(cupy, q, k, selector, order, 4, (64, 64), D ** -0.5)
     cupy.cuda.runtime.deviceSynchronize()
     print(f"sanitize target: all instances of {kernels} ran, and the plan kernels")
 

@@ -8,7 +8,8 @@
 // row maxima and the all-rows skip decision, P goes from the accumulators into the register A
 // operand of the P.V wgmma, which reads V (MN-major) from shared memory. A kept tile's P.V is
 // issued with the next tile's Q.K^T and runs while the warpgroup computes that tile's softmax
-// (the tensor cores stay busy through the exponentials).
+// (meant to keep the tensor cores busy through the exponentials; it measured no faster than
+// waiting at once, bench/results/gpu.md, and is kept as the simpler schedule to extend).
 //
 // Template instances are listed by pysparse_attn/backends/cupy.py (NVRTC name expressions) and
 // by pysparse_attn/backends/compile_check.py (nvcc, sm_90a).
