@@ -8,7 +8,7 @@ from typing import Any
 
 from . import backends
 from ._arrays import (LAYOUTS, Canonical, as_backend_array, canonicalize, check_block,
-                      check_scale, check_tile_mask, on_cuda)
+                      check_scale, check_tile_mask, on_caller_stream, on_cuda)
 from ._plan import ORDERS, build_plan, tile_count
 from ._reference import FEATURE_MAPS
 from ._plan import block_scores as _block_scores
@@ -129,6 +129,7 @@ def _stats(call: _Call, plan, lse, kept, visited, bound, marginal=None):
         plan=plan)
 
 
+@on_caller_stream
 def attention(q, k, v, *, select=None, skip=None, order=None, peak=4, scale=None,
               block=(64, 64), layout="bhnd", backend="auto", return_stats=False, threads=None,
               check_finite=True):
@@ -256,6 +257,7 @@ def _sla_forward(q, k, v, critical, negligible, linear, feature_map, proj_weight
     return call, plan, sparse, weight, bias, eps
 
 
+@on_caller_stream
 def sla_attention(q, k, v, *, critical, negligible, linear="marginal", feature_map="softmax",
                   proj_weight=None, proj_bias=None, eps=None, block=(64, 64), skip=None,
                   order=None, peak=4, scale=None, layout="bhnd", backend="auto",
@@ -322,6 +324,7 @@ def _grads_out(call: _Call, grads):
     return tuple(call.arrays.from_canonical(g.astype(dtype)) for g in grads)
 
 
+@on_caller_stream
 def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, scale=None,
                   block=(64, 64), layout="bhnd", backend="auto", kept=None, threads=None):
     """Gradients of :func:`attention` with the plan and kept set held fixed.
@@ -363,6 +366,7 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
     return _grads_out(call, grads)
 
 
+@on_caller_stream
 def sla_vjp(q, k, v, do, *, critical, negligible, linear="marginal", feature_map="softmax",
             proj_weight=None, proj_bias=None, eps=None, block=(64, 64), skip=None, order=None,
             peak=4, scale=None, layout="bhnd", backend="auto", kept=None, threads=None):
@@ -416,6 +420,7 @@ def sla_vjp(q, k, v, do, *, critical, negligible, linear="marginal", feature_map
     return _grads_out(call, grads) + (a.to_caller(d_weight), a.to_caller(d_bias))
 
 
+@on_caller_stream
 def block_scores(q, k, *, block=(64, 64), scale=None, layout="bhnd"):
     """Block scores: mean-pooled query tiles against centred mean-pooled key tiles.
 

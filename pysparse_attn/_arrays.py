@@ -5,6 +5,8 @@ Every error of DESIGN.md section 10 that concerns an array is raised here, namin
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -39,6 +41,37 @@ def on_cuda(x) -> bool:
         return int(device()[0]) == _DLPACK_CUDA
     except Exception:  # a producer whose device query fails is treated as host memory
         return False
+
+
+def caller_stream(x):
+    """The context a call on ``x`` runs in: the caller's CUDA stream where its framework has one.
+
+    For a torch CUDA tensor, that tensor's device and torch's current stream on it (wrapped as
+    a CuPy ``ExternalStream``), so the kernels queue behind the caller's own work. Otherwise nothing changes: CuPy arrays already run on CuPy's current
+    stream, and other DLPack producers (JAX) order their buffers through the DLPack exchange.
+    """
+    if type(x).__module__.split(".")[0] == "torch" and getattr(x, "is_cuda", False):
+        try:
+            import cupy
+        except ImportError:  # the backend's own check reports the missing CuPy
+            return contextlib.nullcontext()
+        import torch
+
+        context = contextlib.ExitStack()
+        context.enter_context(cupy.cuda.Device(x.device.index))
+        stream = torch.cuda.current_stream(x.device)
+        context.enter_context(cupy.cuda.ExternalStream(stream.cuda_stream, x.device.index))
+        return context
+    return contextlib.nullcontext()
+
+
+def on_caller_stream(function):
+    """Run ``function(q, ...)`` in :func:`caller_stream` of its first argument."""
+    @functools.wraps(function)
+    def wrapper(q, *args, **kwargs):
+        with caller_stream(q):
+            return function(q, *args, **kwargs)
+    return wrapper
 
 
 def _caller_namespace(x):

@@ -354,3 +354,42 @@ def test_torch_cuda_in_torch_out():
     actual = out.cpu().numpy().astype(np.float64)
     assert relative_l2(actual, expected) < GPU_RELATIVE_L2["float16"]
     np.testing.assert_array_equal(q_t.cpu().numpy(), q)  # the caller's tensor is untouched
+
+
+@pytest.mark.gpu
+def test_torch_calls_run_on_the_callers_stream(monkeypatch):
+    torch = pytest.importorskip("torch", reason="torch is not installed (an optional producer "
+                                "of DLPack CUDA tensors, never a dependency)")
+    import cupy
+
+    from pysparse_attn.backends import cupy as gpu_backend
+
+    seen = []
+    forward = gpu_backend.forward
+
+    def spy(*args, **kwargs):
+        seen.append(cupy.cuda.get_current_stream().ptr)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(gpu_backend, "forward", spy)
+    q, k, v = random_inputs(19, shape=(1, 2, 100, 64), kv_heads=2, dtype=np.float16)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        q_t, k_t, v_t = (torch.from_numpy(x).cuda() for x in (q, k, v))
+        out = psa.attention(q_t, k_t, v_t, block=(64, 64))
+    side.synchronize()
+    assert seen == [side.cuda_stream], "the kernel did not run on the caller's stream"
+    expected, _ = attention_ref(as_float64(q), as_float64(k), as_float64(v))
+    actual = out.cpu().numpy().astype(np.float64)
+    assert relative_l2(actual, expected) < GPU_RELATIVE_L2["float16"]
+
+
+def test_entry_points_keep_their_signatures_and_docs():
+    import inspect
+
+    for function in (psa.attention, psa.sla_attention, psa.attention_vjp, psa.sla_vjp,
+                     psa.block_scores):
+        parameters = list(inspect.signature(function).parameters)
+        assert parameters[:2] == ["q", "k"], function.__name__
+        assert function.__doc__ and function.__doc__.strip(), function.__name__
+    assert "skip" in inspect.signature(psa.attention).parameters
