@@ -240,7 +240,7 @@ def sanitize_target():
 
     cupy.cuda.set_allocator(None)  # plain cudaMalloc: out-of-bounds accesses are visible
     rng = np.random.default_rng(0)
-    kernels = [name for name in backend.KERNELS if _runs_here(backend, name)]
+    kernels = [name for name in backend.KERNELS if backend.kernel_unavailable_reason(name) is None]
     for kernel, (dtype, D, bq, bk, code) in ((kernel, key) for kernel in kernels
                                              for key in sorted(backend.FORWARD_INSTANCES)):
         dtype = _bf16() if dtype == "bfloat16" else np.float16
@@ -263,14 +263,6 @@ def sanitize_target():
                     backend.build_plan(cupy, q, k, selector, order, 4, (64, 64), D ** -0.5)
     cupy.cuda.runtime.deviceSynchronize()
     print(f"sanitize target: all instances of {kernels} ran, and the plan kernels")
-
-
-def _runs_here(backend, kernel):
-    import cupy
-
-    runs_on = backend.KERNELS[kernel]
-    capability = tuple(int(c) for c in divmod(int(cupy.cuda.Device().compute_capability), 10))
-    return runs_on is None or capability in runs_on
 
 
 def step_time(log, records, quick, part="all"):
@@ -310,7 +302,8 @@ def step_time(log, records, quick, part="all"):
 
     def dense_block(label, B, H, N, D, blocks, reps, families=None):
         q, k, v = random_inputs(cupy, B, H, N, D, seed=1)
-        families = families or [name for name in backend.KERNELS if _runs_here(backend, name)]
+        families = families or [name for name in backend.KERNELS
+                                if backend.kernel_unavailable_reason(name) is None]
         variants = [(kernel, block) for kernel in families for block in blocks]
         for kernel, block in variants:
             plan = backend.build_plan(cupy, q, k, None, "natural", 4, block, D ** -0.5)

@@ -39,15 +39,9 @@ gpu = pytest.mark.skipif(_REASON is not None, reason=f"GPU tests need CuPy and a
 def _kernel_skip_reason(kernel):
     if _REASON is not None:
         return _REASON
-    import cupy
-
     from pysparse_attn.backends import cupy as backend
 
-    runs_on = backend.KERNELS[kernel]
-    capability = tuple(int(c) for c in divmod(int(cupy.cuda.Device().compute_capability), 10))
-    if runs_on is not None and capability not in runs_on:
-        return f"kernel {kernel!r} needs compute capability {runs_on}, this device has {capability}"
-    return None
+    return backend.kernel_unavailable_reason(kernel)
 
 
 # Both forward families on every case where the device runs them (wgmma: Hopper only).

@@ -11,8 +11,9 @@ read from the installed ``pysparse_attn/_gpu_kernels/`` first, then from the rep
 ``gpu/``, with their local headers inlined.
 
 Precision: bfloat16 and float16 inputs run on tensor cores (``wgmma`` m64nNk16 or ``mma.sync``
-m16n8k16) with float32 accumulation. float32 inputs are *converted to bfloat16* for the tensor cores (accumulation
-stays float32, the output is float32): expect bfloat16-level error, about 1e-2 relative.
+m16n8k16) with float32 accumulation. float32 inputs are *converted to bfloat16* for the tensor
+cores (accumulation stays float32, the output is float32): expect bfloat16-level error, about
+1e-2 relative.
 
 The backward functions (``attention_backward``, ``linear_backward``) have no GPU kernel yet:
 they run the float64 reference on the host and return CuPy arrays.
@@ -48,6 +49,7 @@ __all__ = [
     "FORWARD_SM90_INSTANCES",
     "KERNELS",
     "default_kernel",
+    "kernel_unavailable_reason",
     "PLAN_INSTANCES",
     "kernel_source",
 ]
@@ -179,36 +181,32 @@ def supported_head_dims():
 
 
 @functools.lru_cache(maxsize=None)
+def _raw_module(source: str, names: tuple, arch: str = None):
+    """The NVRTC module of ``source`` holding the template instances ``names``, compiled for
+    ``arch`` (default: the current device's ``sm_XY``)."""
+    import cupy
+
+    arch = arch or f"sm_{cupy.cuda.Device().compute_capability}"
+    return cupy.RawModule(code=kernel_source(source), options=("--std=c++17", f"-arch={arch}"),
+                          name_expressions=list(names))
+
+
 def _forward_module(dtype_name: str, head_dim: int, block_q: int, warps: int):
-    """The NVRTC module of one (element type, head dim, query tile, warps): five rule instances."""
-    import cupy
-
-    arch = cupy.cuda.Device().compute_capability
-    names = [_forward_name(_ELEMENTS[dtype_name], head_dim, block_q, warps, rule)
-             for rule in _RULES.values()]
-    return cupy.RawModule(code=kernel_source("attention_forward.cu"),
-                          options=("--std=c++17", f"-arch=sm_{arch}"), name_expressions=names)
+    """The module of one (element type, head dim, query tile, warps): five rule instances."""
+    names = tuple(_forward_name(_ELEMENTS[dtype_name], head_dim, block_q, warps, rule)
+                  for rule in _RULES.values())
+    return _raw_module("attention_forward.cu", names)
 
 
-@functools.lru_cache(maxsize=None)
 def _forward_sm90_module(dtype_name: str, head_dim: int, block_q: int):
-    """The sm_90a NVRTC module of one (element type, head dim, query tile): five rule instances."""
-    import cupy
-
-    names = [_forward_sm90_name(_ELEMENTS[dtype_name], head_dim, block_q, rule)
-             for rule in _RULES.values()]
-    return cupy.RawModule(code=kernel_source("attention_forward_sm90.cu"),
-                          options=("--std=c++17", "-arch=sm_90a"), name_expressions=names)
+    """The sm_90a module of one (element type, head dim, query tile): five rule instances."""
+    names = tuple(_forward_sm90_name(_ELEMENTS[dtype_name], head_dim, block_q, rule)
+                  for rule in _RULES.values())
+    return _raw_module("attention_forward_sm90.cu", names, "sm_90a")
 
 
-def default_kernel() -> str:
-    """``"wgmma"`` on compute capability 9.0, else ``"mma_sync"``."""
-    import cupy
-
-    return "wgmma" if cupy.cuda.Device().compute_capability == "90" else "mma_sync"
-
-
-def _check_kernel(kernel):
+def kernel_unavailable_reason(kernel: str):
+    """Why forward family ``kernel`` cannot run on the current device, or ``None``."""
     import cupy
 
     if kernel not in KERNELS:
@@ -216,8 +214,15 @@ def _check_kernel(kernel):
     capability = tuple(int(c) for c in divmod(int(cupy.cuda.Device().compute_capability), 10))
     runs_on = KERNELS[kernel]
     if runs_on is not None and capability not in runs_on:
-        raise ValueError(f"kernel {kernel!r} needs compute capability {runs_on}; this device "
-                         f"has {capability}")
+        return (f"kernel {kernel!r} needs compute capability {runs_on}; this device has "
+                f"{capability}")
+    return None
+
+
+def default_kernel() -> str:
+    """``"wgmma"`` where :data:`KERNELS` says it runs (compute capability 9.0), else
+    ``"mma_sync"``."""
+    return "wgmma" if kernel_unavailable_reason("wgmma") is None else "mma_sync"
 
 
 def _forward_kernel(dtype_name, head_dim, block_q, code, warps=None, kernel=None):
@@ -227,7 +232,9 @@ def _forward_kernel(dtype_name, head_dim, block_q, code, warps=None, kernel=None
     :data:`WARPS` for the mma.sync family (benchmarks compare both layouts).
     """
     kernel = kernel or default_kernel()
-    _check_kernel(kernel)
+    reason = kernel_unavailable_reason(kernel)
+    if reason is not None:
+        raise ValueError(reason)
     if kernel == "wgmma":
         name = _forward_sm90_name(_ELEMENTS[dtype_name], head_dim, block_q, _RULES[code])
         function = _forward_sm90_module(dtype_name, head_dim, block_q).get_function(name)
@@ -370,14 +377,8 @@ def forward(q, k, v, plan, rule_code, rule_param, scale, want_stats=True, warps=
     return out, lse, kept, visited, bound
 
 
-@functools.lru_cache(maxsize=None)
 def _plan_module():
-    import cupy
-
-    arch = cupy.cuda.Device().compute_capability
-    return cupy.RawModule(code=kernel_source("plan_select.cu"),
-                          options=("--std=c++17", f"-arch=sm_{arch}"),
-                          name_expressions=list(PLAN_INSTANCES.values()))
+    return _raw_module("plan_select.cu", tuple(PLAN_INSTANCES.values()))
 
 
 def _tile_means(cupy, x, tile, factor):
