@@ -2,11 +2,11 @@
 //
 // One CTA of WARPS warps per (query tile, head, batch); each warp owns BLOCK_Q / WARPS rows.
 // The CTA walks its plan entry (an ordered list of key tiles), streaming K and V through
-// shared memory with cp.async (double-buffered, one tile ahead). For every visited tile: S = Q.K^T on
-// tensor cores, the tile's row maxima, then the skip rule decides for the whole query tile
-// (every valid row must agree: one __syncthreads_and). A skipped tile costs its Q.K^T only; a kept tile goes through the online
-// softmax and P.V with P fed from registers. LSE, the recall bound and the kept/visited bitmaps
-// are written at the end.
+// shared memory with cp.async (double-buffered, one tile ahead). For every visited tile:
+// S = Q.K^T on tensor cores, the tile's row maxima, then the skip rule decides for the whole
+// query tile (every valid row must agree: one __syncthreads_and). A skipped tile costs its
+// Q.K^T only; a kept tile goes through the online softmax and P.V with P fed from registers.
+// LSE, the recall bound and the kept/visited bitmaps are written at the end.
 //
 // Template instances are listed by pysparse_attn/backends/cupy.py (NVRTC name expressions) and
 // by pysparse_attn/backends/compile_check.py (nvcc).
@@ -138,7 +138,8 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 4 ? 2 : 1) attention_forw
                     for (int e = 0; e < 4; ++e) a[m][e] = q_fragments[kQInRegisters ? ks : 0][e];
                 } else {
                     load_matrix_x4(a[m], shared_address(q_tile + Traits::swizzle(
-                                             warp_row + m * 16 + (lane & 15), ks * 2 + (lane >> 4))));
+                                             warp_row + m * 16 + (lane & 15),
+                                             ks * 2 + (lane >> 4))));
                 }
             }
 #pragma unroll
@@ -146,7 +147,8 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 4 ? 2 : 1) attention_forw
                 const int matrix = lane >> 3;
                 const int key = pair * 16 + (matrix >> 1) * 8 + (lane & 7);
                 unsigned b[4];
-                load_matrix_x4(b, shared_address(k_tile + Traits::swizzle(key, ks * 2 + (matrix & 1))));
+                load_matrix_x4(
+                    b, shared_address(k_tile + Traits::swizzle(key, ks * 2 + (matrix & 1))));
 #pragma unroll
                 for (int m = 0; m < kM; ++m) {
                     Element::mma(s[m][2 * pair], a[m], b[0], b[1]);
@@ -174,7 +176,8 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 4 ? 2 : 1) attention_forw
                 } else {
 #pragma unroll
                     for (int r = 0; r < 2; ++r)
-                        added[m][r] = (float)valid_keys * fast_exp2(tile_max2[m][r] - state[m].max2[r]);
+                        added[m][r] = (float)valid_keys *
+                                      fast_exp2(tile_max2[m][r] - state[m].max2[r]);
                 }
 #pragma unroll
                 for (int r = 0; r < 2; ++r)

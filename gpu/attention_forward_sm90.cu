@@ -4,12 +4,13 @@
 // what changes is the matrix engine. One CTA per (query tile, head, batch) with one warpgroup
 // per 64 query rows. Q is loaded once (into registers at D = 128); K and V stream through a ring
 // of kStages 128-byte-swizzled shared tiles filled by cp.async, kTilesAhead tiles ahead of the
-// compute. S = Q.K^T is one chain of wgmma reading K (and Q at D = 64) from shared memory; after the
-// row maxima and the all-rows skip decision, P goes from the accumulators into the register A
-// operand of the P.V wgmma, which reads V (MN-major) from shared memory. A kept tile's P.V is
-// issued with the next tile's Q.K^T and runs while the warpgroup computes that tile's softmax
-// (meant to keep the tensor cores busy through the exponentials; it measured no faster than
-// waiting at once, bench/results/gpu.md, and is kept as the simpler schedule to extend).
+// compute. S = Q.K^T is one chain of wgmma reading K (and Q at D = 64) from shared memory;
+// after the row maxima and the all-rows skip decision, P goes from the accumulators into the
+// register A operand of the P.V wgmma, which reads V (MN-major) from shared memory. A kept
+// tile's P.V is issued with the next tile's Q.K^T and runs while the warpgroup computes that
+// tile's softmax (meant to keep the tensor cores busy through the exponentials; it measured no
+// faster than waiting at once, bench/results/gpu.md, and is kept as the simpler schedule to
+// extend).
 //
 // Template instances are listed by pysparse_attn/backends/cupy.py (NVRTC name expressions) and
 // by pysparse_attn/backends/compile_check.py (nvcc, sm_90a).
@@ -144,7 +145,8 @@ attention_forward_sm90(
             for (int ks = 0; ks < Traits::kDimSteps; ++ks)
                 load_matrix_x4(q_fragments[kQInRegisters ? ks : 0],
                                shared_address(q_tile + Traits::template tile_offset<BLOCK_Q>(
-                                                           warp_row + (lane & 15), ks * 2 + (lane >> 4))));
+                                                           warp_row + (lane & 15),
+                                                           ks * 2 + (lane >> 4))));
         }
 
         // S = Q.K^T (raw dot products, fp32), K-major operands, one k16 step per 32 bytes of a
@@ -254,7 +256,8 @@ attention_forward_sm90(
                                   (long long)row * out_row_stride;
 #pragma unroll
         for (int db = 0; db < kDimBlocks; ++db) {
-            const unsigned packed = Element::pack(o[db][2 * r] * inverse, o[db][2 * r + 1] * inverse);
+            const unsigned packed =
+                Element::pack(o[db][2 * r] * inverse, o[db][2 * r + 1] * inverse);
             *reinterpret_cast<unsigned*>(out_row + db * 8 + 2 * (lane & 3)) = packed;
         }
         if ((lane & 3) == 0) {

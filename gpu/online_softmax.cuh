@@ -92,7 +92,8 @@ __device__ __forceinline__ void softmax_tile(float (&s)[KEY_BLOCKS][4], const fl
 }
 
 template <int DIM_BLOCKS>
-__device__ __forceinline__ void rescale_output(float (&out)[DIM_BLOCKS][4], const float (&alpha)[2]) {
+__device__ __forceinline__ void rescale_output(float (&out)[DIM_BLOCKS][4],
+                                               const float (&alpha)[2]) {
 #pragma unroll
     for (int db = 0; db < DIM_BLOCKS; ++db) {
         out[db][0] *= alpha[0];

@@ -100,7 +100,8 @@ __global__ void __launch_bounds__(256, 1) block_scores(const float* __restrict__
     if (tid < HEAD_DIM) {
         float sum = 0.f;
 #pragma unroll
-        for (int p = 0; p < kParts; ++p) sum += reinterpret_cast<const float*>(centre_parts[p])[tid];
+        for (int p = 0; p < kParts; ++p)
+            sum += reinterpret_cast<const float*>(centre_parts[p])[tid];
         centre[tid] = sum / nk;
     }
     // Steps of kCols key tiles: each thread issues its kLoads 16-byte loads of the next block
@@ -158,8 +159,9 @@ __device__ void bitonic_sort(float* score, int* index, int n) {
                 const int lo = 2 * i - (i & (stride - 1));
                 const int hi = lo + stride;
                 const bool forward = (lo & size) == 0;
-                const bool swap = forward ? comes_before(score[hi], index[hi], score[lo], index[lo])
-                                          : comes_before(score[lo], index[lo], score[hi], index[hi]);
+                const bool swap =
+                    forward ? comes_before(score[hi], index[hi], score[lo], index[lo])
+                            : comes_before(score[lo], index[lo], score[hi], index[hi]);
                 if (swap) {
                     const float s = score[lo];
                     score[lo] = score[hi];

@@ -47,8 +47,9 @@ def caller_stream(x):
     """The context a call on ``x`` runs in: the caller's CUDA stream where its framework has one.
 
     For a torch CUDA tensor, that tensor's device and torch's current stream on it (wrapped as
-    a CuPy ``ExternalStream``), so the kernels queue behind the caller's own work. Otherwise nothing changes: CuPy arrays already run on CuPy's current
-    stream, and other DLPack producers (JAX) order their buffers through the DLPack exchange.
+    a CuPy ``ExternalStream``), so the kernels queue behind the caller's own work. Otherwise
+    nothing changes: CuPy arrays already run on CuPy's current stream, and other DLPack
+    producers (JAX) order their buffers through the DLPack exchange.
     """
     if type(x).__module__.split(".")[0] == "torch" and getattr(x, "is_cuda", False):
         try:
