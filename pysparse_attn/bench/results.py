@@ -48,6 +48,8 @@ RESULT_FIELDS = {
     "recall_min": "smallest exact recall (kept share of softmax mass) over the rows",
     "recall_mean": "mean exact recall over the rows",
 }
+#: Optional fields: ``note`` (a sentence on the conditions, e.g. the machine's load).
+OPTIONAL_FIELDS = ("note",)
 
 #: A few settings per sweep method for the measured tables of the docs: from nearly exact to
 #: where the method's error passes a few percent on the bundled video-like workloads.
@@ -207,7 +209,8 @@ def render_method_tables(results, kinds=(("gpu", "GPU"), ("cpu", "CPU"))):
                 f"``{workload}``, {_shape(shape)}, {dtype}, {block[0]}x{block[1]} tiles, "
                 f"``{backend}`` backend; dense attention {dense:.4g} ms (median over the runs). "
                 f"Speedup is over a dense call made alternately with each run; error and "
-                f"recall are against the {reference} reference. Command: ``{command}``.", ""]
+                f"recall are against the {reference} reference. Command: ``{command}``."
+                + "".join(sorted({f" {r['note']}." for r in rows if r.get("note")})), ""]
             by_method = defaultdict(list)
             for r in rows:
                 by_method[r["method"]].append(r)
