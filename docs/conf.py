@@ -99,6 +99,14 @@ class MeasuredMethods(Directive):
         return container.children
 
 
+def _reread_measured(app, env, added, changed, removed):
+    # A result file added to bench/results/ changes no source file: re-read the pages that
+    # use the directive on every build (one page, cheap) so their tables are never stale.
+    return [name for name in sorted(env.found_docs) if name not in removed
+            and ".. measured-methods::" in Path(env.doc2path(name)).read_text()]
+
+
 def setup(app):
     app.add_directive("measured-methods", MeasuredMethods)
+    app.connect("env-get-outdated", _reread_measured)
     return {"parallel_read_safe": True}

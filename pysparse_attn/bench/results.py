@@ -164,6 +164,19 @@ def read_results(paths):
     return results
 
 
+def _workload(name):
+    """``mixed-mid`` and what it is, for a named synthetic workload of the sweep."""
+    from .sweep import WORKLOADS
+
+    spec = WORKLOADS.get(name)
+    if spec is None:
+        return f"``{name}``"
+    grid = spec["shape"] if isinstance(spec["shape"], str) else " x ".join(map(str,
+                                                                                spec["shape"]))
+    return (f"``{name}`` (:func:`~pysparse_attn.workloads.video_qkv`, latent grid {grid}, "
+            f"heads {', '.join(spec['kinds'])})")
+
+
 def _shape(shape):
     B, H, N, D = shape
     return f"B = {B}, H = {H}, N = {N:,}, D = {D}"
@@ -206,10 +219,11 @@ def render_method_tables(results, kinds=(("gpu", "GPU"), ("cpu", "CPU"))):
             dense = sorted(r["dense_ms"] for r in rows)[len(rows) // 2]
             lines += [
                 f"**{device}**, measured {date} (commit ``{commit}``): workload "
-                f"``{workload}``, {_shape(shape)}, {dtype}, {block[0]}x{block[1]} tiles, "
+                f"{_workload(workload)}, {_shape(shape)}, {dtype}, {block[0]}x{block[1]} tiles, "
                 f"``{backend}`` backend; dense attention {dense:.4g} ms (median over the runs). "
                 f"Speedup is over a dense call made alternately with each run; error and "
-                f"recall are against the {reference} reference. Command: ``{command}``."
+                f"recall are measured against exact dense attention ({reference}). Command: "
+                f"``{command}``."
                 + "".join(sorted({f" {r['note']}." for r in rows if r.get("note")})), ""]
             by_method = defaultdict(list)
             for r in rows:
