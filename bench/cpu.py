@@ -174,11 +174,13 @@ def git_commit():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4096, help="sequence length (default 4096)")
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4, help="heads H (default 4)")
+    parser.add_argument("--dim", type=int, default=64, help="head dimension D (default 64)")
     parser.add_argument("--reference-n", type=int, default=1024,
                         help="sequence length for the slow float64 reference (default 1024)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed calls per figure after a warm-up; the best is kept "
+                             "(default 5)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU backend threads (default: OMP_NUM_THREADS or all cores)")
     parser.add_argument("--torch-python", default=os.environ.get("PYSPARSE_ATTN_TORCH_PYTHON"),

@@ -146,7 +146,12 @@ class Workload:
         if ("device", backend) not in self.cache:
             import cupy
 
-            self.cache[("device", backend)] = tuple(cupy.asarray(x) for x in self.tensors())
+            def to_device(x):
+                if x.dtype.name == "bfloat16":  # through float32 (exact): CuPy's own bfloat16
+                    return cupy.asarray(x.astype(np.float32)).astype(cupy.bfloat16)
+                return cupy.asarray(x)
+
+            self.cache[("device", backend)] = tuple(to_device(x) for x in self.tensors())
         return self.cache[("device", backend)]
 
     def reference(self, rows=None, backend="cpu"):
