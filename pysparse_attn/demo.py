@@ -141,6 +141,7 @@ def _plot(rows, path, title):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     nonzero = [r.rel_l2 for r in rows if r.rel_l2 > 0]
     zero_at = (min(nonzero) if nonzero else 1e-3) / 10
@@ -167,6 +168,9 @@ def _plot(rows, path, title):
         if field == "speedup":  # log: 2x faster and 2x slower are the same distance from 1
             ax.axhline(1.0, color="grey", lw=0.6)
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xscale("log")
         ax.set_xlabel("relative L2 error vs dense (log; hollow markers: error exactly 0)")
         ax.set_ylabel(label)

@@ -393,3 +393,33 @@ def test_stats_repr_is_one_short_line():
     _, stats = psa.attention(q, k, v, select=psa.TopK(ratio=0.3), block=(16, 16),
                              return_stats=True)
     assert "(visited tiles only)" in repr(stats)
+
+
+@pytest.mark.gpu
+def test_gpu_sweep_times_on_the_device_against_a_sampled_float32_reference(tmp_path):
+    import cupy
+
+    q, k, v = video_qkv((2, 6, 11), heads=2, head_dim=64, seed=fresh_seed())
+    rows = metrics.sample_rows(q.shape[2], 50, seed=1)
+    on_host = metrics.sampled_reference(q, k, v, (64, 64), rows)
+    on_device = metrics.sampled_reference(*(cupy.asarray(x) for x in (q, k, v)), (64, 64), rows)
+    # The same float32 computation on two devices: summation order differs only.
+    np.testing.assert_allclose(on_device.out, on_host.out, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(on_device.tile_mass, on_host.tile_mass, atol=1e-5)
+
+    out = tmp_path / "gpu.jsonl"
+    run_cli("sweep", "-o", out, "-w", "video:2x6x11:2:64:local+global", "--backend", "cupy",
+            "--dtype", "bfloat16", "--block", "128x64", "--repeat", "2", "--no-progress",
+            "--reference-rows", "64", "-m", "recall-peak", "-m", "topk", "-m", "sla-fit",
+            "--values", "recall-peak=0.9", "--values", "topk=0.5", "--values", "sla-fit=0.5")
+    runs = [r for r in read_records(out) if r.get("type") == "run"]
+    assert len(runs) == 3
+    for run in runs:
+        assert run["reference"] == "float32 exact, 64 of 132 rows sampled"
+        assert run["backend"] == "cupy" and run["time_s"] > 0 and run["speedup"] > 0
+        assert run["rel_l2"] < 0.5  # bf16 inputs: ~1e-2 from rounding alone
+    recall = [r for r in runs if r["method"] == "recall-peak"][0]
+    assert recall["recall_min"] >= 0.9 - 1e-3  # certified; the reference is float32
+    exported = bench_results.export_sweep(read_records(out))
+    assert {r["device_kind"] for r in exported} == {"gpu"}
+    assert "No GPU results" not in bench_results.render_method_tables(exported)
