@@ -6,6 +6,13 @@ this machine: best of ``--repeats`` wall-clock timings after one warm-up call. T
 printed and written to ``bench/results/cpu.md``; one JSON line per run is appended to
 ``bench/results/cpu.jsonl``.
 
+Then every method at a few settings on a reduced Wan-like workload (``--methods-workload``,
+default ``mixed-mid``: Wan2.1's 21 latent frames on a quarter of its 480p grid, D = 128):
+time and speedup over dense (alternating calls, same run), sparsity, error and recall against
+exact float64 dense attention, written to ``bench/results/methods-cpu-<UTC time>.jsonl`` in the
+result format of :mod:`pysparse_attn.bench.results`, which the docs tabulate
+("Choosing a method"). ``--methods-only`` runs just that part.
+
 torch is never a dependency: its ``scaled_dot_product_attention`` is timed in-process when
 torch is importable, or in a subprocess of ``--torch-python`` (a separate virtual environment)
 when given, and skipped (and said so) otherwise.
@@ -167,18 +174,72 @@ def git_commit():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4096, help="sequence length (default 4096)")
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4, help="heads H (default 4)")
+    parser.add_argument("--dim", type=int, default=64, help="head dimension D (default 64)")
     parser.add_argument("--reference-n", type=int, default=1024,
                         help="sequence length for the slow float64 reference (default 1024)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed calls per figure after a warm-up; the best is kept "
+                             "(default 5)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU backend threads (default: OMP_NUM_THREADS or all cores)")
     parser.add_argument("--torch-python", default=os.environ.get("PYSPARSE_ATTN_TORCH_PYTHON"),
                         help="python of a separate venv with torch, for the SDPA comparison")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--methods-only", action="store_true",
+                        help="only the per-method table (time, speedup, sparsity, error, recall)")
+    parser.add_argument("--no-methods", action="store_true", help="skip the per-method table")
+    parser.add_argument("--methods-workload", default="mixed-mid",
+                        help="sweep workload of the per-method table (default mixed-mid)")
+    parser.add_argument("--methods-repeat", type=int, default=2,
+                        help="timed calls per method setting, alternating with dense (median; "
+                             "default 2)")
     args = parser.parse_args()
+    if not args.methods_only:
+        dense_study(args)
+    if not args.no_methods:
+        method_table(args)
 
+
+def method_table(args):
+    """Every method of the docs grid on ``args.methods_workload``, as result records."""
+    import tempfile
+
+    from pysparse_attn.bench.results import DOCS_GRID, export_sweep, write_results
+    from pysparse_attn.bench.sweep import parse_workload, read_records, run_sweep
+
+    command = " ".join([Path(sys.executable).name, "bench/cpu.py"] + sys.argv[1:])
+    load_before = os.getloadavg()[0]
+    commit = git_commit()  # of the measured code (cpu/ and the package), at the start
+    with tempfile.TemporaryDirectory() as folder:
+        sweep_file = Path(folder) / "sweep.jsonl"
+        run_sweep(sweep_file, [parse_workload(args.methods_workload)], list(DOCS_GRID),
+                  backend="cpu", repeat=args.methods_repeat, values=DOCS_GRID, argv=[command])
+        records = read_records(sweep_file)
+    for record in records:
+        if record.get("type") == "environment":
+            record["git_commit"] = commit
+    results = export_sweep(records)
+    note = (f"1-minute load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after "
+            f"the run on {os.cpu_count()} logical CPUs")
+    for result in results:
+        result["note"] = note
+    print(f"\nPer method on {args.methods_workload}, cpu backend "
+          f"(dense {sorted(r['dense_ms'] for r in results)[len(results) // 2]:.0f} ms):\n")
+    print("| method | settings | ms | speedup | tile sparsity | rel L2 | recall min |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['method']} | {r['settings']} | {r['time_ms']:.0f} | {r['speedup']:.2f}x | "
+              f"{r['sparsity']:.1%} | {r['error']:.2%} | {r['recall_min']:.3f} |")
+    if not args.no_write:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        path = RESULTS / f"methods-cpu-{stamp}.jsonl"
+        write_results(path, results)
+        print(f"written: {path}")
+
+
+def dense_study(args):
+    """Dense GFLOP/s against SGEMM, the reference, NumPy and torch; TopK; the backward."""
     B, H, N, D = 1, args.heads, args.n, args.dim
     load_before = os.getloadavg()
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))

@@ -1,6 +1,8 @@
 """Sphinx configuration of the pysparse_attn documentation.
 
-``make docs`` builds HTML and runs the doctests, both with warnings as errors. Intersphinx links
+``make docs`` builds HTML and runs the doctests, both with warnings as errors. The measured
+per-method tables of "Choosing a method" are generated here, at build time, from the result
+files in ``bench/results/`` (the ``measured-methods`` directive below). Intersphinx links
 to NumPy and CuPy need their inventories from the network, which CI does not have: they are off
 unless ``PYSPARSE_ATTN_INTERSPHINX=1`` is set (references to NumPy/CuPy then render as plain
 text instead of links; nothing else changes).
@@ -16,6 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import pysparse_attn  # noqa: E402  (after the path is set, for builds from a plain clone)
+from docutils import nodes  # noqa: E402
+from docutils.parsers.rst import Directive  # noqa: E402
+from docutils.statemachine import StringList  # noqa: E402
 
 project = "pysparse_attn"
 author = "pysparse_attn developers"
@@ -70,3 +75,38 @@ sphinx_gallery_conf = {
     "abort_on_example_error": True,
     "image_scrapers": ("matplotlib",),
 }
+
+
+class MeasuredMethods(Directive):
+    """``.. measured-methods:: FOLDER``: per-method tables of the result records in the
+    ``*.jsonl`` files of ``FOLDER`` (relative to this folder), rendered by
+    :func:`pysparse_attn.bench.results.render_method_tables`."""
+
+    required_arguments = 1
+
+    def run(self):
+        from pysparse_attn.bench.results import read_results, render_method_tables
+
+        env = self.state.document.settings.env
+        folder = (Path(env.srcdir) / self.arguments[0]).resolve()
+        paths = sorted(folder.glob("*.jsonl"))
+        for path in paths:
+            env.note_dependency(str(path))
+        text = render_method_tables(read_results(paths))
+        container = nodes.container()
+        self.state.nested_parse(StringList(text.splitlines(), source=str(folder)),
+                                self.content_offset, container)
+        return container.children
+
+
+def _reread_measured(app, env, added, changed, removed):
+    # A result file added to bench/results/ changes no source file: re-read the pages that
+    # use the directive on every build (one page, cheap) so their tables are never stale.
+    return [name for name in sorted(env.found_docs) if name not in removed
+            and ".. measured-methods::" in Path(env.doc2path(name)).read_text()]
+
+
+def setup(app):
+    app.add_directive("measured-methods", MeasuredMethods)
+    app.connect("env-get-outdated", _reread_measured)
+    return {"parallel_read_safe": True}

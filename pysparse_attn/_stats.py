@@ -52,3 +52,20 @@ class AttentionStats:
     bounded: bool
     marginal: Optional[Any] = None
     plan: Any = field(default=None, repr=False)
+
+    def __repr__(self):
+        # Short on purpose: shapes and a few scalars, never whole arrays. The two reductions
+        # of recall_bound are the only device work (and host sync) a GPU repr costs.
+        def shape(x):
+            return "None" if x is None else "x".join(str(int(n)) for n in x.shape)
+
+        text = (f"AttentionStats(rows (B,H,Nq)={shape(self.lse)}, "
+                f"tiles (B,H,nq,nk)={shape(self.kept)}, "
+                f"sparsity={self.sparsity:.1%}, flop_sparsity={self.flop_sparsity:.1%}")
+        if self.recall_bound is not None:
+            text += (f", recall_bound min/mean={float(self.recall_bound.min()):.4f}/"
+                     f"{float(self.recall_bound.mean()):.4f}"
+                     f"{'' if self.bounded else ' (visited tiles only)'}")
+        if self.marginal is not None:
+            text += ", marginal tiles"
+        return text + ")"

@@ -1,8 +1,9 @@
 """The main job: every method at a few settings on a video-like workload, against dense.
 
 ``python -m pysparse_attn demo`` (``make demo``) prints one table row per (method, setting):
-tile sparsity, min/mean recall, relative L2 error against dense, time and speedup, then writes
-a Pareto plot (sparsity against error, one curve per method) and says where.
+tile sparsity, min/mean recall, relative L2 error against dense, time and speedup, each column
+explained under the table, then writes a plot of speedup against error beside sparsity against
+error (one curve per method, each point labelled with its setting) and says where.
 """
 
 from __future__ import annotations
@@ -106,6 +107,17 @@ def _rel_l2(out, dense):
     return float(np.linalg.norm(out - dense) / np.linalg.norm(dense))
 
 
+COLUMNS = (
+    ("method", "the method, as the public API spells it"),
+    ("setting", "its parameter (R: Recall's target; lam: Blasst/Cef threshold; crit/negl: SLA)"),
+    ("sparsity", "share of key tiles whose P.V was skipped (plan-dropped or skipped in the loop)"),
+    ("rec min/mean", "exact float64 recall, the kept share of each row's softmax mass: min, mean"),
+    ("rel L2", "||O - O_dense|| / ||O_dense||, O_dense the dense call of the same backend"),
+    ("time ms", "best wall time of the repeated calls after a warm-up call"),
+    ("speedup", "dense time / this time: same backend, same inputs, same run"),
+)
+
+
 def _format_table(rows, backend):
     header = (f"{'method':<18} {'setting':<22} {'sparsity':>8} {'rec min':>8} {'rec mean':>8} "
               f"{'rel L2':>9} {'time ms':>9} {'speedup':>8}")
@@ -114,25 +126,59 @@ def _format_table(rows, backend):
         lines.append(f"{r.method:<18} {r.setting:<22} {r.sparsity:>8.1%} {r.recall_min:>8.4f} "
                      f"{r.recall_mean:>8.4f} {r.rel_l2:>9.2e} {1e3 * r.seconds:>9.1f} "
                      f"{r.speedup:>7.2f}x")
+    lines.append("")
+    lines += [f"  {name:<13} {meaning}" for name, meaning in COLUMNS]
     return "\n".join(lines)
 
 
-def _plot(rows, path):
+def _plot(rows, path, title):
+    """Speedup against error beside tile sparsity against error, one curve per method.
+
+    Errors are on a log axis; runs whose error is exactly zero are drawn as hollow markers on a
+    dotted line at the left edge labelled "error 0 (exact)", not at an invented small value.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r.method for r in rows if r.method != "dense"):
-        points = sorted((r.sparsity, max(r.rel_l2, 1e-6)) for r in rows if r.method == method)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-    ax.set_yscale("log")
-    ax.set_xlabel("tile sparsity (share of key tiles whose P.V was skipped)")
-    ax.set_ylabel("relative L2 error vs dense")
-    ax.set_title("pysparse_attn demo: sparsity against error")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    nonzero = [r.rel_l2 for r in rows if r.rel_l2 > 0]
+    zero_at = (min(nonzero) if nonzero else 1e-3) / 10
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharex=True)
+    markers = "os^vD<>pPX*h"
+    panels = ((axes[0], "speedup", "speedup over dense (same backend, same run)"),
+              (axes[1], "sparsity", "tile sparsity (share of key tiles whose P.V was skipped)"))
+    for ax, field, label in panels:
+        for index, method in enumerate(dict.fromkeys(r.method for r in rows)):
+            points = sorted((r for r in rows if r.method == method), key=lambda r: r.rel_l2)
+            xs = [r.rel_l2 if r.rel_l2 > 0 else zero_at for r in points]
+            ys = [getattr(r, field) for r in points]
+            line, = ax.plot(xs, ys, marker=markers[index % len(markers)], ms=5, lw=1,
+                            label=method)
+            for x, y, r in zip(xs, ys, points):
+                if r.rel_l2 == 0:  # hollow: the error is zero, drawn on the "exact" line
+                    ax.plot([x], [y], marker=markers[index % len(markers)], ms=9,
+                            mfc="none", mec=line.get_color(), lw=0)
+                ax.annotate(r.setting, (x, y), textcoords="offset points", xytext=(3, 3),
+                            fontsize=6, color=line.get_color())
+        ax.axvline(zero_at, color="grey", lw=0.8, ls=":")
+        ax.annotate("error 0 (exact)", (zero_at, 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(3, -12), textcoords="offset points", fontsize=7, color="grey")
+        if field == "speedup":  # log: 2x faster and 2x slower are the same distance from 1
+            ax.axhline(1.0, color="grey", lw=0.6)
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xscale("log")
+        ax.set_xlabel("relative L2 error vs dense (log; hollow markers: error exactly 0)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_title("what you buy: speed at each error")
+    axes[1].set_title("what is skipped: tiles at each error")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -192,27 +238,32 @@ def run_demo(frames=8, height=16, width=24, head_dim=64, block=(64, 64), repeats
         from . import backends
 
         backend_name = backends.resolve("auto", on_gpu)
-    print(f"workload: video_qkv T x H x W = {frames} x {height} x {width} "
-          f"({q.shape[2]} tokens), 4 heads (local, temporal, global, diffuse), D = {head_dim}, "
-          f"{q.dtype}, block {block}")
+    workload = (f"video_qkv T x H x W = {frames} x {height} x {width} ({q.shape[2]} tokens), "
+                f"4 heads (local, temporal, global, diffuse), D = {head_dim}, {q.dtype}, "
+                f"block {block}")
+    print(f"workload: {workload}")
     print(_format_table(rows, backend_name))
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.abspath(os.path.join(output_dir, "pareto.png"))
-    _plot(rows, path)
-    print(f"Pareto plot (sparsity vs error, one curve per method): {path}")
+    _plot(rows, path, f"pysparse_attn demo, {backend_name} backend: {workload}")
+    print(f"Plot (speedup and tile sparsity against error, points labelled with their "
+          f"settings): {path}")
     return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pysparse_attn demo",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--height", type=int, default=16)
-    parser.add_argument("--width", type=int, default=24)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--output-dir", default="demo_output")
+    parser.add_argument("--frames", type=int, default=8, help="latent frames T (default 8)")
+    parser.add_argument("--height", type=int, default=16, help="latent height (default 16)")
+    parser.add_argument("--width", type=int, default=24, help="latent width (default 24)")
+    parser.add_argument("--head-dim", type=int, default=64, help="head dimension D (default 64)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed calls per row after a warm-up; the best is kept (default 3)")
+    parser.add_argument("--backend", default="auto",
+                        help="auto (GPU when CuPy sees one, else cpu), cpu, cupy or reference")
+    parser.add_argument("--output-dir", default="demo_output",
+                        help="folder of the plot (default demo_output)")
     args = parser.parse_args(argv)
     run_demo(frames=args.frames, height=args.height, width=args.width, head_dim=args.head_dim,
              repeats=args.repeats, output_dir=args.output_dir, backend=args.backend)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import pysparse_attn as psa
 from pysparse_attn._reference import masked_attention
-from pysparse_attn.bench import compare, metrics
-from pysparse_attn.bench.__main__ import main
+from pysparse_attn.bench import compare, metrics, sweep
+from pysparse_attn.bench import results as bench_results
+from pysparse_attn.bench.__main__ import build_parser, main
 from pysparse_attn.bench.plot import pareto_front, plot_records
-from pysparse_attn.bench.sweep import parse_workload, read_records
+from pysparse_attn.bench.sweep import LayoutWarning, parse_workload, read_records
 from pysparse_attn.workloads import video_qkv
 
 
@@ -65,7 +69,7 @@ def run_cli(*args):
 SMALL = "video:2x6x9:2:16:local+global"
 
 
-def test_sweep_records_are_complete_and_the_sweep_resumes(tmp_path):
+def test_sweep_records_are_complete_and_the_sweep_resumes(tmp_path, capsys):
     out = tmp_path / "sweep.jsonl"
     common = ["sweep", "-o", out, "-w", SMALL, "--block", "16x16", "--repeat", "1",
               "--no-progress", "--seed", fresh_seed(),
@@ -91,6 +95,7 @@ def test_sweep_records_are_complete_and_the_sweep_resumes(tmp_path):
     assert [r for r in runs if r["method"] == "sla-fit"][0]["fit"] == "in-sample"
 
     run_cli(*common)  # everything is there: nothing is added, not even a header
+    assert "ranked by speedup" in capsys.readouterr().out  # the summary the docs promise
     assert len(read_records(out)) == len(records)
 
     # A torn last line (an interrupted write) is ignored and that run is redone.
@@ -101,31 +106,63 @@ def test_sweep_records_are_complete_and_the_sweep_resumes(tmp_path):
     assert sorted(r["key"] for r in again) == sorted(r["key"] for r in runs)
 
 
-def synthetic_records():
-    def run(method, value, sparsity, error):
-        return {"type": "run", "workload": "w", "method": method, "parameter": "x",
-                "value": value, "tile_sparsity": sparsity, "flop_sparsity": sparsity / 2,
-                "rel_l2": error, "speedup": 1.0 + sparsity, "backend": "cpu"}
+def synthetic_records(times=True):
+    """Method a: sparser but slower at each budget; method b: less sparse, faster."""
+    def run(method, value, sparsity, error, speedup):
+        record = {"type": "run", "workload": "w", "method": method, "parameter": "x",
+                  "value": value, "tile_sparsity": sparsity, "flop_sparsity": sparsity / 2,
+                  "rel_l2": error, "backend": "cpu", "device": "test CPU"}
+        if times:
+            record.update(speedup=speedup, time_s=0.01 / speedup, dense_time_s=0.01)
+        return record
     return [{"type": "environment"},
-            run("a", 1, 0.2, 0.005), run("a", 2, 0.6, 0.02), run("a", 3, 0.9, 0.2),
-            run("b", 1, 0.5, 0.04), run("b", 2, 0.95, 0.5)]
+            run("a", 1, 0.2, 0.005, 1.1), run("a", 2, 0.6, 0.02, 1.3), run("a", 3, 0.9, 0.2, 3.0),
+            run("b", 1, 0.1, 0.004, 2.0), run("b", 2, 0.5, 0.04, 1.5), run("b", 3, 0.95, 0.5, 9.0)]
 
 
-def test_matched_error_and_matched_sparsity_tables():
-    records = synthetic_records()
+def test_matched_error_ranks_by_sparsity_without_times():
+    records = synthetic_records(times=False)
     table = compare.matched_error(records, (0.01, 0.03, 0.05))["w"]
     assert table["a"][0.01]["value"] == 1 and table["a"][0.03]["value"] == 2
-    assert table["b"][0.01] is None and table["b"][0.05]["value"] == 1
+    assert table["b"][0.01]["value"] == 1 and table["b"][0.05]["value"] == 2
     text = compare.markdown_matched_error(records, (0.01, 0.03, 0.05))
+    assert "ranked by sparsity (the runs have no times" in text
     assert "| a | 20.0% (10.0%; x=1) | 60.0% (30.0%; x=2) | 60.0% (30.0%; x=2) |" in text
-    assert "| b | — | — | 50.0% (25.0%; x=1) |" in text
+    assert "| b | 10.0% (5.0%; x=1) | 10.0% (5.0%; x=1) | 50.0% (25.0%; x=2) |" in text
+    assert text.index("| a |") < text.index("| b |")  # a is sparser at the tightest budget
     rst = compare.markdown_matched_error(records, (0.01, 0.03, 0.05), fmt="rst")
     assert ".. list-table:: w:" in rst
-    assert "   * - b\n     - —\n     - —\n     - 50.0% (25.0%; x=1)" in rst
+    assert "   * - b\n     - 10.0% (5.0%; x=1)\n     - 10.0% (5.0%; x=1)\n" in rst
     with pytest.raises(ValueError, match="fmt"):
         compare.markdown_matched_error(records, fmt="html")
+    with pytest.raises(ValueError, match="rank='speedup' needs"):
+        compare.matched_error(records, rank="speedup")
     by_sparsity = compare.matched_sparsity(records, (0.5, 0.9))["w"]
-    assert by_sparsity["a"][0.5]["value"] == 2 and by_sparsity["b"][0.9]["value"] == 2
+    assert by_sparsity["a"][0.5]["value"] == 2 and by_sparsity["b"][0.9]["value"] == 3
+
+
+def test_matched_error_ranks_by_speedup_when_runs_have_times():
+    records = synthetic_records()
+    table = compare.matched_error(records, (0.01, 0.03, 0.05))["w"]
+    # Within 5%, a's fastest setting is x=2 (1.3x), b's is x=1 (2.0x, faster than its x=2).
+    assert table["a"][0.05]["value"] == 2 and table["b"][0.05]["value"] == 1
+    text = compare.markdown_matched_error(records, (0.01, 0.03, 0.05))
+    assert "ranked by speedup over dense (same backend, same run; cpu backend; test CPU" in text
+    assert "| b | 2.00x, 5 ms; 10.0% (5.0%); x=1 |" in text
+    assert text.index("| b |") < text.index("| a |")  # b is faster at the tightest budget
+    # Asked for sparsity, the same records rank a first again, and the title says why.
+    forced = compare.markdown_matched_error(records, (0.01, 0.03, 0.05), rank="sparsity")
+    assert "ranked by sparsity (as asked" in forced
+    assert forced.index("| a |") < forced.index("| b |")
+    assert "(2.00x)" not in forced and "x=1); 2.00x" in forced
+
+
+def test_workloads_of_one_name_with_different_content_stay_apart():
+    records = synthetic_records()
+    for index, record in enumerate(records[1:]):
+        record.update(workload_id=f"file:sha256={index % 2}", content_sha256=f"{index % 2}" * 64)
+    tables = compare.matched_error(records)
+    assert sorted(tables) == ["w [sha256 00000000]", "w [sha256 11111111]"]
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -141,20 +178,73 @@ def test_plots_are_written(tmp_path):
         assert path.stat().st_size > 1000
 
 
-def test_cli_compare_and_errors(tmp_path):
+def test_cli_compare(tmp_path, capsys):
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in synthetic_records()) + "\n")
     result = subprocess.run([sys.executable, "-m", "pysparse_attn.bench", "compare", str(path),
                              "--by", "error"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "| a |" in result.stdout
+    assert "| a |" in result.stdout and "ranked by speedup" in result.stdout
+    run_cli("compare", path, "--by", "error", "--rank", "sparsity")
+    assert "ranked by sparsity (as asked" in capsys.readouterr().out
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert main(["compare", str(empty)]) == 1
-    with pytest.raises(SystemExit):
-        main(["sweep", "-o", str(path), "-m", "no-such-method"])
-    with pytest.raises(SystemExit):
-        main(["sweep", "-o", str(path), "--block", "64"])
+    assert "no run records" in capsys.readouterr().err
+
+
+def one_line_error(argv, capsys):
+    """Run the CLI in-process; return its stderr after checking it is one line, no traceback,
+    and the exit status is non-zero."""
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as stop:  # argparse's own errors
+        status = stop.code
+    err = capsys.readouterr().err
+    assert status not in (0, None), err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("python -m pysparse_attn.bench"), err
+    return lines[0]
+
+
+def test_cli_reports_user_errors_as_one_line(tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    sweep = ["sweep", "-o", out, "--no-progress"]
+    assert "no-such-workload" in one_line_error(sweep + ["-w", "no-such-workload"], capsys)
+    missing = tmp_path / "missing.npz"
+    assert str(missing) in one_line_error(sweep + ["-w", f"file:{missing}:bnhd"], capsys)
+    assert "no-such-method" in one_line_error(sweep + ["-m", "no-such-method"], capsys)
+    assert "64x64" in one_line_error(sweep + ["--block", "64"], capsys)
+    assert "--values" in one_line_error(sweep + ["--values", "topk=a,b"], capsys)
+    assert "--repeat" in one_line_error(sweep + ["--repeat", "0"], capsys)
+    assert "--frobnicate" in one_line_error(sweep + ["--frobnicate"], capsys)
+    assert "does not exist" in one_line_error(["compare", tmp_path / "none.jsonl"], capsys)
+    records = tmp_path / "r.jsonl"
+    records.write_text("\n".join(json.dumps(r) for r in synthetic_records(times=False)))
+    assert "rank='speedup'" in one_line_error(["compare", records, "--rank", "speedup"], capsys)
+    assert not out.exists()  # nothing was run
+    # The real command line too, where a traceback would show.
+    result = subprocess.run([sys.executable, "-m", "pysparse_attn.bench", "sweep", "-o",
+                             str(out), "-w", "nope"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_every_cli_option_has_help():
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    for parser in parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help, f"{parser.prog} {action.option_strings or action.dest}"
 
 
 @pytest.mark.parametrize("text", ["nope", "video:2x3:1:8:local", "video:2x3x4:1:8:spiral",
@@ -174,3 +264,162 @@ def test_user_file_workload(tmp_path):
     for got, want in zip(workload.tensors(), (q, k, v)):
         np.testing.assert_array_equal(got, want)
     assert workload.describe()["file"] == str(path)
+
+
+def save_bnhd(path, seed, shape=(2, 4, 5), heads=2, head_dim=8):
+    """Save video-like q, k, v in the (B, N, H, D) layout; return them in (B, H, N, D)."""
+    q, k, v = video_qkv(shape, heads=heads, head_dim=head_dim, seed=seed)
+    np.savez(path, **{name: x.transpose(0, 2, 1, 3) for name, x in zip("qkv", (q, k, v))})
+    return q, k, v
+
+
+def test_file_workloads_resume_by_content_hash(tmp_path, capsys):
+    data, out = tmp_path / "layer.npz", tmp_path / "sweep.jsonl"
+    save_bnhd(data, fresh_seed())
+    command = ["sweep", "-o", out, "-w", f"file:{data}:bnhd", "--block", "8x8", "--repeat", "1",
+               "--no-progress", "-m", "topk", "--values", "topk=0.5"]
+    run_cli(*command)
+    first = [r for r in read_records(out) if r.get("type") == "run"]
+    assert len(first) == 1 and first[0]["content_sha256"] == sweep.file_digest(data)
+    run_cli(*command)  # same content: resumed, nothing redone
+    assert len([r for r in read_records(out) if r.get("type") == "run"]) == 1
+    save_bnhd(data, fresh_seed() + 1)  # overwritten with other tensors: the stale run is not reused
+    run_cli(*command)
+    runs = [r for r in read_records(out) if r.get("type") == "run"]
+    assert len(runs) == 2 and runs[0]["content_sha256"] != runs[1]["content_sha256"]
+    assert runs[1]["content_sha256"] == sweep.file_digest(data)
+    assert runs[0]["rel_l2"] != runs[1]["rel_l2"]
+    # The summary printed after the last sweep shows the current content only, and compare
+    # keeps the two contents apart.
+    printed = capsys.readouterr().out.split("**")
+    assert len([part for part in printed if "fastest setting" in part]) == 3
+    assert len(compare.matched_error(read_records(out))) == 2
+
+
+def test_a_shape_that_looks_like_the_other_layout_warns_naming_the_suffix(tmp_path, capsys):
+    data = tmp_path / "layer.npz"
+    save_bnhd(data, fresh_seed(), shape=(1, 4, 5), heads=2)  # saved (1, 20, 2, 8)
+    with pytest.warns(LayoutWarning, match=r"N = 2 tokens but H = 20 heads.*:bnhd"):
+        parse_workload(f"file:{data}", block=(8, 8)).tensors()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_workload(f"file:{data}:bnhd", block=(8, 8)).tensors()
+    # Given explicitly, a suffix that reads N < H is doubted too, naming the other one.
+    np.savez(data, **{name: np.zeros((1, 2, 20, 8), np.float32) for name in "qkv"})  # bhnd
+    with pytest.warns(LayoutWarning, match=r"as given.*:bhnd"):
+        parse_workload(f"file:{data}:bnhd", block=(8, 8)).tensors()
+    # On the command line: one warning line, and the sweep still runs.
+    save_bnhd(data, fresh_seed(), shape=(1, 4, 5), heads=2)
+    run_cli("sweep", "-o", tmp_path / "s.jsonl", "-w", f"file:{data}", "--block", "8x8",
+            "--repeat", "1", "--no-progress", "-m", "topk", "--values", "topk=0.5")
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("warning:")] == [
+        line for line in err.splitlines() if ":bnhd" in line]
+    assert "warning: " in err
+
+
+@pytest.mark.parametrize("namespace", ["numpy", "array_api_strict"])
+def test_sampled_float32_reference_matches_the_float64_one_on_its_rows(namespace):
+    seed = fresh_seed()
+    q, k, v = video_qkv((2, 5, 7), heads=4, head_dim=16, seed=seed, dtype=np.float32)
+    k, v = k[:, :2], v[:, :2]  # GQA
+    block = (16, 16)  # 70 tokens: partial last tiles
+    full = metrics.dense_reference(q, k, v, block)
+    rows = metrics.sample_rows(70, 25, seed=seed)
+    assert rows[0] == 0 and rows[-1] == 69 and np.all(np.diff(rows) > 0) and rows.size == 25
+    if namespace == "array_api_strict":
+        xp = pytest.importorskip("array_api_strict", reason="array-api-strict not installed")
+        q, k, v = (xp.asarray(x) for x in (q, k, v))
+    sampled = metrics.sampled_reference(q, k, v, block, rows, rows_per_chunk=7)
+    # float32 logits over D = 16 and a float32 softmax: about 1e-6 relative.
+    np.testing.assert_allclose(sampled.out, full.out[:, :, rows], rtol=1e-5, atol=1e-5,
+                               err_msg=f"seed={seed}")
+    np.testing.assert_allclose(sampled.tile_mass, full.tile_mass[:, :, rows], atol=1e-6)
+    kept = np.random.default_rng(seed).random((1, 4, 5, 5)) < 0.5
+    np.testing.assert_allclose(metrics.recall_from_tile_mass(sampled, kept),
+                               metrics.recall_from_tile_mass(full, kept)[:, :, rows], atol=1e-6)
+    out = np.asarray(full.out)
+    assert sampled.restrict(out).shape == (1, 4, 25, 16)
+    assert "25 of 70 rows" in sampled.description
+    with pytest.raises(ValueError, match="rows"):
+        metrics.sampled_reference(q, k, v, block, np.array([70]))
+
+
+def test_sweep_with_a_sampled_reference(tmp_path):
+    out = tmp_path / "s.jsonl"
+    run_cli("sweep", "-o", out, "-w", SMALL, "--block", "16x16", "--repeat", "1",
+            "--no-progress", "-m", "recall-peak", "--values", "recall-peak=0.9",
+            "--reference-rows", "40")
+    run = [r for r in read_records(out) if r.get("type") == "run"][0]
+    assert run["reference"] == "float32 exact, 40 of 108 rows sampled"
+    assert run["recall_min"] >= 0.9 - 1e-6 and run["rel_l2"] < 0.2
+
+
+def test_results_export_and_the_docs_tables(tmp_path):
+    out = tmp_path / "s.jsonl"
+    run_cli("sweep", "-o", out, "-w", SMALL, "--block", "16x16", "--repeat", "1",
+            "--no-progress", "--grid", "docs", "-m", "recall-peak", "-m", "topk")
+    exported = tmp_path / "results.jsonl"
+    run_cli("export", out, "-o", exported)
+    results = bench_results.read_results([exported, out])  # sweep lines are skipped
+    assert len(results) == 5
+    for result in results:
+        assert set(bench_results.RESULT_FIELDS) <= set(result)
+        assert result["device_kind"] == "cpu" and result["time_ms"] > 0
+    assert {r["method"] for r in results} == {"Recall", "TopK"}
+    text = bench_results.render_method_tables(results)
+    assert "No GPU results are in ``bench/results/`` yet" in text
+    assert ".. list-table:: Recall (" in text and "R=0.95, order=peak" in text
+    assert bench_results.render_method_tables([]).count("No ") == 2
+
+
+def test_committed_result_files_are_complete():
+    folder = Path(__file__).resolve().parent.parent / "bench" / "results"
+    results = bench_results.read_results(folder)
+    for result in results:
+        missing = set(bench_results.RESULT_FIELDS) - set(result)
+        assert not missing, (result.get("method"), missing)
+    if not results:
+        pytest.skip("no result files in bench/results/ yet")
+
+
+def test_stats_repr_is_one_short_line():
+    q, k, v = video_qkv((4, 8, 8), heads=2, head_dim=16, seed=fresh_seed())
+    _, stats = psa.attention(q, k, v, skip=psa.Recall(0.9), block=(16, 16), return_stats=True)
+    text = repr(stats)
+    assert "\n" not in text and len(text) < 250, text
+    assert f"sparsity={stats.sparsity:.1%}" in text and "tiles (B,H,nq,nk)=1x2x16x16" in text
+    assert f"min/mean={float(stats.recall_bound.min()):.4f}" in text
+    _, stats = psa.attention(q, k, v, select=psa.TopK(ratio=0.3), block=(16, 16),
+                             return_stats=True)
+    assert "(visited tiles only)" in repr(stats)
+
+
+@pytest.mark.gpu
+def test_gpu_sweep_times_on_the_device_against_a_sampled_float32_reference(tmp_path):
+    import cupy
+
+    q, k, v = video_qkv((2, 6, 11), heads=2, head_dim=64, seed=fresh_seed())
+    rows = metrics.sample_rows(q.shape[2], 50, seed=1)
+    on_host = metrics.sampled_reference(q, k, v, (64, 64), rows)
+    on_device = metrics.sampled_reference(*(cupy.asarray(x) for x in (q, k, v)), (64, 64), rows)
+    # The same float32 computation on two devices: summation order differs only.
+    np.testing.assert_allclose(on_device.out, on_host.out, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(on_device.tile_mass, on_host.tile_mass, atol=1e-5)
+
+    out = tmp_path / "gpu.jsonl"
+    run_cli("sweep", "-o", out, "-w", "video:2x6x11:2:64:local+global", "--backend", "cupy",
+            "--dtype", "bfloat16", "--block", "128x64", "--repeat", "2", "--no-progress",
+            "--reference-rows", "64", "-m", "recall-peak", "-m", "topk", "-m", "sla-fit",
+            "--values", "recall-peak=0.9", "--values", "topk=0.5", "--values", "sla-fit=0.5")
+    runs = [r for r in read_records(out) if r.get("type") == "run"]
+    assert len(runs) == 3
+    for run in runs:
+        assert run["reference"] == "float32 exact, 64 of 132 rows sampled"
+        assert run["backend"] == "cupy" and run["time_s"] > 0 and run["speedup"] > 0
+        assert run["rel_l2"] < 0.5  # bf16 inputs: ~1e-2 from rounding alone
+    recall = [r for r in runs if r["method"] == "recall-peak"][0]
+    assert recall["recall_min"] >= 0.9 - 1e-3  # certified; the reference is float32
+    exported = bench_results.export_sweep(read_records(out))
+    assert {r["device_kind"] for r in exported} == {"gpu"}
+    assert "No GPU results" not in bench_results.render_method_tables(exported)

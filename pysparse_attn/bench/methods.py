@@ -64,18 +64,27 @@ def _host_f64(x):
     return np.asarray(x.get() if hasattr(x, "get") else x, dtype=np.float64)
 
 
-def fit_sla_projection(q, k, v, reference, critical, block, backend, negligible=0.0):
+def fit_sla_projection(q, k, v, reference, critical, block, backend, negligible=0.0,
+                       rows=None):
     """Least-squares ``W``, ``b`` of SLA's output projection on ``(q, k, v)``.
 
     SLA learns ``W`` by fine-tuning the model; here it is fitted to make sparse + linear match
     ``reference`` (dense attention of the same tensors) in least squares, shared by all heads.
-    The linear branch is read through the public API: ``O_l = O(W=I) - O(W=0)``.
+    The linear branch is read through the public API: ``O_l = O(W=I) - O(W=0)``. With
+    ``rows`` (query-row indices), ``reference`` holds those rows only and the fit uses them.
+    Returns float32 NumPy arrays (host).
     """
     D = q.shape[-1]
     identity = np.eye(D, dtype=np.float32)
+    if hasattr(q, "get"):  # GPU inputs: the projection goes to the device too
+        import cupy
+
+        identity = cupy.asarray(identity)
     split = dict(critical=critical, negligible=negligible, block=block, backend=backend)
     sparse = _host_f64(sla_attention(q, k, v, **split))
     with_linear = _host_f64(sla_attention(q, k, v, proj_weight=identity, **split))
+    if rows is not None:
+        sparse, with_linear = sparse[:, :, rows], with_linear[:, :, rows]
     features = (with_linear - sparse).reshape(-1, D)
     residual = (_host_f64(reference) - sparse).reshape(-1, D)
     design = np.concatenate([features, np.ones((features.shape[0], 1))], axis=1)
@@ -89,9 +98,14 @@ def _sla_fit_call(q, k, v, value, block, backend, context):
     # Fitted once per setting and cached on the workload, so timings cover the SLA call only.
     cache_key = ("sla-fit", value, tuple(block), backend)
     if cache_key not in context.cache:
-        fit_q, fit_k, fit_v, fit_reference = context.fit_tensors()
-        context.cache[cache_key] = fit_sla_projection(fit_q, fit_k, fit_v, fit_reference, value,
-                                                      block, backend)
+        fit_q, fit_k, fit_v, reference = context.fit_tensors(backend)
+        weight, bias = fit_sla_projection(fit_q, fit_k, fit_v, reference.out, value, block,
+                                          backend, rows=reference.rows)
+        if hasattr(q, "get"):
+            import cupy
+
+            weight, bias = cupy.asarray(weight), cupy.asarray(bias)
+        context.cache[cache_key] = weight, bias
     weight, bias = context.cache[cache_key]
     return sla_attention(q, k, v, critical=value, negligible=0.0, block=block, backend=backend,
                          proj_weight=weight, proj_bias=bias, return_stats=True)

@@ -63,13 +63,25 @@ def plot_records(records, out_dir, formats=("png", "svg"), sparsity="tile_sparsi
         markers = "os^vD<>pPX*h"
         figure, axis = plt.subplots(figsize=(7, 4.5))
         everything = []
+        errors = [r[metric] for runs in methods.values() for r in runs if r[metric] > 0]
+        # Exact runs have zero error: drawn hollow on a labelled line a decade below the
+        # smallest nonzero error, so a log axis shows them without inventing a value.
+        zero_at = (min(errors) if errors else 1e-3) / 10
         for index, (method, runs) in enumerate(sorted(methods.items())):
             runs = sorted(runs, key=lambda r: r[sparsity])
             xs = [r[sparsity] for r in runs]
-            # Exact matches give zero error; clip so they stay visible on a log axis.
-            ys = [max(r[metric], 1e-6) for r in runs]
+            ys = [r[metric] if r[metric] > 0 else zero_at for r in runs]
             everything += list(zip(xs, ys))
-            axis.plot(xs, ys, marker=markers[index % len(markers)], ms=4, lw=1, label=method)
+            marker = markers[index % len(markers)]
+            line, = axis.plot(xs, ys, marker=marker, ms=4, lw=1, label=method)
+            exact = [x for x, r in zip(xs, runs) if r[metric] == 0]
+            axis.plot(exact, [zero_at] * len(exact), marker=marker, ms=8, mfc="none",
+                      mec=line.get_color(), lw=0)
+        if any(r[metric] == 0 for runs in methods.values() for r in runs):
+            axis.axhline(zero_at, color="grey", lw=0.6, ls="--")
+            axis.annotate("error 0 (exact), hollow", (0.0, zero_at),
+                          xycoords=("axes fraction", "data"), xytext=(3, 3),
+                          textcoords="offset points", fontsize=7, color="grey")
         front = pareto_front(everything)
         axis.step([p[0] for p in front], [p[1] for p in front], where="post", color="k",
                   lw=2, alpha=0.3, label="Pareto front")

@@ -3,17 +3,21 @@
 File format: one JSON object per line. ``{"type": "environment", ...}`` opens every session
 (versions, machine, git commit, command); each run is ``{"type": "run", "key": ..., ...}``.
 A run whose ``key`` is already in the file is not run again, so an interrupted sweep
-continues where it stopped and a finished one is a no-op.
+continues where it stopped and a finished one is a no-op. A file workload is identified in the
+key by the SHA-256 of its content, not by its path: overwrite the file with new tensors and its
+runs are made again instead of being read back stale.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,10 +27,41 @@ import numpy as np
 
 from .. import workloads as _workloads
 from .methods import METHODS
-from .metrics import dense_reference, error_metrics, recall_from_tile_mass, recall_metrics
+from .metrics import (dense_reference, error_metrics, recall_from_tile_mass, recall_metrics,
+                      sample_rows, sampled_reference)
 
 __all__ = ["Workload", "WORKLOADS", "parse_workload", "environment", "run_key", "read_records",
-           "run_sweep"]
+           "run_sweep", "file_digest", "LayoutWarning", "DEFAULT_GPU_REFERENCE_ROWS"]
+
+# Query rows (per batch and head) of the exact float32 reference on a GPU backend: enough for
+# the error to be judged to well under 1% of itself, few enough for a Wan-shaped sweep to spend
+# seconds, not minutes, on its reference.
+DEFAULT_GPU_REFERENCE_ROWS = 2048
+
+FILE_LAYOUTS = ("bhnd", "bnhd", "hnd", "nhd")
+# The layout each one is mistaken for: same rank, N and H swapped.
+_OTHER_LAYOUT = {"bhnd": "bnhd", "bnhd": "bhnd", "hnd": "nhd", "nhd": "hnd"}
+
+
+class LayoutWarning(UserWarning):
+    """A file workload whose shape suggests it was saved in the other axis order."""
+
+
+def file_digest(path) -> str:
+    """SHA-256 (hex) of a workload file's bytes, or of ``q.npy``, ``k.npy``, ``v.npy`` of a
+    directory workload, in that order."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"workload file does not exist: {path}")
+    parts = [path / f"{name}.npy" for name in ("q", "k", "v")] if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for part in parts:
+        if not part.exists():
+            raise FileNotFoundError(f"workload directory {path} has no {part.name}")
+        with open(part, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 # Named synthetic workloads. The "-small" ones keep the head dimension, head mix and frame
 # count structure of Wan2.1 on a grid small enough for a CPU sweep of every method in minutes.
@@ -59,36 +94,91 @@ class Workload:
     seed: int = 0
     path: Optional[str] = None
     layout: str = "bhnd"
+    layout_given: bool = False
     _tensors: Optional[tuple] = field(default=None, repr=False)
     _reference: object = field(default=None, repr=False)
+    _digest: Optional[str] = field(default=None, repr=False)
     cache: dict = field(default_factory=dict, repr=False)
 
     def _make(self, seed):
         if self.path is not None:
             q, k, v = _workloads.load_qkv(self.path, layout=self.layout)
+            self._check_layout(q.shape)
             return tuple(np.ascontiguousarray(x, dtype=np.dtype(self.dtype)) for x in (q, k, v))
         return _workloads.video_qkv(**self.spec, dtype=self.dtype, seed=seed)
 
+    def _check_layout(self, shape):
+        """Warn when the (B, H, N, D) read from the file has fewer tokens than heads."""
+        _, heads, tokens, _ = shape
+        if tokens >= heads:
+            return
+        other = _OTHER_LAYOUT[self.layout]
+        how = "as given" if self.layout_given else "the default when no suffix is given"
+        warnings.warn(
+            f"workload {self.name}: read as {self.layout} ({how}) it has N = {tokens} tokens "
+            f"but H = {heads} heads, which looks like the other axis order; if the file is "
+            f"{other}, name it as file:{self.path}:{other}", LayoutWarning, stacklevel=3)
+
+    def digest(self) -> Optional[str]:
+        """SHA-256 of the file's content (None for a synthetic workload), computed once."""
+        if self.path is not None and self._digest is None:
+            self._digest = file_digest(self.path)
+        return self._digest
+
+    def identity(self) -> str:
+        """What identifies the tensors in run keys: the content hash and layout of a file, the
+        name (and seed, when not 0) of a synthetic workload."""
+        if self.path is not None:
+            return f"file:sha256={self.digest()[:20]}:{self.layout}"
+        return self.name if self.seed == 0 else f"{self.name}@seed={self.seed}"
+
     def tensors(self):
-        """``(q, k, v)`` in canonical layout and the workload's dtype."""
+        """``(q, k, v)`` in canonical layout and the workload's dtype, on the host."""
         if self._tensors is None:
             self._tensors = self._make(self.seed)
         return self._tensors
 
-    def reference(self):
-        """The :class:`~pysparse_attn.bench.metrics.DenseReference` of :meth:`tensors`."""
+    def device_tensors(self, backend: str):
+        """:meth:`tensors` where ``backend`` computes: on the GPU for ``"cupy"`` (moved once
+        and kept, so timed calls include no transfer), else the host arrays."""
+        if backend != "cupy":
+            return self.tensors()
+        if ("device", backend) not in self.cache:
+            import cupy
+
+            def to_device(x):
+                if x.dtype.name == "bfloat16":  # through float32 (exact): CuPy's own bfloat16
+                    return cupy.asarray(x.astype(np.float32)).astype(cupy.bfloat16)
+                return cupy.asarray(x)
+
+            self.cache[("device", backend)] = tuple(to_device(x) for x in self.tensors())
+        return self.cache[("device", backend)]
+
+    def reference(self, rows=None, backend="cpu"):
+        """The :class:`~pysparse_attn.bench.metrics.DenseReference` of :meth:`tensors`.
+
+        ``rows=None`` gives the float64 host reference over every row; an int samples that
+        many query rows (per batch and head) for an exact float32 reference computed where
+        ``backend`` computes. Made once; later calls return the first one.
+        """
         if self._reference is None:
-            self._reference = dense_reference(*self.tensors(), self.block)
+            if rows is None:
+                self._reference = dense_reference(*self.tensors(), self.block)
+            else:
+                q, k, v = self.device_tensors(backend)
+                picked = sample_rows(q.shape[2], rows, seed=self.seed)
+                self._reference = sampled_reference(q, k, v, self.block, picked)
         return self._reference
 
-    def fit_tensors(self):
-        """``(q, k, v, dense_out)`` to fit parameters on: the workload's own tensors.
+    def fit_tensors(self, backend="cpu"):
+        """``(q, k, v, reference)`` to fit parameters on: the workload's own tensors (where
+        ``backend`` computes) and their :meth:`reference` (its rows, when sampled).
 
         Synthetic seeds draw new head content and value means, so a fit on another seed is a
         fit to another model; fitting in-sample is the optimistic bound a trained projection
         can approach, and records say ``"fit": "in-sample"``.
         """
-        return (*self.tensors(), self.reference().out)
+        return (*self.device_tensors(backend), self.reference(backend=backend))
 
     def describe(self) -> dict:
         q = self.tensors()[0]
@@ -101,6 +191,9 @@ class Workload:
             info["generator"] = spec
         else:
             info["file"] = self.path
+            info["layout"] = self.layout
+            info["content_sha256"] = self.digest()
+        info["workload_id"] = self.identity()
         return info
 
 
@@ -118,11 +211,16 @@ def parse_workload(text: str, *, dtype="float32", block=(64, 64), seed=0) -> Wor
         return Workload(text, dict(WORKLOADS[text]), dtype, tuple(block), seed)
     if text.startswith("file:"):
         rest = text[len("file:"):]
-        layout = "bhnd"
-        for candidate in ("bhnd", "bnhd", "hnd", "nhd"):
+        layout, given = "bhnd", False
+        for candidate in FILE_LAYOUTS:
             if rest.endswith(":" + candidate):
-                rest, layout = rest[: -len(candidate) - 1], candidate
-        return Workload(text, {}, dtype, tuple(block), seed, path=rest, layout=layout)
+                rest, layout, given = rest[: -len(candidate) - 1], candidate, True
+        if not rest:
+            raise ValueError(f"workload {text!r}: no path after 'file:'")
+        if not Path(rest).exists():
+            raise FileNotFoundError(f"workload {text!r}: file {rest} does not exist")
+        return Workload(text, {}, dtype, tuple(block), seed, path=rest, layout=layout,
+                        layout_given=given)
     if text.startswith("video:"):
         parts = text.split(":")
         if len(parts) not in (5, 6):
@@ -202,7 +300,8 @@ def environment(backend: str, argv=None) -> dict:
 
 
 def run_key(workload: str, method: str, value, block, backend: str, dtype: str) -> str:
-    """The identity of one run in a results file (what resuming compares)."""
+    """The identity of one run in a results file (what resuming compares); ``workload`` is
+    :meth:`Workload.identity`."""
     return f"{workload}|{method}|{value!r}|{block[0]}x{block[1]}|{backend}|{dtype}"
 
 
@@ -224,27 +323,53 @@ def read_records(paths):
     return records
 
 
-def _timed_against(function, baseline, repeat):
+def _synchronizer(backend: str):
+    """A function that waits for the device's queued work (a no-op on host backends)."""
+    if backend != "cupy":
+        return lambda: None
+    import cupy
+
+    return lambda: cupy.cuda.get_current_stream().synchronize()
+
+
+def _timed_against(function, baseline, repeat, synchronize=lambda: None):
     """Median wall times of ``function`` and ``baseline``, called alternately ``repeat`` times.
 
     Alternating the two makes their ratio robust to slow drifts of machine load (other jobs on
-    a shared machine), which a dense time measured once per session is not. Returns
-    ``(seconds, baseline_seconds, first result of function)``.
+    a shared machine), which a dense time measured once per session is not. ``synchronize``
+    waits for queued device work, before each clock read. Both are called once untimed first
+    (kernel compilation, caches). Returns ``(seconds, baseline_seconds, result of the untimed
+    call of function)``.
     """
-    times, baseline_times, result = [], [], None
+    result = function()
+    baseline()
+    synchronize()
+    times, baseline_times = [], []
     for _ in range(repeat):
         start = time.perf_counter()
-        value = function()
+        function()
+        synchronize()
         times.append(time.perf_counter() - start)
         start = time.perf_counter()
         baseline()
+        synchronize()
         baseline_times.append(time.perf_counter() - start)
-        result = value if result is None else result
     return float(np.median(times)), float(np.median(baseline_times)), result
 
 
+def _resolve_reference_rows(reference_rows, backend):
+    if reference_rows == "auto":
+        return DEFAULT_GPU_REFERENCE_ROWS if backend == "cupy" else None
+    if reference_rows is not None and (isinstance(reference_rows, bool)
+                                       or not isinstance(reference_rows, int)
+                                       or reference_rows < 2):
+        raise ValueError(f"reference_rows must be 'auto', None or an int >= 2, got "
+                         f"{reference_rows!r}")
+    return reference_rows
+
+
 def run_sweep(output, workloads, methods, *, backend="cpu", repeat=3, values=None,
-              progress=True, argv=None):
+              progress=True, argv=None, reference_rows="auto"):
     """Run every (workload, method, setting) not yet in ``output``; append JSONL records.
 
     Parameters
@@ -255,14 +380,22 @@ def run_sweep(output, workloads, methods, *, backend="cpu", repeat=3, values=Non
     methods : list of str
         Names in :data:`~pysparse_attn.bench.methods.METHODS`.
     backend : str
-        Backend of the timed calls (``"cpu"``, ``"cupy"``, ``"reference"``).
+        Backend of the timed calls (``"cpu"``, ``"cupy"``, ``"reference"``). With ``"cupy"``
+        the tensors are moved to the GPU once and every timed call is synchronised.
     repeat : int
-        Timed calls per run, alternating with dense calls (medians reported); the first call
-        also yields the stats.
+        Timed calls per run, alternating with dense calls (medians reported), after one
+        untimed call of each that also yields the stats.
     values : dict, optional
         Per method name, settings replacing the method's defaults.
     progress : bool
         tqdm progress bar on stderr.
+    argv : list of str, optional
+        The command recorded in the environment header (default ``sys.argv``).
+    reference_rows : "auto", None or int
+        Accuracy reference: None is exact float64 on the host over every row; an int is an
+        exact float32 computation on that many sampled query rows, where the backend computes
+        (:func:`~pysparse_attn.bench.metrics.sampled_reference`). ``"auto"`` (default): every
+        row for host backends, :data:`DEFAULT_GPU_REFERENCE_ROWS` rows for ``"cupy"``.
 
     Returns
     -------
@@ -278,6 +411,7 @@ def run_sweep(output, workloads, methods, *, backend="cpu", repeat=3, values=Non
             raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat must be a positive int, got {repeat!r}")
+    reference_rows = _resolve_reference_rows(reference_rows, backend)
     values = values or {}
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -286,31 +420,37 @@ def run_sweep(output, workloads, methods, *, backend="cpu", repeat=3, values=Non
     for workload in workloads:
         for name in methods:
             for value in values.get(name, METHODS[name].values):
-                key = run_key(workload.name, name, value, workload.block, backend, workload.dtype)
+                key = run_key(workload.identity(), name, value, workload.block, backend,
+                              workload.dtype)
                 if key not in done:
                     plan.append((workload, name, value, key))
     if not plan:
         return 0
+    header = environment(backend, argv)
+    synchronize = _synchronizer(backend)
     with open(output, "a") as sink:
-        sink.write(json.dumps(environment(backend, argv)) + "\n")
+        sink.write(json.dumps(header) + "\n")
         sink.flush()
         bar = tqdm(plan, file=sys.stderr, disable=not progress, unit="run")
         for workload, name, value, key in bar:
             bar.set_description(f"{workload.name} {name}={value}")
-            q, k, v = workload.tensors()
-            reference = workload.reference()
+            q, k, v = workload.device_tensors(backend)
+            reference = workload.reference(reference_rows, backend)
             method = METHODS[name]
             run = lambda: method.call(q, k, v, value, workload.block, backend, workload)  # noqa
             dense = lambda: attention(q, k, v, block=workload.block, backend=backend)  # noqa
-            seconds, dense_seconds, (out, stats) = _timed_against(run, dense, repeat)
+            seconds, dense_seconds, (out, stats) = _timed_against(run, dense, repeat,
+                                                                  synchronize)
             recall = recall_from_tile_mass(reference, stats.kept)
             record = {
                 "type": "run", "key": key, "method": name, "parameter": method.parameter,
-                "value": value, "backend": backend, **workload.describe(),
+                "value": value, "backend": backend, "device": header["device"],
+                "date": header["date"], **workload.describe(),
+                "reference": reference.description,
                 "tile_sparsity": float(stats.sparsity),
                 "flop_sparsity": float(stats.flop_sparsity),
                 **recall_metrics(recall),
-                **error_metrics(out, reference.out),
+                **error_metrics(reference.restrict(out), reference.out),
                 "time_s": seconds, "dense_time_s": dense_seconds,
                 "speedup": dense_seconds / seconds,
                 "repeat": repeat,
@@ -318,7 +458,19 @@ def run_sweep(output, workloads, methods, *, backend="cpu", repeat=3, values=Non
             if name == "sla-fit":
                 record["fit"] = "in-sample"
             if stats.recall_bound is not None and stats.bounded:
-                record["recall_bound_min"] = float(np.min(stats.recall_bound))
+                record["recall_bound_min"] = float(stats.recall_bound.min())
             sink.write(json.dumps(record) + "\n")
             sink.flush()
     return len(plan)
+
+
+def summary(records, workloads, errors=None, metric="rel_l2", sparsity="tile_sparsity",
+            fmt="markdown"):
+    """The matched-error table of the runs of ``workloads`` in ``records`` (what the sweep
+    command prints when it ends): by speedup when every run has a time, else by sparsity."""
+    from .compare import DEFAULT_ERRORS, markdown_matched_error
+
+    wanted = {w.identity() for w in workloads}
+    runs = [r for r in records if r.get("type") == "run"
+            and r.get("workload_id", r.get("workload")) in wanted]
+    return markdown_matched_error(runs, errors or DEFAULT_ERRORS, metric, sparsity, fmt)
