@@ -396,40 +396,45 @@ class TorchCommunicator(Communicator):
         import torch
 
         dist = self._dist
-        stream_ctx = None
         on_gpu = any(xp is not np for xp, _, _ in sends) or any(r.xp is not np for r in recvs)
-        if on_gpu:
-            import cupy
-
-            stream_ctx = torch.cuda.stream(torch.cuda.ExternalStream(
-                cupy.cuda.get_current_stream().ptr))
         buffers = []
         ops = []
-        if stream_ctx is not None:
-            stream_ctx.__enter__()
-        try:
+        outs = []
+        with self._cupy_stream(on_gpu):
             for xp, x, dest in sends:
                 tensor = torch.from_dlpack(_bytes_of(xp, x))
                 buffers.append(tensor)
                 ops.append(dist.P2POp(dist.isend, tensor, self._global(dest), self.group))
-            outs = []
             for r in recvs:
                 out = r.xp.empty(r.shape, dtype=r.dtype)
                 outs.append(out)
                 tensor = torch.from_dlpack(out.reshape(-1).view(r.xp.uint8))
                 ops.append(dist.P2POp(dist.irecv, tensor, self._global(r.source), self.group))
-            works = dist.batch_isend_irecv(ops) if ops else []
-        finally:
-            if stream_ctx is not None:
-                stream_ctx.__exit__(None, None, None)
+            works = dist.batch_isend_irecv(ops)
 
         def finish():
-            for w in works:
-                w.wait()
+            with self._cupy_stream(on_gpu):
+                for w in works:
+                    w.wait()
             del buffers[:]
             return outs
 
         return finish
+
+    @staticmethod
+    def _cupy_stream(on_gpu):
+        """Torch's current stream set to CuPy's, so both order the same work (CUDA only)."""
+        import contextlib
+
+        if not on_gpu:
+            return contextlib.nullcontext()
+        import cupy
+        import torch
+
+        pointer = cupy.cuda.get_current_stream().ptr
+        if pointer == 0:  # CuPy's legacy default stream is torch's default stream too
+            return contextlib.nullcontext()
+        return torch.cuda.stream(torch.cuda.ExternalStream(pointer))
 
 
 class NcclCommunicator(Communicator):
