@@ -193,10 +193,17 @@ class Communicator(abc.ABC):
     bytes_sent: int = 0
     messages_sent: int = 0
 
+    #: The transport moves device memory only (NCCL): host arrays (the schemes' small
+    #: bookkeeping exchanges) travel through the current CUDA device and come back as NumPy.
+    device_only: bool = False
+
     def start(self, sends: Sequence[tuple], recvs: Sequence[Recv]) -> Request:
         """Post ``sends`` (``(array, dest)`` pairs) and ``recvs``; return a :class:`Request`."""
         if not sends and not recvs:
             return _DONE
+        if self.device_only and (any(isinstance(x, np.ndarray) for x, _ in sends)
+                                 or any(r.xp is np for r in recvs)):
+            return self._start_through_device(sends, recvs)
         local = [x for x, dest in sends if dest == self.rank]
         remote_sends = [(x, dest) for x, dest in sends if dest != self.rank]
         remote_recvs = [r for r in recvs if r.source != self.rank]
@@ -219,6 +226,20 @@ class Communicator(abc.ABC):
                     raise RuntimeError(f"rank {self.rank} expected {r.shape} {r.dtype} from "
                                        f"rank {r.source}, got {tuple(y.shape)} {y.dtype}")
             return out
+
+        return Request(complete)
+
+    def _start_through_device(self, sends, recvs):
+        import cupy
+
+        on_host = [r.xp is np for r in recvs]
+        device_sends = [(cupy.asarray(x) if isinstance(x, np.ndarray) else x, d)
+                        for x, d in sends]
+        device_recvs = [dataclasses.replace(r, xp=cupy) if r.xp is np else r for r in recvs]
+        inner = self.start(device_sends, device_recvs)
+
+        def complete():
+            return [y.get() if host else y for y, host in zip(inner.wait(), on_host)]
 
         return Request(complete)
 
@@ -386,6 +407,7 @@ class TorchCommunicator(Communicator):
         self.size = dist.get_world_size(group)
         self.bytes_sent = 0
         self.messages_sent = 0
+        self.device_only = str(dist.get_backend(group)).lower() == "nccl"
 
     def _global(self, rank):
         if self.group is None:
@@ -461,6 +483,7 @@ class NcclCommunicator(Communicator):
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.bytes_sent = 0
         self.messages_sent = 0
+        self.device_only = True
 
     @classmethod
     def create(cls, size: int, rank: int, unique_id):
@@ -478,23 +501,19 @@ class NcclCommunicator(Communicator):
         cupy = self._cupy
         from cupy.cuda import nccl
 
+        # Byte views (a copy where a send is not contiguous) and receive buffers are made on
+        # the current stream, before the event the transfer stream waits for.
+        keep = [(_bytes_of(xp, x), dest) for xp, x, dest in sends]
+        outs = [cupy.empty(r.shape, dtype=r.dtype) for r in recvs]
         current = cupy.cuda.get_current_stream()
         ready = cupy.cuda.Event(disable_timing=True)
         ready.record(current)
         self.stream.wait_event(ready)
-        keep = []
-        outs = []
         nccl.groupStart()
         try:
-            for xp, x, dest in sends:
-                if xp is np:
-                    raise TypeError("NcclCommunicator moves CuPy arrays only, got a NumPy array")
-                data = _bytes_of(xp, x)
-                keep.append(data)
+            for data, dest in keep:
                 self.comm.send(data.data.ptr, data.size, nccl.NCCL_UINT8, dest, self.stream.ptr)
-            for r in recvs:
-                out = cupy.empty(r.shape, dtype=r.dtype)
-                outs.append(out)
+            for r, out in zip(recvs, outs):
                 flat = out.reshape(-1).view(cupy.uint8)
                 self.comm.recv(flat.data.ptr, flat.size, nccl.NCCL_UINT8, r.source,
                                self.stream.ptr)
