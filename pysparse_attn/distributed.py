@@ -42,7 +42,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -1038,6 +1038,10 @@ def _ring_setup(comm, q, k, v, select, scale, block, drop_mass, layout, check_fi
                              f"{info[:, col].tolist()}")
     if scale is None:
         scale = D ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    elif not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
     q_tiles = np.concatenate([[0], np.cumsum([_tile_count(n, block[0]) for n in info[:, 4]])])
     k_tiles = np.concatenate([[0], np.cumsum([_tile_count(n, block[1]) for n in info[:, 5]])])
     nk = int(k_tiles[-1])
@@ -1231,7 +1235,9 @@ def ring_attention(q, k, v, comm, *, select=None, skip=None, order=None, peak=4,
     posted before step ``t`` is computed.
 
     Shards are whole tiles: every rank but the last holds a multiple of ``Bq`` query rows and
-    ``Bk`` key rows, so the ranks' tiles are the single-device tiles.
+    ``Bk`` key rows, so the ranks' tiles are the single-device tiles. SLA runs under
+    :func:`ulysses_attention` only: its linear branch divides by sums over every marginal tile
+    of the row, which the public API does not return per shard.
 
     Parameters
     ----------

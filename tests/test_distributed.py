@@ -364,6 +364,14 @@ def test_ring_rejects_shards_that_are_not_whole_tiles():
         _ring(2, q, k, v, bounds, bounds, block=BLOCK, backend="reference")
 
 
+def test_ring_rejects_a_bad_scale():
+    q, k, v, _ = _inputs(0, 2, 2, 16, 16)
+    with pytest.raises(ValueError, match="scale"):
+        _ring(1, q, k, v, [0, 16], [0, 16], block=BLOCK, scale=-1.0)
+    with pytest.raises(TypeError, match="scale"):
+        _ring(1, q, k, v, [0, 16], [0, 16], block=BLOCK, scale="0.5")
+
+
 def test_ring_bnhd_layout():
     q, k, v, _, qb, kb = _ring_case(2, np.float64, seed=1)
     expected = psa.attention(q, k, v, block=BLOCK, backend="reference")
