@@ -928,7 +928,10 @@ class RingStats:
     transfers : int
         K/V shards this rank received (a dropped shard is not transferred).
     wait_s, compute_s : float
-        Seconds spent waiting for transfers (the exposed communication) and in local attention.
+        Host seconds spent waiting for transfers and in the local attention calls and merges.
+        On the host (and for MPI) they are the exposed communication and the compute; on the GPU
+        both only queue work (NCCL waits are stream waits), so time a step with a device
+        synchronisation instead, as ``bench/distributed.py`` does.
     """
 
     lse: Any
@@ -1252,9 +1255,10 @@ def ring_attention(q, k, v, comm, *, select=None, skip=None, order=None, peak=4,
         decided on block scores of this rank's pooled query tiles against every rank's pooled
         key tiles (exchanged first, ``nk * D`` values a head), which is the single-device plan.
     skip : None, Blasst, Cef or Recall
-        Applied inside each shard's loop, with that shard's running statistics: Blasst and Cef
-        compare against a running max no larger than the row's, so they skip no more than on one
-        device; ``Recall`` keeps its guarantee for the merged row (:func:`merge_recall`).
+        Applied inside each shard's loop with that shard's running statistics, started afresh
+        per shard (as one device visiting the shards one by one with a new state each):
+        ``Blasst`` and ``Cef`` see a shard's running max, never more than the row's; ``Recall``
+        keeps its guarantee for the merged row (:func:`merge_recall`).
     order, peak, scale, block, backend, threads, check_finite
         As in :func:`pysparse_attn.attention` (``order`` acts within each shard).
     drop_mass : float, optional
