@@ -46,6 +46,7 @@ _ADAPTER_KEYWORDS = {"layout", "return_stats"}
 _ARRAY_KEYWORDS = {"proj_weight", "proj_bias"}
 
 
+@functools.lru_cache(maxsize=None)
 def _core_keywords(function):
     """Keyword-only parameters of a core function and their defaults."""
     return {name: p.default for name, p in inspect.signature(function).parameters.items()
