@@ -8,10 +8,6 @@ differentiable as a whole (a fixed tile mask: no decision can flip under a pertu
 
 from __future__ import annotations
 
-import re
-import textwrap
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -19,6 +15,7 @@ torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip insta
 
 import pysparse_attn as psa  # noqa: E402
 import pysparse_attn.torch as pt  # noqa: E402
+from interop_snippets import run_interop_snippets  # noqa: E402
 
 F64 = torch.float64
 BLOCK = (8, 8)
@@ -370,20 +367,8 @@ def test_requires_grad_tensors_are_accepted():
 # ---------------------------------------------------------------------------------------------
 # The interop page's torch snippets run as written
 
-def interop_snippets(group):
-    """The bodies of ``.. testcode:: <group>`` blocks of docs/interop.rst."""
-    text = (Path(__file__).resolve().parent.parent / "docs" / "interop.rst").read_text()
-    pattern = re.compile(r"^\.\. testcode:: " + group + r"\n((?:   :.*\n)*)\n((?:(?:   .*)?\n)+)",
-                         re.MULTILINE)
-    return [textwrap.dedent(match.group(2)) for match in pattern.finditer(text)]
-
-
 def test_interop_page_torch_snippets_run():
-    snippets = interop_snippets("torch")
-    assert snippets, "docs/interop.rst has no torch testcode block"
-    namespace = {}
-    for snippet in snippets:
-        exec(compile(snippet, "docs/interop.rst", "exec"), namespace)
+    run_interop_snippets("torch")
 
 
 # ---------------------------------------------------------------------------------------------
