@@ -158,3 +158,10 @@ def test_bad_input():
 
 def test_interop_page_jax_snippets_run():
     run_interop_snippets("jax")
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    results = doctest.testmod(pj, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert results.attempted > 0 and results.failed == 0

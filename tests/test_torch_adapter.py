@@ -391,3 +391,10 @@ def test_cuda_tensors_run_on_the_current_stream_and_match_the_cpu():
     # bf16 tensor cores vs the float32-accumulating CPU backend on bf16 inputs.
     torch.testing.assert_close(out.cpu().float(), expected.float(), rtol=3e-2, atol=3e-2)
     assert all(x.grad is not None and x.grad.device.type == "cuda" for x in cuda)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    results = doctest.testmod(pt, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert results.attempted > 0 and results.failed == 0
