@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,12 +11,10 @@ import numpy as np
 from . import backends
 from ._arrays import (LAYOUTS, Canonical, as_backend_array, canonicalize, check_block,
                       check_scale, check_tile_mask, on_caller_stream, on_cuda)
-import inspect
-
 from ._plan import ORDERS, Plan, build_plan, tile_count
 from ._reference import FEATURE_MAPS
 from ._plan import block_scores as _block_scores
-from ._rules import check_rule, rule_code
+from ._rules import check_rule
 from ._select import BlockMask, SlaSplit, TopK, TopP
 from ._stats import AttentionStats
 
@@ -129,22 +126,11 @@ def _prepare(q, k, v, *, scale, block, layout, backend, threads, check_finite=Tr
     return _Call(arrays, module, name, scale, block, threads, out_dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _takes_rule(forward) -> bool:
-    """Whether a backend's forward has the rule-object signature (TEMPORARY: until every
-    backend takes ``forward(q, k, v, plan, rule, scale, want_stats, out_dtype=None, ...)``)."""
-    return "rule" in inspect.signature(forward).parameters
-
-
 def _forward(call: _Call, plan, skip, want_stats, out_dtype=None):
     """``(out, lse, kept, visited, bound)`` of the backend's fused forward over ``plan``."""
     a = call.arrays
-    forward = call.backend.forward
-    if _takes_rule(forward):
-        return forward(a.q, a.k, a.v, plan, skip, call.scale, want_stats, out_dtype,
-                       **call.kwargs())
-    code, param = rule_code(skip)
-    return forward(a.q, a.k, a.v, plan, code, param, call.scale, want_stats, **call.kwargs())
+    return call.backend.forward(a.q, a.k, a.v, plan, skip, call.scale, want_stats, out_dtype,
+                                **call.kwargs())
 
 
 def _kernel_out_dtype(call: _Call):
