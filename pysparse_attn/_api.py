@@ -494,8 +494,8 @@ def _grads_out(call: _Call, grads):
 
 @on_caller_stream
 def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, scale=None,
-                  block=(64, 64), layout="bhnd", backend="auto", kept=None, threads=None,
-                  precision=None):
+                  block=None, layout="bhnd", backend="auto", kept=None, threads=None,
+                  plan=None, precision=None):
     """Gradients of :func:`attention` with the plan and kept set held fixed.
 
     The function differentiated is attention restricted to the tiles whose P.V the forward
@@ -510,6 +510,9 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
         Cotangent of the output, shaped like ``q``.
     kept : bool array ``(B, H, nq, nk)``, optional
         The forward's kept tiles.
+    plan : Plan, optional
+        The forward's plan (``stats.plan``), used when ``kept`` is None to rerun the forward
+        without re-selecting.
     select, skip, order, peak, scale, block, layout, backend, threads, precision
         As in :func:`attention`.
 
@@ -518,15 +521,18 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
     dq, dk, dv : arrays
         In the dtype, layout and namespace of the inputs.
     """
-    call = _prepare(q, k, v, scale=scale, block=block, layout=layout, backend=backend,
-                    threads=threads, precision=precision)
+    call = _prepare(q, k, v, scale=scale, block=_block_or_plans(block, plan), layout=layout,
+                    backend=backend, threads=threads, precision=precision)
     g = call.arrays.like_q("do", do)
     a = call.arrays
     nq, nk = tile_count(a.q.shape[2], call.block[0]), tile_count(a.k.shape[2], call.block[1])
+    check_rule(skip)
+    if plan is not None:
+        plan = _given_plan(plan, call, select, order, block)
     if kept is None:
-        check_rule(skip)
-        plan = _plan(call, _check_selector(select, call.arrays, call.block),
-                     _check_order(order, skip, peak), peak)
+        if plan is None:
+            plan = _plan(call, _check_selector(select, call.arrays, call.block),
+                         _check_order(order, skip, peak), peak)
         kept = _forward(call, plan, skip, True)[2]
     kept = check_tile_mask("kept", kept, (a.q.shape[0], a.q.shape[1], nq, nk), a.on_gpu,
                            nonempty=True)
