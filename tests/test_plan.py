@@ -332,23 +332,28 @@ def test_plan_layouts_agree():
 # GPU: the accelerated builder is the same method, with no host round trip.
 
 
+def _separated_scores_inputs(seed, n_query_tiles, n_key_tiles, D=64, tile=64):
+    """bfloat16 q, k whose block scores are far apart (about 1 between neighbours): each key
+    tile is offset along one direction by a distinct multiple, and q leans on that direction,
+    so float32 and float64 scores rank the tiles alike."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    direction = rng.standard_normal(D)
+    q = rng.standard_normal((1, 2, n_query_tiles * tile, D)) + 0.5 * direction
+    offsets = np.repeat(rng.permutation(n_key_tiles), tile)[None, None, :, None] / 4
+    k = 0.1 * rng.standard_normal((1, 2, n_key_tiles * tile, D)) + offsets * direction
+    return q.astype(ml_dtypes.bfloat16), k.astype(ml_dtypes.bfloat16)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("selector", ["dense", "topk2", "topp"])
 @pytest.mark.parametrize("order", ["natural", "peak"])
 def test_gpu_plan_matches_the_host_plan_on_clear_scores(selector, order):
     """Same rows as the float64 host builder where scores are well separated."""
     import cupy
-    import ml_dtypes
 
-    rng = np.random.default_rng(12)
-    D, N = 64, 64 * 9
-    q = rng.standard_normal((1, 2, N, D)).astype(ml_dtypes.bfloat16)
-    # Each key tile gets its own offset along q's mean direction: scores far apart.
-    direction = rng.standard_normal(D)
-    k = rng.standard_normal((1, 2, N, D)) * 0.1
-    k += (np.repeat(rng.permutation(9), 64)[None, None, :, None] * direction) / 4
-    k = k.astype(ml_dtypes.bfloat16)
-    q += (direction * 0.5).astype(ml_dtypes.bfloat16)
+    q, k = _separated_scores_inputs(12, n_query_tiles=9, n_key_tiles=9)
     select = SELECTORS[selector]
     host = psa.plan(q.astype(np.float64), k.astype(np.float64), select=select, order=order,
                     block=(64, 64))
@@ -363,16 +368,12 @@ def test_gpu_plan_matches_the_host_plan_on_clear_scores(selector, order):
 @pytest.mark.parametrize("linear", ["marginal", "complement", "global"])
 def test_gpu_sla_split_writes_the_critical_lists_and_the_marginal_bitmap(linear):
     import cupy
-    import ml_dtypes
 
     from pysparse_attn._plan import build_plan
     from pysparse_attn._select import SlaSplit
     from pysparse_attn.backends import cupy as gpu
 
-    rng = np.random.default_rng(13)
-    q = rng.standard_normal((1, 2, 64 * 6, 64)).astype(ml_dtypes.bfloat16)
-    k = (rng.standard_normal((1, 2, 64 * 10, 64))
-         + np.linspace(-3, 3, 640)[None, None, :, None]).astype(ml_dtypes.bfloat16)
+    q, k = _separated_scores_inputs(13, n_query_tiles=6, n_key_tiles=10)
     split = SlaSplit(0.3, 0.3)
     plan = gpu.build_plan(cupy, cupy.asarray(q), cupy.asarray(k), split, "natural", 4,
                           (64, 64), 0.125, linear)
