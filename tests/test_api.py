@@ -556,7 +556,9 @@ def test_torch_graph_replay_equals_the_eager_call(case):
             call(q_t, k_t, v_t, plan)  # warm-up on the capture's side stream
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
-        with torch.cuda.graph(graph):
+        # CuPy's pool keeps free blocks per stream and the warm-up ran on another stream, so
+        # the capture may cudaMalloc new blocks: "relaxed" lets it (the blocks stay in `pool`).
+        with torch.cuda.graph(graph, capture_error_mode="relaxed"):
             captured = call(q_t, k_t, v_t, plan)
     captured.zero_()
     graph.replay()
