@@ -20,10 +20,22 @@ _DLPACK_CUDA = 2  # kDLCUDA in the DLPack device enum
 _FLOAT_NAMES = ("float64", "float32", "float16", "bfloat16")
 
 
+_DTYPE_NAMES = {}  # dtype -> float_dtype_name (numpy's dtype.name is a Python-level property)
+
+
 def float_dtype_name(dtype) -> str:
     """``'float64'``, ``'float32'``, ``'float16'`` or ``'bfloat16'``, else ``''``."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):
+        pass
     name = getattr(dtype, "name", str(dtype))
-    return name if name in _FLOAT_NAMES else ""
+    name = name if name in _FLOAT_NAMES else ""
+    try:
+        _DTYPE_NAMES[dtype] = name
+    except TypeError:  # an unhashable dtype-like
+        pass
+    return name
 
 
 def _is_cupy(x) -> bool:
@@ -32,6 +44,8 @@ def _is_cupy(x) -> bool:
 
 def on_cuda(x) -> bool:
     """Whether ``x`` lives in CUDA device memory (CuPy, or a DLPack producer on a GPU)."""
+    if isinstance(x, np.ndarray):
+        return False
     if _is_cupy(x) or hasattr(x, "__cuda_array_interface__"):
         return True
     device = getattr(x, "__dlpack_device__", None)
