@@ -188,8 +188,10 @@ def _check_selector(select, arrays: Canonical, block):
         q, k = arrays.q, arrays.k
         shape = (q.shape[0], q.shape[1], tile_count(q.shape[2], block[0]),
                  tile_count(k.shape[2], block[1]))
+        # Checked on the host only: on GPU arrays the check would read device data back, and
+        # an empty row is well defined there (O = 0, LSE = -inf, like an empty plan row).
         return BlockMask(check_tile_mask("mask", select.mask, shape, arrays.on_gpu,
-                                         nonempty=True))
+                                         nonempty=not arrays.on_gpu))
     raise TypeError(f"select must be None, BlockMask, TopK or TopP, got {type(select).__name__}")
 
 
