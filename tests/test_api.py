@@ -494,6 +494,8 @@ def _capture_cases():
                                                              skip=psa.Recall(0.9)),
         "reused_plan": lambda q, k, v, p: psa.attention(q, k, v, plan=p),
         "dense": lambda q, k, v, p: psa.attention(q, k, v),
+        "blockmask": lambda q, k, v, p: psa.attention(q, k, v,
+                                                      select=psa.BlockMask(p.visit_bitmap())),
         "topp_stats": lambda q, k, v, p: psa.attention(q, k, v, select=psa.TopP(0.8),
                                                        return_stats=True)[0],
         "sla": lambda q, k, v, p: psa.sla_attention(q, k, v, critical=0.4, negligible=0.2),
