@@ -23,7 +23,10 @@ class BlockMask(Selector):
     ----------
     mask : array of bool
         Shape ``(B, H, nq, nk)`` or anything broadcastable to it (``(nq, nk)`` for one mask
-        shared by every head). Every query tile needs at least one true tile.
+        shared by every head). Every query tile needs at least one true tile (checked for host
+        arrays; on GPU arrays, where checking would synchronise, a query tile with none gives
+        O = 0 and LSE = -inf). Pass a GPU mask with GPU inputs: a host mask is copied over on
+        every call.
     """
 
     mask: Any
