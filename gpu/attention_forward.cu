@@ -6,7 +6,9 @@
 // S = Q.K^T on tensor cores, the tile's row maxima, then the skip rule decides for the whole
 // query tile (every valid row must agree: one __syncthreads_and). A skipped tile costs its
 // Q.K^T only; a kept tile goes through the online softmax and P.V with P fed from registers.
-// LSE, the recall bound and the kept/visited bitmaps are written at the end.
+// LSE, the recall bound and the kept/visited bitmaps are written at the end. Launch parameters
+// come in one ForwardParams struct; the plan row, the vote and the epilogue (an empty plan row
+// gives O = 0, LSE = -inf) are shared with the wgmma kernel (forward_common.cuh).
 //
 // Template instances are listed by pysparse_attn/backends/cupy.py (NVRTC name expressions) and
 // by pysparse_attn/backends/compile_check.py (nvcc).

@@ -1,7 +1,8 @@
 // Fused sparse attention forward on Hopper warpgroup MMA (wgmma, sm_90a), DESIGN.md sections 4-5.
 //
-// Same contract, arguments and skip logic as attention_forward.cu (the sm_80 mma.sync kernel);
-// what changes is the matrix engine. One CTA per (query tile, head, batch) with one warpgroup
+// Same contract, ForwardParams and skip logic as attention_forward.cu (the sm_80 mma.sync
+// kernel; the plan row, vote and epilogue are both kernels' forward_common.cuh); what changes
+// is the matrix engine. One CTA per (query tile, head, batch) with one warpgroup
 // per 64 query rows. Q is loaded once (into registers at D = 128); K and V stream through a ring
 // of kStages 128-byte-swizzled shared tiles filled by cp.async, kTilesAhead tiles ahead of the
 // compute. S = Q.K^T is one chain of wgmma reading K (and Q at D = 64) from shared memory;

@@ -337,19 +337,3 @@ def rule_functor(skip) -> str:
 def rule_margin(skip):
     """The reference margin function of a rule (never skips for None)."""
     return no_skip_margin if check_rule(skip) is None else skip.margin
-
-
-# Transitional (removed by the kernels' switch to functors): the integer codes the backends
-# still decode. Nothing new may use them.
-NO_SKIP, BLASST, CEF, RECALL, RECALL_EXACT = range(5)
-_CODES = {NO_SKIP_FUNCTOR: NO_SKIP, Blasst.functor_name: BLASST, Cef.functor_name: CEF,
-          Recall.functor_name: RECALL, Recall.exact_functor_name: RECALL_EXACT}
-
-
-def rule_code(skip) -> tuple[int, float]:
-    """Transitional ``(code, scalar param)`` of a rule with one parameter for every head."""
-    if check_rule(skip) is None:
-        return NO_SKIP, 0.0
-    if skip.per_head:
-        raise ValueError("skip: per-head parameters need the functor-based kernels")
-    return _CODES[skip.functor], float(skip.kernel_params(1)[0])

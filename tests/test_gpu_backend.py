@@ -13,13 +13,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from pysparse_attn import _reference
 from pysparse_attn._plan import tile_count
-from pysparse_attn._rules import Blasst, Cef, Recall, rule_code
+from pysparse_attn._rules import Blasst, Cef, Recall
 from pysparse_attn._select import TopK, TopP
 
 
@@ -117,7 +118,31 @@ def _inputs(rng, dtype, B, Hq, Hkv, Nq, Nk, D, layout, strength=1.0):
 
 
 def _host_plan(plan):
-    return plan.to("host")
+    """A host copy of a plan's CSR rows (what the reference reads), with ``rows(b, h, i)``."""
+    import cupy
+
+    offsets, indices = cupy.asnumpy(plan.row_offsets), cupy.asnumpy(plan.row_indices)
+    return SimpleNamespace(row_offsets=offsets, row_indices=indices, block=tuple(plan.block),
+                           nq=plan.nq, nk=plan.nk, capacity=indices.shape[-1],
+                           rows=lambda b, h, i: indices[b, h, offsets[b, h, i]:offsets[b, h, i + 1]])
+
+
+def _device_plan(rows, block):
+    """A CuPy plan-like object from nested lists ``rows[b][h][i]`` of key tiles (any lengths,
+    empty included): what the backend reads, built without the library's builders."""
+    import cupy
+
+    B, H, nq = len(rows), len(rows[0]), len(rows[0][0])
+    capacity = max(1, max(sum(len(r) for r in rows[b][h]) for b in range(B) for h in range(H)))
+    offsets = np.zeros((B, H, nq + 1), np.int32)
+    indices = np.full((B, H, capacity), -1, np.int32)
+    for b in range(B):
+        for h in range(H):
+            flat = [tile for row in rows[b][h] for tile in row]
+            offsets[b, h, 1:] = np.cumsum([len(row) for row in rows[b][h]])
+            indices[b, h, :len(flat)] = flat
+    return SimpleNamespace(row_offsets=cupy.asarray(offsets), row_indices=cupy.asarray(indices),
+                           block=tuple(block))
 
 
 def _poison_pool(shape):
@@ -143,13 +168,12 @@ def _run_and_check(rng, *, dtype, D, block, layout, rule_name, selector, Nq=197,
     from pysparse_attn.backends import cupy as backend
 
     (q, k, v), (q64, k64, v64) = _inputs(rng, dtype, B, Hq, Hkv, Nq, Nk, D, layout, strength)
-    skip = RULES[rule_name]
-    code, param = rule_code(skip)
+    skip = RULES[rule_name] if isinstance(rule_name, str) else rule_name
     scale = D ** -0.5
     order = order or ("peak" if skip is not None else "natural")
     plan = backend.build_plan(cupy, q, k, selector, order, 4, block, scale)
     _poison_pool((B, Hq, Nq, D))
-    out, lse, kept, visited, bound = backend.forward(q, k, v, plan, code, param, scale, True,
+    out, lse, kept, visited, bound = backend.forward(q, k, v, plan, skip, scale, True,
                                                      kernel=kernel)
     cupy.cuda.runtime.deviceSynchronize()
     out_h = cupy.asnumpy(out.astype(cupy.float32)).astype(np.float64)
@@ -164,7 +188,7 @@ def _run_and_check(rng, *, dtype, D, block, layout, rule_name, selector, Nq=197,
     nq, nk = host_plan.nq, host_plan.nk
     listed = np.zeros((B, Hq, nq, nk), dtype=bool)
     for index in np.ndindex(B, Hq, nq):
-        entries = host_plan.visit[index][: host_plan.count[index]]
+        entries = host_plan.rows(*index)
         listed[index][entries] = True
         assert kept_h[index][entries[0]], f"first visited tile skipped at {index}"
     np.testing.assert_array_equal(visited_h, listed)
@@ -177,7 +201,7 @@ def _run_and_check(rng, *, dtype, D, block, layout, rule_name, selector, Nq=197,
     assert np.max(np.abs(lse_h - ref_lse)) <= LSE_TOLERANCE
 
     # Each decision follows the rule within the margin.
-    slack = _reference.decision_slack(q64, k64, v64, host_plan, kept_h, code, param, scale)
+    slack = _reference.decision_slack(q64, k64, v64, host_plan, kept_h, skip, scale)
     decided = ~np.isnan(slack)
     skipped = decided & ~kept_h
     kept_decided = decided & kept_h
@@ -257,10 +281,10 @@ def test_recall_guarantee_on_gpu_kept_set(target, exact):
 
     rng = _fresh_rng()
     (q, k, v), (q64, k64, _) = _inputs(rng, "bfloat16", 1, 4, 4, 300, 1500, 64, "bhnd", 1.5)
-    code, param = rule_code(Recall(target, exact=exact))
     scale = 64 ** -0.5
     plan = backend.build_plan(cupy, q, k, None, "peak", 4, (64, 64), scale)
-    _, _, kept, _, bound = backend.forward(q, k, v, plan, code, param, scale, True)
+    _, _, kept, _, bound = backend.forward(q, k, v, plan, Recall(target, exact=exact), scale,
+                                           True)
     kept_h, bound_h = cupy.asnumpy(kept), cupy.asnumpy(bound)
     true_recall = _reference.recall_of_kept(q64, k64, kept_h, (64, 64), scale)
     # fp32 bookkeeping of a bound that is tight at the threshold: allow float32 rounding only.
@@ -289,7 +313,7 @@ def test_unaligned_strides_are_copied_not_misread():
     v = cupy.asarray(rng.standard_normal((1, 2, 150, 64)).astype(np.float16))
     before = wide.copy()
     plan = backend.build_plan(cupy, q, k, None, "natural", 4, (64, 64), 0.125)
-    out, _, kept, _, _ = backend.forward(q, k, v, plan, 0, 0.0, 0.125, True)
+    out, _, kept, _, _ = backend.forward(q, k, v, plan, None, 0.125, True)
     ref, _ = _reference.masked_attention(*(cupy.asnumpy(x.astype(cupy.float32)).astype(float)
                                            for x in (q, k, v)), cupy.asnumpy(kept), (64, 64),
                                          0.125)
@@ -299,21 +323,17 @@ def test_unaligned_strides_are_copied_not_misread():
 
 @pytest.mark.gpu
 @gpu
-def test_float32_inputs_are_accepted_at_bfloat16_precision():
+def test_float32_inputs_are_a_type_error_in_the_backend():
+    """The backend never computes float32 in bfloat16 on its own (the API's opt-in decides)."""
     import cupy
 
     from pysparse_attn.backends import cupy as backend
 
-    rng = _fresh_rng()
-    q, k, v = (cupy.asarray(rng.standard_normal((1, 2, 130, 64)).astype(np.float32))
-               for _ in range(3))
-    plan = backend.build_plan(cupy, q, k, None, "natural", 4, (64, 64), 0.125)
-    out, _, kept, _, _ = backend.forward(q, k, v, plan, 0, 0.0, 0.125, True)
-    assert out.dtype == cupy.float32
-    ref, _ = _reference.masked_attention(*(cupy.asnumpy(x).astype(float) for x in (q, k, v)),
-                                         cupy.asnumpy(kept), (64, 64), 0.125)
-    # Inputs are rounded to bfloat16 (documented): bfloat16 tolerance plus input rounding.
-    assert _rel_l2(cupy.asnumpy(out), ref) <= 2e-2
+    q = cupy.ones((1, 2, 130, 64), dtype=cupy.float32)
+    plan = backend.build_plan(cupy, q.astype(cupy.float16), q.astype(cupy.float16), None,
+                              "natural", 4, (64, 64), 0.125)
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        backend.forward(q, q, q, plan, None, 0.125, True)
 
 
 @pytest.mark.gpu
@@ -326,16 +346,20 @@ def test_rejects_what_it_cannot_compute():
     q = cupy.ones((1, 1, 64, 32), dtype=cupy.float16)
     plan = backend.build_plan(cupy, q, q, None, "natural", 4, (64, 64), 1.0)
     with pytest.raises(ValueError, match="head dim"):
-        backend.forward(q, q, q, plan, 0, 0.0, 1.0, False)
+        backend.forward(q, q, q, plan, None, 1.0, False)
     q = cupy.ones((1, 1, 64, 64), dtype=cupy.float16)
     plan = backend.build_plan(cupy, q, q, None, "natural", 4, (32, 32), 1.0)
     with pytest.raises(ValueError, match="block"):
-        backend.forward(q, q, q, plan, 0, 0.0, 1.0, False)
+        backend.forward(q, q, q, plan, None, 1.0, False)
     with pytest.raises(TypeError, match="dtype"):
-        backend.forward(q, q.astype(cupy.float32), q, plan, 0, 0.0, 1.0, False)
+        backend.forward(q, q.astype(cupy.float32), q, plan, None, 1.0, False)
     plan = backend.build_plan(cupy, q, q, None, "natural", 4, (64, 64), 1.0)
     with pytest.raises(ValueError, match="kernel"):
-        backend.forward(q, q, q, plan, 0, 0.0, 1.0, False, kernel="tensor-magic")
+        backend.forward(q, q, q, plan, None, 1.0, False, kernel="tensor-magic")
+    with pytest.raises(TypeError, match="out_dtype"):
+        backend.forward(q, q, q, plan, None, 1.0, False, out_dtype=np.float64)
+    with pytest.raises(ValueError, match="skip"):
+        backend.forward(q, q, q, plan, Blasst(np.array([0.1, 0.2])), 1.0, False)
 
 
 @pytest.mark.gpu
@@ -429,10 +453,10 @@ def test_fused_plan_follows_the_selector_definition(selector, order, block):
     tol = 1e-4
     mass = np.exp(scores - scores.max(axis=-1, keepdims=True))
     mass /= mass.sum(axis=-1, keepdims=True)
-    for index in np.ndindex(*plan.count.shape):
-        n = plan.count[index]
-        entries = plan.visit[index][:n]
-        assert (plan.visit[index][n:] == -1).all()
+    for index in np.ndindex(*plan.row_offsets.shape[:2], nq):
+        entries = plan.rows(*index)
+        n = len(entries)
+        assert (plan.row_indices[index[:2]][plan.row_offsets[index[:2]][-1]:] == -1).all()
         assert len(set(entries.tolist())) == n and ((entries >= 0) & (entries < nk)).all()
         row = scores[index]
         rest = np.setdiff1d(np.arange(nk), entries)
@@ -485,9 +509,8 @@ def test_without_stats_the_output_is_the_same():
     rng = _fresh_rng()
     (q, k, v), _ = _inputs(rng, "bfloat16", 1, 2, 2, 257, 300, 64, "bhnd")
     plan = backend.build_plan(cupy, q, k, None, "peak", 4, (64, 64), 0.125)
-    code, param = rule_code(Recall(0.9))
-    with_stats = backend.forward(q, k, v, plan, code, param, 0.125, True)
-    without = backend.forward(q, k, v, plan, code, param, 0.125, False)
+    with_stats = backend.forward(q, k, v, plan, Recall(0.9), 0.125, True)
+    without = backend.forward(q, k, v, plan, Recall(0.9), 0.125, False)
     assert without[2:] == (None, None, None)
     assert bool((with_stats[0] == without[0]).all()) and bool((with_stats[1] == without[1]).all())
 
@@ -515,6 +538,122 @@ def test_public_sla_attention_on_gpu_matches_reference_parts(linear):
     want = sparse + linear_out @ weight.T.astype(np.float64) + bias
     got = cupy.asnumpy(out.astype(cupy.float32)).astype(np.float64)
     assert _rel_l2(got, want) <= OUT_TOLERANCE["float16"]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("Nq,Nk", [(1, 77), (129, 300), (200, 64)])
+@pytest.mark.parametrize("block", [(64, 64), (128, 64)])
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+def test_rows_with_no_visited_tile_give_zero_output_and_minus_infinity_lse(dtype, Nq, Nk, block,
+                                                                         kernel):
+    """The kernel itself writes O = 0, LSE = -inf and recall bound 1 for an empty plan row
+    (nothing visited or kept there); the other rows are exact attention on their tiles."""
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    B, Hq, Hkv, D = 2, 2, 1, 64
+    (q, k, v), (q64, k64, v64) = _inputs(rng, dtype, B, Hq, Hkv, Nq, Nk, D, "bhnd")
+    nq, nk = tile_count(Nq, block[0]), tile_count(Nk, block[1])
+    rows = [[[[] if (b + h + i) % 2 == 0 else list(rng.permutation(nk)[:1 + i % nk])
+              for i in range(nq)] for h in range(Hq)] for b in range(B)]
+    plan = _device_plan(rows, block)
+    _poison_pool((B, Hq, Nq, D))
+    out, lse, kept, visited, bound = backend.forward(q, k, v, plan, Recall(0.9), D ** -0.5,
+                                                     True, kernel=kernel)
+    out_h = cupy.asnumpy(out.astype(cupy.float32)).astype(np.float64)
+    lse_h, kept_h, visited_h, bound_h = (cupy.asnumpy(x) for x in (lse, kept, visited, bound))
+    empty_tiles = np.array([[[len(row) == 0 for row in rows[b][h]] for h in range(Hq)]
+                            for b in range(B)])
+    empty = np.repeat(empty_tiles, block[0], axis=-1)[..., :Nq]
+    assert (out_h[empty] == 0).all(), "an empty row's output is not zero"
+    assert (lse_h[empty] == -np.inf).all() and (bound_h[empty] == 1).all()
+    assert not visited_h[empty_tiles].any() and not kept_h[empty_tiles].any()
+    ref_out, ref_lse = _reference.masked_attention(q64, k64, v64, kept_h, block, D ** -0.5)
+    if (~empty).any():
+        assert _rel_l2(out_h[~empty], ref_out[~empty]) <= OUT_TOLERANCE[dtype]
+        assert np.max(np.abs(lse_h[~empty] - ref_lse[~empty])) <= LSE_TOLERANCE
+
+
+PER_HEAD_RULES = {
+    "blasst": Blasst(np.array([1e-3, 0.2, 1.0, 0.03])),
+    "cef": Cef(np.array([-2.0, -8.0, -0.5, 0.0])),
+    "recall": Recall(np.array([0.5, 0.9, 1.0, 0.7])),
+    "recall_exact": Recall(np.array([0.5, 0.9, 1.0, 0.7]), exact=True),
+}
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("rule_name", list(PER_HEAD_RULES))
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+def test_per_head_parameters_equal_one_call_per_head(rule_name, kernel):
+    """``rule_params[head]``: a per-head rule gives, bit for bit, what the scalar rule of each
+    head gives on that head alone (GQA: two query heads a kv head); odd sizes."""
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    rule = PER_HEAD_RULES[rule_name]
+    (q, k, v), _ = _inputs(rng, "bfloat16", 1, 4, 2, 197, 451, 64, "bhnd", strength=1.5)
+    scale, block = 64 ** -0.5, (64, 64)
+    plan = backend.build_plan(cupy, q, k, None, "peak", 4, block, scale)
+    together = backend.forward(q, k, v, plan, rule, scale, True, kernel=kernel)
+    field = rule.lam if isinstance(rule, (Blasst, Cef)) else rule.target
+    for h in range(4):
+        options = {"exact": rule.exact} if isinstance(rule, Recall) else {}
+        single = type(rule)(float(field[h]), **options)
+        kv = slice(h // 2, h // 2 + 1)
+        head_plan = backend.build_plan(cupy, q[:, h:h + 1], k[:, kv], None, "peak", 4, block,
+                                       scale)
+        alone = backend.forward(q[:, h:h + 1], k[:, kv], v[:, kv], head_plan, single, scale,
+                                True, kernel=kernel)
+        for name, a, b in zip(("out", "lse", "kept", "visited", "bound"), together, alone):
+            assert bool((a[:, h:h + 1] == b).all()), f"head {h}: {name} differs"
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("rule_name", list(PER_HEAD_RULES))
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+def test_per_head_decisions_follow_the_reference_at_odd_sizes(rule_name, kernel):
+    """Each decision of a per-head rule within the margin of the float64 replay."""
+    rng = _fresh_rng()
+    for Nq, Nk in ((1, 300), (129, 1000)):
+        _run_and_check(rng, dtype="float16", D=128, block=(128, 64), layout="bhnd",
+                       rule_name=PER_HEAD_RULES[rule_name], selector=None, Nq=Nq, Nk=Nk, B=1,
+                       Hq=4, Hkv=2, kernel=kernel)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+def test_out_dtype_float32_writes_the_unrounded_output(dtype, kernel):
+    """``out_dtype=float32``: O before its rounding (rounding it on the host, to nearest even,
+    gives the default output bit for bit); statistics unchanged."""
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    (q, k, v), _ = _inputs(rng, dtype, 1, 2, 1, 157, 260, 128, "bnhd")
+    plan = backend.build_plan(cupy, q, k, None, "peak", 4, (128, 64), 128 ** -0.5)
+    wide = backend.forward(q, k, v, plan, Blasst(0.05), 128 ** -0.5, True, out_dtype=np.float32,
+                           kernel=kernel)
+    narrow = backend.forward(q, k, v, plan, Blasst(0.05), 128 ** -0.5, True, kernel=kernel)
+    assert wide[0].dtype == np.float32 and narrow[0].dtype == q.dtype
+    for a, b in zip(wide[1:], narrow[1:]):
+        assert bool((a == b).all())
+    wide_h = cupy.asnumpy(wide[0])
+    narrow_h = cupy.asnumpy(narrow[0].view(cupy.uint16))
+    rounded = wide_h.astype(_dtype(dtype)).view(np.uint16)
+    np.testing.assert_array_equal(rounded, narrow_h)
+    assert (wide_h != rounded.view(_dtype(dtype)).astype(np.float32)).any(), "O was rounded"
 
 
 @pytest.mark.slow
