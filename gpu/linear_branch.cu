@@ -67,6 +67,7 @@ linear_features(const typename Words<In>::Word* __restrict__ x, long long sb, lo
                 const float* __restrict__ z, int z_heads, int z_group, int z_per_tile,
                 float eps) {
     __shared__ float partial[kLinearWarps][kMaxChunks * 32];
+    const float minus_infinity = __int_as_float(0xff800000);  // NVRTC has no INFINITY macro
     const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int n_tiles = gridDim.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -94,11 +95,11 @@ linear_features(const typename Words<In>::Word* __restrict__ x, long long sb, lo
         }
         const typename Words<In>::Word* src = x + b * sb + h * sh + row * sn;
         float value[kMaxChunks];
-        float top = -INFINITY;
+        float top = minus_infinity;
 #pragma unroll
         for (int c = 0; c < kMaxChunks; ++c) {
             const int d = c * 32 + lane;
-            value[c] = (c < chunks && d < dim) ? Words<In>::load(src[d]) : -INFINITY;
+            value[c] = (c < chunks && d < dim) ? Words<In>::load(src[d]) : minus_infinity;
             top = fmaxf(top, value[c]);
         }
         const float row_max = warp_max(top);  // every lane takes part in each shuffle

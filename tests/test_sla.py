@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 from hypothesis import given
@@ -591,3 +592,18 @@ def test_gpu_sla_vjp_gives_dw_db_on_the_device_and_honours_kept():
     d_weight, d_bias = replayed[3], replayed[4]
     assert _rel(cupy.asnumpy(d_weight), np.einsum("bhic,bhia->ca", do64, o_linear)) <= 1e-4
     assert _rel(cupy.asnumpy(d_bias), do64.sum(axis=(0, 1, 2))) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH: the kernel "
+                    "compile check needs the CUDA toolkit")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_every_linear_branch_instance_compiles(arch):
+    from pysparse_attn.backends.compile_check import compile_family
+    from pysparse_attn.backends.cupy import LINEAR_INSTANCES
+
+    instances = sorted(set(LINEAR_INSTANCES.values()))
+    ok, rows, log = compile_family(shutil.which("nvcc"), "linear_branch.cu", instances, arch)
+    assert ok, log
+    assert len(rows) == len(instances), log
+    assert not any(stores or loads for _, _, _, stores, loads, _ in rows), "register spills"
