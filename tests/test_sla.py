@@ -538,15 +538,20 @@ def test_gpu_sla_merge_is_capturable_and_replays_the_eager_result():
     bias = cupy.asarray(rng.standard_normal(D).astype(np.float32))
     args = (q, k, v, o_sparse, marginal, block, "softmax", 0.0, weight, bias, q.dtype)
     stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        eager = backend.sla_merge(*args)  # compiles and sizes the pool's blocks first
-        stream.begin_capture()
-        captured = backend.sla_merge(*args)
-        graph = stream.end_capture()
-        graph.launch(stream)
-    stream.synchronize()
-    np.testing.assert_array_equal(cupy.asnumpy(captured.astype(cupy.float32)),
-                                  cupy.asnumpy(eager.astype(cupy.float32)))
+    # Stream-ordered allocations are legal inside a capture (plain cudaMalloc is not).
+    cupy.cuda.set_allocator(cupy.cuda.MemoryAsyncPool().malloc)
+    try:
+        with stream:
+            eager = backend.sla_merge(*args)  # compiles every kernel before the capture
+            stream.begin_capture()
+            captured = backend.sla_merge(*args)
+            graph = stream.end_capture()
+            graph.launch(stream)
+        stream.synchronize()
+        np.testing.assert_array_equal(cupy.asnumpy(captured.astype(cupy.float32)),
+                                      cupy.asnumpy(eager.astype(cupy.float32)))
+    finally:
+        cupy.cuda.set_allocator(cupy.get_default_memory_pool().malloc)
 
 
 @pytest.mark.gpu
