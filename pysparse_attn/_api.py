@@ -260,8 +260,8 @@ def _sla_forward(q, k, v, critical, negligible, linear, feature_map, proj_weight
 
     Returns ``(call, plan, weight, bias, eps, sparse)``: ``sparse(want_stats)`` runs the sparse
     forward over the critical tiles and returns ``(out, lse, kept, visited, recall_bound)``.
-    With a projection and 16-bit inputs it asks for ``out`` in float32 where the backend's
-    forward takes ``out_dtype``, so that the merge never sees O_s rounded to 16 bits.
+    With a projection and 16-bit inputs it asks for ``out`` in the accumulation dtype where the
+    backend's forward takes ``out_dtype``, so that the merge never sees O_s rounded to 16 bits.
     """
     code, param = rule_code(skip)
     order = _check_order(order, skip, peak)
@@ -273,13 +273,13 @@ def _sla_forward(q, k, v, critical, negligible, linear, feature_map, proj_weight
     plan = _plan(call, split, order, peak, linear)
     a = call.arrays
     options = call.kwargs()
-    sixteen_bit = a.q.dtype.itemsize == 2
     # TODO(lead): once the kernels branch (forward(..., out_dtype=...)) is merged every backend
     # takes out_dtype and this signature test goes; until then a backend without it writes
     # O_s in the input dtype.
-    if (sixteen_bit and (weight is not None or bias is not None)
+    if (a.q.dtype.itemsize == 2 and (weight is not None or bias is not None)
             and "out_dtype" in inspect.signature(call.backend.forward).parameters):
-        options["out_dtype"] = np.float32
+        # The accumulation dtype: float32, float64 on the reference.
+        options["out_dtype"] = (weight if weight is not None else bias).dtype
 
     def sparse(want_stats):
         return call.backend.forward(a.q, a.k, a.v, plan, code, param, call.scale, want_stats,

@@ -612,3 +612,25 @@ def test_every_linear_branch_instance_compiles(arch):
     assert ok, log
     assert len(rows) == len(instances), log
     assert not any(stores or loads for _, _, _, stores, loads, _ in rows), "register spills"
+
+
+def test_the_sparse_output_is_requested_in_the_accumulation_dtype(monkeypatch):
+    """With 16-bit inputs and a projection, O_s must reach the merge unrounded: the API asks
+    a backend whose forward takes ``out_dtype`` for the accumulation dtype."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(15)
+    q, k, v = (rng.standard_normal((1, 1, 40, 8)).astype(ml_dtypes.bfloat16) for _ in range(3))
+    seen = []
+    original = _reference_backend.forward
+
+    def forward(q, k, v, plan, *args, out_dtype=None, **kwargs):
+        seen.append(out_dtype)
+        out, *rest = original(q, k, v, plan, *args, **kwargs)
+        return (out if out_dtype is None else out.astype(np.float32).astype(out_dtype), *rest)
+
+    monkeypatch.setattr(_reference_backend, "forward", forward)
+    common = dict(critical=0.5, negligible=0.0, block=(16, 16), backend="reference")
+    psa.sla_attention(q, k, v, proj_weight=np.eye(8), **common)
+    psa.sla_attention(q, k, v, **common)  # no projection: O_s is the output, no request
+    assert seen == [np.float64, None]

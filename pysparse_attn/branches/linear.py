@@ -37,11 +37,12 @@ Y = O_l W^T (one GEMM, TF32, fp32 out)         12.9             read 201, write 
 out = O_s + Y + b (one pass)                   --               read 403, write 101
 =============================================  ===============  ==============================
 
-About 91 GFLOP on tensor cores and 2.7 GB of traffic: memory-bound, ~0.6 ms at the measured
-4.3 TB/s. ``linear="global"`` needs no tile states: H = phi(K)^T V per head (12.9 GFLOP), W
-folded into that D x D state in float32, no Y pass: ~1.2 GB. The largest remaining items, the
-tile states (402 MB) and the float32 O_l/Y round trips (800 MB), are what a fused kernel would
-save (phi computed in the GEMM's load, W applied in the epilogue).
+About 91 GFLOP on tensor cores and 2.4 GB of traffic: memory-bound, ~0.56 ms at the measured
+4.3 TB/s copy rate (not yet timed on a GPU). ``linear="global"`` needs no tile states: H =
+phi(K)^T V per head (12.9 GFLOP), W folded into that D x D state in float32, no Y pass: ~1.4 GB.
+The largest remaining items, the tile states (402 MB written and read) and the float32 O_l / Y
+round trips (800 MB), are what a fused kernel would save (phi computed in the GEMM's loads, W
+and the merge applied in the epilogue of the O_l product), for ~1.2 GB and ~0.3 ms.
 """
 
 from __future__ import annotations
