@@ -1,4 +1,9 @@
-"""SLA: the three-way split, the sparse branch and the linear branch (DESIGN.md section 6)."""
+"""SLA: the three-way split, the sparse branch and the linear branch (DESIGN.md section 6).
+
+The branch layer (``pysparse_attn.branches``) is checked function by function against the
+float64 oracle; GPU tests (marked ``gpu``) check the cupy backend's linear branch, merge and
+linear backward against it.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,16 @@ import math
 import shutil
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import pysparse_attn as psa
 from pysparse_attn import _reference
+from pysparse_attn import backends as _backends
+from pysparse_attn.backends import reference as _reference_backend
+from pysparse_attn.branches import FEATURE_MAPS as _BRANCH_FEATURE_MAPS
+from pysparse_attn.branches import linear as branch
 from attention_ref import (
     attention_ref,
     block_scores_ref,
@@ -202,14 +212,6 @@ def test_skip_rule_acts_inside_the_critical_set(problem, split, rule_params):
 
 # ---------------------------------------------------------------------------------------------
 # The branch layer (pysparse_attn.branches): each function against the float64 reference.
-
-import pytest  # noqa: E402
-
-from pysparse_attn import backends as _backends  # noqa: E402
-from pysparse_attn.backends import reference as _reference_backend  # noqa: E402
-from pysparse_attn.branches import FEATURE_MAPS as _BRANCH_FEATURE_MAPS  # noqa: E402
-from pysparse_attn.branches import linear as branch  # noqa: E402
-
 
 def _cpu_backend():
     try:

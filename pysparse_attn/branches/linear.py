@@ -98,7 +98,8 @@ def _untile(x, n):
 
 
 def key_tile_states(xp, phi_k, v, block_k):
-    """Per key tile: ``H_J = phi(K_J)^T V_J`` ``(B, Hkv, nk, D, Dv)`` and ``Z_J`` ``(B, Hkv, nk, D)``.
+    """Per key tile: ``H_J = phi(K_J)^T V_J`` ``(B, Hkv, nk, D, Dv)`` and ``Z_J = phi(K_J)^T 1``
+    ``(B, Hkv, nk, D)``.
 
     ``phi_k`` is zero-padded, so the partial last tile sums its valid keys only.
     """
@@ -219,7 +220,8 @@ def merge(xp, o_sparse, o_linear, weight, bias, out_dtype):
 
 
 def projection_grads(xp, d_out, o_linear, dtype):
-    """``(dW, db)`` of ``O = O_s + O_l W^T + b``: ``dW = sum_i do_i^T O_l,i``, ``db = sum_i do_i``."""
+    """``(dW, db)`` of ``O = O_s + O_l W^T + b``: ``dW = sum_i do_i^T O_l,i``, ``db = sum_i do_i``.
+    """
     D = d_out.shape[-1]
     g = d_out.astype(dtype).reshape(-1, D)
     return g.T @ o_linear.astype(dtype, copy=False).reshape(-1, o_linear.shape[-1]), g.sum(axis=0)
