@@ -12,7 +12,8 @@ from . import backends
 from ._arrays import (LAYOUTS, Canonical, as_backend_array, canonicalize, check_block,
                       check_scale, check_tile_mask, on_caller_stream, on_cuda)
 from ._plan import ORDERS, Plan, build_plan, tile_count
-from ._reference import FEATURE_MAPS
+from .branches import linear as _linear
+from .branches.feature_maps import FEATURE_MAPS
 from ._plan import block_scores as _block_scores
 from ._rules import check_rule
 from ._select import BlockMask, SlaSplit, TopK, TopP
@@ -28,7 +29,7 @@ __all__ = [
     "plan",
 ]
 
-LINEAR_MODES = ("marginal", "complement", "global")
+LINEAR_MODES = _linear.MODES
 
 
 @dataclass
@@ -129,8 +130,8 @@ def _prepare(q, k, v, *, scale, block, layout, backend, threads, check_finite=Tr
 def _forward(call: _Call, plan, skip, want_stats, out_dtype=None):
     """``(out, lse, kept, visited, bound)`` of the backend's fused forward over ``plan``."""
     a = call.arrays
-    return call.backend.forward(a.q, a.k, a.v, plan, skip, call.scale, want_stats, out_dtype,
-                                **call.kwargs())
+    return call.backend.forward(a.q, a.k, a.v, plan, skip, call.scale, want_stats,
+                                out_dtype=out_dtype, **call.kwargs())
 
 
 def _kernel_out_dtype(call: _Call):
@@ -362,8 +363,17 @@ def attention(q, k, v, *, select=None, skip=None, order=None, peak=4, scale=None
 
 
 def _check_projection(call: _Call, proj_weight, proj_bias):
+    """``(W, b)`` on the backend's device in the accumulation dtype (None where not given).
+
+    Never rounded below it: float64 where the linear branch computes in float64 (the
+    reference, and float64 inputs on ``cpu``), float32 otherwise (a float64 ``W`` with 16-bit
+    or float32 inputs is used in float32 accumulation, never in the inputs' dtype). Host arrays
+    are checked for NaN and infinity; GPU arrays are not (that would read a flag back to the
+    host), so a non-finite ``W`` or ``b`` there gives a non-finite output.
+    """
     D = call.arrays.q.shape[-1]
     xp = call.arrays.xp
+    acc = _linear.accumulator(xp, call.arrays.q.dtype, exact=call.backend_name == "reference")
     checked = []
     expected = (("proj_weight", proj_weight, (D, D)), ("proj_bias", proj_bias, (D,)))
     for name, value, shape in expected:
@@ -375,8 +385,8 @@ def _check_projection(call: _Call, proj_weight, proj_bias):
             raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
         if value.dtype.kind != "f" and str(value.dtype) != "bfloat16":
             raise TypeError(f"{name} must be a floating array, got dtype {value.dtype}")
-        value = value.astype(xp.float64 if call.backend_name == "reference" else xp.float32)
-        if not bool(xp.all(xp.isfinite(value))):
+        value = value.astype(acc, copy=False)  # read only: the caller's array is never written
+        if not call.arrays.on_gpu and not bool(xp.all(xp.isfinite(value))):
             raise ValueError(f"{name} contains NaN or infinity")
         checked.append(value)
     return checked
@@ -400,6 +410,13 @@ def _check_sla_options(linear, feature_map, eps):
 def _sla_forward(q, k, v, critical, negligible, linear, feature_map, proj_weight, proj_bias,
                  eps, block, skip, order, peak, scale, layout, backend, threads, check_finite,
                  plan=None, precision=None):
+    """Validate and plan one SLA call; the sparse kernel runs only when asked.
+
+    Returns ``(call, plan, weight, bias, eps, sparse)``: ``sparse(want_stats)`` runs the sparse
+    forward over the critical tiles and returns ``(out, lse, kept, visited, recall_bound)``.
+    With a projection (or a float32 caller of bfloat16 compute) ``out`` comes in float32 (the
+    accumulation dtype; float64 on the reference), so the merge never sees O_s rounded to 16 bits.
+    """
     check_rule(skip)
     eps = _check_sla_options(linear, feature_map, eps)
     call = _prepare(q, k, v, scale=scale, block=_block_or_plans(block, plan), layout=layout,
@@ -414,8 +431,14 @@ def _sla_forward(q, k, v, critical, negligible, linear, feature_map, proj_weight
             raise TypeError("sla_attention needs critical and negligible (or a plan)")
         order = _check_order(order, skip, peak)
         plan = _plan(call, SlaSplit(critical, negligible), order, peak, linear)
-    sparse = _forward(call, plan, skip, True, _kernel_out_dtype(call))
-    return call, plan, sparse, weight, bias, eps
+    out_dtype = _kernel_out_dtype(call)
+    if call.arrays.q.dtype.itemsize == 2 and (weight is not None or bias is not None):
+        out_dtype = (weight if weight is not None else bias).dtype
+
+    def sparse(want_stats):
+        return _forward(call, plan, skip, want_stats, out_dtype)
+
+    return call, plan, weight, bias, eps, sparse
 
 
 @on_caller_stream
@@ -446,13 +469,18 @@ def sla_attention(q, k, v, *, critical=None, negligible=None, linear="marginal",
     feature_map : {"softmax", "elu1", "relu"}
         phi applied to q and k along the head dimension.
     proj_weight : array ``(D, D)``, optional
-        ``W``, shared across heads; zero when None.
+        ``W``, shared across heads; zero when None (then the linear branch is not computed).
+        Used in float64 where the branch computes in float64 (the reference backend, float64
+        inputs on ``cpu``), else in float32 (a float64 ``W`` with 16-bit or float32 inputs is
+        rounded to float32, never to the inputs' dtype; on the GPU its product runs on TF32
+        tensor cores with float32 accumulation).
     proj_bias : array ``(D,)``, optional
-        ``b``; zero when None.
+        ``b``; zero when None. Same precision as ``W``.
     eps : float, optional
         Added to the linear branch's denominator; 0 by default, 1e-5 for ``linear="global"``.
     block, skip, order, peak, scale, layout, backend, return_stats, threads, check_finite
-        As in :func:`attention` (the skip rule acts on the critical tiles).
+        As in :func:`attention` (the skip rule acts on the critical tiles). GPU arrays ``W``
+        and ``b`` are not checked for NaN (that would synchronise with the host).
     plan : Plan, optional
         A previous call's ``stats.plan`` (critical lists and ``marginal`` tiles), used as given;
         ``critical`` and ``negligible`` must then be None. A plan without ``marginal`` (from
@@ -463,26 +491,20 @@ def sla_attention(q, k, v, *, critical=None, negligible=None, linear="marginal",
     Returns
     -------
     out : array
-        Same shape, layout, dtype and namespace as ``q``.
+        Same shape, layout, dtype and namespace as ``q``: ``O_s``, ``O_l W^T`` and ``b`` are
+        added in the accumulation dtype and rounded once.
     stats : AttentionStats
         Only with ``return_stats=True``; ``marginal`` holds the linear-branch tiles.
     """
     return_stats = check_flag("return_stats", return_stats)
-    call, plan, sparse, weight, bias, eps = _sla_forward(
+    call, plan, weight, bias, eps, sparse = _sla_forward(
         q, k, v, critical, negligible, linear, feature_map, proj_weight, proj_bias, eps, block,
         skip, order, peak, scale, layout, backend, threads, check_finite, plan, precision)
     a = call.arrays
-    out, lse, kept, visited, bound = sparse
-    if weight is not None or bias is not None:
-        acc = (weight if weight is not None else bias).dtype
-        out = out.astype(acc)
-        if weight is not None:
-            o_linear = call.backend.linear_branch(a.q, a.k, a.v, plan.marginal, call.block,
-                                                  feature_map, eps, **call.kwargs())
-            out = out + o_linear.astype(acc) @ weight.T
-        if bias is not None:
-            out = out + bias
-        out = out.astype(a.q.dtype)
+    out, lse, kept, visited, bound = sparse(return_stats)
+    out = _linear.sla_output(call.backend, a.q, a.k, a.v, out, plan.marginal, call.block,
+                             feature_map, eps, weight, bias, call.out_dtype or a.q.dtype,
+                             mode=linear, **call.kwargs())
     result = call.result(out)
     if not return_stats:
         return result
@@ -561,7 +583,9 @@ def sla_vjp(q, k, v, do, *, critical=None, negligible=None, linear="marginal",
     critical, negligible, linear, feature_map, proj_weight, proj_bias, eps
         As in :func:`sla_attention`.
     kept : bool array, optional
-        The forward's kept critical tiles; recomputed when None.
+        The forward's kept critical tiles (``stats.kept``); when given, no sparse forward runs
+        (only the plan, which holds the marginal tiles, is rebuilt or taken from ``plan``);
+        recomputed when None.
     block, skip, order, peak, scale, layout, backend, threads, plan, precision
         As in :func:`sla_attention`.
 
@@ -570,31 +594,26 @@ def sla_vjp(q, k, v, do, *, critical=None, negligible=None, linear="marginal",
     dq, dk, dv : arrays
         In the dtype, layout and namespace of the inputs.
     dW : array ``(D, D)``, db : array ``(D,)``
-        float32 (float64 on the reference), in the inputs' namespace.
+        float32; float64 on the reference and for float64 inputs on ``cpu``; in the inputs'
+        namespace.
     """
-    call, plan, sparse, weight, _, eps = _sla_forward(
+    call, plan, weight, _, eps, sparse = _sla_forward(
         q, k, v, critical, negligible, linear, feature_map, proj_weight, proj_bias, eps, block,
         skip, order, peak, scale, layout, backend, threads, True, plan, precision)
     a = call.arrays
-    xp = a.xp
-    g = call.arrays.like_q("do", do)
-    kept = check_tile_mask("kept", sparse[2] if kept is None else kept,
-                           (a.q.shape[0], a.q.shape[1], plan.nq, plan.nk), a.on_gpu,
-                           nonempty=True)
-    acc = xp.float64 if call.backend_name == "reference" else xp.float32
-    D = a.q.shape[-1]
-    weight = xp.zeros((D, D), dtype=acc) if weight is None else weight
-    g_acc = g.astype(acc)
-    o_linear = call.backend.linear_branch(a.q, a.k, a.v, plan.marginal, call.block, feature_map,
-                                          eps, **call.kwargs()).astype(acc)
-    d_weight = xp.einsum("bhic,bhia->ca", g_acc, o_linear)
-    d_bias = g_acc.sum(axis=(0, 1, 2))
-    sparse_grads = call.backend.attention_backward(a.q, a.k, a.v, g, kept, call.block,
-                                                   call.scale, **call.kwargs())
-    linear_grads = call.backend.linear_backward(a.q, a.k, a.v, plan.marginal, call.block,
-                                                feature_map, eps, g_acc @ weight,
-                                                **call.kwargs())
-    grads = tuple(s.astype(acc) + l.astype(acc) for s, l in zip(sparse_grads, linear_grads))
+    g = a.like_q("do", do)
+    if kept is None:  # only what is missing: a given kept set costs no forward
+        kept = sparse(True)[2]
+    kept = check_tile_mask("kept", kept, (a.q.shape[0], a.q.shape[1], plan.nq, plan.nk),
+                           a.on_gpu, nonempty=True)
+    acc = _linear.accumulator(a.xp, a.q.dtype, exact=call.backend_name == "reference")
+    grads = [x.astype(acc, copy=False) for x in call.backend.attention_backward(
+        a.q, a.k, a.v, g, kept, call.block, call.scale, **call.kwargs())]
+    linear_grads, d_weight, d_bias = _linear.linear_vjp(
+        call.backend, a.q, a.k, a.v, g, plan.marginal, call.block, feature_map, eps, weight, acc,
+        mode=linear, **call.kwargs())
+    if linear_grads is not None:
+        grads = [s + l.astype(acc, copy=False) for s, l in zip(grads, linear_grads)]
     return _grads_out(call, grads) + (a.to_caller(d_weight), a.to_caller(d_bias))
 
 

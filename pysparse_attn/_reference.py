@@ -15,6 +15,8 @@ import functools
 
 from ._plan import tile_count
 from ._rules import check_rule, rule_margin
+from .branches import linear as _linear
+from .branches.feature_maps import FEATURE_MAPS, feature_map  # noqa: F401 (re-exported)
 
 __all__ = [
     "forward",
@@ -257,68 +259,9 @@ def recall_of_kept(q, k, kept, block, scale):
 
 
 # ---------------------------------------------------------------------------------------------
-# SLA linear branch
+# SLA linear branch: the array-generic definitions of pysparse_attn.branches, in float64.
 
-
-FEATURE_MAPS = ("softmax", "elu1", "relu")
-
-
-def feature_map_forward(x, name, xp=np):
-    """phi(x) along the last axis: ``softmax``, ``elu1`` (elu + 1) or ``relu``.
-
-    ``xp`` is the array namespace of ``x`` (NumPy here; the GPU backend passes CuPy).
-    """
-    if name == "softmax":
-        e = xp.exp(x - x.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
-    if name == "elu1":
-        return xp.where(x > 0, x + 1.0, xp.exp(xp.minimum(x, 0.0)))
-    if name == "relu":
-        return xp.maximum(x, 0.0)
-    raise ValueError(f"feature_map must be 'softmax', 'elu1' or 'relu', got {name!r}")
-
-
-def _feature_map_vjp(x, phi, name, d_phi):
-    if name == "softmax":
-        return phi * (d_phi - (d_phi * phi).sum(axis=-1, keepdims=True))
-    if name == "elu1":
-        return d_phi * np.where(x > 0, 1.0, phi)
-    return d_phi * (x > 0)
-
-
-def _per_key_tile_sums(phi_k, v, block_k):
-    """Per key tile ``J``: ``phi(K_J)^T V_J`` ``(B, H, nk, D, D)`` and ``phi(K_J)^T 1``."""
-    B, H, Nk, D = phi_k.shape
-    nk = tile_count(Nk, block_k)
-    pad = nk * block_k - Nk
-    phi_k = np.pad(phi_k, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(B, H, nk, block_k, D)
-    v = np.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(B, H, nk, block_k, -1)
-    return np.einsum("bhjka,bhjkc->bhjac", phi_k, v), phi_k.sum(axis=3)
-
-
-def _linear_state(q, k, v, marginal, block, feature_map, method):
-    q, k, v = _f64(q), _f64(k), _f64(v)
-    H = q.shape[1]
-    phi_q = feature_map_forward(q, feature_map)
-    phi_k = feature_map_forward(k, feature_map)
-    tile_h, tile_z = _per_key_tile_sums(phi_k, v, block[1])
-    tile_h, tile_z = _kv_for_queries(tile_h, H), _kv_for_queries(tile_z, H)
-    marginal = np.asarray(marginal, dtype=np.float64)
-    if method == "direct":
-        h_sum = np.einsum("bhij,bhjac->bhiac", marginal, tile_h)
-        z_sum = np.einsum("bhij,bhja->bhia", marginal, tile_z)
-    elif method == "total_minus_rest":
-        rest = 1.0 - marginal
-        h_sum = tile_h.sum(axis=2)[:, :, None] - np.einsum("bhij,bhjac->bhiac", rest, tile_h)
-        z_sum = tile_z.sum(axis=2)[:, :, None] - np.einsum("bhij,bhja->bhia", rest, tile_z)
-    else:
-        raise ValueError(f"method must be 'direct' or 'total_minus_rest', got {method!r}")
-    return q, k, v, phi_q, phi_k, h_sum, z_sum
-
-
-def _rows_of_tiles(x, n_rows, block_q):
-    """Broadcast per-query-tile values ``(B, H, nq, ...)`` to rows ``(B, H, n_rows, ...)``."""
-    return np.repeat(x, block_q, axis=2)[:, :, :n_rows]
+feature_map_forward = feature_map  # the name the tests and older callers use
 
 
 def linear_branch(q, k, v, marginal, block, feature_map="softmax", eps=0.0,
@@ -329,16 +272,8 @@ def linear_branch(q, k, v, marginal, block, feature_map="softmax", eps=0.0,
     non-marginal tiles; ``"direct"`` sums the marginal tiles. Rows of query tiles with no
     marginal tile, or whose denominator is exactly zero, are zero.
     """
-    q, _, _, phi_q, _, h_sum, z_sum = _linear_state(q, k, v, marginal, block, feature_map, method)
-    Nq = q.shape[2]
-    h_rows = _rows_of_tiles(h_sum, Nq, block[0])
-    z_rows = _rows_of_tiles(z_sum, Nq, block[0])
-    numerator = np.einsum("bhia,bhiac->bhic", phi_q, h_rows)
-    denominator = np.einsum("bhia,bhia->bhi", phi_q, z_rows) + eps
-    has_marginal = _rows_of_tiles(np.asarray(marginal).any(axis=-1), Nq, block[0])
-    usable = has_marginal & (denominator != 0.0)
-    safe = np.where(usable, denominator, 1.0)
-    return np.where(usable[..., None], numerator / safe[..., None], 0.0)
+    return _linear.linear_attention(np, _f64(q), _f64(k), _f64(v), np.asarray(marginal), block,
+                                    feature_map, eps, method, np.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,38 +313,5 @@ def attention_backward(q, k, v, do, kept, block, scale):
 
 def linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear):
     """Gradients ``(dq, dk, dv)`` of :func:`linear_branch` given ``dL/dO_l``, float64."""
-    q, k, v, phi_q, phi_k, h_sum, z_sum = _linear_state(
-        q, k, v, marginal, block, feature_map, "direct")
-    g = _f64(d_linear)
-    B, H, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    block_q, block_k = block
-    h_rows = _rows_of_tiles(h_sum, Nq, block_q)
-    z_rows = _rows_of_tiles(z_sum, Nq, block_q)
-    numerator = np.einsum("bhia,bhiac->bhic", phi_q, h_rows)
-    denominator = np.einsum("bhia,bhia->bhi", phi_q, z_rows) + eps
-    has_marginal = _rows_of_tiles(np.asarray(marginal).any(axis=-1), Nq, block_q)
-    usable = has_marginal & (denominator != 0.0)
-    safe = np.where(usable, denominator, 1.0)
-    out = numerator / safe[..., None]
-    d_num = np.where(usable[..., None], g / safe[..., None], 0.0)
-    d_den = np.where(usable, -(g * out).sum(axis=-1) / safe, 0.0)
-    d_phi_q = np.einsum("bhiac,bhic->bhia", h_rows, d_num) + z_rows * d_den[..., None]
-    dq = _feature_map_vjp(q, phi_q, feature_map, d_phi_q)
-
-    # Per query tile, dH_I and dZ_I; each marginal key tile J receives the sum over I.
-    nq = tile_count(Nq, block_q)
-    pad = nq * block_q - Nq
-    tiles = lambda x: np.pad(x, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3)) \
-        .reshape(B, H, nq, block_q, *x.shape[3:])
-    d_h_tiles = np.einsum("bhira,bhirc->bhiac", tiles(phi_q), tiles(d_num))
-    d_z_tiles = np.einsum("bhira,bhir->bhia", tiles(phi_q), tiles(d_den))
-    marginal = np.asarray(marginal, dtype=np.float64)
-    d_h_keys = _sum_groups(np.einsum("bhij,bhiac->bhjac", marginal, d_h_tiles), Hkv)
-    d_z_keys = _sum_groups(np.einsum("bhij,bhia->bhja", marginal, d_z_tiles), Hkv)
-    d_h_rows = _rows_of_tiles(d_h_keys, Nk, block_k)
-    d_z_rows = _rows_of_tiles(d_z_keys, Nk, block_k)
-    d_phi_k = np.einsum("bhjac,bhjc->bhja", d_h_rows, v) + d_z_rows
-    dv = np.einsum("bhja,bhjac->bhjc", phi_k, d_h_rows)
-    dk = _feature_map_vjp(k, phi_k, feature_map, d_phi_k)
-    return dq, dk, dv
+    return _linear.linear_attention_vjp(np, _f64(q), _f64(k), _f64(v), np.asarray(marginal),
+                                        block, feature_map, eps, _f64(d_linear), np.float64)

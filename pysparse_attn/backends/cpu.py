@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._arrays import check_tile_mask
-from .._reference import FEATURE_MAPS
+from ..branches.feature_maps import FEATURE_MAPS
 from .._rules import NO_SKIP_FUNCTOR, rule_functor
 
 try:
@@ -207,7 +207,7 @@ def _check_feature_map(feature_map, eps):
     return eps
 
 
-def linear_branch(q, k, v, marginal, block, feature_map, eps, threads=None):
+def linear_branch(q, k, v, marginal, block, feature_map, eps, threads=None, mode=None):
     """SLA linear branch ``O_l = phi(q) H_I / (phi(q) . Z_I + eps)`` (DESIGN.md section 6).
 
     Parameters
@@ -224,6 +224,8 @@ def linear_branch(q, k, v, marginal, block, feature_map, eps, threads=None):
         Added to the denominator.
     threads : int, optional
         OpenMP threads.
+    mode : {"marginal", "complement", "global"}, optional
+        The SLA ``linear`` option; the marginal set already says everything this kernel needs.
 
     Returns
     -------
@@ -285,12 +287,13 @@ def attention_backward(q, k, v, do, kept, block, scale, threads=None):
     return dq, dk, dv
 
 
-def linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear, threads=None):
+def linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear, threads=None,
+                    mode=None):
     """Gradients of :func:`linear_branch` given ``d_linear = dL/dO_l``.
 
     Parameters
     ----------
-    q, k, v, marginal, block, feature_map, eps, threads
+    q, k, v, marginal, block, feature_map, eps, threads, mode
         As in :func:`linear_branch`.
     d_linear : ndarray ``(B, Hq, Nq, D)``
         Cotangent of the linear branch's output, any floating dtype.

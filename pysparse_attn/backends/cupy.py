@@ -15,6 +15,10 @@ m16n8k16) with float32 accumulation. :func:`forward` takes only bfloat16 and flo
 float32 inputs may be computed in bfloat16 is the API's decision (an explicit opt-in), never
 this backend's.
 
+The SLA linear branch (``linear_branch``, ``sla_merge``, ``linear_backward``) runs on the GPU:
+the feature maps and the merge of ``gpu/linear_branch.cu`` (:data:`LINEAR_INSTANCES`) around
+cuBLAS GEMMs.
+
 :func:`forward` never synchronises with the host: it reads no device value, and the compiled
 function, its shared-memory size and attributes are cached per instance. Plans are validated
 upstream (``pysparse_attn.Plan``), never here.
@@ -31,10 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import _reference
 from .._plan import build_plan as _generic_build_plan
 from .._plan import max_visits_of, rows_from_padded, tile_count, trusted_plan
-from .._reference import feature_map_forward
 from .._rules import ALL_FUNCTORS, NO_SKIP_FUNCTOR, rule_functor
 from .._select import SlaSplit, TopK, TopP
 
@@ -45,6 +47,7 @@ __all__ = [
     "supported_head_dims",
     "forward",
     "linear_branch",
+    "sla_merge",
     "build_plan",
     "attention_backward",
     "linear_backward",
@@ -55,6 +58,8 @@ __all__ = [
     "default_kernel",
     "kernel_unavailable_reason",
     "PLAN_INSTANCES",
+    "LINEAR_INSTANCES",
+    "LINEAR_OPERAND",
     "kernel_source",
 ]
 
@@ -569,62 +574,283 @@ def _select_kernel(n_pow2):
 
 
 # ---------------------------------------------------------------------------------------------
-# SLA linear branch: per key tile phi(K_J)^T V_J and phi(K_J)^T 1 by batched GEMM, then the
-# per-query-tile sums over the marginal set as one GEMM of the 0/1 marginal matrix.
+# SLA linear branch on the GPU: the elementwise stages of gpu/linear_branch.cu around cuBLAS
+# GEMMs with float32 accumulation, all queued on the current stream with no host read.
+# pysparse_attn/branches/linear.py states the math and the cost of each stage.
+
+_FEATURE_CODES = {"softmax": 0, "elu1": 1, "relu": 2}
+_WORDS = {"bfloat16": "psa::Bf16", "float16": "psa::Fp16", "float32": "psa::F32"}
+#: GEMM operand type of the linear branch per input dtype: bfloat16 for both 16-bit inputs
+#: (a float16 state summing thousands of keys can overflow float16's range), float32 for
+#: float32 inputs (float32-class accuracy, no TF32).
+LINEAR_OPERAND = {"bfloat16": "bfloat16", "float16": "bfloat16", "float32": "float32"}
+_CUDA_DATA_TYPES = {"bfloat16": 14, "float16": 2, "float32": 0}  # CUDA_R_16BF, _16F, _32F
+_COMPUTE_32F = 68            # CUBLAS_COMPUTE_32F
+_COMPUTE_32F_FAST_TF32 = 77  # CUBLAS_COMPUTE_32F_FAST_TF32
+_GEMM_DEFAULT = -1           # CUBLAS_GEMM_DEFAULT
+_LINEAR_THREADS = 256        # kLinearWarps * 32 in gpu/linear_branch.cu
+_MAX_LINEAR_HEAD_DIM = 256   # kMaxChunks * 32
+_ALPHA = np.ones(1, dtype=np.float32)
+_BETA = np.zeros(1, dtype=np.float32)
 
 
-def _tiles(cupy, x, block):
-    """``(B, H, N, D)`` -> zero-padded ``(B, H, n_tiles, block, D)``."""
-    B, H, N, D = x.shape
-    n = tile_count(N, block)
-    if n * block != N:
-        x = cupy.concatenate([x, cupy.zeros((B, H, n * block - N, D), dtype=x.dtype)], axis=2)
-    return x.reshape(B, H, n, block, D)
+def _features_name(dtype_name: str, feature_map: str, query: bool) -> str:
+    return (f"psa::linear_features<{_WORDS[dtype_name]}, "
+            f"{_WORDS[LINEAR_OPERAND[dtype_name]]}, {_FEATURE_CODES[feature_map]}, "
+            f"{'true' if query else 'false'}>")
 
 
-def linear_branch(q, k, v, marginal, block, feature_map="softmax", eps=0.0):
-    """SLA linear branch ``O_l = phi(q) H_I / (phi(q) . Z_I + eps)`` in float32 on the GPU.
+def _merge_name(sparse_dtype: str, out_dtype: str) -> str:
+    return f"psa::linear_merge<{_WORDS[sparse_dtype]}, {_WORDS[out_dtype]}>"
 
-    ``H_I = sum_{J marginal} phi(K_J)^T V_J`` and ``Z_I = sum_{J marginal} phi(K_J)^T 1`` are
-    formed as (marginal 0/1 matrix) x (per-tile sums), one GEMM per kv head group; rows of query
-    tiles with no marginal tile, or a zero denominator, are zero.
 
-    Returns
-    -------
-    cupy.ndarray float32 ``(B, Hq, Nq, D)``
+#: Instances of gpu/linear_branch.cu: feature maps per (input dtype, map, query side) and the
+#: merge per (sparse output dtype, output dtype).
+LINEAR_INSTANCES = {
+    **{("features", dtype, name, query): _features_name(dtype, name, query)
+       for dtype in _WORDS for name in _FEATURE_CODES for query in (False, True)},
+    **{("merge", sparse, out): _merge_name(sparse, out) for sparse in _WORDS for out in _WORDS},
+}
+
+
+def _linear_function(key):
+    return _raw_module("linear_branch.cu", tuple(LINEAR_INSTANCES.values())).get_function(
+        LINEAR_INSTANCES[key])
+
+
+def _unit_stride(cupy, x):
+    """``x`` when its last axis is contiguous (what the kernels and cuBLAS need), else a copy."""
+    return x if x.strides[-1] == x.itemsize else cupy.ascontiguousarray(x)
+
+
+def _operand_dtype(dtype_name):
+    if LINEAR_OPERAND[dtype_name] == "float32":
+        return np.dtype(np.float32)
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _pointer_kernel():
+    import cupy
+
+    return cupy.ElementwiseKernel(
+        "uint64 base, int64 outer_stride, int64 inner_stride, int64 tile_stride, int64 inner, "
+        "int64 tiles, int64 item",
+        "uint64 pointer",
+        "const long long t = i % tiles, o = i / tiles;"
+        "pointer = base + (unsigned long long)(((o / inner) * outer_stride"
+        " + (o % inner) * inner_stride + t * tile_stride) * item);",
+        "psa_linear_tile_pointers")
+
+
+def _tile_pointers(x, tiles, tile_rows, first_tile=0):
+    """Device array of the addresses of row tiles ``first_tile + t`` of every (batch, head)."""
+    B, H = x.shape[:2]
+    sb, sh, sn = (int(s) // x.itemsize for s in x.strides[:3])
+    base = x.data.ptr + first_tile * tile_rows * sn * x.itemsize
+    return _pointer_kernel()(np.uint64(base), np.int64(sb), np.int64(sh),
+                             np.int64(tile_rows * sn), np.int64(H), np.int64(tiles),
+                             np.int64(x.itemsize), size=B * H * tiles)
+
+
+def _gemm(m, n, k, a, lda, b, ldb, c, ldc, *, types, a_t=False, b_t=False, batch=1,
+          strides=(0, 0, 0), pointers=False, compute=_COMPUTE_32F):
+    """Row-major ``C (m x n) = op(A) op(B)`` by cuBLAS on the current stream.
+
+    ``op(A)`` is ``m x k`` (``A`` stored ``k x m`` when ``a_t``), ``op(B)`` is ``k x n``; the
+    leading dimensions are row strides in elements. ``a``, ``b``, ``c`` are the CuPy arrays
+    whose memory the operands start at (strides between batch items in elements), or with
+    ``pointers`` uint64 device arrays of one address per batch item. ``types`` is the pair
+    (operand type name, output type name). cuBLAS is column-major: it computes ``C^T``.
     """
+    from cupy.cuda import cublas, device
+
+    handle = device.get_cublas_handle()
+    operand, output = (_CUDA_DATA_TYPES[t] for t in types)
+    trans_first = cublas.CUBLAS_OP_T if b_t else cublas.CUBLAS_OP_N
+    trans_second = cublas.CUBLAS_OP_T if a_t else cublas.CUBLAS_OP_N
+    alpha, beta = _ALPHA.ctypes.data, _BETA.ctypes.data
+    mode = cublas.getPointerMode(handle)
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    try:
+        if pointers:
+            cublas.gemmBatchedEx(handle, trans_first, trans_second, n, m, k, alpha, b.data.ptr,
+                                 operand, ldb, a.data.ptr, operand, lda, beta, c.data.ptr,
+                                 output, ldc, batch, compute, _GEMM_DEFAULT)
+        else:
+            sa, sb, sc = strides
+            cublas.gemmStridedBatchedEx(handle, trans_first, trans_second, n, m, k, alpha,
+                                        b.data.ptr, operand, ldb, sb, a.data.ptr, operand, lda,
+                                        sa, beta, c.data.ptr, output, ldc, sc, batch, compute,
+                                        _GEMM_DEFAULT)
+    finally:
+        cublas.setPointerMode(handle, mode)
+
+
+def _features(cupy, x, tile, feature_map, query, z=None, z_layout=(1, 1, 1), eps=0.0):
+    """phi of ``x`` as GEMM operands, zero-padded to whole tiles; key side also returns Z_J."""
+    B, H, N, D = x.shape
+    n_tiles = tile_count(N, tile)
+    dtype_name = _dtype_name(x)
+    phi = cupy.empty((B, H, n_tiles * tile, D), dtype=_operand_dtype(dtype_name))
+    sums = None if query else cupy.empty((B, H, n_tiles, D), dtype=cupy.float32)
+    function = _linear_function(("features", dtype_name, feature_map, query))
+    z_heads, z_group, z_per_tile = z_layout
+    function((n_tiles, H, B), (_LINEAR_THREADS,),
+             (x, *_element_strides(x), np.int32(H), np.int32(N), np.int32(tile), np.int32(D),
+              phi, np.uint64(0) if sums is None else sums, np.uint64(0) if z is None else z,
+              np.int32(z_heads), np.int32(z_group), np.int32(z_per_tile), np.float32(eps)))
+    return phi, sums
+
+
+def _linear_output(q, k, v, marginal, block, feature_map, eps, weight=None, mode=None):
+    """float32 ``(B, Hq, nq * Bq, D)``: ``O_l`` (rows padded to whole query tiles), or, for
+    ``mode="global"`` with ``weight``, ``O_l W^T`` (W folded into the one state per head)."""
     import cupy
 
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     group = Hq // Hkv
-    block_q, block_k = block
+    block_q, block_k = (int(b) for b in block)
     nq, nk = tile_count(Nq, block_q), tile_count(Nk, block_k)
+    dtype_name = _dtype_name(q)
+    if dtype_name not in _WORDS:
+        raise TypeError(f"q must be bfloat16, float16 or float32 on the cupy backend, got "
+                        f"{dtype_name}")
+    if D > _MAX_LINEAR_HEAD_DIM:
+        raise ValueError(f"the linear branch supports head dims up to {_MAX_LINEAR_HEAD_DIM}")
+    operand = LINEAR_OPERAND[dtype_name]
+    types = (operand, operand)
+    q, k, v = (_unit_stride(cupy, x) for x in (q, k, v))
+    if _dtype_name(v) != operand:
+        v = v.astype(_operand_dtype(dtype_name))
+    phi_k, tile_z = _features(cupy, k, block_k, feature_map, query=False)
+    v_row = int(v.strides[2]) // v.itemsize
+    if mode == "global":
+        # One state per kv head over all keys: no tile states at all.
+        state = cupy.empty((B, Hkv, D, D), dtype=cupy.float32)
+        _gemm(D, D, Nk, _tile_pointers(phi_k, 1, 0), D, _tile_pointers(v, 1, 0), v_row,
+              _tile_pointers(state, 1, 0), D, types=(operand, "float32"), a_t=True,
+              batch=B * Hkv, pointers=True)
+        z = tile_z.sum(axis=2)                                          # (B, Hkv, D)
+        if weight is not None:  # (O_l) W^T = phi(q) (H W^T) / den, W in float32
+            state = cupy.matmul(state, weight.T.astype(cupy.float32, copy=False))
+        states = cupy.ascontiguousarray(state.astype(_operand_dtype(dtype_name)))
+        z_layout = (Hkv, group, 0)
+    else:
+        tile_h = cupy.empty((B, Hkv, nk, D, D), dtype=_operand_dtype(dtype_name))
+        full, rest = Nk // block_k, Nk % block_k
+        for first, tiles, keys in ((0, full, block_k), (full, 1 if rest else 0, rest)):
+            if tiles == 0:
+                continue
+            _gemm(D, D, keys, _tile_pointers(phi_k, tiles, block_k, first), D,
+                  _tile_pointers(v, tiles, block_k, first), v_row,
+                  _tile_pointers(tile_h.reshape(B, Hkv, nk * D, D), tiles, D, first), D,
+                  types=types, a_t=True, batch=B * Hkv * tiles, pointers=True)
+        flags = cupy.ascontiguousarray(cupy.asarray(marginal).reshape(B, Hkv, group * nq, nk),
+                                       dtype=cupy.float32)
+        states = cupy.empty((B, Hkv, group * nq, D * D), dtype=_operand_dtype(dtype_name))
+        _gemm(group * nq, D * D, nk, flags.astype(states.dtype), nk, tile_h, D * D, states,
+              D * D, types=types, batch=B * Hkv,
+              strides=(group * nq * nk, nk * D * D, group * nq * D * D))
+        z = cupy.matmul(flags, tile_z)                 # (B, Hkv, group * nq, D) = (B, Hq, nq, D)
+        z_layout = (Hq, 1, 1)
+    phi_q, _ = _features(cupy, q, block_q, feature_map, query=True,
+                         z=cupy.ascontiguousarray(z), z_layout=z_layout, eps=eps)
+    out = cupy.empty((B, Hq, nq * block_q, D), dtype=cupy.float32)
+    if mode == "global":
+        rows = group * nq * block_q
+        _gemm(rows, D, D, phi_q, D, states, D, out, D, types=(operand, "float32"),
+              batch=B * Hkv, strides=(rows * D, D * D, rows * D))
+    else:
+        _gemm(block_q, D, D, phi_q, D, states, D, out, D, types=(operand, "float32"),
+              batch=B * Hq * nq, strides=(block_q * D, D * D, block_q * D))
+    return out
+
+
+def linear_branch(q, k, v, marginal, block, feature_map="softmax", eps=0.0, mode=None):
+    """SLA linear branch ``O_l = phi(q) H_I / (phi(q) . Z_I + eps)`` on the GPU, float32.
+
+    Parameters
+    ----------
+    q : cupy.ndarray ``(B, Hq, Nq, D)``
+        bfloat16, float16 or float32, unit stride along D (else copied).
+    k, v : cupy.ndarray ``(B, Hkv, Nk, D)``
+    marginal : bool cupy.ndarray ``(B, Hq, nq, nk)``
+    block : (int, int)
+    feature_map : {"softmax", "elu1", "relu"}
+    eps : float
+    mode : {"marginal", "complement", "global"}, optional
+        ``"global"`` (every tile marginal) uses one state per head instead of tile states.
+
+    Returns
+    -------
+    cupy.ndarray float32 ``(B, Hq, Nq, D)``
+        Zero rows where a query tile has no marginal tile or the denominator is exactly zero.
+
+    Notes
+    -----
+    16-bit inputs run every GEMM on bf16 tensor cores with float32 accumulation (phi, the tile
+    states and ``H_I`` are rounded to bf16 once each: about 1e-2 relative error at worst);
+    float32 inputs run float32 GEMMs.
+    """
+    import cupy
+
+    B, Hq, Nq, D = q.shape
     if marginal is None:
         return cupy.zeros((B, Hq, Nq, D), dtype=cupy.float32)
-    f32 = cupy.float32
-    phi_q = feature_map_forward(q.astype(f32), feature_map, xp=cupy)
-    phi_k = feature_map_forward(k.astype(f32), feature_map, xp=cupy)
-    phi_k_tiles = _tiles(cupy, phi_k, block_k)                       # (B, Hkv, nk, Bk, D)
-    v_tiles = _tiles(cupy, v.astype(f32), block_k)
-    tile_h = cupy.matmul(phi_k_tiles.swapaxes(-1, -2), v_tiles)     # (B, Hkv, nk, D, D)
-    tile_z = phi_k_tiles.sum(axis=3)                                 # (B, Hkv, nk, D)
-    weights = cupy.asarray(marginal, dtype=f32).reshape(B, Hkv, group * nq, nk)
-    h_sum = cupy.matmul(weights, tile_h.reshape(B, Hkv, nk, D * D))
-    z_sum = cupy.matmul(weights, tile_z)
-    h_sum = h_sum.reshape(B, Hq, nq, D, D)
-    z_sum = z_sum.reshape(B, Hq, nq, D, 1)
-    phi_q_tiles = _tiles(cupy, phi_q, block_q)                       # (B, Hq, nq, Bq, D)
-    numerator = cupy.matmul(phi_q_tiles, h_sum)
-    denominator = cupy.matmul(phi_q_tiles, z_sum) + f32(eps)         # (B, Hq, nq, Bq, 1)
-    has_marginal = cupy.asarray(marginal).any(axis=-1)[:, :, :, None, None]
-    usable = has_marginal & (denominator != 0)
-    result = cupy.where(usable, numerator / cupy.where(usable, denominator, 1), 0)
-    return cupy.ascontiguousarray(result.reshape(B, Hq, nq * block_q, D)[:, :, :Nq].astype(f32))
+    out = _linear_output(q, k, v, marginal, block, feature_map, eps, mode=mode)
+    return cupy.ascontiguousarray(out[:, :, :Nq])
+
+
+def sla_merge(q, k, v, o_sparse, marginal, block, feature_map, eps, weight, bias, out_dtype,
+              mode=None):
+    """``O_s + O_l W^T + b`` in ``out_dtype``: one GEMM, then one fused elementwise pass.
+
+    ``Y = O_l W^T`` is a float32 GEMM (TF32 tensor cores for 16-bit inputs: ``W`` is kept in
+    float32, never rounded to the input's type; plain float32 for float32 inputs); the merge
+    adds ``O_s`` (in whatever dtype the sparse kernel wrote it, float32 when asked) and ``b``
+    and rounds once. With ``mode="global"`` ``W`` is folded into the per-head state instead and
+    the GEMM is not needed.
+    """
+    import cupy
+
+    B, Hq, Nq, D = q.shape
+    out_name = np.dtype(out_dtype).name
+    if weight is None or marginal is None:
+        merged = o_sparse.astype(cupy.float32)
+        if bias is not None:
+            merged = merged + bias.astype(cupy.float32, copy=False)
+        return merged.astype(out_dtype)
+    weight = cupy.ascontiguousarray(weight.astype(cupy.float32, copy=False))
+    if mode == "global":
+        y = _linear_output(q, k, v, marginal, block, feature_map, eps, weight=weight,
+                           mode=mode)
+    else:
+        o_linear = _linear_output(q, k, v, marginal, block, feature_map, eps, mode=mode)
+        y = cupy.empty_like(o_linear)
+        rows = o_linear.shape[0] * o_linear.shape[1] * o_linear.shape[2]
+        compute = (_COMPUTE_32F if _dtype_name(q) == "float32" else _COMPUTE_32F_FAST_TF32)
+        _gemm(rows, D, D, o_linear, D, weight, D, y, D, types=("float32", "float32"),
+              b_t=True, strides=(0, 0, 0), compute=compute)
+    sparse = cupy.ascontiguousarray(o_sparse)
+    out = cupy.empty((B, Hq, Nq, D), dtype=out_dtype)
+    bias_arg = np.uint64(0) if bias is None else cupy.ascontiguousarray(
+        bias.astype(cupy.float32, copy=False))
+    total = B * Hq * Nq * D
+    blocks = max(1, min(-(-total // _LINEAR_THREADS), 1 << 16))
+    _linear_function(("merge", _dtype_name(sparse), out_name))(
+        (blocks,), (_LINEAR_THREADS,),
+        (sparse, y, bias_arg, np.int32(Nq), np.int32(y.shape[2]), np.int32(D), np.int64(total),
+         out))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
-# Gradients: no GPU kernel yet; attention_backward runs the cpu backend on the host.
+# Gradients. The sparse backward has no GPU kernel yet: it runs the cpu backend on the host.
+# The linear backward runs on the GPU (float32 CuPy GEMMs of pysparse_attn.branches.linear).
 
 
 def _host(x):
@@ -634,14 +860,6 @@ def _host(x):
 def _host_f32(x):
     """A float32 NumPy copy of a device array (what the cpu backend computes 16-bit inputs in)."""
     return _host(x).astype(np.float32)
-
-
-def _host_f64(x):
-    """A float64 NumPy copy (bfloat16 goes through float32: NumPy cannot cast it directly)."""
-    host = _host(x)
-    if getattr(host.dtype, "name", "") == "bfloat16":
-        host = host.astype(np.float32)
-    return host.astype(np.float64)
 
 
 def attention_backward(q, k, v, do, kept, block, scale, threads=None):
@@ -660,10 +878,16 @@ def attention_backward(q, k, v, do, kept, block, scale, threads=None):
     return tuple(cupy.asarray(g) for g in grads)
 
 
-def linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear):
-    """Gradients of :func:`linear_branch`, by the float64 reference on the host (float32 out)."""
+def linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear, mode=None):
+    """Gradients ``(dq, dk, dv)`` of :func:`linear_branch` on the GPU, float32.
+
+    The array-generic vjp of :mod:`pysparse_attn.branches.linear` on CuPy arrays: float32
+    batched GEMMs per tile (tile states, ``dH_I``) and one GEMM of the transposed 0/1 marginal
+    matrix; nothing leaves the device.
+    """
     import cupy
 
-    grads = _reference.linear_backward(_host_f64(q), _host_f64(k), _host_f64(v), _host(marginal),
-                                       block, feature_map, eps, _host_f64(d_linear))
-    return tuple(cupy.asarray(g.astype(np.float32)) for g in grads)
+    from ..branches import linear as _linear
+
+    return _linear.linear_attention_vjp(cupy, q, k, v, cupy.asarray(marginal), block,
+                                        feature_map, eps, d_linear, cupy.float32)

@@ -1,8 +1,8 @@
 """The float64 reference as a backend (any tile size, host arrays)."""
 
 from .. import _reference
-# Re-exported: these three are the contract functions as they stand.
-from .._reference import attention_backward, linear_backward, linear_branch  # noqa: F401
+# Re-exported: the contract function as it stands.
+from .._reference import attention_backward  # noqa: F401
 
 
 def forward(q, k, v, plan, rule, scale, want_stats=True, out_dtype=None):
@@ -16,6 +16,19 @@ def forward(q, k, v, plan, rule, scale, want_stats=True, out_dtype=None):
         visited, bound
 
 
+def linear_branch(q, k, v, marginal, block, feature_map, eps, mode=None, method="direct"):
+    """``O_l`` in float64 (:func:`pysparse_attn.branches.linear.linear_attention`).
+
+    ``mode`` (the SLA ``linear`` option) changes nothing here: the marginal set says it all.
+    """
+    return _reference.linear_branch(q, k, v, marginal, block, feature_map, eps, method)
+
+
+def linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear, mode=None):
+    """``(dq, dk, dv)`` of :func:`linear_branch` in float64."""
+    return _reference.linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear)
+
+
 def available() -> bool:
     return True
 
@@ -23,3 +36,4 @@ def available() -> bool:
 def supported_blocks():
     """Any positive tile sizes."""
     return None
+
