@@ -267,8 +267,12 @@ def brute_force_best(cost, gain, allowance):
 
 @pytest.mark.parametrize("trial", range(20))
 def test_allocation_is_feasible_and_near_the_optimum(trial):
-    """Greedy on concave hulls: within one step's gain of the exhaustive optimum."""
-    from pysparse_attn.calibrate import _allocate
+    """Greedy on concave hulls: within one hull step's gain of the exhaustive optimum.
+
+    (The LP relaxation over the hulls is at least the optimum and exceeds the greedy's
+    integer solution by at most the one step it would take fractionally.)
+    """
+    from pysparse_attn.calibrate import _allocate, _hull
 
     rng = np.random.default_rng([trial, fresh_seed()])
     heads, points = 3, 5
@@ -283,7 +287,12 @@ def test_allocation_is_feasible_and_near_the_optimum(trial):
     rows = np.arange(heads)
     assert feasible
     assert cost[rows, choice].sum() <= allowance + 1e-12
-    largest_step = np.diff(gain, axis=1).max()
+    hulls = [_hull(cost[h], gain[h]) for h in range(heads)]
+    for h, hull in enumerate(hulls):
+        assert hull[0] == 0  # the free point starts every hull
+        rates = np.diff(gain[h, hull]) / np.diff(cost[h, hull])
+        assert (np.diff(rates) <= 1e-12).all(), "hull is not concave"
+    largest_step = max(np.diff(gain[h, hull]).max(initial=0.0) for h, hull in enumerate(hulls))
     assert gain[rows, choice].sum() >= brute_force_best(cost, gain, allowance) - largest_step
 
 
