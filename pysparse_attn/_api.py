@@ -12,7 +12,7 @@ from ._arrays import (LAYOUTS, Canonical, as_backend_array, canonicalize, check_
 from ._plan import ORDERS, build_plan, tile_count
 from ._reference import FEATURE_MAPS
 from ._plan import block_scores as _block_scores
-from ._rules import rule_code
+from ._rules import check_rule
 from ._select import BlockMask, SlaSplit, TopK, TopP
 from ._stats import AttentionStats
 
@@ -247,7 +247,7 @@ def attention(q, k, v, *, select=None, skip=None, order=None, peak=4, scale=None
     >>> bool((stats.recall_bound >= 0.9).all())
     True
     """
-    code, param = rule_code(skip)
+    check_rule(skip)
     order = _check_order(order, skip, peak)
     call = _prepare(q, k, v, scale=scale, block=block, layout=layout, backend=backend,
                     threads=threads, check_finite=check_finite)
@@ -255,7 +255,7 @@ def attention(q, k, v, *, select=None, skip=None, order=None, peak=4, scale=None
     plan = _plan(call, select, order, peak)
     a = call.arrays
     out, lse, kept, visited, bound = call.backend.forward(
-        a.q, a.k, a.v, plan, code, param, call.scale, return_stats, **call.kwargs())
+        a.q, a.k, a.v, plan, skip, call.scale, return_stats, **call.kwargs())
     result = a.from_canonical(out)
     if not return_stats:
         return result
@@ -300,7 +300,7 @@ def _check_sla_options(linear, feature_map, eps):
 
 def _sla_forward(q, k, v, critical, negligible, linear, feature_map, proj_weight, proj_bias,
                  eps, block, skip, order, peak, scale, layout, backend, threads, check_finite):
-    code, param = rule_code(skip)
+    check_rule(skip)
     order = _check_order(order, skip, peak)
     split = SlaSplit(critical, negligible)
     eps = _check_sla_options(linear, feature_map, eps)
@@ -309,7 +309,7 @@ def _sla_forward(q, k, v, critical, negligible, linear, feature_map, proj_weight
     weight, bias = _check_projection(call, proj_weight, proj_bias)
     plan = _plan(call, split, order, peak, linear)
     a = call.arrays
-    sparse = call.backend.forward(a.q, a.k, a.v, plan, code, param, call.scale, True,
+    sparse = call.backend.forward(a.q, a.k, a.v, plan, skip, call.scale, True,
                                   **call.kwargs())
     return call, plan, sparse, weight, bias, eps
 
@@ -412,10 +412,10 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
     a = call.arrays
     nq, nk = tile_count(a.q.shape[2], call.block[0]), tile_count(a.k.shape[2], call.block[1])
     if kept is None:
-        code, param = rule_code(skip)
+        check_rule(skip)
         plan = _plan(call, _check_selector(select, call.arrays, call.block),
                      _check_order(order, skip, peak), peak)
-        kept = call.backend.forward(a.q, a.k, a.v, plan, code, param, call.scale, True,
+        kept = call.backend.forward(a.q, a.k, a.v, plan, skip, call.scale, True,
                                     **call.kwargs())[2]
     kept = check_tile_mask("kept", kept, (a.q.shape[0], a.q.shape[1], nq, nk), a.on_gpu,
                            nonempty=True)

@@ -441,6 +441,34 @@ def _validate(plan):
 # ---------------------------------------------------------------------------------------------
 # Block scores and the selection methods (DESIGN.md sections 3 and 4).
 
+    # TEMPORARY (kernels branch, until the frontend's CSR Plan is merged): CSR views of the
+    # padded visit lists, so the CSR kernels can be tested. Dropped at the merge.
+    @property
+    def row_offsets(self):
+        xp = _namespace(self.count)
+        B, H, nq = self.count.shape
+        offsets = xp.zeros((B, H, nq + 1), dtype=xp.int32)
+        offsets[..., 1:] = xp.cumsum(self.count, axis=-1)
+        return offsets
+
+    @property
+    def row_indices(self):
+        xp = _namespace(self.count)
+        B, H, nq, L = self.visit.shape
+        slot = xp.arange(L, dtype=xp.int32)
+        listed = slot < self.count[..., None]
+        target = xp.where(listed, self.row_offsets[..., :-1, None] + slot, nq * L)
+        indices = xp.full((B, H, nq * L + 1), -1, dtype=xp.int32)
+        xp.put_along_axis(indices, target.reshape(B, H, nq * L).astype(xp.int64),
+                          self.visit.reshape(B, H, nq * L), axis=-1)
+        return xp.ascontiguousarray(indices[..., :nq * L])
+
+
+def _namespace(x):  # TEMPORARY, see Plan.row_offsets
+    import numpy
+
+    return numpy if isinstance(x, numpy.ndarray) else __import__("cupy")
+
 
 def _pool(xp, x, b):
     """Mean of each tile of ``b`` rows of ``x (B, H, N, D)`` over its valid rows.
