@@ -1,11 +1,11 @@
-"""The CUDA backend (``backends/cupy.py`` + ``gpu/*.cu``) against the float64 reference.
+"""The CUDA backend (``backends/cupy.py`` + ``gpu/*.cu``): what the contract suite does not cover.
 
-Every GPU test is marked ``gpu`` and skipped, with the reason, without CuPy or a CUDA device.
-The oracle for an output is exact attention on the kept set the kernel reports
-(``_reference.masked_attention``); each skip decision is checked against the rule with a small
-margin (``_reference.decision_slack``), since fp32 and float64 may decide differently only
-within rounding of the threshold. One non-GPU test compiles every kernel instance when nvcc is
-on the PATH.
+The forward's contract (output on its kept set, decisions within a margin, every shape, tile,
+head dim and kernel) is checked by ``test_contract.py``, Recall's certificate and per-head
+rules by ``test_rules.py``. Here: strided and float32 inputs, rejections, the linear branch,
+the fused plan and block scores, the public API on GPU arrays, and a compile check of every
+kernel instance (needs nvcc, not a GPU). Every GPU test is marked ``gpu`` and skipped, with
+the reason, without CuPy or a CUDA device.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 
 from pysparse_attn import _reference
 from pysparse_attn._plan import Plan, tile_count
-from pysparse_attn._rules import Blasst, Cef, Recall, rule_code
+from pysparse_attn._rules import Recall, rule_code
 from pysparse_attn._select import TopK, TopP
 
 
@@ -36,39 +36,10 @@ gpu = pytest.mark.skipif(_REASON is not None, reason=f"GPU tests need CuPy and a
                          f"of compute capability >= 8.0: {_REASON}")
 
 
-def _kernel_skip_reason(kernel):
-    if _REASON is not None:
-        return _REASON
-    from pysparse_attn.backends import cupy as backend
-
-    return backend.kernel_unavailable_reason(kernel)
-
-
-# Both forward families on every case where the device runs them (wgmma: Hopper only).
-KERNEL_PARAMS = [
-    pytest.param(name, marks=pytest.mark.skipif(_kernel_skip_reason(name) is not None,
-                                                reason=str(_kernel_skip_reason(name))))
-    for name in ("wgmma", "mma_sync")
-]
-
 # Relative L2 error of the output vs float64 attention on the same (rounded) inputs and kept
 # set. The inputs are exact; the error comes from P rounded to the 16-bit type before P.V
 # (bf16: 8 significant bits, ~4e-3 per element; fp16: 11 bits, ~5e-4) and fp32 accumulation.
 OUT_TOLERANCE = {"bfloat16": 1.5e-2, "float16": 3e-3}
-# LSE is computed in fp32 from exact logits: only accumulation and exp2 rounding remain.
-LSE_TOLERANCE = 2e-3
-# Margin, in natural-log units, within which fp32 and float64 may decide a skip differently.
-DECISION_MARGIN = 2e-3
-
-RULES = {
-    "none": None,
-    "blasst": Blasst(1e-2),
-    "cef": Cef(-5.0),
-    "recall": Recall(0.9),
-    "recall_exact": Recall(0.9, exact=True),
-}
-
-
 def _fresh_rng():
     """A generator on a fresh seed, printed so that a failure can be replayed."""
     seed = int(np.random.SeedSequence().entropy % (1 << 63))
@@ -124,157 +95,8 @@ def _host_plan(plan):
                 block=plan.block, nq=plan.nq, nk=plan.nk)
 
 
-def _poison_pool(shape):
-    """Leave NaN in the pool block that the next 16-bit allocation of ``shape`` reuses.
-
-    0xFFFF is a NaN in both float16 and bfloat16; CuPy's pool hands a freed block of the same
-    size to the next allocation, which is the backend's output buffer.
-    """
-    import cupy
-
-    poison = cupy.full(shape, 0xFFFF, dtype=cupy.uint16)
-    del poison
-
-
 def _rel_l2(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def _run_and_check(rng, *, dtype, D, block, layout, rule_name, selector, Nq=197, Nk=251,
-                   B=2, Hq=4, Hkv=2, order=None, strength=1.0, kernel=None):
-    import cupy
-
-    from pysparse_attn.backends import cupy as backend
-
-    (q, k, v), (q64, k64, v64) = _inputs(rng, dtype, B, Hq, Hkv, Nq, Nk, D, layout, strength)
-    skip = RULES[rule_name]
-    code, param = rule_code(skip)
-    scale = D ** -0.5
-    order = order or ("peak" if skip is not None else "natural")
-    plan = backend.build_plan(cupy, q, k, selector, order, 4, block, scale)
-    _poison_pool((B, Hq, Nq, D))
-    out, lse, kept, visited, bound = backend.forward(q, k, v, plan, code, param, scale, True,
-                                                     kernel=kernel)
-    cupy.cuda.runtime.deviceSynchronize()
-    out_h = cupy.asnumpy(out.astype(cupy.float32)).astype(np.float64)
-    lse_h, kept_h, visited_h, bound_h = (cupy.asnumpy(x) for x in (lse, kept, visited, bound))
-    host_plan = _host_plan(plan)
-
-    assert out.dtype == q.dtype and out.shape == (B, Hq, Nq, D)
-    assert np.isfinite(out_h).all(), "unwritten (poisoned) or non-finite output"
-    assert np.isfinite(lse_h).all() and np.isfinite(bound_h).all()
-
-    # Visited = exactly the plan's lists; kept within visited; the first of each list kept.
-    nq, nk = host_plan.nq, host_plan.nk
-    listed = np.zeros((B, Hq, nq, nk), dtype=bool)
-    for index in np.ndindex(B, Hq, nq):
-        entries = host_plan.visit[index][: host_plan.count[index]]
-        listed[index][entries] = True
-        assert kept_h[index][entries[0]], f"first visited tile skipped at {index}"
-    np.testing.assert_array_equal(visited_h, listed)
-    assert not (kept_h & ~visited_h).any()
-
-    # Output and LSE against exact attention on the reported kept set.
-    ref_out, ref_lse = _reference.masked_attention(q64, k64, v64, kept_h, block, scale)
-    error = _rel_l2(out_h, ref_out)
-    assert error <= OUT_TOLERANCE[dtype], f"relative L2 error {error:.3g}"
-    assert np.max(np.abs(lse_h - ref_lse)) <= LSE_TOLERANCE
-
-    # Each decision follows the rule within the margin.
-    slack = _reference.decision_slack(q64, k64, v64, host_plan, kept_h, code, param, scale)
-    decided = ~np.isnan(slack)
-    skipped = decided & ~kept_h
-    kept_decided = decided & kept_h
-    assert (slack[skipped] >= -DECISION_MARGIN).all(), "skipped a tile the rule keeps"
-    assert (slack[kept_decided] <= DECISION_MARGIN).all(), "kept a tile the rule skips"
-    if skip is None:
-        assert not skipped.any()
-        np.testing.assert_array_equal(bound_h, 1.0)
-    return dict(kept=kept_h, visited=visited_h, bound=bound_h, q64=q64, k64=k64, plan=host_plan,
-                skipped=int(skipped.sum()))
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("block", [(64, 64), (128, 64)])
-@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
-@pytest.mark.parametrize("rule_name", list(RULES))
-@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
-def test_forward_matches_reference_on_its_kept_set(dtype, D, block, layout, rule_name, kernel):
-    rng = _fresh_rng()
-    _run_and_check(rng, dtype=dtype, D=D, block=block, layout=layout, rule_name=rule_name,
-                   selector=None, kernel=kernel)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("selector", [TopK(ratio=0.4), TopK(k=1), TopP(0.8)],
-                         ids=["topk-ratio", "topk-1", "topp"])
-@pytest.mark.parametrize("rule_name", ["none", "blasst", "recall"])
-@pytest.mark.parametrize("order", ["natural", "score", "peak"])
-def test_plans_with_selectors_and_orders(selector, rule_name, order):
-    rng = _fresh_rng()
-    _run_and_check(rng, dtype="bfloat16", D=64, block=(64, 64), layout="bhnd",
-                   rule_name=rule_name, selector=selector, order=order)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("Nq,Nk,Hq,Hkv", [(64, 64, 2, 2), (1, 300, 3, 1), (300, 1, 2, 1),
-                                          (129, 1000, 6, 2), (500, 77, 1, 1)])
-@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
-def test_odd_sizes_cross_attention_and_gqa(Nq, Nk, Hq, Hkv, kernel):
-    rng = _fresh_rng()
-    for block in [(64, 64), (128, 64)]:
-        _run_and_check(rng, dtype="float16", D=128, block=block, layout="bhnd",
-                       rule_name="recall", selector=None, Nq=Nq, Nk=Nk, B=1, Hq=Hq, Hkv=Hkv,
-                       kernel=kernel)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("block", [(64, 64), (128, 64)])
-@pytest.mark.parametrize("rule_name", ["none", "blasst", "recall"])
-@pytest.mark.parametrize("order", ["natural", "peak"])
-@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
-def test_long_key_lists_cycle_the_whole_pipeline(D, block, rule_name, order, kernel):
-    """47 key tiles: every stage of the shared-memory ring is reused many times, in plan
-    orders that jump around; fp16 keeps the tolerance tight enough to see one wrong tile."""
-    rng = _fresh_rng()
-    _run_and_check(rng, dtype="float16", D=D, block=block, layout="bhnd", rule_name=rule_name,
-                   selector=None, Nq=1000, Nk=3000, B=1, Hq=2, Hkv=1, order=order,
-                   strength=2.0, kernel=kernel)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("target", [0.5, 0.8, 0.95, 0.99])
-@pytest.mark.parametrize("exact", [False, True])
-def test_recall_guarantee_on_gpu_kept_set(target, exact):
-    """With no selector, every row keeps at least `target` of its softmax mass (exact oracle)."""
-    import cupy
-
-    from pysparse_attn.backends import cupy as backend
-
-    rng = _fresh_rng()
-    (q, k, v), (q64, k64, _) = _inputs(rng, "bfloat16", 1, 4, 4, 300, 1500, 64, "bhnd", 1.5)
-    code, param = rule_code(Recall(target, exact=exact))
-    scale = 64 ** -0.5
-    plan = backend.build_plan(cupy, q, k, None, "peak", 4, (64, 64), scale)
-    _, _, kept, _, bound = backend.forward(q, k, v, plan, code, param, scale, True)
-    kept_h, bound_h = cupy.asnumpy(kept), cupy.asnumpy(bound)
-    true_recall = _reference.recall_of_kept(q64, k64, kept_h, (64, 64), scale)
-    # fp32 bookkeeping of a bound that is tight at the threshold: allow float32 rounding only.
-    assert (bound_h >= target * (1 - 1e-5)).all()
-    assert (true_recall >= target * (1 - 1e-4)).all()
-    # The bound is conservative: never above the true recall (up to rounding).
-    assert (bound_h <= true_recall + 1e-4).all()
-    # The workload is concentrated enough that the rule skips something below 0.99.
-    if target <= 0.95:
-        assert not kept_h.all()
 
 
 @pytest.mark.gpu
