@@ -33,7 +33,9 @@ true recall (the kept share of each softmax row). The method:
    (cost, skipped tiles): repeatedly take the hull step, over all heads, that buys the most
    skipped tiles per unit of cost while the total still fits (water-filling: at the end every
    head's marginal rate is about equal), then spend what is left on any single further point
-   that fits.
+   that fits. For CEF and Recall each head is finally bisected toward its next grid point
+   with what is still left (``refine`` single-head replays each, heads with the best next
+   rate first); BLASST's grid is already fine (quantiles of its exact statistics).
 
 Why this is sound: (a) heads are independent in every backend (a row reads only its own head's
 q and its kv head, and a per-head rule gives head ``h`` only its own parameter), so the

@@ -380,12 +380,14 @@ def test_first_visited_tile_is_never_skipped(problem, rule_params, order, select
 BACKENDS = backend_params()
 
 
-def peaked(seed, n=300, dim=32, heads=4, block=(32, 32)):
-    """Peaked logits: key tile 3 shares the queries' common direction (logits ~14 above the
-    rest) and key tiles have very different gains, so most tiles hold little mass."""
+def peaked(seed, backend, heads=4):
+    """Peaked logits: a direction shared by the queries and, with a random signed weight per
+    key tile, by that tile's keys, and key tiles of very different gains, so most tiles hold
+    little mass. GPU: head dim 64 and 16 key tiles of 64 (the sizes it supports)."""
     rng = np.random.default_rng(seed)
+    n, dim, block = (1000, 64, (64, 64)) if backend.gpu else (300, 32, (32, 32))
     q, k, v = random_qkv(rng, 1, heads, heads // 2, n, n, dim, 3.0, 1.5, block[1], focus=3.0)
-    return q, k, v
+    return (q, k, v), block
 
 
 def fresh_seed():
@@ -414,8 +416,7 @@ def backend_dtype(backend):
 def test_rules_skip_on_peaked_data(backend, rule, order):
     """Guards every decision test against vacuity: on peaked logits each rule skips tiles
     (checked against the contract on the way)."""
-    q, k, v = peaked(fresh_seed())
-    block = (64, 64) if backend.gpu else (32, 32)
+    (q, k, v), block = peaked(fresh_seed(), backend)
     result = check_forward(backend, q, k, v, dtype=backend_dtype(backend), block=block,
                            rule=rule, order=order, peak=4)
     assert result["skipped"] > 0.2 * result["visited"].sum(), "few or no tiles skipped"
@@ -427,8 +428,7 @@ def test_rules_skip_on_peaked_data(backend, rule, order):
 def test_recall_certificate_on_every_backend(backend, recall_target, exact_sums):
     """No selector: every row keeps >= target of its softmax mass (exact float64 oracle), and
     the reported bound lies between the target and the true recall."""
-    q, k, v = peaked(fresh_seed())
-    block = (64, 64) if backend.gpu else (32, 32)
+    (q, k, v), block = peaked(fresh_seed(), backend)
     dtype = backend_dtype(backend)
     arrays, _, stats = call(backend, q, k, v, dtype, block, order="peak",
                             skip=psa.Recall(recall_target, exact=exact_sums))
@@ -456,8 +456,7 @@ def test_recall_certificate_on_every_backend(backend, recall_target, exact_sums)
 def test_per_head_rules_equal_per_head_scalar_runs(backend, rule):
     """Head h of a per-head rule computes exactly what the scalar rule of head h computes on
     head h alone (GQA: two query heads share a kv head): same decisions, same numbers."""
-    q, k, v = peaked(fresh_seed())
-    block = (64, 64) if backend.gpu else (32, 32)
+    (q, k, v), block = peaked(fresh_seed(), backend)
     dtype = backend_dtype(backend)
     heads, group = q.shape[1], q.shape[1] // k.shape[1]
     _, out, stats = call(backend, q, k, v, dtype, block, skip=rule, order="peak")
