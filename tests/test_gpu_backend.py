@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from pysparse_attn import _reference
-from pysparse_attn._plan import Plan, tile_count
-from pysparse_attn._rules import Recall, rule_code
+from pysparse_attn._plan import tile_count
+from pysparse_attn._rules import Recall
 from pysparse_attn._select import TopK, TopP
 
 
@@ -88,11 +88,7 @@ def _inputs(rng, dtype, B, Hq, Hkv, Nq, Nk, D, layout, strength=1.0):
 
 
 def _host_plan(plan):
-    import cupy
-
-    return Plan(visit=cupy.asnumpy(plan.visit), count=cupy.asnumpy(plan.count),
-                marginal=None if plan.marginal is None else cupy.asnumpy(plan.marginal),
-                block=plan.block, nq=plan.nq, nk=plan.nk)
+    return plan.to("host")
 
 
 def _rel_l2(a, b):
@@ -115,7 +111,7 @@ def test_unaligned_strides_are_copied_not_misread():
     v = cupy.asarray(rng.standard_normal((1, 2, 150, 64)).astype(np.float16))
     before = wide.copy()
     plan = backend.build_plan(cupy, q, k, None, "natural", 4, (64, 64), 0.125)
-    out, _, kept, _, _ = backend.forward(q, k, v, plan, 0, 0.0, 0.125, True)
+    out, _, kept, _, _ = backend.forward(q, k, v, plan, None, 0.125, True)
     ref, _ = _reference.masked_attention(*(cupy.asnumpy(x.astype(cupy.float32)).astype(float)
                                            for x in (q, k, v)), cupy.asnumpy(kept), (64, 64),
                                          0.125)
@@ -134,7 +130,7 @@ def test_float32_inputs_are_accepted_at_bfloat16_precision():
     q, k, v = (cupy.asarray(rng.standard_normal((1, 2, 130, 64)).astype(np.float32))
                for _ in range(3))
     plan = backend.build_plan(cupy, q, k, None, "natural", 4, (64, 64), 0.125)
-    out, _, kept, _, _ = backend.forward(q, k, v, plan, 0, 0.0, 0.125, True)
+    out, _, kept, _, _ = backend.forward(q, k, v, plan, None, 0.125, True)
     assert out.dtype == cupy.float32
     ref, _ = _reference.masked_attention(*(cupy.asnumpy(x).astype(float) for x in (q, k, v)),
                                          cupy.asnumpy(kept), (64, 64), 0.125)
@@ -152,16 +148,16 @@ def test_rejects_what_it_cannot_compute():
     q = cupy.ones((1, 1, 64, 32), dtype=cupy.float16)
     plan = backend.build_plan(cupy, q, q, None, "natural", 4, (64, 64), 1.0)
     with pytest.raises(ValueError, match="head dim"):
-        backend.forward(q, q, q, plan, 0, 0.0, 1.0, False)
+        backend.forward(q, q, q, plan, None, 1.0, False)
     q = cupy.ones((1, 1, 64, 64), dtype=cupy.float16)
     plan = backend.build_plan(cupy, q, q, None, "natural", 4, (32, 32), 1.0)
     with pytest.raises(ValueError, match="block"):
-        backend.forward(q, q, q, plan, 0, 0.0, 1.0, False)
+        backend.forward(q, q, q, plan, None, 1.0, False)
     with pytest.raises(TypeError, match="dtype"):
-        backend.forward(q, q.astype(cupy.float32), q, plan, 0, 0.0, 1.0, False)
+        backend.forward(q, q.astype(cupy.float32), q, plan, None, 1.0, False)
     plan = backend.build_plan(cupy, q, q, None, "natural", 4, (64, 64), 1.0)
     with pytest.raises(ValueError, match="kernel"):
-        backend.forward(q, q, q, plan, 0, 0.0, 1.0, False, kernel="tensor-magic")
+        backend.forward(q, q, q, plan, None, 1.0, False, kernel="tensor-magic")
 
 
 @pytest.mark.gpu
@@ -311,9 +307,8 @@ def test_without_stats_the_output_is_the_same():
     rng = _fresh_rng()
     (q, k, v), _ = _inputs(rng, "bfloat16", 1, 2, 2, 257, 300, 64, "bhnd")
     plan = backend.build_plan(cupy, q, k, None, "peak", 4, (64, 64), 0.125)
-    code, param = rule_code(Recall(0.9))
-    with_stats = backend.forward(q, k, v, plan, code, param, 0.125, True)
-    without = backend.forward(q, k, v, plan, code, param, 0.125, False)
+    with_stats = backend.forward(q, k, v, plan, Recall(0.9), 0.125, True)
+    without = backend.forward(q, k, v, plan, Recall(0.9), 0.125, False)
     assert without[2:] == (None, None, None)
     assert bool((with_stats[0] == without[0]).all()) and bool((with_stats[1] == without[1]).all())
 
