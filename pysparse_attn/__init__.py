@@ -11,7 +11,7 @@ from ._plan import Plan
 from ._rules import Blasst, Cef, Recall
 from ._select import BlockMask, TopK, TopP
 from ._stats import AttentionStats
-from .calibrate import calibrate_blasst, calibrate_cef
+from .calibrate import calibrate_blasst, calibrate_cef, calibrate_recall
 
 __version__ = "0.1.0"
 
@@ -33,4 +33,5 @@ __all__ = [
     "AttentionStats",
     "calibrate_blasst",
     "calibrate_cef",
+    "calibrate_recall",
 ]

@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import event, given, note, target
+from hypothesis import given
 from hypothesis import strategies as st
 
 import pysparse_attn as psa
 from attention_ref import (
     attention_ref,
     expand_kv,
-    mass_share,
     n_tiles,
-    recall_ref,
-    replay_skip_decisions,
 )
 from strategies import (
     ORDERS,
-    RULE_THRESHOLDS,
     TOLERANCES,
     make_rule,
     poisoned_allocations,
@@ -32,8 +28,6 @@ from strategies import (
 )
 
 RTOL, ATOL = TOLERANCES["float64"]
-# Recall and bound comparisons: both sides are float64 sums of <= 200 positive terms.
-RECALL_SLACK = 1e-12
 
 
 def run(problem, q=None, k=None, v=None, **options):
@@ -43,20 +37,6 @@ def run(problem, q=None, k=None, v=None, **options):
     v = problem.v if v is None else v
     return psa.attention(q, k, v, block=problem.block, scale=problem.scale,
                          backend="reference", return_stats=True, **options)
-
-
-def visit_lists(plan):
-    """The plan's visit lists as nested Python lists ``[b][h][I] -> [J, ...]``."""
-    visit, count = np.asarray(plan.visit), np.asarray(plan.count)
-    B, H, nq = count.shape
-    return [[[list(visit[b, h, i, :count[b, h, i]]) for i in range(nq)] for h in range(H)]
-            for b in range(B)]
-
-
-def max_value_norm(problem):
-    """``max_j ||v_j||`` per query head, shaped ``(B, H, 1)`` to broadcast over rows."""
-    v = expand_kv(problem.v, problem.q.shape[1])
-    return np.linalg.norm(v, axis=-1).max(axis=-1)[..., None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,133 +114,6 @@ def test_flop_density_counts_visited_qk_and_kept_pv_by_valid_size(problem):
     assert stats.flop_sparsity == pytest.approx(1.0 - spent / dense_cost, abs=1e-12)
     assert stats.density == pytest.approx(stats.kept.mean(), abs=1e-15)
     assert stats.sparsity == pytest.approx(1.0 - stats.kept.mean(), abs=1e-15)
-
-
-# ---------------------------------------------------------------------------------------------
-# Recall: the certified guarantee, for every visit order
-
-
-@given(problems(sharp=True), st.floats(0.5, 1.0), st.booleans(), st.sampled_from(ORDERS),
-       st.integers(0, 4))
-def test_recall_rule_certifies_row_recall_and_error(problem, recall_target, exact, order, peak):
-    rule = psa.Recall(recall_target, exact=exact)
-    out, stats = run(problem, skip=rule, order=order, peak=peak)
-    true_recall = psa.recall(problem.q, problem.k, stats.kept, block=problem.block,
-                             scale=problem.scale)
-    np.testing.assert_allclose(
-        true_recall, recall_ref(problem.q, problem.k, stats.kept, problem.block, problem.scale),
-        rtol=0, atol=RECALL_SLACK)
-    note(f"skipped tiles: {int((~stats.kept).sum())}, min recall {true_recall.min():.6f}")
-    event("some tiles skipped" if not stats.kept.all() else "no tile skipped")
-    target(float((~stats.kept).sum()), label="tiles skipped")
-    assert stats.bounded
-    assert (true_recall >= recall_target - RECALL_SLACK).all(), "true recall below the target"
-    assert (stats.recall_bound >= recall_target - RECALL_SLACK).all(), "bound below target"
-    assert (stats.recall_bound <= true_recall + RECALL_SLACK).all(), "bound above true recall"
-    dense, _ = attention_ref(problem.q, problem.k, problem.v, problem.scale)
-    error = np.linalg.norm(out - dense, axis=-1)
-    v_max = max_value_norm(problem)
-    # The sharper per-row form (with the row's own recall) implies the target form.
-    assert (error <= 2.0 * (1.0 - true_recall) * v_max + 1e-9).all()
-    assert (error <= 2.0 * (1.0 - recall_target) * v_max + 1e-9).all()
-
-
-@given(problems(sharp=True), st.floats(0.0, 1.0))
-def test_recall_oracle_is_the_kept_share_of_each_softmax_row(problem, density):
-    kept = problem.rng(9).random(problem.q.shape[:2] + problem.n_tiles) < density
-    result = psa.recall(problem.q, problem.k, kept, block=problem.block, scale=problem.scale)
-    assert result.dtype == np.float64 and result.shape == problem.q.shape[:3]
-    np.testing.assert_allclose(
-        result, recall_ref(problem.q, problem.k, kept, problem.block, problem.scale),
-        rtol=0, atol=RECALL_SLACK)
-    everything = np.ones_like(kept)
-    np.testing.assert_allclose(
-        psa.recall(problem.q, problem.k, everything, block=problem.block, scale=problem.scale),
-        1.0, rtol=0, atol=RECALL_SLACK)
-
-
-@given(problems(sharp=True), st.floats(0.5, 0.999), st.integers(1, 3))
-def test_recall_with_selector_bounds_the_visited_share(problem, recall_target, top):
-    """With a plan, the guarantee covers the visited tiles only (DESIGN.md section 5)."""
-    out, stats = run(problem, select=psa.TopK(k=top), skip=psa.Recall(recall_target))
-    assert stats.bounded == (top >= problem.n_tiles[1])  # full rows only if TopK kept all
-    share = mass_share(problem.q, problem.k, stats.kept, stats.visited, problem.block,
-                       problem.scale)
-    assert (share >= recall_target - RECALL_SLACK).all()
-    assert (stats.recall_bound <= share + RECALL_SLACK).all()
-    assert (stats.kept <= stats.visited).all()
-
-
-# ---------------------------------------------------------------------------------------------
-# Every skip decision obeys its rule
-
-
-@pytest.mark.parametrize("name", list(RULE_THRESHOLDS))
-@given(problem=problems(sharp=True, min_n=17, max_n=160), data=st.data(),
-       order=st.sampled_from(ORDERS), peak=st.integers(0, 4), with_selector=st.booleans())
-def test_skip_decisions_obey_their_rule(name, problem, data, order, peak, with_selector):
-    threshold = data.draw(RULE_THRESHOLDS[name], label="threshold")
-    select = psa.TopK(ratio=0.6) if with_selector else None
-    out, stats = run(problem, skip=make_rule(name, threshold), order=order, peak=peak,
-                     select=select)
-    lists = visit_lists(stats.plan)
-    # The visit lists are exactly the visited tiles, and nothing unvisited is kept.
-    listed = np.zeros_like(stats.visited)
-    for b, per_head in enumerate(lists):
-        for h, per_tile in enumerate(per_head):
-            for i, tiles in enumerate(per_tile):
-                assert len(set(tiles)) == len(tiles), "a tile is visited twice"
-                listed[b, h, i, tiles] = True
-    np.testing.assert_array_equal(listed, stats.visited)
-    assert (stats.kept <= stats.visited).all()
-    problems_found, skipped = replay_skip_decisions(
-        problem.q, problem.k, lists, stats.kept, name, threshold, problem.block, problem.scale)
-    note(f"{skipped} tiles skipped in the loop")
-    event("some tiles skipped in the loop" if skipped else "no tile skipped in the loop")
-    target(float(skipped), label="tiles skipped in the loop")
-    assert not problems_found, "\n".join(problems_found[:10])
-    # The output is exact attention over the kept tiles.
-    expected, expected_lse = attention_ref(problem.q, problem.k, problem.v, problem.scale,
-                                           stats.kept, problem.block)
-    np.testing.assert_allclose(out, expected, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(stats.lse, expected_lse, rtol=RTOL, atol=ATOL)
-
-
-@given(problems(sharp=True), skip_rules_params, st.sampled_from(ORDERS),
-       st.sampled_from([None, "topk", "topp", "mask"]))
-def test_first_visited_tile_is_never_skipped(problem, rule_params, order, selector):
-    nq, nk = problem.n_tiles
-    select = {
-        None: None,
-        "topk": psa.TopK(k=2),
-        "topp": psa.TopP(0.5),
-        "mask": psa.BlockMask(random_tile_mask(problem.rng(3), (nq, nk), 0.4)),
-    }[selector]
-    _, stats = run(problem, skip=make_rule(*rule_params), order=order, select=select)
-    first = np.asarray(stats.plan.visit)[..., 0]
-    assert (first >= 0).all()
-    first_kept = np.take_along_axis(stats.kept, first[..., None].astype(np.intp), axis=-1)
-    assert first_kept.all()
-    assert stats.kept.any(axis=-1).all()
-
-
-def test_skip_rules_do_skip_on_peaked_data():
-    """Guards the rule properties against vacuity: on peaked logits every rule skips tiles."""
-    rng = np.random.default_rng(20261123)
-    B, H, N, D = 1, 2, 160, 16
-    direction = rng.standard_normal(D)
-    direction *= np.sqrt(14.0) * D**0.25 / np.linalg.norm(direction)
-    q = rng.standard_normal((B, H, N, D)) + direction
-    k = rng.standard_normal((B, H, N, D))
-    v = rng.standard_normal((B, H, N, D))
-    # Key tile 3 shares the queries' common direction: its logits sit ~14 above the others',
-    # so it holds nearly all of every row's mass.
-    k[:, :, 48:64] += direction
-    for rule in (psa.Blasst(1e-2), psa.Cef(-4.0), psa.Recall(0.9), psa.Recall(0.9, exact=True)):
-        for order in ORDERS:
-            _, stats = psa.attention(q, k, v, skip=rule, order=order, block=(16, 16),
-                                     backend="reference", return_stats=True)
-            assert stats.sparsity > 0.2, (rule, order, stats.sparsity)
 
 
 # ---------------------------------------------------------------------------------------------
