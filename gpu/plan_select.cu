@@ -179,10 +179,16 @@ __device__ void bitonic_sort(float* score, int* index, int n) {
 enum VisitOrder { kNatural = 0, kScore = 1, kPeak = 2 };
 
 // grid (nq, H, B); dynamic shared memory 2 * n_pow2 words + blockDim.x floats.
-// keep > 0: keep exactly `keep` tiles (TopK, or every tile); keep == 0: TopP with `top_p`.
+// keep > 0: keep exactly `keep` tiles (TopK, the SLA critical set, or every tile); keep == 0:
+// TopP with `top_p`. The kept tiles go to this row's `max_count` slots of `visit` (-1 after);
+// a row keeps at most max_count tiles (the caller sizes it from the selector).
+// write_marginal != 0 (the SLA split): marginal[row, j] = 1 exactly for the tiles of sorted
+// rank in [marginal_begin, marginal_end), 0 elsewhere (every tile of the row is written once).
 __global__ void select_tiles(const float* __restrict__ scores, int n_key_tiles, int n_pow2,
                              int keep, float top_p, int order, int peak,
-                             int* __restrict__ visit, int max_count, int* __restrict__ count) {
+                             int* __restrict__ visit, int max_count, int* __restrict__ count,
+                             unsigned char* __restrict__ marginal, int write_marginal,
+                             int marginal_begin, int marginal_end) {
     extern __shared__ __align__(16) unsigned char shared_raw[];
     float* score = reinterpret_cast<float*>(shared_raw);
     int* index = reinterpret_cast<int*>(score + n_pow2);
@@ -230,7 +236,12 @@ __global__ void select_tiles(const float* __restrict__ scores, int n_key_tiles, 
         __syncthreads();
         n_keep = min(kept_count + 1, n_key_tiles);
     }
-    n_keep = min(n_keep, n_key_tiles);
+    n_keep = min(min(n_keep, n_key_tiles), max_count);
+    if (write_marginal) {
+        unsigned char* row_marginal = marginal + row * n_key_tiles;
+        for (int t = threadIdx.x; t < n_key_tiles; t += blockDim.x)
+            row_marginal[index[t]] = t >= marginal_begin && t < marginal_end;
+    }
 
     int* row_visit = visit + row * max_count;
     if (order == kNatural) {

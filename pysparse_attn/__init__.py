@@ -5,7 +5,9 @@ top-k / top-p / mask plans, and SLA sparse + linear attention, with one float64 
 semantics and CPU (C++/OpenMP) and GPU (CUDA via CuPy) backends.
 """
 
-from ._api import attention, attention_vjp, block_scores, recall, sla_attention, sla_vjp
+from ._api import (attention, attention_vjp, block_scores, plan, recall, sla_attention,
+                   sla_vjp)
+from ._plan import Plan
 from ._rules import Blasst, Cef, Recall
 from ._select import BlockMask, TopK, TopP
 from ._stats import AttentionStats
@@ -20,6 +22,8 @@ __all__ = [
     "sla_vjp",
     "block_scores",
     "recall",
+    "plan",
+    "Plan",
     "BlockMask",
     "TopK",
     "TopP",

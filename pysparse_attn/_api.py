@@ -23,6 +23,7 @@ __all__ = [
     "sla_vjp",
     "block_scores",
     "recall",
+    "plan",
 ]
 
 LINEAR_MODES = ("marginal", "complement", "global")
@@ -79,25 +80,81 @@ def _check_order(order, skip, peak):
     return order
 
 
-def _check_selector(select, call: _Call):
+def _check_selector(select, arrays: Canonical, block):
     if select is None or isinstance(select, (TopK, TopP)):
         return select
     if isinstance(select, BlockMask):
-        q, k = call.arrays.q, call.arrays.k
-        shape = (q.shape[0], q.shape[1], tile_count(q.shape[2], call.block[0]),
-                 tile_count(k.shape[2], call.block[1]))
-        return BlockMask(check_tile_mask("mask", select.mask, shape, call.arrays.on_gpu,
+        q, k = arrays.q, arrays.k
+        shape = (q.shape[0], q.shape[1], tile_count(q.shape[2], block[0]),
+                 tile_count(k.shape[2], block[1]))
+        return BlockMask(check_tile_mask("mask", select.mask, shape, arrays.on_gpu,
                                          nonempty=True))
     raise TypeError(f"select must be None, BlockMask, TopK or TopP, got {type(select).__name__}")
 
 
+def _build(arrays: Canonical, select, order, peak, block, scale, linear="marginal"):
+    """The one plan builder: the CuPy backend's accelerated selection on GPU arrays, the
+    generic array-API one on the host."""
+    if arrays.on_gpu:
+        from .backends import cupy as gpu_backend
+
+        return gpu_backend.build_plan(arrays.xp, arrays.q, arrays.k, select, order, peak, block,
+                                      scale, linear)
+    return build_plan(arrays.xp, arrays.q, arrays.k, select, order, peak, block, scale, linear)
+
+
 def _plan(call: _Call, select, order, peak, linear="marginal"):
-    builder = getattr(call.backend, "build_plan", None)
-    if builder is None:
-        return build_plan(call.arrays.xp, call.arrays.q, call.arrays.k, select, order, peak,
-                          call.block, call.scale, linear)
-    return builder(call.arrays.xp, call.arrays.q, call.arrays.k, select, order, peak,
-                   call.block, call.scale, linear)
+    return _build(call.arrays, select, order, peak, call.block, call.scale, linear)
+
+
+@on_caller_stream
+def plan(q, k, *, select=None, order=None, peak=4, block=(64, 64), scale=None, layout="bhnd"):
+    """Build the :class:`Plan` of a selector: which key tiles each query tile visits.
+
+    The plan is what :func:`attention` builds internally; build it once and pass it as
+    ``attention(..., plan=p)`` to reuse it across calls (the same q, k shapes and block). On
+    GPU arrays it is built on the GPU with no device-to-host read.
+
+    Parameters
+    ----------
+    q : array ``(B, Hq, Nq, D)``
+        Queries (``(B, Nq, Hq, D)`` with ``layout="bnhd"``).
+    k : array ``(B, Hkv, Nk, D)``
+        Keys.
+    select : None, BlockMask, TopK or TopP
+        The selection method (DESIGN.md section 4); every tile when None.
+    order : {"natural", "score", "peak"} or None
+        Visit order of the kept tiles; None means ``"natural"`` (pass ``"peak"`` for a plan
+        meant for a skip rule, which is what :func:`attention` picks with ``skip``).
+    peak : int
+        With ``order="peak"``: how many top-scoring tiles go first.
+    block : (int, int)
+        Tile sizes ``(Bq, Bk)``.
+    scale : float, optional
+        Logit scale of the block scores, ``D ** -0.5`` by default.
+    layout : {"bhnd", "bnhd"}
+
+    Returns
+    -------
+    Plan
+        On the inputs' device.
+
+    Examples
+    --------
+    >>> import numpy as np, pysparse_attn as psa
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((1, 2, 100, 16)) for _ in range(3))
+    >>> p = psa.plan(q, k, select=psa.TopK(k=2), block=(32, 32))
+    >>> p.max_visits, p.counts.tolist()
+    (2, [[[2, 2, 2, 2], [2, 2, 2, 2]]])
+    >>> out = psa.attention(q, k, v, plan=p)
+    """
+    block = check_block(block)
+    order = _check_order(order, None, peak)
+    arrays = canonicalize({"q": q, "k": k, "v": k}, layout=layout, check_finite=False)
+    scale = check_scale(scale, arrays.q.shape[-1])
+    select = _check_selector(select, arrays, block)
+    return _build(arrays, select, order, peak, block, scale)
 
 
 def _flop_shares(xp, kept, visited, n_q, n_k, block):
@@ -194,7 +251,7 @@ def attention(q, k, v, *, select=None, skip=None, order=None, peak=4, scale=None
     order = _check_order(order, skip, peak)
     call = _prepare(q, k, v, scale=scale, block=block, layout=layout, backend=backend,
                     threads=threads, check_finite=check_finite)
-    select = _check_selector(select, call)
+    select = _check_selector(select, call.arrays, call.block)
     plan = _plan(call, select, order, peak)
     a = call.arrays
     out, lse, kept, visited, bound = call.backend.forward(
@@ -356,7 +413,8 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
     nq, nk = tile_count(a.q.shape[2], call.block[0]), tile_count(a.k.shape[2], call.block[1])
     if kept is None:
         code, param = rule_code(skip)
-        plan = _plan(call, _check_selector(select, call), _check_order(order, skip, peak), peak)
+        plan = _plan(call, _check_selector(select, call.arrays, call.block),
+                     _check_order(order, skip, peak), peak)
         kept = call.backend.forward(a.q, a.k, a.v, plan, code, param, call.scale, True,
                                     **call.kwargs())[2]
     kept = check_tile_mask("kept", kept, (a.q.shape[0], a.q.shape[1], nq, nk), a.on_gpu,

@@ -423,8 +423,7 @@ def test_bad_arguments_name_the_argument():
         cpu.forward(q, q[:, :1].repeat(3, axis=1), q[:, :1].repeat(3, axis=1), plan, 0, 0.0,
                     0.3, False)
     broken = build_plan(np, q, q, None, "natural", 4, (4, 4), 0.3)
-    broken.visit = broken.visit.copy()
-    broken.visit[0, 0, 0, 0] = 99
+    broken.row_indices[0, 0, 0] = 99  # a trusted plan corrupted after construction
     with pytest.raises(ValueError, match="plan"):
         cpu.forward(q, q, q, broken, 0, 0.0, 0.3, False)
     with pytest.raises(ValueError, match="feature_map"):

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import _reference
-from .._plan import Plan, tile_count
 from .._plan import build_plan as _generic_build_plan
+from .._plan import max_visits_of, rows_from_padded, tile_count, trusted_plan
 from .._reference import feature_map_forward
 from .._rules import BLASST, CEF, NO_SKIP, RECALL, RECALL_EXACT
 from .._select import SlaSplit, TopK, TopP
@@ -381,13 +381,25 @@ def _plan_module():
     return _raw_module("plan_select.cu", tuple(PLAN_INSTANCES.values()))
 
 
+@functools.lru_cache(maxsize=None)
+def _plan_function_cached(key, device):
+    return _plan_module().get_function(PLAN_INSTANCES[key])
+
+
+def _plan_function(key):
+    """A compiled plan-stage kernel, looked up once per device."""
+    import cupy
+
+    return _plan_function_cached(key, cupy.cuda.Device().id)
+
+
 def _tile_means(cupy, x, tile, factor):
     """float32 ``(B, H, n_tiles, D)`` means of each tile's valid rows, times ``factor``."""
     B, H, N, D = x.shape
     x = _kernel_ready(cupy, x)
     n_tiles = tile_count(N, tile)
     means = cupy.empty((B, H, n_tiles, D), dtype=cupy.float32)
-    kernel = _plan_module().get_function(PLAN_INSTANCES[("tile_means", _dtype_name(x), D)])
+    kernel = _plan_function(("tile_means", _dtype_name(x), D))
     kernel((n_tiles, H, B), ((D // 8) * _MEAN_ROW_GROUPS[D],),
            (x, *_element_strides(x), np.int32(N), np.int32(tile), np.float32(factor), means))
     return means
@@ -408,59 +420,107 @@ def fused_block_scores(q, k, block, scale):
     nq, nk = q_means.shape[2], k_means.shape[2]
     group = Hq // Hkv
     scores = cupy.empty((B, Hq, nq, nk), dtype=cupy.float32)
-    kernel = _plan_module().get_function(PLAN_INSTANCES[("block_scores", D)])
+    kernel = _plan_function(("block_scores", D))
     kernel(((group * nq + 15) // 16, Hkv, B), (256,),
            (q_means, k_means, np.int32(nq), np.int32(nk), np.int32(group), scores))
     return scores
 
 
 def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal"):
-    """The plan of ``selector`` on the GPU, with no host round trip for TopK, TopP and dense.
+    """The plan of ``selector`` on the GPU, with no host round trip.
 
-    16-bit inputs with ``select`` None, :class:`TopK` or :class:`TopP` take the fused path:
-    block scores from :func:`fused_block_scores`, then one kernel that sorts each query tile's
-    scores in shared memory and writes its visit list. TopP lists are padded with -1 to ``nk``
-    (their longest length is not known without a device-to-host copy). Other selectors
-    (BlockMask, the SLA split) and float32 inputs use the generic builder of ``_plan.py``,
-    with scores in float32.
+    The same selection methods as :func:`pysparse_attn._plan.build_plan`, accelerated: for
+    16-bit inputs with ``select`` None, :class:`TopK`, :class:`TopP` or the SLA split, block
+    scores come from :func:`fused_block_scores`, then one kernel sorts each query tile's scores
+    in shared memory and writes its visit list (and, for the SLA split, its marginal row). Every
+    size comes from the shapes and the selector (``max_visits``), never from device data.
+    TopK, the SLA split and dense plans have rows of one known length, so their CSR offsets are
+    a constant ramp and the kernel's padded lists *are* the CSR indices; TopP lists are
+    compacted on the device. Other selectors (BlockMask), float32 inputs and more than
+    4096 key tiles use the generic builder with scores in float32.
     """
     import cupy
 
     B, Hq, Nq, D = q.shape
-    nq, nk = tile_count(Nq, block[0]), tile_count(k.shape[2], block[1])
+    Nk = k.shape[2]
+    nq, nk = tile_count(Nq, block[0]), tile_count(Nk, block[1])
+    shape = (B, Hq, Nq, Nk)
     n_pow2 = 1 << max(0, (nk - 1).bit_length())
     fused = (xp is cupy and _dtype_name(q) in _ELEMENTS and D in _HEAD_DIMS
-             and (selector is None or isinstance(selector, (TopK, TopP)))
+             and (selector is None or isinstance(selector, (TopK, TopP, SlaSplit)))
              and n_pow2 <= _MAX_SORTED_TILES)
+    width = max_visits_of(selector, nk)
     if fused and selector is None and order == "natural":
-        visit = cupy.broadcast_to(cupy.arange(nk, dtype=cupy.int32), (B, Hq, nq, nk))
-        return Plan(visit=cupy.ascontiguousarray(visit),
-                    count=cupy.full((B, Hq, nq), nk, dtype=cupy.int32), marginal=None,
-                    block=tuple(block), nq=nq, nk=nk)
-    if fused:
-        if isinstance(selector, TopK):
-            keep, top_p, width = selector.count(nk), 0.0, min(selector.count(nk), nk)
-        elif isinstance(selector, TopP):
-            keep, top_p, width = 0, float(selector.p), nk
-        else:
-            keep, top_p, width = nk, 0.0, nk
-        scores = fused_block_scores(q, k, block, scale)
-        visit = cupy.empty((B, Hq, nq, width), dtype=cupy.int32)
-        count = cupy.empty((B, Hq, nq), dtype=cupy.int32)
-        kernel = _plan_module().get_function(PLAN_INSTANCES[("select_tiles",)])
-        shared = 8 * n_pow2 + 4 * _SELECT_THREADS
-        if shared > 48 * 1024:
-            kernel.max_dynamic_shared_size_bytes = shared
-        kernel((nq, Hq, B), (_SELECT_THREADS,),
-               (scores, np.int32(nk), np.int32(n_pow2), np.int32(keep), np.float32(top_p),
-                np.int32(_ORDER_CODES[order]), np.int32(peak), visit, np.int32(width), count),
-               shared_mem=shared)
-        return Plan(visit=visit, count=count, marginal=None, block=tuple(block), nq=nq, nk=nk)
-    needs_scores = order != "natural" or isinstance(selector, (TopK, TopP, SlaSplit))
-    if needs_scores and _dtype_name(q) != "float32":
-        q = q.astype(xp.float32)
-        k = k.astype(xp.float32)
-    return _generic_build_plan(xp, q, k, selector, order, peak, block, scale, linear)
+        row_indices = cupy.broadcast_to(cupy.arange(nk, dtype=cupy.int32), (B, Hq, nq, nk))
+        return trusted_plan(shape, block, _ramp(cupy, B, Hq, nq, nk),
+                            cupy.ascontiguousarray(row_indices).reshape(B, Hq, nq * nk),
+                            order=order, max_visits=nk)
+    if not fused:
+        needs_scores = order != "natural" or isinstance(selector, (TopK, TopP, SlaSplit))
+        if needs_scores and _dtype_name(q) != "float32":
+            q = q.astype(xp.float32)
+            k = k.astype(xp.float32)
+        return _generic_build_plan(xp, q, k, selector, order, peak, block, scale, linear)
+
+    top_p, keep = 0.0, width
+    marginal, write_marginal, marginal_begin, marginal_end = None, 0, 0, 0
+    if isinstance(selector, TopP):
+        top_p, keep = float(selector.p), 0
+    elif isinstance(selector, SlaSplit):
+        n_critical, n_negligible = selector.counts(nk)
+        marginal = cupy.empty((B, Hq, nq, nk), dtype=cupy.bool_)
+        write_marginal = 1
+        marginal_begin, marginal_end = {
+            "marginal": (n_critical, nk - n_negligible),
+            "complement": (n_critical, nk),
+            "global": (0, nk)}[linear]
+    scores = fused_block_scores(q, k, block, scale)
+    visit = cupy.empty((B, Hq, nq, width), dtype=cupy.int32)
+    count = cupy.empty((B, Hq, nq), dtype=cupy.int32)
+    kernel, shared = _select_kernel(n_pow2)
+    kernel((nq, Hq, B), (_SELECT_THREADS,),
+           (scores, np.int32(nk), np.int32(n_pow2), np.int32(keep), np.float32(top_p),
+            np.int32(_ORDER_CODES[order]), np.int32(peak), visit, np.int32(width), count,
+            marginal if marginal is not None else _NO_MARGINAL(cupy), np.int32(write_marginal),
+            np.int32(marginal_begin), np.int32(marginal_end)),
+           shared_mem=shared)
+    if keep > 0:  # every row keeps exactly `width` tiles
+        row_offsets, row_indices = _ramp(cupy, B, Hq, nq, width), visit.reshape(B, Hq, nq * width)
+    else:
+        row_offsets, row_indices = rows_from_padded(cupy, visit, count)
+    return trusted_plan(shape, block, row_offsets, row_indices, order=order, max_visits=width,
+                        marginal=marginal)
+
+
+@functools.lru_cache(maxsize=None)
+def _ramp_cached(B, H, nq, width, device):
+    import cupy
+
+    ramp = cupy.arange(nq + 1, dtype=cupy.int32) * np.int32(width)
+    return cupy.ascontiguousarray(cupy.broadcast_to(ramp, (B, H, nq + 1)))
+
+
+def _ramp(cupy, B, H, nq, width):
+    """Offsets of rows that all have ``width`` entries (cached per shape and device; plans
+    share it read-only)."""
+    return _ramp_cached(B, H, nq, width, cupy.cuda.Device().id)
+
+
+@functools.lru_cache(maxsize=None)
+def _no_marginal(device):
+    import cupy
+
+    return cupy.zeros((1,), dtype=cupy.bool_)
+
+
+def _NO_MARGINAL(cupy):  # noqa: N802 - a placeholder argument the kernel never reads
+    return _no_marginal(cupy.cuda.Device().id)
+
+
+def _select_kernel(n_pow2):
+    """The selection kernel and its shared-memory size (at most 33 KiB: 8 bytes a tile for
+    4096 tiles plus the scan, under the 48 KiB default, so no attribute to raise)."""
+    return _plan_function(("select_tiles",)), 8 * n_pow2 + 4 * _SELECT_THREADS
 
 
 # ---------------------------------------------------------------------------------------------
