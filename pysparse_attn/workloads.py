@@ -519,12 +519,12 @@ def load_qkv(path, *, layout: str = "bhnd", mmap: bool = False):
 #
 # * Noise to structure. A flow-matching sampler (Wan, HunyuanVideo) denoises
 #   ``x_s = (1 - sigma_s) x0 + sigma_s eps`` with ONE noise draw ``eps`` for the whole run, so
-#   each step mixes a structured part (the generator's head) with a fixed noise part. q and k
-#   mix as ``sqrt(1 - sigma^2)`` structure to ``sigma`` noise: variance preserving, since Wan
-#   RMS-normalises q and k, and with more structure than the latent's own ``1 - sigma`` because
-#   a layer's features carry the network's estimate of the clean video, which forms well before
-#   the latent's noise is gone (the first steps still look like noise). v mixes as the latent
-#   does, ``1 - sigma`` to ``sigma``.
+#   each step mixes a structured part (the generator's head) with a fixed noise part, as
+#   ``sqrt(1 - w^2)`` structure to ``w`` noise with ``w = sigma^noise_power``: variance
+#   preserving, since Wan RMS-normalises q and k, and with the noise fading faster than the
+#   latent's own (``noise_power > 1``) because a layer's features carry the network's estimate
+#   of the clean video, which forms well before the latent's noise is gone; only the first
+#   steps look like noise.
 # * Drift. The structure follows a motion track: queries and keys are rotated at co-moving
 #   positions ``(t, y - vy t, x - vx t)``, so a head attends along the track, and the velocity
 #   moves across the steps (the model settling where things go); the locality sharpens (early
@@ -647,21 +647,21 @@ def _co_moving_rotation(positions, velocity, frequencies, work):
 def denoising_trajectory(shape=(5, 8, 12), steps: int = 20, heads: Optional[int] = None,
                          head_dim: Optional[int] = None, batch: int = 1,
                          kinds: Union[str, Sequence[str]] = HEAD_KINDS, dtype=np.float32,
-                         seed: int = 0, shift: float = 5.0, sharpness=(0.6, 1.5),
+                         seed: int = 0, shift: float = 5.0, sharpness=(1.0, 2.5),
                          motion=((0.0, 0.0), (1.0, 0.5)), jitter: float = 0.05,
-                         jumps: Sequence[int] = ()) -> Trajectory:
+                         noise_power: float = 8.0, jumps: Sequence[int] = ()) -> Trajectory:
     """A synthetic denoising trajectory: video-like attention from noise to structure, drifting.
 
     **Synthetic.** No model is run; the trajectory imitates what a flow-matching sampler does to
     one attention layer (the comment block above this function in ``workloads.py`` gives the
     reasoning): step ``s`` mixes a structured part, :func:`video_qkv`'s head of the same kind,
-    with one fixed noise draw (q and k as ``sqrt(1 - sigma_s^2)`` to ``sigma_s``, which keeps
-    the logits' size as q/k RMSNorm does; v as ``1 - sigma_s`` to ``sigma_s``), so the first
-    steps are noise-dominated (near-uniform rows) and the last structure-dominated. Across the steps the structure drifts: it follows a motion
-    track whose velocity moves from ``motion[0]`` to ``motion[1]``, and its sharpness from
-    ``sharpness[0]`` to ``sharpness[1]``, both linearly in the denoising progress
-    ``1 - sigma``; every step adds a small fresh jitter; at the steps in ``jumps`` the
-    structure is redrawn outright.
+    with one fixed noise draw, as ``sqrt(1 - w^2)`` to ``w`` with ``w = sigma_s^noise_power``
+    (variance preserving, which keeps the logits' size as q/k RMSNorm does), so the first steps
+    are noise-dominated (near-uniform rows) and the later ones structure-dominated. Across the steps the structure drifts: it follows a motion
+    track whose velocity moves linearly from ``motion[0]`` at the first step to ``motion[1]``
+    at the last, and its sharpness geometrically from ``sharpness[0]`` to ``sharpness[1]``
+    (the same drift at every step); every step adds a small fresh jitter; at the steps in
+    ``jumps`` the structure is redrawn outright.
 
     Parameters
     ----------
@@ -685,6 +685,9 @@ def denoising_trajectory(shape=(5, 8, 12), steps: int = 20, heads: Optional[int]
     jitter : float
         Standard deviation of each step's fresh draw, relative to one unit per channel of the
         structured content (0: none).
+    noise_power : float
+        How fast the noise part fades: its weight is ``sigma ** noise_power`` (1: as fast as
+        the latent's ``sigma``; larger: the structure emerges earlier in the run).
     jumps : sequence of int
         Steps at which the structured part is redrawn (each in ``1 .. steps - 1``).
 
@@ -727,6 +730,10 @@ def denoising_trajectory(shape=(5, 8, 12), steps: int = 20, heads: Optional[int]
         raise TypeError(f"jitter must be a real number, got {type(jitter).__name__}")
     if not (math.isfinite(jitter) and jitter >= 0):
         raise ValueError(f"jitter must be finite and >= 0, got {jitter}")
+    if isinstance(noise_power, bool) or not isinstance(noise_power, (int, float)):
+        raise TypeError(f"noise_power must be a real number, got {type(noise_power).__name__}")
+    if not (math.isfinite(noise_power) and noise_power > 0):
+        raise ValueError(f"noise_power must be positive and finite, got {noise_power}")
     jumps = tuple(sorted(set(int(j) for j in jumps)))
     for j in jumps:
         if not 1 <= j < steps:
@@ -743,12 +750,13 @@ def denoising_trajectory(shape=(5, 8, 12), steps: int = 20, heads: Optional[int]
 
     def make_step(step):
         sigma = float(sigmas[step])
-        progress = 1.0 - sigma
+        progress = step / (steps - 1) if steps > 1 else 1.0
         sharp = sharpness[0] * (sharpness[1] / sharpness[0]) ** progress
         velocity = tuple(a + (b - a) * progress for a, b in zip(*motion_pairs))
         segment = sum(1 for j in jumps if j <= step)
         cos, sin, moved = _co_moving_rotation(positions, velocity, frequencies, work)
-        structure_weight, noise_weight = math.sqrt(1.0 - sigma * sigma), sigma
+        noise_weight = sigma ** noise_power
+        structure_weight = math.sqrt(1.0 - noise_weight * noise_weight)
         out = [np.empty((batch, heads, n_tokens, head_dim), dtype=dtype) for _ in range(3)]
         for b in range(batch):
             for h in range(heads):
@@ -765,7 +773,7 @@ def denoising_trajectory(shape=(5, 8, 12), steps: int = 20, heads: Optional[int]
                 v_n = _normal(noise, (n_tokens, head_dim), work)
                 q = structure_weight * q_s + noise_weight * q_n
                 k = structure_weight * k_s + noise_weight * k_n
-                v = progress * v_s + sigma * v_n
+                v = structure_weight * v_s + noise_weight * v_n
                 if jitter:
                     fresh = _trajectory_rng(seed, b, h, "jitter", step)
                     q = q + jitter * _normal(fresh, (n_tokens, head_dim), work)
@@ -779,7 +787,7 @@ def denoising_trajectory(shape=(5, 8, 12), steps: int = 20, heads: Optional[int]
         "heads": heads, "head_dim": head_dim, "batch": batch, "kinds": list(kinds),
         "dtype": str(dtype), "seed": int(seed), "shift": float(shift),
         "sharpness": list(sharpness), "motion": [list(m) for m in motion_pairs],
-        "jitter": float(jitter), "jumps": list(jumps)}
+        "jitter": float(jitter), "noise_power": float(noise_power), "jumps": list(jumps)}
     return Trajectory(steps, grid, sigmas, description, make_step)
 
 
