@@ -16,12 +16,14 @@ Evaluate on your own model's tensors (``np.savez("layer7.npz", q=q, k=k, v=v)``)
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .compare import (DEFAULT_ERRORS, DEFAULT_SPARSITIES, markdown_matched_error,
                       markdown_matched_sparsity)
 from .methods import DEFAULT_METHODS, METHODS
 from .sweep import WORKLOADS, parse_workload, read_records, run_sweep
+from . import reuse
 
 
 def _block(text):
@@ -85,11 +87,16 @@ def build_parser():
     compare.add_argument("--by", choices=("error", "sparsity", "both"), default="both")
     compare.add_argument("--format", dest="fmt", choices=("markdown", "rst"),
                          default="markdown")
+    reuse.add_parser(commands)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command == "reuse":
+        print(json.dumps(reuse.run(args, ["python -m pysparse_attn.bench"] + list(
+            sys.argv[1:] if argv is None else argv)), indent=1))
+        return 0
     if args.command == "sweep":
         workloads = [parse_workload(w, dtype=args.dtype, block=args.block, seed=args.seed)
                      for w in (args.workload or ["mixed-small"])]
