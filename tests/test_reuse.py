@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 
 import numpy as np
 import pytest
@@ -383,3 +384,25 @@ def test_load_trajectory_errors(tmp_path):
         loaded[1]
     with pytest.raises(ValueError, match="grid"):
         load_trajectory(tmp_path, grid=(2, 3, 5))[0]
+
+
+def test_bench_reuse_cli_writes_table_records_and_plot(tmp_path):
+    from pysparse_attn.bench.__main__ import main
+
+    prefix = tmp_path / "reuse-cpu-test"
+    assert main(["reuse", "-o", str(prefix), "--shape", "3x8x12", "--heads", "2",
+                 "--head-dim", "32", "--steps", "4", "--block", "16x16", "--repeat", "1",
+                 "--dense-steps", "1", "--refresh-every", "2", "--mass-budget", "1",
+                 "--kept-tolerance", "1"]) == 0
+    lines = [json.loads(line) for line in prefix.with_suffix(".jsonl").read_text().splitlines()]
+    assert lines[0]["type"] == "environment" and lines[-1]["type"] == "summary"
+    steps = [r for r in lines if r["type"] == "step"]
+    assert [r["step"] for r in steps] == [0, 1, 2, 3]
+    assert steps[0]["dense_step"] and steps[0]["rel_l2"] < 1e-6
+    assert steps[1]["refreshed_heads"] == 2 and steps[3]["refreshed_heads"] == 2
+    assert all(r["recall_bound_min"] >= 0.95 - 1e-6 for r in steps)
+    assert lines[-1]["steps"] == 4 and lines[-1]["head_refreshes"] == 4
+    table = prefix.with_suffix(".md").read_text()
+    assert "| 3 |" in table and "speedup vs dense" in table
+    assert prefix.with_suffix(".png").stat().st_size > 0
+    assert prefix.with_suffix(".svg").stat().st_size > 0

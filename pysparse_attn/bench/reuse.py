@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
-import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -82,7 +82,7 @@ def add_parser(commands):
     parser.add_argument("--skip", default="recall:0.95", help="in-loop rule (recall:0.95)")
     parser.add_argument("--refresh-every", type=int, default=5)
     parser.add_argument("--dense-steps", type=int, default=2)
-    parser.add_argument("--margin", type=int, default=1)
+    parser.add_argument("--margin", type=int, default=0)
     parser.add_argument("--mass-budget", type=float, default=0.02)
     parser.add_argument("--kept-tolerance", type=float, default=0.1)
     parser.add_argument("--order", default=None, help="natural, score or peak (default: peak)")
@@ -167,17 +167,22 @@ def _synchronize(x):
         cupy.cuda.get_current_stream().synchronize()
 
 
-def _timed(function, repeat, probe):
-    """Median wall time of ``function()`` over ``repeat`` calls (device synchronised), and the
-    last result."""
-    times, result = [], None
+def _timed_interleaved(functions, repeat, probe):
+    """Median wall time of each of ``functions`` (device synchronised) and its last result.
+
+    The functions run in turn, ``repeat`` rounds, so that a change of machine load between
+    rounds hits every one of them alike (the ratios stay meaningful on a shared machine).
+    """
+    times = [[] for _ in functions]
+    results = [None] * len(functions)
     for _ in range(repeat):
-        _synchronize(probe)
-        start = time.perf_counter()
-        result = function()
-        _synchronize(probe)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), result
+        for index, function in enumerate(functions):
+            _synchronize(probe)
+            start = time.perf_counter()
+            results[index] = function()
+            _synchronize(probe)
+            times[index].append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times], results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +224,8 @@ def run(args, argv=None):
     prefix.parent.mkdir(parents=True, exist_ok=True)
     header = environment(args.backend, argv)
     header.update(trajectory=trajectory.description, reuse=repr(reuse), dtype=args.dtype,
-                  block=list(block), skip=args.skip, repeat=args.repeat)
+                  block=list(block), skip=args.skip, repeat=args.repeat,
+                  load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
     records = [header]
     warmed = False
     for step in range(len(trajectory)):
@@ -231,26 +237,29 @@ def run(args, argv=None):
             copy.deepcopy(reuse).attention(q, k, v, layer=0, step=max(step, args.dense_steps),
                                            **reuse_options)
             warmed = True
-        t_dense, _ = _timed(lambda: attention(q, k, v, **options), args.repeat, q)
-        t_rule, (_, rule_stats) = _timed(
-            lambda: attention(q, k, v, skip=rule, return_stats=True, **options), args.repeat, q)
         before = reuse
         trials = []
 
-        def call():
-            trial = copy.deepcopy(before)
+        def reuse_call():
+            trial = copy.deepcopy(before)  # each timed call starts from the same state
             trials.append(trial)
             return trial.attention(q, k, v, layer=0, step=step, **reuse_options)
 
-        t_reuse, (out, stats) = _timed(call, args.repeat, q)
+        # The kernel alone on the plan the reuse call uses: what the machinery around it
+        # costs. The plan is known only after a reuse call; the first round makes one.
+        out, stats = reuse_call()
+        trials.clear()
+        plan, visited = stats.attention.plan, stats.attention.visited
+        kernel_rule = None if stats.dense else rule
+        (t_dense, t_rule, t_reuse, t_plan_only), (_, (_, rule_stats), (out, stats), _) = \
+            _timed_interleaved([
+                lambda: attention(q, k, v, **options),
+                lambda: attention(q, k, v, skip=rule, return_stats=True, **options),
+                reuse_call,
+                lambda: _attend(q, k, v, plan, visited, reuse.order, kernel_rule,
+                                dict(options, scale=scale)),
+            ], args.repeat, q)
         reuse = trials[-1]
-        # The kernel alone on the plan the reuse call used: what the machinery around it costs.
-        plan = stats.attention.plan
-        visited = stats.attention.visited
-        order = "natural" if reuse.order == "natural" else reuse.order
-        t_plan_only, _ = _timed(lambda: _attend(q, k, v, plan, visited, order,
-                                                None if stats.dense else rule,
-                                                dict(options, scale=scale)), args.repeat, q)
         rows = _sample_rows(q.shape[2], block[0], args.error_tiles, seed=step)
         exact, recall = exact_rows(q, k, v, stats.attention.kept, rows, block, scale)
         xp = _namespace(q)
@@ -327,6 +336,7 @@ def markdown_table(records) -> str:
         f"* trajectory: `{json.dumps(header['trajectory'])}`",
         f"* dtype {header['dtype']}, block {header['block']}, rule `{header['skip']}`, "
         f"`{header['reuse']}`, times are medians of {header['repeat']} calls",
+        f"* load average at the start (1, 5, 15 min): {header.get('load_average')}",
         "",
         "| step | sigma | kind | refreshed heads | dense ms | rule ms | reuse ms | kernel-only "
         "ms | plan density | kept density | rel L2 | recall bound min | true recall min |",
