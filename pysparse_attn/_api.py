@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import math
+import functools
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from . import backends
 from ._arrays import (LAYOUTS, Canonical, as_backend_array, canonicalize, check_block,
                       check_scale, check_tile_mask, on_caller_stream, on_cuda)
-from ._plan import ORDERS, build_plan, tile_count
+import inspect
+
+from ._plan import ORDERS, Plan, build_plan, tile_count
 from ._reference import FEATURE_MAPS
 from ._plan import block_scores as _block_scores
-from ._rules import rule_code
+from ._rules import check_rule, rule_code
 from ._select import BlockMask, SlaSplit, TopK, TopP
 from ._stats import AttentionStats
 
@@ -39,12 +44,64 @@ class _Call:
     scale: float
     block: tuple
     threads: Any
+    out_dtype: Any = None  # what the caller gets back when precision converted the inputs
 
     def kwargs(self):
         return {"threads": self.threads} if self.backend_name == "cpu" else {}
 
+    def result(self, out):
+        """The output in the caller's dtype, layout and namespace."""
+        if self.out_dtype is not None and out.dtype != self.out_dtype:
+            out = out.astype(self.out_dtype)
+        return self.arrays.from_canonical(out)
 
-def _prepare(q, k, v, *, scale, block, layout, backend, threads, check_finite=True):
+
+PRECISIONS = (None, "bf16")
+
+
+def check_flag(name, value):
+    """``value`` when it is a bool, else a TypeError naming ``name``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def _check_finite_option(check_finite, on_gpu):
+    """``check_finite=None``: True on the host, False on GPU arrays (no synchronisation)."""
+    if check_finite is None:
+        return not on_gpu
+    return check_flag("check_finite", check_finite)
+
+
+def _apply_precision(arrays: Canonical, precision, backend_name):
+    """Convert q, k, v for ``precision``; the dtype the caller gets back, or None.
+
+    float32 on the GPU runs on bfloat16 tensor cores only when asked (``precision="bf16"``).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be None or 'bf16', got {precision!r}")
+    if precision is None:
+        if arrays.dtype_name == "float32" and backends.is_gpu(backend_name):
+            raise ValueError(
+                "precision: float32 inputs on the GPU are computed on bfloat16 tensor cores; "
+                "pass precision='bf16' to accept bfloat16 rounding of q, k and v (the output "
+                "stays float32), or give bfloat16/float16 inputs, or use backend='cpu' for "
+                "float32 accuracy")
+        return None
+    if arrays.dtype_name == "bfloat16":
+        return None
+    import ml_dtypes
+
+    caller_dtype = arrays.q.dtype
+    arrays.input_dtype_name = arrays.dtype_name
+    arrays.q, arrays.k, arrays.v = (x.astype(ml_dtypes.bfloat16) for x in
+                                    (arrays.q, arrays.k, arrays.v))
+    arrays.dtype_name = "bfloat16"
+    return caller_dtype
+
+
+def _prepare(q, k, v, *, scale, block, layout, backend, threads, check_finite=True,
+             precision=None):
     block = check_block(block)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
@@ -55,9 +112,11 @@ def _prepare(q, k, v, *, scale, block, layout, backend, threads, check_finite=Tr
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     name = backends.resolve(backend, on_cuda(q))
     module = backends.load(name)
+    check_finite = _check_finite_option(check_finite, backends.is_gpu(name))
     arrays = canonicalize({"q": q, "k": k, "v": v}, layout=layout,
                           device="gpu" if backends.is_gpu(name) else "host",
                           check_finite=check_finite)
+    out_dtype = _apply_precision(arrays, precision, name)
     supported = module.supported_blocks()
     if supported is not None and block not in [tuple(b) for b in supported]:
         raise ValueError(f"block {block} is not supported by backend {name!r}; "
@@ -67,7 +126,63 @@ def _prepare(q, k, v, *, scale, block, layout, backend, threads, check_finite=Tr
         raise ValueError(f"q has head dim {arrays.q.shape[-1]}, which backend {name!r} does not "
                          f"support; supported: {sorted(head_dims)}")
     scale = check_scale(scale, arrays.q.shape[-1])
-    return _Call(arrays, module, name, scale, block, threads)
+    return _Call(arrays, module, name, scale, block, threads, out_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_rule(forward) -> bool:
+    """Whether a backend's forward has the rule-object signature (TEMPORARY: until every
+    backend takes ``forward(q, k, v, plan, rule, scale, want_stats, out_dtype=None, ...)``)."""
+    return "rule" in inspect.signature(forward).parameters
+
+
+def _forward(call: _Call, plan, skip, want_stats, out_dtype=None):
+    """``(out, lse, kept, visited, bound)`` of the backend's fused forward over ``plan``."""
+    a = call.arrays
+    forward = call.backend.forward
+    if _takes_rule(forward):
+        return forward(a.q, a.k, a.v, plan, skip, call.scale, want_stats, out_dtype,
+                       **call.kwargs())
+    code, param = rule_code(skip)
+    return forward(a.q, a.k, a.v, plan, code, param, call.scale, want_stats, **call.kwargs())
+
+
+def _kernel_out_dtype(call: _Call):
+    """float32 when the caller gets float32 back from bfloat16 compute (no bf16 rounding of
+    O), else None (the input dtype)."""
+    if call.out_dtype is not None and np.dtype(call.out_dtype) == np.float32:
+        return np.float32
+    return None
+
+
+def _given_plan(plan, call: _Call, select, order, block, extra_selector=False):
+    """A user's plan checked against the call: used as given, never re-selected."""
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a pysparse_attn.Plan or None, got {type(plan).__name__}")
+    if select is not None or extra_selector:
+        raise ValueError("plan: give either a plan or a selector (select / critical, "
+                         "negligible), not both")
+    if order is not None and order != plan.order:
+        raise ValueError(f"order={order!r} conflicts with the plan's order {plan.order!r}; "
+                         "leave order=None with a plan")
+    if block is not None and tuple(block) != plan.block:
+        raise ValueError(f"block={tuple(block)} conflicts with the plan's block {plan.block}; "
+                         "leave block=None with a plan")
+    q, k = call.arrays.q, call.arrays.k
+    expected = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if plan.shape != expected:
+        raise ValueError(f"plan was built for shape {plan.shape} (B, H, Nq, Nk) but the inputs "
+                         f"have {expected}")
+    return plan.to("gpu" if call.arrays.on_gpu else "host")
+
+
+def _block_or_plans(block, plan):
+    """The tile sizes of a call: the given ones, the plan's, or (64, 64)."""
+    if block is not None:
+        return block
+    if isinstance(plan, Plan):
+        return plan.block
+    return (64, 64)
 
 
 def _check_order(order, skip, peak):
@@ -157,39 +272,21 @@ def plan(q, k, *, select=None, order=None, peak=4, block=(64, 64), scale=None, l
     return _build(arrays, select, order, peak, block, scale)
 
 
-def _flop_shares(xp, kept, visited, n_q, n_k, block):
-    """Dense-equivalent FLOP share spent: QK^T on visited tiles, P.V on kept tiles."""
-    bq, bk = block
-    rows = xp.full((kept.shape[2],), float(bq))
-    rows[-1] = n_q - (kept.shape[2] - 1) * bq
-    keys = xp.full((kept.shape[3],), float(bk))
-    keys[-1] = n_k - (kept.shape[3] - 1) * bk
-    area = rows[:, None] * keys[None, :]
-    spent = (visited * area).sum() + (kept * area).sum()
-    return float(spent) / (2.0 * kept.shape[0] * kept.shape[1] * n_q * n_k)
-
-
 def _stats(call: _Call, plan, lse, kept, visited, bound, marginal=None):
-    xp = call.arrays.xp
-    density = float(kept.mean())
-    flop_density = _flop_shares(xp, kept, visited, call.arrays.q.shape[2],
-                                call.arrays.k.shape[2], call.block)
+    """The stats of a call; nothing here reads device data (the summaries are lazy)."""
     give = call.arrays.to_caller
     return AttentionStats(
         lse=call.arrays.from_canonical(lse),
         kept=give(kept), visited=give(visited),
         recall_bound=call.arrays.from_canonical(bound),
-        density=density, sparsity=1.0 - density,
-        flop_density=flop_density, flop_sparsity=1.0 - flop_density,
-        bounded=bool((plan.count == plan.nk).all()),
         marginal=None if marginal is None else give(marginal),
-        plan=plan)
+        plan=plan, tiles=(kept, visited))
 
 
 @on_caller_stream
 def attention(q, k, v, *, select=None, skip=None, order=None, peak=4, scale=None,
-              block=(64, 64), layout="bhnd", backend="auto", return_stats=False, threads=None,
-              check_finite=True):
+              block=None, layout="bhnd", backend="auto", return_stats=False, threads=None,
+              check_finite=None, plan=None, precision=None):
     """Block-sparse attention with an optional plan and in-loop skip rule.
 
     Computes ``softmax(scale * q k^T) v`` tile by tile with online softmax, visiting per query
@@ -213,8 +310,9 @@ def attention(q, k, v, *, select=None, skip=None, order=None, peak=4, scale=None
         With ``order="peak"``: how many top-scoring tiles go first.
     scale : float, optional
         Logit scale, ``D ** -0.5`` by default.
-    block : (int, int)
-        Query and key tile sizes ``(Bq, Bk)``.
+    block : (int, int), optional
+        Query and key tile sizes ``(Bq, Bk)``; ``(64, 64)`` by default, the plan's with
+        ``plan``.
     layout : {"bhnd", "bnhd"}
         Axis order of the inputs and outputs.
     backend : {"auto", "reference", "cpu", "cupy"}
@@ -224,8 +322,18 @@ def attention(q, k, v, *, select=None, skip=None, order=None, peak=4, scale=None
         Also return an :class:`AttentionStats`.
     threads : int, optional
         CPU backend thread count (default: ``OMP_NUM_THREADS`` or all cores).
-    check_finite : bool
-        Reject NaN/inf inputs (one reduction per input; a GPU call synchronises once).
+    check_finite : bool or None
+        Reject NaN/inf inputs. None (the default) checks host inputs and not GPU ones: on the
+        GPU a NaN or infinity propagates to the rows it reaches (their output and LSE become
+        NaN), and ``True`` there costs one synchronisation with the host.
+    plan : Plan, optional
+        A plan from :func:`plan` or :meth:`Plan.from_kept` (or a previous call's
+        ``stats.plan``), used as given: no selection runs. ``select`` must then be None and
+        ``order``/``block`` None or equal to the plan's.
+    precision : {None, "bf16"}
+        None computes in the inputs' precision; float32 inputs on the GPU need ``"bf16"``
+        (bfloat16 tensor cores, float32 accumulation and output), else a ValueError.
+        ``"bf16"`` converts q, k, v to bfloat16 on any backend; the output keeps q's dtype.
 
     Returns
     -------
@@ -247,16 +355,19 @@ def attention(q, k, v, *, select=None, skip=None, order=None, peak=4, scale=None
     >>> bool((stats.recall_bound >= 0.9).all())
     True
     """
-    code, param = rule_code(skip)
-    order = _check_order(order, skip, peak)
-    call = _prepare(q, k, v, scale=scale, block=block, layout=layout, backend=backend,
-                    threads=threads, check_finite=check_finite)
-    select = _check_selector(select, call.arrays, call.block)
-    plan = _plan(call, select, order, peak)
-    a = call.arrays
-    out, lse, kept, visited, bound = call.backend.forward(
-        a.q, a.k, a.v, plan, code, param, call.scale, return_stats, **call.kwargs())
-    result = a.from_canonical(out)
+    check_rule(skip)
+    return_stats = check_flag("return_stats", return_stats)
+    call = _prepare(q, k, v, scale=scale, block=_block_or_plans(block, plan), layout=layout,
+                    backend=backend, threads=threads, check_finite=check_finite,
+                    precision=precision)
+    if plan is not None:
+        plan = _given_plan(plan, call, select, order, block)
+    else:
+        order = _check_order(order, skip, peak)
+        plan = _plan(call, _check_selector(select, call.arrays, call.block), order, peak)
+    out, lse, kept, visited, bound = _forward(call, plan, skip, return_stats,
+                                             _kernel_out_dtype(call))
+    result = call.result(out)
     if not return_stats:
         return result
     return result, _stats(call, plan, lse, kept, visited, bound)
@@ -299,26 +410,32 @@ def _check_sla_options(linear, feature_map, eps):
 
 
 def _sla_forward(q, k, v, critical, negligible, linear, feature_map, proj_weight, proj_bias,
-                 eps, block, skip, order, peak, scale, layout, backend, threads, check_finite):
-    code, param = rule_code(skip)
-    order = _check_order(order, skip, peak)
-    split = SlaSplit(critical, negligible)
+                 eps, block, skip, order, peak, scale, layout, backend, threads, check_finite,
+                 plan=None, precision=None):
+    check_rule(skip)
     eps = _check_sla_options(linear, feature_map, eps)
-    call = _prepare(q, k, v, scale=scale, block=block, layout=layout, backend=backend,
-                    threads=threads, check_finite=check_finite)
+    call = _prepare(q, k, v, scale=scale, block=_block_or_plans(block, plan), layout=layout,
+                    backend=backend, threads=threads, check_finite=check_finite,
+                    precision=precision)
     weight, bias = _check_projection(call, proj_weight, proj_bias)
-    plan = _plan(call, split, order, peak, linear)
-    a = call.arrays
-    sparse = call.backend.forward(a.q, a.k, a.v, plan, code, param, call.scale, True,
-                                  **call.kwargs())
+    if plan is not None:
+        plan = _given_plan(plan, call, None, order, block,
+                           extra_selector=critical is not None or negligible is not None)
+    else:
+        if critical is None or negligible is None:
+            raise TypeError("sla_attention needs critical and negligible (or a plan)")
+        order = _check_order(order, skip, peak)
+        plan = _plan(call, SlaSplit(critical, negligible), order, peak, linear)
+    sparse = _forward(call, plan, skip, True, _kernel_out_dtype(call))
     return call, plan, sparse, weight, bias, eps
 
 
 @on_caller_stream
-def sla_attention(q, k, v, *, critical, negligible, linear="marginal", feature_map="softmax",
-                  proj_weight=None, proj_bias=None, eps=None, block=(64, 64), skip=None,
-                  order=None, peak=4, scale=None, layout="bhnd", backend="auto",
-                  return_stats=False, threads=None, check_finite=True):
+def sla_attention(q, k, v, *, critical=None, negligible=None, linear="marginal",
+                  feature_map="softmax", proj_weight=None, proj_bias=None, eps=None, block=None,
+                  skip=None, order=None, peak=4, scale=None, layout="bhnd", backend="auto",
+                  return_stats=False, threads=None, check_finite=None, plan=None,
+                  precision=None):
     """Sparse + linear attention (SLA): exact on critical tiles, linear on marginal ones.
 
     Per query tile, the top ``floor(critical * nk)`` key tiles by block score (at least one)
@@ -332,9 +449,10 @@ def sla_attention(q, k, v, *, critical, negligible, linear="marginal", feature_m
     q, k, v : arrays
         As in :func:`attention`.
     critical : float
-        Share of key tiles computed exactly, in ``(0, 1]``.
+        Share of key tiles computed exactly, in ``(0, 1]`` (required unless ``plan``).
     negligible : float
-        Share of key tiles dropped, in ``[0, 1)``; critical wins an overlap.
+        Share of key tiles dropped, in ``[0, 1)``; critical wins an overlap (required unless
+        ``plan``).
     linear : {"marginal", "complement", "global"}
         Which tiles feed the linear branch: the marginal ones, every non-critical one, or all.
     feature_map : {"softmax", "elu1", "relu"}
@@ -347,6 +465,12 @@ def sla_attention(q, k, v, *, critical, negligible, linear="marginal", feature_m
         Added to the linear branch's denominator; 0 by default, 1e-5 for ``linear="global"``.
     block, skip, order, peak, scale, layout, backend, return_stats, threads, check_finite
         As in :func:`attention` (the skip rule acts on the critical tiles).
+    plan : Plan, optional
+        A previous call's ``stats.plan`` (critical lists and ``marginal`` tiles), used as given;
+        ``critical`` and ``negligible`` must then be None. A plan without ``marginal`` (from
+        :meth:`Plan.from_kept`) sends no tile to the linear branch.
+    precision : {None, "bf16"}
+        As in :func:`attention`.
 
     Returns
     -------
@@ -355,9 +479,10 @@ def sla_attention(q, k, v, *, critical, negligible, linear="marginal", feature_m
     stats : AttentionStats
         Only with ``return_stats=True``; ``marginal`` holds the linear-branch tiles.
     """
+    return_stats = check_flag("return_stats", return_stats)
     call, plan, sparse, weight, bias, eps = _sla_forward(
         q, k, v, critical, negligible, linear, feature_map, proj_weight, proj_bias, eps, block,
-        skip, order, peak, scale, layout, backend, threads, check_finite)
+        skip, order, peak, scale, layout, backend, threads, check_finite, plan, precision)
     a = call.arrays
     out, lse, kept, visited, bound = sparse
     if weight is not None or bias is not None:
@@ -370,20 +495,21 @@ def sla_attention(q, k, v, *, critical, negligible, linear="marginal", feature_m
         if bias is not None:
             out = out + bias
         out = out.astype(a.q.dtype)
-    result = a.from_canonical(out)
+    result = call.result(out)
     if not return_stats:
         return result
     return result, _stats(call, plan, lse, kept, visited, bound, marginal=plan.marginal)
 
 
 def _grads_out(call: _Call, grads):
-    dtype = call.arrays.q.dtype
+    dtype = call.out_dtype if call.out_dtype is not None else call.arrays.q.dtype
     return tuple(call.arrays.from_canonical(g.astype(dtype)) for g in grads)
 
 
 @on_caller_stream
 def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, scale=None,
-                  block=(64, 64), layout="bhnd", backend="auto", kept=None, threads=None):
+                  block=(64, 64), layout="bhnd", backend="auto", kept=None, threads=None,
+                  precision=None):
     """Gradients of :func:`attention` with the plan and kept set held fixed.
 
     The function differentiated is attention restricted to the tiles whose P.V the forward
@@ -398,7 +524,7 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
         Cotangent of the output, shaped like ``q``.
     kept : bool array ``(B, H, nq, nk)``, optional
         The forward's kept tiles.
-    select, skip, order, peak, scale, block, layout, backend, threads
+    select, skip, order, peak, scale, block, layout, backend, threads, precision
         As in :func:`attention`.
 
     Returns
@@ -407,16 +533,15 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
         In the dtype, layout and namespace of the inputs.
     """
     call = _prepare(q, k, v, scale=scale, block=block, layout=layout, backend=backend,
-                    threads=threads)
+                    threads=threads, precision=precision)
     g = call.arrays.like_q("do", do)
     a = call.arrays
     nq, nk = tile_count(a.q.shape[2], call.block[0]), tile_count(a.k.shape[2], call.block[1])
     if kept is None:
-        code, param = rule_code(skip)
+        check_rule(skip)
         plan = _plan(call, _check_selector(select, call.arrays, call.block),
                      _check_order(order, skip, peak), peak)
-        kept = call.backend.forward(a.q, a.k, a.v, plan, code, param, call.scale, True,
-                                    **call.kwargs())[2]
+        kept = _forward(call, plan, skip, True)[2]
     kept = check_tile_mask("kept", kept, (a.q.shape[0], a.q.shape[1], nq, nk), a.on_gpu,
                            nonempty=True)
     grads = call.backend.attention_backward(a.q, a.k, a.v, g, kept, call.block, call.scale,
@@ -425,9 +550,10 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
 
 
 @on_caller_stream
-def sla_vjp(q, k, v, do, *, critical, negligible, linear="marginal", feature_map="softmax",
-            proj_weight=None, proj_bias=None, eps=None, block=(64, 64), skip=None, order=None,
-            peak=4, scale=None, layout="bhnd", backend="auto", kept=None, threads=None):
+def sla_vjp(q, k, v, do, *, critical=None, negligible=None, linear="marginal",
+            feature_map="softmax", proj_weight=None, proj_bias=None, eps=None, block=None,
+            skip=None, order=None, peak=4, scale=None, layout="bhnd", backend="auto", kept=None,
+            threads=None, plan=None, precision=None):
     """Gradients of :func:`sla_attention`: ``(dq, dk, dv, dW, db)``.
 
     The plan (critical and marginal tiles) and the sparse branch's kept set are held fixed.
@@ -442,8 +568,8 @@ def sla_vjp(q, k, v, do, *, critical, negligible, linear="marginal", feature_map
         As in :func:`sla_attention`.
     kept : bool array, optional
         The forward's kept critical tiles; recomputed when None.
-    block, skip, order, peak, scale, layout, backend, threads
-        As in :func:`attention`.
+    block, skip, order, peak, scale, layout, backend, threads, plan, precision
+        As in :func:`sla_attention`.
 
     Returns
     -------
@@ -454,7 +580,7 @@ def sla_vjp(q, k, v, do, *, critical, negligible, linear="marginal", feature_map
     """
     call, plan, sparse, weight, _, eps = _sla_forward(
         q, k, v, critical, negligible, linear, feature_map, proj_weight, proj_bias, eps, block,
-        skip, order, peak, scale, layout, backend, threads, True)
+        skip, order, peak, scale, layout, backend, threads, True, plan, precision)
     a = call.arrays
     xp = a.xp
     g = call.arrays.like_q("do", do)

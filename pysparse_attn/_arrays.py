@@ -82,7 +82,45 @@ def _caller_namespace(x):
     import array_api_compat
 
     xp = array_api_compat.array_namespace(x)
-    return lambda y: xp.from_dlpack(y)
+    module = type(x).__module__.split(".")[0]
+
+    def give(y):
+        if isinstance(y, np.ndarray) and str(y.dtype) == "bfloat16":
+            # NumPy cannot export bfloat16 through DLPack: hand over the 16-bit buffer.
+            if module == "torch":
+                import torch
+
+                return torch.from_dlpack(y.view(np.int16)).view(torch.bfloat16)
+            if module in ("jax", "jaxlib"):
+                import jax.numpy as jnp
+
+                return jnp.asarray(y)
+        return xp.from_dlpack(y)
+    return give
+
+
+def _host_bfloat16_view(x):
+    """A host bfloat16 torch or JAX array as a NumPy ``ml_dtypes.bfloat16`` view (no copy), or
+    None for anything else.
+
+    NumPy's DLPack import refuses bfloat16, so the producer's buffer is taken as 16-bit
+    integers (torch: ``view(torch.int16)``; JAX: its buffer protocol) and re-labelled.
+    """
+    module = type(x).__module__.split(".")[0]
+    if module == "torch":
+        import torch
+
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+            return None
+        import ml_dtypes
+
+        return np.from_dlpack(x.detach().view(torch.int16)).view(ml_dtypes.bfloat16)
+    if module in ("jax", "jaxlib"):
+        if str(getattr(x, "dtype", "")) != "bfloat16" or on_cuda(x):
+            return None
+        view = np.asarray(x)  # JAX exports host buffers with their ml_dtypes dtype, zero-copy
+        return view if str(view.dtype) == "bfloat16" else None
+    return None
 
 
 def _to_backend_array(name, x, on_gpu):
@@ -96,6 +134,9 @@ def _to_backend_array(name, x, on_gpu):
     if not hasattr(x, "__dlpack__") and not hasattr(x, "__array__"):
         raise TypeError(f"{name} must be an array (NumPy, CuPy or a DLPack producer), "
                         f"got {type(x).__name__}")
+    bf16 = _host_bfloat16_view(x)
+    if bf16 is not None:
+        return bf16
     try:
         return np.from_dlpack(x)
     except (TypeError, BufferError, RuntimeError, AttributeError) as error:
@@ -183,6 +224,7 @@ class Canonical:
     dtype_name: str
     to_caller: Callable
     inputs_on_gpu: bool = False
+    input_dtype_name: str = ""  # the caller's dtype when a precision option converted q, k, v
 
     def like_q(self, name, x):
         """Validate an array shaped like ``q`` (a cotangent) and give its canonical view."""
@@ -193,7 +235,9 @@ class Canonical:
         if on_cuda(x) != self.inputs_on_gpu:
             raise ValueError(f"{name} must live on the device of q")
         x = as_backend_array(name, x, self.on_gpu)
-        _check_rank_and_dtype(name, x, self.layout, self.dtype_name)
+        _check_rank_and_dtype(name, x, self.layout, self.input_dtype_name or self.dtype_name)
+        if x.dtype != self.q.dtype:
+            x = x.astype(self.q.dtype)
         if self.layout == "bnhd":
             x = self.xp.swapaxes(x, 1, 2)
         if tuple(x.shape) != tuple(self.q.shape):
@@ -228,6 +272,20 @@ def _check_finite(xp, name, x):
         total = xp.sum(x, dtype=xp.float64) if x.dtype != xp.float64 else xp.sum(x)
     if not bool(xp.isfinite(total)) and not bool(xp.all(xp.isfinite(x))):
         raise ValueError(f"{name} contains NaN or infinity")
+
+
+def _check_all_finite(xp, arrays: dict, on_gpu: bool):
+    """Reject NaN/inf in any of ``arrays``. On the GPU the sums stay on the device and one
+    flag is read back (one synchronisation for the whole call); the input is named after."""
+    if not on_gpu:
+        for name, x in arrays.items():
+            _check_finite(xp, name, x)
+        return
+    totals = xp.stack([xp.sum(x, dtype=xp.float64) for x in arrays.values()])
+    if bool(xp.isfinite(totals.sum())):
+        return
+    for name, x in arrays.items():
+        _check_finite(xp, name, x)
 
 
 def canonicalize(arrays: dict, *, layout: str, device: str = "auto",
@@ -295,7 +353,6 @@ def canonicalize(arrays: dict, *, layout: str, device: str = "auto",
         raise ValueError(f"k has {k.shape[1]} heads, which does not divide the {Hq} heads of q "
                          "(grouped-query attention needs a multiple)")
     if check_finite:
-        for name, x in converted.items():
-            _check_finite(xp, name, x)
+        _check_all_finite(xp, converted, on_gpu)
     return Canonical(q=q, k=k, v=v, xp=xp, on_gpu=on_gpu, layout=layout,
                      dtype_name=dtype_name, to_caller=to_caller, inputs_on_gpu=inputs_on_gpu)

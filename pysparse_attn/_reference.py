@@ -117,6 +117,12 @@ def _tile_loop_py(q, k, v, visit, count, scale, block_q, block_k, code, param, f
                     values = np.ascontiguousarray(v[b, hk, c0:c1, :])
                     acc = acc * alpha.reshape(rows, 1) + p @ values
                     m = m_new
+                if count[b, h, qt] == 0:
+                    # An empty visit list (a plan from a sparse bitmap): no mass, nothing lost.
+                    out[b, h, r0:r1, :] = 0.0
+                    lse[b, h, r0:r1] = -np.inf
+                    bound[b, h, r0:r1] = 1.0
+                    continue
                 out[b, h, r0:r1, :] = acc / l.reshape(rows, 1)
                 lse[b, h, r0:r1] = m + np.log(l)
                 bound[b, h, r0:r1] = l / (l + u)

@@ -379,3 +379,35 @@ def test_block_scores_errors():
         psa.block_scores(q, k, block=BLOCK, layout="nbhd")
     with pytest.raises(ValueError, match=names("block")):
         psa.block_scores(q, k, block=(0, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags, precision and plan arguments
+
+
+@pytest.mark.parametrize("flag", ["return_stats", "check_finite"])
+@pytest.mark.parametrize("value", [1, "yes", np.array(True)])
+def test_non_bool_flags_are_a_type_error(flag, value):
+    with pytest.raises(TypeError, match=names(flag)):
+        call_attention(**{flag: value})
+    with pytest.raises(TypeError, match=names(flag)):
+        call_sla(**{flag: value})
+
+
+def test_numpy_bools_are_accepted_as_flags():
+    out, stats = call_attention(return_stats=np.bool_(True), check_finite=np.bool_(False))
+    assert stats.kept.dtype == bool and out.shape == (B, H, N, D)
+
+
+@pytest.mark.parametrize("precision", ["fp8", "bfloat16", True])
+def test_unknown_precision(precision):
+    with pytest.raises(ValueError, match=names("precision")):
+        call_attention(precision=precision)
+
+
+def test_check_finite_defaults_to_on_for_host_arrays():
+    q, k, v = arrays()
+    v = v.copy()
+    v[0, 0, 5, 2] = np.inf
+    with pytest.raises(ValueError, match=names("v")):
+        call_attention(v=v)

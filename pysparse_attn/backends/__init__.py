@@ -11,12 +11,20 @@ import importlib
 
 NAMES = ("reference", "cpu", "cupy")
 _GPU = ("cupy",)
+_AVAILABLE = {}
 
 
 def load(name: str):
-    """The backend module ``name``; ``ValueError`` when unknown or unavailable here."""
+    """The backend module ``name``; ``ValueError`` when unknown or unavailable here.
+
+    A backend found available is remembered for the process (the per-call cost of a GPU call
+    is then a dictionary look-up, not a device query).
+    """
     if name not in NAMES:
         raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")
+    module = _AVAILABLE.get(name)
+    if module is not None:
+        return module
     try:
         module = importlib.import_module(f"{__name__}.{name}")
     except ImportError as error:
@@ -26,6 +34,7 @@ def load(name: str):
         reason = "not available on this machine"
     if reason:
         raise ValueError(f"backend {name!r} is not available: {reason}")
+    _AVAILABLE[name] = module
     return module
 
 
@@ -41,6 +50,8 @@ def resolve(name: str, inputs_on_gpu: bool) -> str:
         return name
     if inputs_on_gpu:
         return "cupy"
+    if "cpu" in _AVAILABLE:
+        return "cpu"
     try:
         module = importlib.import_module(f"{__name__}.cpu")
         if module.available():

@@ -492,25 +492,21 @@ def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal")
                         marginal=marginal)
 
 
-@functools.lru_cache(maxsize=None)
-def _ramp_cached(B, H, nq, width, device):
-    import cupy
+def _ramp(cupy, B, H, nq, width):
+    """Offsets of rows that all have ``width`` entries.
 
+    Computed per call on the device (two small kernels), never cached: an array first filled
+    inside a CUDA-graph capture holds its values only once the graph is replayed.
+    """
     ramp = cupy.arange(nq + 1, dtype=cupy.int32) * np.int32(width)
     return cupy.ascontiguousarray(cupy.broadcast_to(ramp, (B, H, nq + 1)))
-
-
-def _ramp(cupy, B, H, nq, width):
-    """Offsets of rows that all have ``width`` entries (cached per shape and device; plans
-    share it read-only)."""
-    return _ramp_cached(B, H, nq, width, cupy.cuda.Device().id)
 
 
 @functools.lru_cache(maxsize=None)
 def _no_marginal(device):
     import cupy
 
-    return cupy.zeros((1,), dtype=cupy.bool_)
+    return cupy.empty((1,), dtype=cupy.bool_)
 
 
 def _NO_MARGINAL(cupy):  # noqa: N802 - a placeholder argument the kernel never reads
