@@ -21,10 +21,8 @@ from typing import Any, Hashable, Optional
 
 import numpy as np
 
-import inspect
-
 from . import backends
-from ._api import _build, attention
+from ._api import _build, _check_finite_option, attention
 from ._arrays import canonicalize, check_block, check_scale, on_cuda
 from ._plan import Plan, tile_count
 from ._plan import block_scores as pooled_block_scores
@@ -269,8 +267,8 @@ class PlanReuse:
 
     Refreshed and reused heads share one kernel call: the plan of each (batch, head) is chosen
     on the device (``where(refresh, full, reused)``), so no decision is read by the host. On a
-    GPU the only host synchronisations are those of the calls underneath (``check_finite``
-    reads one flag per input; pass ``check_finite=False`` to skip it) and the float
+    GPU the only host synchronisations are those of the calls underneath (``check_finite=True``
+    reads one flag per input; the default None checks on the host only) and the float
     properties of :class:`ReuseStats`, which read device data when (and only if) asked.
 
     Parameters
@@ -389,7 +387,7 @@ class PlanReuse:
     # -- one call --------------------------------------------------------------------------
 
     def attention(self, q, k, v, *, layer, step: int, scale=None, layout: str = "bhnd",
-                  backend: str = "auto", threads=None, check_finite: bool = True):
+                  backend: str = "auto", threads=None, check_finite=None, precision=None):
         """Attention of ``layer`` at sampler ``step``, reusing or refreshing its plan.
 
         Parameters
@@ -401,8 +399,9 @@ class PlanReuse:
             its own key).
         step : int
             Sampler step, ``>= 0``, increasing from one call of a layer to the next.
-        scale, layout, backend, threads, check_finite
-            As in :func:`pysparse_attn.attention`.
+        scale, layout, backend, threads, check_finite, precision
+            As in :func:`pysparse_attn.attention` (``check_finite=None``: checked on the host,
+            not on a GPU, where the check would read device data).
 
         Returns
         -------
@@ -425,12 +424,13 @@ class PlanReuse:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a string, got {type(backend).__name__}")
         name = backends.resolve(backend, on_cuda(q))
+        on_gpu = backends.is_gpu(name)
         arrays = canonicalize({"q": q, "k": k, "v": v}, layout=layout,
-                              device="gpu" if backends.is_gpu(name) else "host",
-                              check_finite=check_finite)
+                              device="gpu" if on_gpu else "host",
+                              check_finite=_check_finite_option(check_finite, on_gpu))
         scale = check_scale(scale, arrays.q.shape[-1])
         options = dict(scale=scale, block=self.block, backend=name, threads=threads,
-                       check_finite=False)
+                       check_finite=False, precision=precision)
         B, H, Nq, _ = arrays.q.shape
         shape = (B, H, Nq, arrays.k.shape[2])
         if state is not None and state.shape != shape:
@@ -491,7 +491,7 @@ class PlanReuse:
             # tile by construction, so the public mask check (a device read) is not needed.
             plan = _build(arrays, BlockMask(bitmap), self.order, self.peak, self.block,
                           options["scale"])
-        out, st = _attend(q, k, v, plan, bitmap, self.order, self.skip, options)
+        out, st = attention(q, k, v, plan=plan, skip=self.skip, return_stats=True, **options)
 
         kept = st.kept
         plan_tiles = bitmap.sum(axis=(2, 3))
@@ -530,22 +530,6 @@ class PlanReuse:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-_ATTENTION_TAKES_PLAN = "plan" in inspect.signature(attention).parameters
-
-
-def _attend(q, k, v, plan, bitmap, order, skip, options):
-    """``attention(q, k, v, plan=plan, skip=skip)`` with stats.
-
-    Transitional: until ``attention(plan=)`` is on this branch, the same tiles in the same
-    order come from the bitmap as a ``BlockMask`` (the builder makes exactly ``plan`` from it).
-    """
-    if _ATTENTION_TAKES_PLAN:
-        return attention(q, k, v, plan=plan, skip=skip, return_stats=True, **options)
-    return attention(q, k, v, select=BlockMask(bitmap), order=order, skip=skip,
-                     return_stats=True, **options)
-
-
 
 def _softmax(xp, scores):
     shifted = scores - scores.max(axis=-1, keepdims=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import numpy as np
@@ -28,15 +27,10 @@ def _attend_plan(q, k, v, bitmap, order, skip, backend):
     """Attention over exactly the tiles of ``bitmap``: ``plan=Plan.from_kept`` (natural) or the
     builder's plan of that mask in ``order``."""
     shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    if "plan" in inspect.signature(psa.attention).parameters:
-        plan = (psa.Plan.from_kept(bitmap, block=BLOCK, order="natural", shape=shape)
-                if order == "natural"
-                else psa.plan(q, k, select=psa.BlockMask(bitmap), order=order, block=BLOCK))
-        return psa.attention(q, k, v, plan=plan, skip=skip, block=BLOCK, backend=backend,
-                             return_stats=True)
-    # attention(plan=) not on this branch yet: the BlockMask selector builds the same plan.
-    return psa.attention(q, k, v, select=psa.BlockMask(bitmap), order=order, skip=skip,
-                         block=BLOCK, backend=backend, return_stats=True)
+    plan = (psa.Plan.from_kept(bitmap, block=BLOCK, order="natural", shape=shape)
+            if order == "natural"
+            else psa.plan(q, k, select=psa.BlockMask(bitmap), order=order, block=BLOCK))
+    return psa.attention(q, k, v, plan=plan, skip=skip, backend=backend, return_stats=True)
 
 
 # ---------------------------------------------------------------------------------------------

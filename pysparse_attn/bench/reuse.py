@@ -29,7 +29,7 @@ from .. import workloads
 from .._api import attention
 from .._plan import tile_count
 from .._rules import Blasst, Cef, Recall
-from ..reuse import PlanReuse, _attend
+from ..reuse import PlanReuse
 from .sweep import environment
 
 __all__ = ["add_parser", "run", "parse_rule", "exact_rows", "markdown_table", "plot_steps"]
@@ -249,15 +249,14 @@ def run(args, argv=None):
         # costs. The plan is known only after a reuse call; the first round makes one.
         out, stats = reuse_call()
         trials.clear()
-        plan, visited = stats.attention.plan, stats.attention.visited
+        plan = stats.attention.plan
         kernel_rule = None if stats.dense else rule
         (t_dense, t_rule, t_reuse, t_plan_only), (_, (_, rule_stats), (out, stats), _) = \
             _timed_interleaved([
                 lambda: attention(q, k, v, **options),
                 lambda: attention(q, k, v, skip=rule, return_stats=True, **options),
                 reuse_call,
-                lambda: _attend(q, k, v, plan, visited, reuse.order, kernel_rule,
-                                dict(options, scale=scale)),
+                lambda: attention(q, k, v, plan=plan, skip=kernel_rule, **options),
             ], args.repeat, q)
         reuse = trials[-1]
         rows = _sample_rows(q.shape[2], block[0], args.error_tiles, seed=step)
