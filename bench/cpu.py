@@ -198,7 +198,7 @@ def main():
                           args.repeats)
     plan = build_plan(np, q, k, None, "natural", 4, (64, 64), scale)
     dense_kernel = best_time(
-        lambda: cpu.forward(q, k, v, plan, 0, 0.0, scale, False, threads=args.threads),
+        lambda: cpu.forward(q, k, v, plan, None, scale, False, threads=args.threads),
         args.repeats)
     row("cpu backend, dense (psa.attention)", dense_api, note="float32, 64x64 tiles")
     row("cpu backend, dense (kernel only, plan prebuilt)", dense_kernel)
@@ -231,7 +231,7 @@ def main():
     topk_plan = build_plan(np, q, k, topk, "natural", 4, (64, 64), scale)
     plan_seconds = best_time(lambda: build_plan(np, q, k, topk, "natural", 4, (64, 64), scale),
                              args.repeats)
-    topk_kernel = best_time(lambda: cpu.forward(q, k, v, topk_plan, 0, 0.0, scale, False,
+    topk_kernel = best_time(lambda: cpu.forward(q, k, v, topk_plan, None, scale, False,
                                                 threads=args.threads), args.repeats)
     kept_share = float(topk_plan.count.sum()) / (B * H * topk_plan.nq * topk_plan.nk)
     row("cpu backend, TopK(ratio=0.1) (psa.attention, incl. plan)", topk_api,
@@ -247,7 +247,7 @@ def main():
     # One core, timed by CPU time: robust to other processes on a shared machine.
     core_sgemm = single_core_sgemm(2048, args.repeats)
     core_ours = best_cpu_time(
-        lambda: cpu.forward(q, k, v, plan, 0, 0.0, scale, False, threads=1), args.repeats)
+        lambda: cpu.forward(q, k, v, plan, None, scale, False, threads=1), args.repeats)
     core_torch, core_torch_note = torch_sdpa(B, H, N, D, args.repeats, 1, args.torch_python,
                                              clock="process_time")
     core_rows = [

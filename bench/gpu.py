@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pysparse_attn._plan import tile_count  # noqa: E402
-from pysparse_attn._rules import Blasst, Cef, Recall, rule_code  # noqa: E402
+from pysparse_attn._rules import Blasst, Cef, Recall  # noqa: E402
 from pysparse_attn._select import TopK, TopP  # noqa: E402
 
 
@@ -241,18 +241,18 @@ def sanitize_target():
     cupy.cuda.set_allocator(None)  # plain cudaMalloc: out-of-bounds accesses are visible
     rng = np.random.default_rng(0)
     kernels = [name for name in backend.KERNELS if backend.kernel_unavailable_reason(name) is None]
-    for kernel, (dtype, D, bq, bk, code) in ((kernel, key) for kernel in kernels
-                                             for key in sorted(backend.FORWARD_INSTANCES)):
+    rules = {rule.functor: rule for rule in (Blasst(0.5), Cef(-1.0), Recall(0.5),
+                                             Recall(0.5, exact=True))}
+    for kernel, (dtype, D, bq, bk, functor) in ((kernel, key) for kernel in kernels
+                                                for key in sorted(backend.FORWARD_INSTANCES)):
         dtype = _bf16() if dtype == "bfloat16" else np.float16
         q = cupy.asarray(rng.standard_normal((1, 2, 150, D)).astype(np.float32)).astype(dtype)
         k = cupy.asarray(rng.standard_normal((1, 1, 201, D)).astype(np.float32)).astype(dtype)
         v = cupy.asarray(rng.standard_normal((1, 1, 201, D)).astype(np.float32)).astype(dtype)
-        rule = {0: None, 1: Blasst(0.5), 2: Cef(-1.0), 3: Recall(0.5),
-                4: Recall(0.5, exact=True)}[code]
-        c, p = rule_code(rule)
+        rule = rules.get(functor)
         plan = backend.build_plan(cupy, q, k, None, "peak" if rule else "natural", 4, (bq, bk),
                                   D ** -0.5)
-        backend.forward(q, k, v, plan, c, p, D ** -0.5, True, kernel=kernel)
+        backend.forward(q, k, v, plan, rule, D ** -0.5, True, kernel=kernel)
         cupy.cuda.runtime.deviceSynchronize()
     for dtype in (_bf16(), np.float16):  # plan kernels: 65 key tiles (a partial score block)
         for D in (64, 128):
@@ -286,9 +286,8 @@ def step_time(log, records, quick, part="all"):
         print(_markdown([fields]).splitlines()[-1], flush=True)
 
     def ours(q, k, v, plan, rule=None, want_stats=False, warps=None, kernel=None):
-        code, param = rule_code(rule)
         D = q.shape[-1]
-        return backend.forward(q, k, v, plan, code, param, D ** -0.5, want_stats, warps=warps,
+        return backend.forward(q, k, v, plan, rule, D ** -0.5, want_stats, warps=warps,
                                kernel=kernel)
 
     def sdpa(q, k, v, which):

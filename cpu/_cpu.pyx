@@ -30,17 +30,18 @@ cdef extern from "kernels.hpp" namespace "psa" nogil:
     cdef struct ForwardArgs:
         Shape shape
         TensorArg q, k, v
-        const int32_t* visit
-        const int32_t* count
-        int64_t max_count
-        int rule_code
-        double rule_param
+        const int32_t* row_offsets
+        const int32_t* row_indices
+        int64_t capacity
+        const char* rule_functor
+        const double* rule_params
         double scale
+        int out_float32
         void* out
-        float* lse
+        void* lse
         uint8_t* kept
         uint8_t* visited
-        float* recall_bound
+        void* recall_bound
 
     cdef struct BackwardArgs:
         Shape shape
@@ -102,21 +103,32 @@ cdef Shape _shape(cnp.ndarray q, cnp.ndarray k, block, threads):
     return s
 
 
-def forward(q, k, v, visit, count, block, int rule_code, double rule_param, double scale,
-            out, lse, kept, visited, recall_bound, int threads):
-    """Run the fused tile loop; writes ``out``, ``lse`` and the optional stats in place."""
+def forward(q, k, v, row_offsets, row_indices, block, str rule_functor, rule_params,
+            double scale, out, lse, kept, visited, recall_bound, int threads):
+    """Run the fused tile loop; writes ``out``, ``lse`` and the optional stats in place.
+
+    ``row_offsets`` (B, H, nq + 1) and ``row_indices`` (B, H, capacity) are C-contiguous int32
+    (the plan's CSR rows, validated by the caller); ``rule_functor`` names a functor of
+    ``gpu/skip_rules.cuh`` and ``rule_params`` is its C-contiguous float64 (H,) parameter
+    array (None for ``psa::NoSkip``). ``out`` has the input dtype or float32; ``lse`` and
+    ``recall_bound`` the accumulation dtype (float64 for float64 inputs, else float32).
+    """
     cdef ForwardArgs args
+    cdef bytes functor = rule_functor.encode("ascii")
     args.shape = _shape(q, k, block, threads)
     args.q, args.k, args.v = _tensor(q), _tensor(k), _tensor(v)
-    args.visit = <const int32_t*>_pointer(visit)
-    args.count = <const int32_t*>_pointer(count)
-    args.max_count = visit.shape[3]
-    args.rule_code, args.rule_param, args.scale = rule_code, rule_param, scale
+    args.row_offsets = <const int32_t*>_pointer(row_offsets)
+    args.row_indices = <const int32_t*>_pointer(row_indices)
+    args.capacity = row_indices.shape[2]
+    args.rule_functor = functor
+    args.rule_params = <const double*>_pointer(rule_params)
+    args.scale = scale
+    args.out_float32 = out.dtype != q.dtype and out.dtype.name == "float32"
     args.out = _pointer(out)
-    args.lse = <float*>_pointer(lse)
+    args.lse = _pointer(lse)
     args.kept = <uint8_t*>_pointer(kept)
     args.visited = <uint8_t*>_pointer(visited)
-    args.recall_bound = <float*>_pointer(recall_bound)
+    args.recall_bound = _pointer(recall_bound)
     with nogil:
         c_attention_forward(args)
 

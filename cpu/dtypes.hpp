@@ -83,6 +83,7 @@ template <typename T> inline T widen(BFloat16 x) {
 // narrow(x, out): accumulation value -> output element.
 inline void narrow(float x, float* out) { *out = x; }
 inline void narrow(double x, double* out) { *out = x; }
+inline void narrow(double x, float* out) { *out = static_cast<float>(x); }
 inline void narrow(float x, Half* out) { out->bits = float_to_half(x); }
 inline void narrow(float x, BFloat16* out) { out->bits = float_to_bfloat16(x); }
 

@@ -1,5 +1,6 @@
-// The fused forward tile loop: online softmax over each query tile's visit list, with the
-// in-loop skip rules (Blasst, Cef, Recall bound and exact) and the statistics.
+// The fused forward tile loop: online softmax over each query tile's visit list (the plan's
+// CSR row), with an in-loop skip rule (a functor of gpu/skip_rules.cuh, one template instance
+// each) and the statistics. A query tile with no visited tile gets O = 0, LSE = -inf.
 //
 // One task is one (batch, head, query tile); tasks are independent, so the OpenMP loop needs
 // no synchronisation. The loop works on transposed logits S^T = K (scale Q)^T: Q^T is built
@@ -19,12 +20,11 @@
 #include "online_softmax.hpp"
 #include "openmp.hpp"
 #include "simd.hpp"
+#include "skip_rules.hpp"
 #include "strided.hpp"
 
 namespace psa {
 namespace {
-
-enum RuleCode : int { NO_SKIP = 0, BLASST = 1, CEF = 2, RECALL = 3, RECALL_EXACT = 4 };
 
 template <typename T>
 struct ForwardWorkspace {
@@ -40,37 +40,23 @@ struct ForwardWorkspace {
           added(rows_pad), alpha(rows_pad) {}
 };
 
-// Whether every valid row may skip the tile; fills ws.added with each row's skipped mass (the
-// bound nJ*exp(mt - m), or the exact sum for RECALL_EXACT) for the caller to add on a skip.
-template <typename T>
-bool may_skip(ForwardWorkspace<T>& ws, int64_t rows, int64_t keys, int code, T param) {
+// The mass each row would skip with the tile, into ws.added: the tile's exact row sums for
+// kExactMass rules, else the bound nJ * exp(tile_max - m).
+template <class Rule, typename T>
+void tile_skipped_mass(ForwardWorkspace<T>& ws, int64_t keys) {
     const int64_t cols = ws.rows_pad;
-    if (code == RECALL || code == RECALL_EXACT) {
-        // Recall(1) never skips. Its test "u + added <= 0" would pass in float32 once
-        // exp(mt - m) underflows (below about -87), where float64 still sees positive mass.
-        if (!(param > T(0))) return false;
-        if (code == RECALL) {
-            constexpr int W = Simd<T>::lanes;
-            for (int64_t c = 0; c < cols; c += W)
-                store_vec(ws.added.data() + c,
-                          exp_vec(load_vec(ws.tile_max.data() + c) - load_vec(ws.m.data() + c)) *
-                              static_cast<T>(keys));
-        } else {
-            column_exp_sums(keys, ws.st.data(), cols, cols, ws.m.data(), ws.added.data());
-        }
-        for (int64_t i = 0; i < rows; ++i)
-            if (!(ws.u[i] + ws.added[i] <= param * ws.l[i])) return false;
-        return true;
+    if (Rule::kExactMass) {
+        column_exp_sums(keys, ws.st.data(), cols, cols, ws.m.data(), ws.added.data());
+        return;
     }
-    for (int64_t i = 0; i < rows; ++i) {
-        const T gap = ws.tile_max[i] - ws.m[i];
-        if (code == BLASST && !(gap < param)) return false;
-        if (code == CEF && !(gap - std::log(ws.l[i]) < param)) return false;
-    }
-    return code == BLASST || code == CEF;
+    constexpr int W = Simd<T>::lanes;
+    for (int64_t c = 0; c < cols; c += W)
+        store_vec(ws.added.data() + c,
+                  exp_vec(load_vec(ws.tile_max.data() + c) - load_vec(ws.m.data() + c)) *
+                      static_cast<T>(keys));
 }
 
-template <typename In, typename T>
+template <typename In, typename Out, typename T, class Rule>
 void forward_task(const ForwardArgs& a, const Strided<In>& q, const Strided<In>& k,
                   const Strided<In>& v, ForwardWorkspace<T>& ws, int64_t b, int64_t h,
                   int64_t qt) {
@@ -79,11 +65,26 @@ void forward_task(const ForwardArgs& a, const Strided<In>& q, const Strided<In>&
     const int64_t nq = tile_count(sh.q_len, Bq), nk = tile_count(sh.kv_len, Bk);
     const int64_t hk = h / (sh.q_heads / sh.kv_heads);
     const int64_t row0 = qt * Bq, rows = std::min(Bq, sh.q_len - row0);
-    const int64_t task = (b * sh.q_heads + h) * nq + qt;
-    const int32_t* visit = a.visit + task * a.max_count;
-    const int32_t n_visit = a.count[task];
-    const T param = static_cast<T>(a.rule_param);
+    const int64_t slab = b * sh.q_heads + h;
+    const int64_t task = slab * nq + qt;
+    const int32_t* offsets = a.row_offsets + slab * (nq + 1) + qt;
+    const int32_t* visit = a.row_indices + slab * a.capacity + offsets[0];
+    const int32_t n_visit = offsets[1] - offsets[0];
+    const BoundRule<Rule, NaturalLogUnits, T> rule(a.rule_params, static_cast<int>(h));
     const int64_t dp = ws.d_pad, cols = ws.rows_pad;
+    Out* out = static_cast<Out*>(a.out);
+    T* lse = static_cast<T*>(a.lse);
+    T* recall_bound = static_cast<T*>(a.recall_bound);
+
+    if (n_visit == 0) {
+        for (int64_t i = 0; i < rows; ++i) {
+            const int64_t flat = slab * sh.q_len + row0 + i;
+            for (int64_t d = 0; d < D; ++d) narrow(T(0), out + flat * D + d);
+            lse[flat] = T(-INFINITY);
+            if (recall_bound) recall_bound[flat] = T(1);
+        }
+        return;
+    }
 
     load_rows_transposed(q, b, h, row0, rows, D, static_cast<T>(a.scale), ws.qt.data(), cols);
     for (int64_t i = 0; i < cols; ++i) {
@@ -106,9 +107,15 @@ void forward_task(const ForwardArgs& a, const Strided<In>& q, const Strided<In>&
                                cols, ws.st.data(), cols);
         column_max(keys, ws.st.data(), cols, cols, ws.tile_max.data());
 
-        if (t > 0 && a.rule_code != NO_SKIP && may_skip(ws, rows, keys, a.rule_code, param)) {
-            for (int64_t i = 0; i < rows; ++i) ws.u[i] += ws.added[i];
-            continue;
+        if (Rule::kCanSkip && t > 0) {
+            tile_skipped_mass<Rule>(ws, keys);
+            bool skip = true;
+            for (int64_t i = 0; i < rows && skip; ++i)
+                skip = rule(ws.tile_max[i], ws.m[i], ws.l[i], ws.u[i], ws.added[i]);
+            if (skip) {
+                for (int64_t i = 0; i < rows; ++i) ws.u[i] += ws.added[i];
+                continue;
+            }
         }
         if (a.kept) a.kept[task * nk + kt] = 1;
 
@@ -126,23 +133,23 @@ void forward_task(const ForwardArgs& a, const Strided<In>& q, const Strided<In>&
                               ws.o.data(), dp);
     }
 
-    In* out = static_cast<In*>(a.out);
     for (int64_t i = 0; i < rows; ++i) {
-        const int64_t flat = (b * sh.q_heads + h) * sh.q_len + row0 + i;
+        const int64_t flat = slab * sh.q_len + row0 + i;
         const T inv_l = T(1) / ws.l[i];
         const T* o = ws.o.data() + i * dp;
-        In* dst = out + flat * D;
+        Out* dst = out + flat * D;
         for (int64_t d = 0; d < D; ++d) narrow(o[d] * inv_l, dst + d);
-        a.lse[flat] = static_cast<float>(ws.m[i] + std::log(ws.l[i]));
-        if (a.recall_bound)
-            a.recall_bound[flat] = static_cast<float>(ws.l[i] / (ws.l[i] + ws.u[i]));
+        lse[flat] = ws.m[i] + std::log(ws.l[i]);
+        if (recall_bound) recall_bound[flat] = ws.l[i] / (ws.l[i] + ws.u[i]);
     }
 }
 
-struct RunForward {
+// One (input type, output type, rule) instance of the loop, parallel over tasks.
+template <typename In, typename Out>
+struct RunForwardRule {
     const ForwardArgs& a;
 
-    template <typename In>
+    template <class Rule>
     void operator()() const {
         typedef typename AccumulatorOf<In>::type T;
         const Shape& sh = a.shape;
@@ -154,9 +161,21 @@ struct RunForward {
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; ++task) {
             const int64_t qt = task % nq, bh = task / nq;
-            forward_task<In, T>(a, q, k, v, workspaces[thread_index()], bh / sh.q_heads,
-                                bh % sh.q_heads, qt);
+            forward_task<In, Out, T, Rule>(a, q, k, v, workspaces[thread_index()],
+                                           bh / sh.q_heads, bh % sh.q_heads, qt);
         }
+    }
+};
+
+struct RunForward {
+    const ForwardArgs& a;
+
+    template <typename In>
+    void operator()() const {
+        if (a.out_float32)
+            dispatch_rule(a.rule_functor, RunForwardRule<In, float>{a});
+        else
+            dispatch_rule(a.rule_functor, RunForwardRule<In, In>{a});
     }
 };
 

@@ -25,17 +25,20 @@ struct Shape {
 struct ForwardArgs {
     Shape shape;
     TensorArg q, k, v;
-    const int32_t* visit;  // (B, Hq, nq, max_count), -1 past count
-    const int32_t* count;  // (B, Hq, nq)
-    int64_t max_count;
-    int rule_code;
-    double rule_param;
+    // The plan, CSR per (batch, head): query tile i of (b, h) visits
+    // row_indices[(b*Hq + h)*capacity + row_offsets[(b*Hq + h)*(nq + 1) + i] .. + i + 1].
+    const int32_t* row_offsets;  // (B, Hq, nq + 1)
+    const int32_t* row_indices;  // (B, Hq, capacity)
+    int64_t capacity;
+    const char* rule_functor;    // a functor of gpu/skip_rules.cuh, e.g. "psa::BlasstRule"
+    const double* rule_params;   // (Hq,) natural-log units (SkipRule.kernel_params); null: NoSkip
     double scale;
-    void* out;             // (B, Hq, Nq, D), input dtype
-    float* lse;            // (B, Hq, Nq)
-    uint8_t* kept;         // (B, Hq, nq, nk) zero-initialised, or null
-    uint8_t* visited;      // same, or null
-    float* recall_bound;   // (B, Hq, Nq) or null
+    int out_float32;             // write O in float32 instead of the input dtype
+    void* out;                   // (B, Hq, Nq, D), input dtype or float32
+    void* lse;                   // (B, Hq, Nq), accumulation dtype (float64 for float64)
+    uint8_t* kept;               // (B, Hq, nq, nk) zero-initialised, or null
+    uint8_t* visited;            // same, or null
+    void* recall_bound;          // (B, Hq, Nq) accumulation dtype, or null
 };
 
 struct BackwardArgs {

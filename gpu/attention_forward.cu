@@ -12,6 +12,8 @@
 // by pysparse_attn/backends/compile_check.py (nvcc).
 
 #include "element_types.cuh"
+#include "forward_common.cuh"
+#include "forward_params.cuh"
 #include "online_softmax.cuh"
 #include "ptx.cuh"
 #include "skip_rules.cuh"
@@ -21,18 +23,8 @@
 namespace psa {
 
 template <class Element, int HEAD_DIM, int BLOCK_Q, int WARPS, class Rule>
-__global__ void __launch_bounds__(WARPS * 32, WARPS == 4 ? 2 : 1) attention_forward(
-    const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
-    const unsigned short* __restrict__ v, unsigned short* __restrict__ out,
-    long long q_batch_stride, long long q_head_stride, long long q_row_stride,
-    long long k_batch_stride, long long k_head_stride, long long k_row_stride,
-    long long v_batch_stride, long long v_head_stride, long long v_row_stride,
-    long long out_batch_stride, long long out_head_stride, long long out_row_stride,
-    int n_queries, int n_keys, int head_group,
-    const int* __restrict__ visit, const int* __restrict__ count, int max_count,
-    float scale_log2, float rule_param,
-    float* __restrict__ lse, float* __restrict__ recall_bound,
-    unsigned char* __restrict__ kept, unsigned char* __restrict__ visited, int want_stats) {
+__global__ void __launch_bounds__(WARPS * 32, WARPS == 4 ? 2 : 1)
+    attention_forward(const __grid_constant__ ForwardParams params) {
     using Traits = TileTraits<HEAD_DIM, BLOCK_Q, 64, WARPS>;
     constexpr int kKeyBlocks = Traits::kKeyBlocks;
     constexpr int kDimBlocks = Traits::kDimBlocks;
@@ -50,26 +42,32 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 4 ? 2 : 1) attention_forw
     const int query_tile = blockIdx.x;
     const int head = blockIdx.y;
     const int batch = blockIdx.z;
-    const int kv_head = head / head_group;
+    const int kv_head = head / params.head_group;
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
-    const int n_query_tiles = gridDim.x;
+    const int n_queries = params.n_queries, n_keys = params.n_keys;
     const int n_key_tiles = (n_keys + kBlockK - 1) / kBlockK;
+    const PlanRow plan = plan_row(params, batch, head, query_tile, gridDim.y, gridDim.x,
+                                  n_key_tiles);
+    const int n_visit = plan.count;
+    const BoundRule<Rule, Log2Units, float> rule(params.rule_params, head);
+    const float scale_log2 = params.scale_log2;
+    const long long q_row_stride = params.q_row_stride;
+    const long long k_row_stride = params.k_row_stride;
+    const long long v_row_stride = params.v_row_stride;
 
-    const long long plan_row = ((long long)batch * gridDim.y + head) * n_query_tiles + query_tile;
-    const int n_visit = count[plan_row];
-    const int* visit_list = visit + plan_row * max_count;
-    const long long stats_row = plan_row * n_key_tiles;
-
-    const unsigned short* q_slab = q + batch * q_batch_stride + head * q_head_stride;
-    const unsigned short* k_slab = k + batch * k_batch_stride + kv_head * k_head_stride;
-    const unsigned short* v_slab = v + batch * v_batch_stride + kv_head * v_head_stride;
+    const unsigned short* q_slab =
+        params.q + batch * params.q_batch_stride + head * params.q_head_stride;
+    const unsigned short* k_slab =
+        params.k + batch * params.k_batch_stride + kv_head * params.k_head_stride;
+    const unsigned short* v_slab =
+        params.v + batch * params.v_batch_stride + kv_head * params.v_head_stride;
     const int first_query = query_tile * BLOCK_Q;
     const int warp_row = warp * Traits::kRowsPerWarp;
 
     // Prologue: Q and the first K/V tile in one copy group.
     load_tile_async<Traits, BLOCK_Q>(q_tile, q_slab, q_row_stride, first_query, n_queries);
-    int next_tile = n_visit > 0 ? visit_list[0] : 0;
+    int next_tile = n_visit > 0 ? plan.tiles[0] : 0;
     load_tile_async<Traits, kBlockK>(k_tiles, k_slab, k_row_stride, next_tile * kBlockK, n_keys);
     load_tile_async<Traits, kBlockK>(v_tiles, v_slab, v_row_stride, next_tile * kBlockK, n_keys);
     copy_async_commit();
@@ -110,7 +108,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 4 ? 2 : 1) attention_forw
                                                                        ks * 2 + (lane >> 4))));
         }
         if (step + 1 < n_visit) {
-            next_tile = visit_list[step + 1];
+            next_tile = plan.tiles[step + 1];
             const int other = (step + 1) & 1;
             load_tile_async<Traits, kBlockK>(k_tiles + other * Traits::kKvElements, k_slab,
                                              k_row_stride, next_tile * kBlockK, n_keys);
@@ -171,33 +169,18 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 4 ? 2 : 1) attention_forw
             bool may_skip = true;
 #pragma unroll
             for (int m = 0; m < kM; ++m) {
-                if (Rule::kExactMass) {
-                    tile_row_mass(s[m], scale_log2, state[m].max2, added[m]);
-                } else {
-#pragma unroll
-                    for (int r = 0; r < 2; ++r)
-                        added[m][r] = (float)valid_keys *
-                                      fast_exp2(tile_max2[m][r] - state[m].max2[r]);
-                }
-#pragma unroll
-                for (int r = 0; r < 2; ++r)
-                    may_skip &= !row_valid[m][r] ||
-                                Rule::may_skip(tile_max2[m][r], state[m].max2[r], state[m].sum[r],
-                                               state[m].skipped[r], added[m][r], rule_param);
+                tile_skipped_mass<Rule>(s[m], tile_max2[m], scale_log2, state[m], valid_keys,
+                                        added[m]);
+                may_skip &= rows_may_skip(rule, state[m], tile_max2[m], added[m], row_valid[m]);
             }
             if (__syncthreads_and(may_skip)) {
 #pragma unroll
-                for (int m = 0; m < kM; ++m)
-#pragma unroll
-                    for (int r = 0; r < 2; ++r) state[m].skipped[r] += added[m][r];
-                if (want_stats && threadIdx.x == 0) visited[stats_row + key_tile] = 1;
+                for (int m = 0; m < kM; ++m) add_skipped_mass(state[m], added[m]);
+                record_tile(params, plan, key_tile, false);
                 continue;
             }
         }
-        if (want_stats && threadIdx.x == 0) {
-            visited[stats_row + key_tile] = 1;
-            kept[stats_row + key_tile] = 1;
-        }
+        record_tile(params, plan, key_tile, true);
 
 #pragma unroll
         for (int m = 0; m < kM; ++m)
@@ -234,29 +217,11 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 4 ? 2 : 1) attention_forw
     copy_async_wait<0>();
 
     // Epilogue: normalise, write O, LSE and the recall bound of the valid rows.
-    const long long row_base = ((long long)batch * gridDim.y + head) * n_queries;
 #pragma unroll
-    for (int m = 0; m < kM; ++m) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const float sum = Rule::kNeedsRowSum ? state[m].sum[r] : quad_sum(state[m].sum[r]);
-            const int row = first_query + warp_row + m * 16 + (lane >> 2) + 8 * r;
-            if (!row_valid[m][r]) continue;
-            const float inverse = 1.f / sum;
-            unsigned short* out_row = out + batch * out_batch_stride + head * out_head_stride +
-                                      (long long)row * out_row_stride;
-#pragma unroll
-            for (int db = 0; db < kDimBlocks; ++db) {
-                const unsigned packed =
-                    Element::pack(o[m][db][2 * r] * inverse, o[m][db][2 * r + 1] * inverse);
-                *reinterpret_cast<unsigned*>(out_row + db * 8 + 2 * (lane & 3)) = packed;
-            }
-            if ((lane & 3) == 0) {
-                lse[row_base + row] = (state[m].max2[r] + log2f(sum)) * 0.69314718055994531f;
-                if (want_stats) recall_bound[row_base + row] = sum / (sum + state[m].skipped[r]);
-            }
-        }
-    }
+    for (int m = 0; m < kM; ++m)
+        store_rows<Element, Rule::kNeedsRowSum>(params, o[m], state[m], row_valid[m],
+                                                first_query + warp_row + m * 16 + (lane >> 2),
+                                                batch, head, gridDim.y, n_visit == 0, lane);
 }
 
 }  // namespace psa

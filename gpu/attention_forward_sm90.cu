@@ -16,6 +16,8 @@
 // by pysparse_attn/backends/compile_check.py (nvcc, sm_90a).
 
 #include "element_types.cuh"
+#include "forward_common.cuh"
+#include "forward_params.cuh"
 #include "online_softmax.cuh"
 #include "ptx.cuh"
 #include "skip_rules.cuh"
@@ -27,18 +29,7 @@ namespace psa {
 
 template <class Element, int HEAD_DIM, int BLOCK_Q, class Rule>
 __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 || HEAD_DIM == 64 ? 2 : 1)
-attention_forward_sm90(
-    const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
-    const unsigned short* __restrict__ v, unsigned short* __restrict__ out,
-    long long q_batch_stride, long long q_head_stride, long long q_row_stride,
-    long long k_batch_stride, long long k_head_stride, long long k_row_stride,
-    long long v_batch_stride, long long v_head_stride, long long v_row_stride,
-    long long out_batch_stride, long long out_head_stride, long long out_row_stride,
-    int n_queries, int n_keys, int head_group,
-    const int* __restrict__ visit, const int* __restrict__ count, int max_count,
-    float scale_log2, float rule_param,
-    float* __restrict__ lse, float* __restrict__ recall_bound,
-    unsigned char* __restrict__ kept, unsigned char* __restrict__ visited, int want_stats) {
+    attention_forward_sm90(const __grid_constant__ ForwardParams params) {
     using Traits = WarpgroupTileTraits<HEAD_DIM, BLOCK_Q, 64>;
     constexpr int kKeyBlocks = Traits::kKeyBlocks;
     constexpr int kDimBlocks = Traits::kDimBlocks;
@@ -59,20 +50,26 @@ attention_forward_sm90(
     const int query_tile = blockIdx.x;
     const int head = blockIdx.y;
     const int batch = blockIdx.z;
-    const int kv_head = head / head_group;
+    const int kv_head = head / params.head_group;
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
-    const int n_query_tiles = gridDim.x;
+    const int n_queries = params.n_queries, n_keys = params.n_keys;
     const int n_key_tiles = (n_keys + kBlockK - 1) / kBlockK;
+    const PlanRow plan = plan_row(params, batch, head, query_tile, gridDim.y, gridDim.x,
+                                  n_key_tiles);
+    const int n_visit = plan.count;
+    const BoundRule<Rule, Log2Units, float> rule(params.rule_params, head);
+    const float scale_log2 = params.scale_log2;
+    const long long q_row_stride = params.q_row_stride;
+    const long long k_row_stride = params.k_row_stride;
+    const long long v_row_stride = params.v_row_stride;
 
-    const long long plan_row = ((long long)batch * gridDim.y + head) * n_query_tiles + query_tile;
-    const int n_visit = count[plan_row];
-    const int* visit_list = visit + plan_row * max_count;
-    const long long stats_row = plan_row * n_key_tiles;
-
-    const unsigned short* q_slab = q + batch * q_batch_stride + head * q_head_stride;
-    const unsigned short* k_slab = k + batch * k_batch_stride + kv_head * k_head_stride;
-    const unsigned short* v_slab = v + batch * v_batch_stride + kv_head * v_head_stride;
+    const unsigned short* q_slab =
+        params.q + batch * params.q_batch_stride + head * params.q_head_stride;
+    const unsigned short* k_slab =
+        params.k + batch * params.k_batch_stride + kv_head * params.k_head_stride;
+    const unsigned short* v_slab =
+        params.v + batch * params.v_batch_stride + kv_head * params.v_head_stride;
     const int first_query = query_tile * BLOCK_Q;
     const int warp_row = warp * 16;  // warp w of warpgroup g owns rows 64g + 16w ..
 
@@ -83,7 +80,7 @@ attention_forward_sm90(
         if (stage == 0)
             load_tile_async<Traits, BLOCK_Q>(q_tile, q_slab, q_row_stride, first_query, n_queries);
         if (stage < n_visit) {
-            const int tile = visit_list[stage];
+            const int tile = plan.tiles[stage];
             load_tile_async<Traits, kBlockK>(k_tiles + stage * Traits::kKvElements, k_slab,
                                              k_row_stride, tile * kBlockK, n_keys);
             load_tile_async<Traits, kBlockK>(v_tiles + stage * Traits::kKvElements, v_slab,
@@ -133,7 +130,7 @@ attention_forward_sm90(
     };
 
     for (int step = 0; step < n_visit; ++step) {
-        const int key_tile = visit_list[step];
+        const int key_tile = plan.tiles[step];
         const int stage = step % kStages;
         copy_async_wait<kAhead - 1>();
         fence_generic_to_async_shared();
@@ -174,7 +171,7 @@ attention_forward_sm90(
         warpgroup_commit();
         // The prefetch is issued while the tensor cores work on the two groups above.
         if (step + kAhead < n_visit) {
-            const int tile = visit_list[step + kAhead];
+            const int tile = plan.tiles[step + kAhead];
             const int target = (step + kAhead) % kStages;
             load_tile_async<Traits, kBlockK>(k_tiles + target * Traits::kKvElements, k_slab,
                                              k_row_stride, tile * kBlockK, n_keys);
@@ -195,29 +192,11 @@ attention_forward_sm90(
         bool skip = false;
         if (Rule::kCanSkip && step > 0) {
             float added[2];
-            bool may_skip = true;
-            if (Rule::kExactMass) {
-                tile_row_mass(s, scale_log2, state.max2, added);
-            } else {
-#pragma unroll
-                for (int r = 0; r < 2; ++r)
-                    added[r] = (float)valid_keys * fast_exp2(tile_max2[r] - state.max2[r]);
-            }
-#pragma unroll
-            for (int r = 0; r < 2; ++r)
-                may_skip &= !row_valid[r] || Rule::may_skip(tile_max2[r], state.max2[r],
-                                                             state.sum[r], state.skipped[r],
-                                                             added[r], rule_param);
-            skip = __syncthreads_and(may_skip);
-            if (skip) {
-#pragma unroll
-                for (int r = 0; r < 2; ++r) state.skipped[r] += added[r];
-            }
+            tile_skipped_mass<Rule>(s, tile_max2, scale_log2, state, valid_keys, added);
+            skip = __syncthreads_and(rows_may_skip(rule, state, tile_max2, added, row_valid));
+            if (skip) add_skipped_mass(state, added);
         }
-        if (want_stats && threadIdx.x == 0) {
-            visited[stats_row + key_tile] = 1;
-            if (!skip) kept[stats_row + key_tile] = 1;
-        }
+        record_tile(params, plan, key_tile, !skip);
         float alpha[2];
         if (!skip) softmax_tile<Rule::kNeedsRowSum>(s, tile_max2, scale_log2, state, alpha);
         // The previous P.V has to finish before O is rescaled and before p is overwritten.
@@ -245,26 +224,9 @@ attention_forward_sm90(
     copy_async_wait<0>();
 
     // Epilogue: normalise, write O, LSE and the recall bound of the valid rows.
-    const long long row_base = ((long long)batch * gridDim.y + head) * n_queries;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const float sum = Rule::kNeedsRowSum ? state.sum[r] : quad_sum(state.sum[r]);
-        const int row = first_query + warp_row + (lane >> 2) + 8 * r;
-        if (!row_valid[r]) continue;
-        const float inverse = 1.f / sum;
-        unsigned short* out_row = out + batch * out_batch_stride + head * out_head_stride +
-                                  (long long)row * out_row_stride;
-#pragma unroll
-        for (int db = 0; db < kDimBlocks; ++db) {
-            const unsigned packed =
-                Element::pack(o[db][2 * r] * inverse, o[db][2 * r + 1] * inverse);
-            *reinterpret_cast<unsigned*>(out_row + db * 8 + 2 * (lane & 3)) = packed;
-        }
-        if ((lane & 3) == 0) {
-            lse[row_base + row] = (state.max2[r] + log2f(sum)) * 0.69314718055994531f;
-            if (want_stats) recall_bound[row_base + row] = sum / (sum + state.skipped[r]);
-        }
-    }
+    store_rows<Element, Rule::kNeedsRowSum>(params, o, state, row_valid,
+                                            first_query + warp_row + (lane >> 2), batch, head,
+                                            gridDim.y, n_visit == 0, lane);
 }
 
 }  // namespace psa

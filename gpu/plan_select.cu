@@ -199,7 +199,11 @@ __global__ void select_tiles(const float* __restrict__ scores, int n_key_tiles, 
     const float* row_scores = scores + row * n_key_tiles;
     for (int i = threadIdx.x; i < n_pow2; i += blockDim.x) {
         const bool valid = i < n_key_tiles;
-        score[i] = valid ? row_scores[i] : __int_as_float(0xff800000);
+        // A NaN score (NaN inputs, unchecked on the GPU) becomes -inf: every real tile then
+        // sorts before the padding (ties go to the lower index), so index[t] < n_key_tiles
+        // for every t < n_key_tiles and no write below can leave the row.
+        const float s = valid ? row_scores[i] : 0.f;
+        score[i] = valid && s == s ? s : __int_as_float(0xff800000);
         index[i] = valid ? i : 0x7fffffff;
     }
     __syncthreads();

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,12 +11,10 @@ import numpy as np
 from . import backends
 from ._arrays import (LAYOUTS, Canonical, as_backend_array, canonicalize, check_block,
                       check_scale, check_tile_mask, on_caller_stream, on_cuda)
-import inspect
-
 from ._plan import ORDERS, Plan, build_plan, tile_count
 from ._reference import FEATURE_MAPS
 from ._plan import block_scores as _block_scores
-from ._rules import check_rule, rule_code
+from ._rules import check_rule
 from ._select import BlockMask, SlaSplit, TopK, TopP
 from ._stats import AttentionStats
 
@@ -129,22 +126,11 @@ def _prepare(q, k, v, *, scale, block, layout, backend, threads, check_finite=Tr
     return _Call(arrays, module, name, scale, block, threads, out_dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _takes_rule(forward) -> bool:
-    """Whether a backend's forward has the rule-object signature (TEMPORARY: until every
-    backend takes ``forward(q, k, v, plan, rule, scale, want_stats, out_dtype=None, ...)``)."""
-    return "rule" in inspect.signature(forward).parameters
-
-
 def _forward(call: _Call, plan, skip, want_stats, out_dtype=None):
     """``(out, lse, kept, visited, bound)`` of the backend's fused forward over ``plan``."""
     a = call.arrays
-    forward = call.backend.forward
-    if _takes_rule(forward):
-        return forward(a.q, a.k, a.v, plan, skip, call.scale, want_stats, out_dtype,
-                       **call.kwargs())
-    code, param = rule_code(skip)
-    return forward(a.q, a.k, a.v, plan, code, param, call.scale, want_stats, **call.kwargs())
+    return call.backend.forward(a.q, a.k, a.v, plan, skip, call.scale, want_stats, out_dtype,
+                                **call.kwargs())
 
 
 def _kernel_out_dtype(call: _Call):
@@ -508,8 +494,8 @@ def _grads_out(call: _Call, grads):
 
 @on_caller_stream
 def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, scale=None,
-                  block=(64, 64), layout="bhnd", backend="auto", kept=None, threads=None,
-                  precision=None):
+                  block=None, layout="bhnd", backend="auto", kept=None, threads=None,
+                  plan=None, precision=None):
     """Gradients of :func:`attention` with the plan and kept set held fixed.
 
     The function differentiated is attention restricted to the tiles whose P.V the forward
@@ -524,6 +510,9 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
         Cotangent of the output, shaped like ``q``.
     kept : bool array ``(B, H, nq, nk)``, optional
         The forward's kept tiles.
+    plan : Plan, optional
+        The forward's plan (``stats.plan``), used when ``kept`` is None to rerun the forward
+        without re-selecting.
     select, skip, order, peak, scale, block, layout, backend, threads, precision
         As in :func:`attention`.
 
@@ -532,15 +521,18 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
     dq, dk, dv : arrays
         In the dtype, layout and namespace of the inputs.
     """
-    call = _prepare(q, k, v, scale=scale, block=block, layout=layout, backend=backend,
-                    threads=threads, precision=precision)
+    call = _prepare(q, k, v, scale=scale, block=_block_or_plans(block, plan), layout=layout,
+                    backend=backend, threads=threads, precision=precision)
     g = call.arrays.like_q("do", do)
     a = call.arrays
     nq, nk = tile_count(a.q.shape[2], call.block[0]), tile_count(a.k.shape[2], call.block[1])
+    check_rule(skip)
+    if plan is not None:
+        plan = _given_plan(plan, call, select, order, block)
     if kept is None:
-        check_rule(skip)
-        plan = _plan(call, _check_selector(select, call.arrays, call.block),
-                     _check_order(order, skip, peak), peak)
+        if plan is None:
+            plan = _plan(call, _check_selector(select, call.arrays, call.block),
+                         _check_order(order, skip, peak), peak)
         kept = _forward(call, plan, skip, True)[2]
     kept = check_tile_mask("kept", kept, (a.q.shape[0], a.q.shape[1], nq, nk), a.on_gpu,
                            nonempty=True)

@@ -9,7 +9,6 @@ accelerated implementation of the same selection methods; it returns the same :c
 
 from __future__ import annotations
 
-from typing import Any, Optional
 
 import numpy as np
 

@@ -11,8 +11,10 @@ import math
 
 import numpy as np
 
+import functools
+
 from ._plan import tile_count
-from ._rules import BLASST, CEF, NO_SKIP, RECALL, RECALL_EXACT
+from ._rules import check_rule, rule_margin
 
 __all__ = [
     "forward",
@@ -35,35 +37,49 @@ def _maybe_njit(function):
     return numba.njit(cache=True)(function)
 
 
-def _tile_loop_py(q, k, v, visit, count, scale, block_q, block_k, code, param, forced,
-                  out, lse, kept, visited, bound, slack):
-    """Online softmax over each query tile's visit list with an optional skip rule.
+def _tile_loop_py(q, k, v, row_offsets, row_indices, scale, block_q, block_k, margin_of,
+                  can_skip, skip_at_zero, exact_mass, params, forced, out, lse, kept, visited,
+                  bound, slack):
+    """Online softmax over each query tile's CSR visit list with an optional skip rule.
+
+    ``margin_of(tile_max, m, l, u, added, param)`` is the rule's margin (``_rules``) and
+    ``params[h]`` its parameter for query head ``h``; the row may skip the tile when the
+    smallest margin over its valid rows is positive (``>= 0`` when ``skip_at_zero``).
+    ``exact_mass`` makes ``added`` the tile's exact row mass instead of the bound
+    ``n_J exp(max - m)``. A query tile with no visited tile gets O = 0, LSE = -inf and recall
+    bound 1.
 
     When ``forced`` has a nonzero size, the keep/skip decision of every visited tile is taken
     from it (a backend's reported kept set) instead of the rule, and ``slack`` receives, per
-    visited tile after the first, the rule's margin in natural-log units: the smallest over
-    valid rows of ``log(threshold) - log(statistic)``; the tile may be skipped when it is
-    positive (``>= 0`` for ``Recall``).
+    visited tile after the first, the rule's margin in natural-log units.
     """
     n_batch, n_heads, n_q, dim = q.shape
     n_k = k.shape[2]
     group = n_heads // k.shape[1]
-    n_qtiles = visit.shape[2]
+    n_qtiles = row_offsets.shape[2] - 1
     use_forced = forced.size > 0
     for b in range(n_batch):
         for h in range(n_heads):
             hk = h // group
+            param = params[h]
             for qt in range(n_qtiles):
                 r0 = qt * block_q
                 r1 = min(r0 + block_q, n_q)
                 rows = r1 - r0
+                start = row_offsets[b, h, qt]
+                count = row_offsets[b, h, qt + 1] - start
+                if count == 0:
+                    out[b, h, r0:r1, :] = 0.0
+                    lse[b, h, r0:r1] = -np.inf
+                    bound[b, h, r0:r1] = 1.0
+                    continue
                 qi = np.ascontiguousarray(q[b, h, r0:r1, :])
                 m = np.full(rows, -np.inf)
                 l = np.zeros(rows)
                 u = np.zeros(rows)
                 acc = np.zeros((rows, dim))
-                for t in range(count[b, h, qt]):
-                    kt = visit[b, h, qt, t]
+                for t in range(count):
+                    kt = row_indices[b, h, start + t]
                     c0 = kt * block_k
                     c1 = min(c0 + block_k, n_k)
                     keys = c1 - c0
@@ -75,33 +91,20 @@ def _tile_loop_py(q, k, v, visit, count, scale, block_q, block_k, code, param, f
                     added = np.empty(rows)
                     if t > 0:
                         for i in range(rows):
-                            if code == RECALL_EXACT:
+                            if exact_mass:
                                 added[i] = np.exp(s[i] - m[i]).sum()
                             else:
                                 added[i] = keys * math.exp(tile_max[i] - m[i])
                     skip = False
-                    if t > 0 and (code != NO_SKIP or use_forced):
+                    if t > 0 and (can_skip or use_forced):
                         margin = np.inf
                         for i in range(rows):
-                            if code == BLASST:
-                                g = param - (tile_max[i] - m[i])
-                            elif code == CEF:
-                                g = param - (tile_max[i] - m[i] - math.log(l[i]))
-                            elif code == RECALL or code == RECALL_EXACT:
-                                limit = param * l[i]
-                                if limit <= 0.0:
-                                    g = -np.inf
-                                elif added[i] + u[i] <= 0.0:
-                                    g = np.inf
-                                else:
-                                    g = math.log(limit) - math.log(u[i] + added[i])
-                            else:
-                                g = -np.inf
-                            margin = min(margin, g)
+                            margin = min(margin, margin_of(tile_max[i], m[i], l[i], u[i],
+                                                           added[i], param))
                         if use_forced:
                             slack[b, h, qt, kt] = margin
                             skip = not forced[b, h, qt, kt]
-                        elif code == RECALL or code == RECALL_EXACT:
+                        elif skip_at_zero:
                             skip = margin >= 0.0
                         else:
                             skip = margin > 0.0
@@ -117,12 +120,6 @@ def _tile_loop_py(q, k, v, visit, count, scale, block_q, block_k, code, param, f
                     values = np.ascontiguousarray(v[b, hk, c0:c1, :])
                     acc = acc * alpha.reshape(rows, 1) + p @ values
                     m = m_new
-                if count[b, h, qt] == 0:
-                    # An empty visit list (a plan from a sparse bitmap): no mass, nothing lost.
-                    out[b, h, r0:r1, :] = 0.0
-                    lse[b, h, r0:r1] = -np.inf
-                    bound[b, h, r0:r1] = 1.0
-                    continue
                 out[b, h, r0:r1, :] = acc / l.reshape(rows, 1)
                 lse[b, h, r0:r1] = m + np.log(l)
                 bound[b, h, r0:r1] = l / (l + u)
@@ -131,48 +128,79 @@ def _tile_loop_py(q, k, v, visit, count, scale, block_q, block_k, code, param, f
 tile_loop = _maybe_njit(_tile_loop_py)
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_margin(margin):
+    """The rule margin as the tile loop takes it: with Numba, a C callback of one fixed
+    signature, so the loop is compiled (and cached on disk) once for every rule."""
+    try:
+        import numba
+    except ImportError:
+        return margin
+    real = numba.float64
+    return numba.cfunc(real(real, real, real, real, real, real), cache=True)(margin)
+
+
 def _f64(x):
     return np.ascontiguousarray(np.asarray(x, dtype=np.float64))
 
 
-def _run_tile_loop(q, k, v, plan, code, param, scale, forced):
+def _plan_csr(plan, shape):
+    """The plan's CSR arrays as contiguous int32 host arrays, shape-checked for ``shape``."""
+    B, H, nq, _ = shape
+    offsets = np.ascontiguousarray(plan.row_offsets, dtype=np.int32)
+    indices = np.ascontiguousarray(plan.row_indices, dtype=np.int32)
+    if offsets.shape != (B, H, nq + 1) or indices.ndim != 3 or indices.shape[:2] != (B, H):
+        raise ValueError(f"plan has row_offsets {offsets.shape} and row_indices "
+                         f"{indices.shape}; these inputs need {(B, H, nq + 1)} and "
+                         f"{(B, H)} + (capacity,)")
+    return offsets, indices
+
+
+def _run_tile_loop(q, k, v, plan, rule, scale, forced):
+    rule = check_rule(rule)
     q, k, v = _f64(q), _f64(k), _f64(v)
     B, H, Nq, D = q.shape
-    shape = (B, H, plan.nq, plan.nk)
+    block_q, block_k = int(plan.block[0]), int(plan.block[1])
+    shape = (B, H, tile_count(Nq, block_q), tile_count(k.shape[2], block_k))
+    offsets, indices = _plan_csr(plan, shape)
+    params = np.zeros(H) if rule is None else rule.kernel_params(H)
     out = np.empty((B, H, Nq, D))
     lse = np.empty((B, H, Nq))
     bound = np.empty((B, H, Nq))
     kept = np.zeros(shape, dtype=np.bool_)
     visited = np.zeros(shape, dtype=np.bool_)
     slack = np.full(shape, np.nan)
-    tile_loop(q, k, v, np.ascontiguousarray(plan.visit, dtype=np.int32),
-              np.ascontiguousarray(plan.count, dtype=np.int32), float(scale),
-              int(plan.block[0]), int(plan.block[1]), int(code), float(param), forced,
-              out, lse, kept, visited, bound, slack)
+    tile_loop(q, k, v, offsets, indices, float(scale), block_q, block_k,
+              _compiled_margin(rule_margin(rule)), rule is not None,
+              bool(rule is not None and rule.skip_at_zero),
+              bool(rule is not None and rule.exact_mass), np.ascontiguousarray(params, np.float64),
+              forced, out, lse, kept, visited, bound, slack)
     return out, lse, kept, visited, bound, slack
 
 
-def forward(q, k, v, plan, rule_code, rule_param, scale, want_stats=True):
+def forward(q, k, v, plan, rule, scale, want_stats=True):
     """Reference forward pass: ``(out, lse, kept, visited, recall_bound)``, all float64.
 
+    ``rule`` is a :class:`~pysparse_attn.SkipRule` (scalar or per-head parameter) or None.
     See ``docs/internals.rst`` for the contract; stats are always computed here.
     """
     out, lse, kept, visited, bound, _ = _run_tile_loop(
-        q, k, v, plan, rule_code, rule_param, scale, np.zeros((0, 0, 0, 0), dtype=np.bool_))
+        q, k, v, plan, rule, scale, np.zeros((0, 0, 0, 0), dtype=np.bool_))
     return out, lse, kept, visited, bound
 
 
-def decision_slack(q, k, v, plan, kept, rule_code, rule_param, scale):
+def decision_slack(q, k, v, plan, kept, rule, scale):
     """Replay a plan with the decisions of ``kept`` and return each decision's rule margin.
 
     Returns a float64 array ``(B, H, nq, nk)``: NaN where no decision was taken (tile not
     visited, or first of its list); otherwise the rule's slack in natural-log units (positive:
-    the rule allows the skip; ``Recall`` also allows it at exactly 0). A backend whose kept set
-    is ``kept`` followed the rule within a margin ``eps`` iff every skipped tile has slack
-    ``>= -eps`` and every kept tile has slack ``<= eps``.
+    the rule allows the skip; ``Recall`` also allows it at exactly 0), with the parameter of
+    each query head. A backend whose kept set is ``kept`` followed the rule within a margin
+    ``eps`` iff every skipped tile has slack ``>= -eps`` and every kept tile has slack
+    ``<= eps``.
     """
     forced = np.ascontiguousarray(np.asarray(kept, dtype=np.bool_))
-    return _run_tile_loop(q, k, v, plan, rule_code, rule_param, scale, forced)[5]
+    return _run_tile_loop(q, k, v, plan, rule, scale, forced)[5]
 
 
 def _expand_tiles(tiles, n_rows, n_cols, block):

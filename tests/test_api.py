@@ -408,9 +408,9 @@ def test_precision_bf16_rounds_the_inputs_and_keeps_the_output_dtype(backend):
     assert out.dtype == np.float32
     rounded = [as_float64(x.astype(ml_dtypes.bfloat16)) for x in (q, k, v)]
     expected, _ = attention_ref(*rounded)
-    # Inputs rounded to bfloat16 exactly as asked; the rest is float32 accumulation plus, until
-    # the backends write O in float32, one bfloat16 rounding of the output (2^-8 relative).
-    np.testing.assert_allclose(out, expected, rtol=8e-3, atol=8e-3)
+    # Inputs rounded to bfloat16 exactly as asked; O is written in float32 (out_dtype), so the
+    # rest is float32 accumulation and output rounding: float32 tolerances, not bfloat16 ones.
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
     exact, _ = attention_ref(as_float64(q), as_float64(k), as_float64(v))
     assert np.abs(out - exact).max() > 1e-6, "precision='bf16' must actually round the inputs"
     grads = psa.attention_vjp(q, k, v, q, block=(16, 16), backend=backend, precision="bf16")
@@ -521,13 +521,15 @@ def test_cupy_graph_replay_equals_the_eager_call(case):
         stream.begin_capture()
         captured = call(q, k, v, plan)
         graph = stream.end_capture()
-    captured[...] = 0
+    # Bitwise comparisons through a byte view (bfloat16 has no CuPy ufuncs of its own); the
+    # kernels are deterministic, so a replay must reproduce the eager bytes exactly.
+    captured.view(cupy.uint8).fill(0)
     graph.launch(stream)
     stream.synchronize()
-    cupy.testing.assert_array_equal(captured, eager)
+    cupy.testing.assert_array_equal(captured.view(cupy.uint8), eager.view(cupy.uint8))
     graph.launch(stream)  # a second replay gives the same again
     stream.synchronize()
-    cupy.testing.assert_array_equal(captured, eager)
+    cupy.testing.assert_array_equal(captured.view(cupy.uint8), eager.view(cupy.uint8))
 
 
 @pytest.mark.gpu
@@ -554,7 +556,9 @@ def test_torch_graph_replay_equals_the_eager_call(case):
             call(q_t, k_t, v_t, plan)  # warm-up on the capture's side stream
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
-        with torch.cuda.graph(graph):
+        # CuPy's pool keeps free blocks per stream and the warm-up ran on another stream, so
+        # the capture may cudaMalloc new blocks: "relaxed" lets it (the blocks stay in `pool`).
+        with torch.cuda.graph(graph, capture_error_mode="relaxed"):
             captured = call(q_t, k_t, v_t, plan)
     captured.zero_()
     graph.replay()

@@ -11,7 +11,7 @@ import pytest
 import pysparse_attn as psa
 from pysparse_attn._plan import build_plan
 from pysparse_attn._reference import decision_slack
-from pysparse_attn._rules import BLASST
+from pysparse_attn._rules import Blasst
 from pysparse_attn.calibrate import blasst_statistics, calibrate_blasst, calibrate_cef
 from pysparse_attn.workloads import video_qkv
 
@@ -38,7 +38,7 @@ def test_blasst_statistics_match_the_reference_replay(order):
     stat = blasst_statistics(q, k, order=order, block=block)
     plan = build_plan(np, q, k, None, order, 4, block, 0.25)
     kept = np.ones(stat.shape, dtype=bool)
-    slack = decision_slack(q, k, v, plan, kept, BLASST, 0.0, 0.25)  # param = ln(1) = 0
+    slack = decision_slack(q, k, v, plan, kept, Blasst(1.0), 0.25)  # param = ln(1) = 0
     decided = np.isfinite(slack)
     assert np.array_equal(decided, np.isfinite(stat)), f"seed={seed}"
     # float64 both ways; only summation order differs.

@@ -11,6 +11,7 @@ and through the public API with ``backend="cpu"``.
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import ml_dtypes
 import numpy as np
@@ -22,9 +23,8 @@ from strategies import TOLERANCES, make_rule, problems, random_tile_mask, skip_r
 import pysparse_attn as psa
 from pysparse_attn import _reference
 from pysparse_attn._plan import build_plan
-from pysparse_attn._rules import rule_code
 from pysparse_attn._select import BlockMask, TopK, TopP
-from pysparse_attn.backends import cpu
+from pysparse_attn.backends import cpu, reference
 
 pytestmark = pytest.mark.skipif(not cpu.available(),
                                 reason=f"CPU backend not built: {cpu.unavailable_reason()}")
@@ -40,9 +40,12 @@ LAYOUTS = ["bhnd", "bnhd", "strided"]
 # logits of magnitude <= ~40 carry float32 rounding ~40 * 2**-23 ~ 5e-6; l and u sums ~1e-6
 # relative. 2e-3 leaves a wide margin while still catching a wrong rule or a wrong state.
 DECISION_MARGIN = 2e-3
-# LSE is returned in float32 for every input dtype: |lse| <= ~50 here, float32 rounding of the
-# logits and of log(l) stays below 1e-5 relative; 3e-5 relative + 3e-5 absolute.
+# LSE is returned in float32 for every input dtype but float64 (float64 there): |lse| <= ~50
+# here, float32 rounding of the logits and of log(l) stays below 1e-5 relative; 3e-5 relative
+# + 3e-5 absolute.
 LSE_TOLERANCE = (3e-5, 3e-5)
+# float64 inputs accumulate in float64: LSE and the recall bound to ~1e-14 relative.
+FLOAT64_STATS_TOLERANCE = 1e-12
 # Gradients, relative to the largest reference entry (+1 so that gradients that vanish in exact
 # arithmetic, e.g. an SLA row fed by a single key, are compared absolutely): float32
 # accumulation over <= 200 keys of products of O(10) terms ~1e-6; float64 ~1e-14.
@@ -90,14 +93,34 @@ def make_selector(kind, problem):
 
 
 def listed_tiles(plan):
-    """The (B, H, nq, nk) tiles named by a plan's visit lists, and each list's first tile."""
-    listed = np.zeros(plan.visit.shape[:3] + (plan.nk,), dtype=bool)
+    """The (B, H, nq, nk) tiles named by a plan's CSR rows, and each non-empty row's first."""
+    offsets, indices = np.asarray(plan.row_offsets), np.asarray(plan.row_indices)
+    listed = np.zeros(offsets.shape[:2] + (offsets.shape[2] - 1, plan.nk), dtype=bool)
     first = np.zeros_like(listed)
-    for index in np.ndindex(*plan.visit.shape[:3]):
-        entries = plan.visit[index][: plan.count[index]]
+    for index in np.ndindex(*listed.shape[:3]):
+        b, h, i = index
+        entries = indices[b, h, offsets[b, h, i]:offsets[b, h, i + 1]]
         listed[index][entries] = True
-        first[index][entries[0]] = True
+        if entries.size:
+            first[index][entries[0]] = True
     return listed, first
+
+
+def csr_plan(rows, block):
+    """A plan-like object (what a backend reads) from nested per-(b, h) lists of key tiles.
+
+    ``rows[b][h]`` is the list of query tile rows, each a list of key tiles in visit order.
+    """
+    B, H, nq = len(rows), len(rows[0]), len(rows[0][0])
+    capacity = max(1, max(sum(len(r) for r in rows[b][h]) for b in range(B) for h in range(H)))
+    offsets = np.zeros((B, H, nq + 1), np.int32)
+    indices = np.full((B, H, capacity), -1, np.int32)
+    for b in range(B):
+        for h in range(H):
+            flat = [tile for row in rows[b][h] for tile in row]
+            offsets[b, h, 1:] = np.cumsum([len(row) for row in rows[b][h]])
+            indices[b, h, :len(flat)] = flat
+    return SimpleNamespace(row_offsets=offsets, row_indices=indices, block=tuple(block))
 
 
 def logit_error(q, k, scale, dtype):
@@ -135,17 +158,17 @@ def check_forward(problem, dtype, layout, selector_kind, rule, order, threads=No
     (q, k, v), (q64, k64, v64) = inputs(problem, dtype, layout)
     before = [x.copy() for x in (q, k, v)]
     skip = make_rule(*rule) if rule is not None else None
-    code, param = rule_code(skip)
     scale = problem.effective_scale
     plan = build_plan(np, q64, k64, make_selector(selector_kind, problem), order, 2,
                       problem.block, scale)
-    out, lse, kept, visited, bound = cpu.forward(q, k, v, plan, code, param, scale, True,
+    out, lse, kept, visited, bound = cpu.forward(q, k, v, plan, skip, scale, True,
                                                  threads=threads)
 
     for x, y in zip((q, k, v), before):
         np.testing.assert_array_equal(x, y, err_msg="an input was written")
     assert out.dtype == q.dtype and out.shape == q.shape
-    assert lse.dtype == np.float32 and bound.dtype == np.float32
+    stats_dtype = np.float64 if dtype == "float64" else np.float32
+    assert lse.dtype == stats_dtype and bound.dtype == stats_dtype
     assert np.isfinite(exact(out)).all() and np.isfinite(lse).all()
 
     listed, first = listed_tiles(plan)
@@ -159,7 +182,7 @@ def check_forward(problem, dtype, layout, selector_kind, rule, order, threads=No
     np.testing.assert_allclose(lse, ref_lse, rtol=LSE_TOLERANCE[0],
                                atol=LSE_TOLERANCE[1] + logit_error(q64, k64, scale, dtype))
 
-    slack = _reference.decision_slack(q64, k64, v64, plan, kept, code, param, scale)
+    slack = _reference.decision_slack(q64, k64, v64, plan, kept, skip, scale)
     decided = ~np.isnan(slack)
     assert (slack[decided & ~kept] >= -DECISION_MARGIN).all(), "skipped a tile the rule keeps"
     assert (slack[decided & kept] <= DECISION_MARGIN).all(), "kept a tile the rule skips"
@@ -213,9 +236,9 @@ def test_recall_bound_is_certified(target, exact_sums):
     problem = peaked_problem(seed)
     (q, k, v), (q64, k64, _) = inputs(problem, "float32", "bhnd")
     scale = problem.effective_scale
-    code, param = rule_code(psa.Recall(target, exact=exact_sums))
     plan = build_plan(np, q64, k64, None, "peak", 4, problem.block, scale)
-    _, _, kept, _, bound = cpu.forward(q, k, v, plan, code, param, scale, True)
+    _, _, kept, _, bound = cpu.forward(q, k, v, plan, psa.Recall(target, exact=exact_sums),
+                                       scale, True)
     true_recall = _reference.recall_of_kept(q64, k64, kept, problem.block, scale)
     # float32 bookkeeping of a bound that can sit exactly at the threshold: rounding only.
     assert (bound >= target * (1 - 1e-5)).all()
@@ -303,8 +326,9 @@ def test_every_output_element_is_written():
     lse, bound = np.full((2, B, H, Nq), np.nan, np.float32)
     kept = np.zeros((B, H, plan.nq, plan.nk), bool)
     visited = np.zeros_like(kept)
-    _cpu.forward(q, k, v, plan.visit, plan.count, block, 3, 0.2, 0.3, out, lse, kept, visited,
-                 bound, 0)
+    _cpu.forward(q, k, v, np.ascontiguousarray(plan.row_offsets, np.int32),
+                 np.ascontiguousarray(plan.row_indices, np.int32), block, "psa::RecallRule",
+                 np.full(H, 0.25), 0.3, out, lse, kept, visited, bound, 0)
     assert np.isfinite(out).all() and np.isfinite(lse).all() and np.isfinite(bound).all()
     marginal = rng.random(kept.shape) < 0.5
     marginal[0, 0] = False  # a head with no marginal tile must get zero rows, not stale data
@@ -324,9 +348,8 @@ def test_results_do_not_depend_on_thread_count():
     rng = np.random.default_rng()
     q, k, v = (rng.standard_normal((2, 3, 150, 24)).astype(np.float32) for _ in range(3))
     plan = build_plan(np, q, k, None, "peak", 4, (32, 16), 0.2)
-    code, param = rule_code(psa.Recall(0.9))
-    one = cpu.forward(q, k, v, plan, code, param, 0.2, True, threads=1)
-    two = cpu.forward(q, k, v, plan, code, param, 0.2, True, threads=2)
+    one = cpu.forward(q, k, v, plan, psa.Recall(0.9), 0.2, True, threads=1)
+    two = cpu.forward(q, k, v, plan, psa.Recall(0.9), 0.2, True, threads=2)
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a, b)
     kept = one[2]
@@ -342,13 +365,13 @@ def test_concurrent_calls_from_python_threads():
     problems_ = [tuple(rng.standard_normal((1, 2, 97, 16)).astype(np.float32) for _ in range(3))
                  for _ in range(4)]
     expected = [cpu.forward(q, k, v, build_plan(np, q, k, None, "natural", 4, (16, 16), 0.25),
-                            0, 0.0, 0.25, False)[0] for q, k, v in problems_]
+                            None, 0.25, False)[0] for q, k, v in problems_]
     results = [None] * len(problems_)
 
     def work(i):
         q, k, v = problems_[i]
         plan = build_plan(np, q, k, None, "natural", 4, (16, 16), 0.25)
-        results[i] = cpu.forward(q, k, v, plan, 0, 0.0, 0.25, False, threads=1)[0]
+        results[i] = cpu.forward(q, k, v, plan, None, 0.25, False, threads=1)[0]
 
     workers = [threading.Thread(target=work, args=(i,)) for i in range(len(problems_))]
     for w in workers:
@@ -414,18 +437,29 @@ def test_bad_arguments_name_the_argument():
     q = rng.standard_normal((1, 2, 10, 8)).astype(np.float32)
     plan = build_plan(np, q, q, None, "natural", 4, (4, 4), 0.3)
     with pytest.raises(TypeError, match="q, k and v must share a dtype"):
-        cpu.forward(q, q.astype(np.float64), q, plan, 0, 0.0, 0.3, False)
+        cpu.forward(q, q.astype(np.float64), q, plan, None, 0.3, False)
     with pytest.raises(TypeError, match="q must be one of"):
-        cpu.forward(q.astype(np.int32), q, q, plan, 0, 0.0, 0.3, False)
+        cpu.forward(q.astype(np.int32), q, q, plan, None, 0.3, False)
     with pytest.raises(ValueError, match="threads"):
-        cpu.forward(q, q, q, plan, 0, 0.0, 0.3, False, threads=0)
+        cpu.forward(q, q, q, plan, None, 0.3, False, threads=0)
     with pytest.raises(ValueError, match="heads"):
-        cpu.forward(q, q[:, :1].repeat(3, axis=1), q[:, :1].repeat(3, axis=1), plan, 0, 0.0,
+        cpu.forward(q, q[:, :1].repeat(3, axis=1), q[:, :1].repeat(3, axis=1), plan, None,
                     0.3, False)
-    broken = build_plan(np, q, q, None, "natural", 4, (4, 4), 0.3)
-    broken.row_indices[0, 0, 0] = 99  # a trusted plan corrupted after construction
-    with pytest.raises(ValueError, match="plan"):
-        cpu.forward(q, q, q, broken, 0, 0.0, 0.3, False)
+    with pytest.raises(TypeError, match="skip"):
+        cpu.forward(q, q, q, plan, "psa::BlasstRule", 0.3, False)
+    with pytest.raises(ValueError, match="skip"):
+        cpu.forward(q, q, q, plan, psa.Blasst(np.array([0.1, 0.2, 0.3])), 0.3, False)
+    with pytest.raises(TypeError, match="out_dtype"):
+        cpu.forward(q, q, q, plan, None, 0.3, False, out_dtype=np.float16)
+    rows = [[[[0, 1, 2]] * 3] * 2]
+    broken = csr_plan(rows, (4, 4))
+    broken.row_indices[0, 0, 0] = 99
+    with pytest.raises(ValueError, match="plan.row_indices"):
+        cpu.forward(q, q, q, broken, None, 0.3, False)
+    broken = csr_plan(rows, (4, 4))
+    broken.row_offsets[0, 1, 1] = 7  # a row ending past the next one's start
+    with pytest.raises(ValueError, match="plan.row_offsets"):
+        cpu.forward(q, q, q, broken, None, 0.3, False)
     with pytest.raises(ValueError, match="feature_map"):
         cpu.linear_branch(q, q, q, np.ones((1, 2, 3, 3), bool), (4, 4), "tanh", 0.0)
     with pytest.raises(TypeError, match="marginal"):
@@ -459,8 +493,106 @@ def test_16bit_inputs_widen_and_round_like_numpy(dtype):
         v = np.stack([v1, v2])[None, None]           # (1, 1, 2, D)
         q = np.zeros((1, 1, 1, D), dtype=dt)
         plan = build_plan(np, q, v, None, "natural", 4, (1, 2), 1.0)
-        out = cpu.forward(q, np.zeros_like(v), v, plan, 0, 0.0, 1.0, False)[0]
+        out = cpu.forward(q, np.zeros_like(v), v, plan, None, 1.0, False)[0]
         expected = ((v1.astype(np.float32) + v2.astype(np.float32)) * np.float32(0.5)).astype(dt)
         # Compared as values: the accumulator starts at +0, so -0 inputs may come back as +0.
         np.testing.assert_array_equal(out[0, 0, 0].astype(np.float32),
                                       expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("backend", [cpu, reference], ids=["cpu", "reference"])
+def test_rows_with_no_visited_tile_give_zero_output_and_minus_infinity_lse(dtype, backend):
+    """An empty plan row: O = 0, LSE = -inf, recall bound 1, nothing visited or kept; every
+    other row is exact attention on its own tiles."""
+    rng = np.random.default_rng()
+    B, H, Hkv, Nq, Nk, D, block = 1, 2, 1, 37, 45, 8, (16, 16)  # nq = nk = 3, partial tiles
+    q = rng.standard_normal((B, H, Nq, D)).astype(DTYPES[dtype])
+    k, v = (rng.standard_normal((B, Hkv, Nk, D)).astype(DTYPES[dtype]) for _ in range(2))
+    rows = [[[[], [2, 0], [1]], [[0, 1, 2], [], []]]]
+    plan = csr_plan(rows, block)
+    out, lse, kept, visited, bound = backend.forward(q, k, v, plan, psa.Recall(0.9), 0.3, True)
+    empty = np.zeros((B, H, Nq), dtype=bool)
+    empty[0, 0, :16] = empty[0, 1, 16:] = True
+    assert (exact(out)[empty] == 0).all()
+    assert (lse[empty] == -np.inf).all() and (bound[empty] == 1).all()
+    assert not visited[0, 0, 0].any() and not visited[0, 1, 1:].any()
+    assert not kept[0, 0, 0].any() and not kept[0, 1, 1:].any()
+    ref_out, ref_lse = _reference.masked_attention(exact(q), exact(k), exact(v), kept, block,
+                                                   0.3)
+    assert_close(out[~empty], ref_out[~empty], dtype, "non-empty rows")
+    assert np.isfinite(lse[~empty]).all()
+
+
+@pytest.mark.parametrize("rule", [
+    psa.Blasst(np.array([1e-3, 0.3, 1.0, 0.05])),
+    psa.Cef(np.array([-2.0, -8.0, -0.5, 0.0])),
+    psa.Recall(np.array([0.5, 0.9, 1.0, 0.7])),
+    psa.Recall(np.array([0.5, 0.9, 1.0, 0.7]), exact=True),
+], ids=["blasst", "cef", "recall", "recall_exact"])
+@pytest.mark.parametrize("backend", [cpu, reference], ids=["cpu", "reference"])
+def test_per_head_parameters_equal_one_call_per_head(rule, backend):
+    """A rule with one parameter per query head decides (and computes) exactly as the scalar
+    rule of that head run on that head alone (GQA: two query heads share a kv head)."""
+    problem = peaked_problem(int(np.random.SeedSequence().entropy % (1 << 63)))
+    rng = problem.rng(5)
+    q = rng.standard_normal((1, 4, 200, 32)).astype(np.float32) * 2
+    k, v = (rng.standard_normal((1, 2, 230, 32)).astype(np.float32) * 2 for _ in range(2))
+    block, scale = (32, 32), 0.3
+    plan = build_plan(np, q, k, None, "natural", 4, block, scale)
+    together = backend.forward(q, k, v, plan, rule, scale, True)
+    field = rule.lam if isinstance(rule, (psa.Blasst, psa.Cef)) else rule.target
+    for h in range(4):
+        single = type(rule)(float(field[h]), **({"exact": rule.exact}
+                                                 if isinstance(rule, psa.Recall) else {}))
+        kv = slice(h // 2, h // 2 + 1)
+        head_plan = build_plan(np, q[:, h:h + 1], k[:, kv], None, "natural", 4, block, scale)
+        alone = backend.forward(q[:, h:h + 1], k[:, kv], v[:, kv], head_plan, single, scale,
+                                True)
+        for name, a, b in zip(("out", "lse", "kept", "visited", "bound"), together, alone):
+            np.testing.assert_array_equal(a[:, h:h + 1], b, err_msg=f"head {h}: {name}")
+
+
+def test_float64_inputs_give_float64_stats():
+    """float64 in, float64 everywhere: O, LSE and the recall bound agree with the float64
+    reference to rounding (not to float32's 1e-7)."""
+    problem = peaked_problem(int(np.random.SeedSequence().entropy % (1 << 63)))
+    q, k, v = problem.q, problem.k, problem.v
+    scale = problem.effective_scale
+    plan = build_plan(np, q, k, None, "peak", 4, problem.block, scale)
+    got = cpu.forward(q, k, v, plan, psa.Recall(0.9), scale, True)
+    want = reference.forward(q, k, v, plan, psa.Recall(0.9), scale, True)
+    for name, a, b in zip(("out", "lse", "recall_bound"), (got[0], got[1], got[4]),
+                          (want[0], want[1], want[4])):
+        assert a.dtype == np.float64, name
+        np.testing.assert_allclose(a, b, rtol=FLOAT64_STATS_TOLERANCE,
+                                   atol=FLOAT64_STATS_TOLERANCE, err_msg=name)
+    np.testing.assert_array_equal(got[2], want[2])
+    assert got[2].mean() < 1, "no tile skipped: the recall bound was not exercised"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
+@pytest.mark.parametrize("backend", [cpu, reference], ids=["cpu", "reference"])
+def test_out_dtype_float32_writes_the_unrounded_output(dtype, backend):
+    """``out_dtype=float32`` returns O before its rounding to a 16-bit input dtype (rounding
+    it gives the default output bit for bit), or float64's O rounded once to float32; the
+    statistics do not change."""
+    rng = np.random.default_rng()
+    q, k, v = (rng.standard_normal((2, 2, 70, 16)).astype(DTYPES[dtype]) for _ in range(3))
+    plan = build_plan(np, exact(q), exact(k), None, "peak", 4, (16, 32), 0.25)
+    wide = backend.forward(q, k, v, plan, psa.Blasst(0.05), 0.25, True, out_dtype=np.float32)
+    narrow = backend.forward(q, k, v, plan, psa.Blasst(0.05), 0.25, True)
+    assert wide[0].dtype == np.float32 and narrow[0].dtype == q.dtype
+    for a, b in zip(wide[1:], narrow[1:]):
+        np.testing.assert_array_equal(a, b)
+    if backend is reference:  # float64 arithmetic, rounded once to the requested dtype
+        full = reference.forward(q, k, v, plan, psa.Blasst(0.05), 0.25, True,
+                                 out_dtype=np.float64)[0]
+        np.testing.assert_array_equal(wide[0], full.astype(np.float32))
+        np.testing.assert_array_equal(narrow[0], full.astype(q.dtype))
+        return
+    if dtype == "float64":
+        np.testing.assert_array_equal(wide[0], narrow[0].astype(np.float32))
+        return
+    np.testing.assert_array_equal(wide[0].astype(q.dtype), narrow[0])
+    assert (wide[0] != narrow[0].astype(np.float32)).any(), "float32 output was rounded"

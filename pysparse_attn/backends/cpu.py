@@ -16,7 +16,7 @@ import numpy as np
 
 from .._arrays import check_tile_mask
 from .._reference import FEATURE_MAPS
-from .._rules import BLASST, CEF, NO_SKIP, RECALL, RECALL_EXACT
+from .._rules import NO_SKIP_FUNCTOR, rule_functor
 
 try:
     from .. import _cpu
@@ -37,7 +37,6 @@ __all__ = [
 ]
 
 _DTYPES = ("float32", "float64", "float16", "bfloat16")
-_RULE_CODES = (NO_SKIP, BLASST, CEF, RECALL, RECALL_EXACT)
 
 
 def available() -> bool:
@@ -117,60 +116,79 @@ def _tile_flags(name, flags, shape):
     return np.ascontiguousarray(check_tile_mask(name, flags, shape, on_gpu=False)).view(np.uint8)
 
 
-def forward(q, k, v, plan, rule_code, rule_param, scale, want_stats, threads=None):
-    """Fused sparse attention over ``plan`` with the skip rule ``(rule_code, rule_param)``.
+def _plan_rows(plan, batch, heads, nq, nk):
+    """The plan's CSR rows as C-contiguous int32 host arrays, checked so that the kernel cannot
+    read out of bounds (cheap on the host; the GPU backend leaves this to ``Plan``)."""
+    offsets = np.ascontiguousarray(plan.row_offsets, dtype=np.int32)
+    indices = np.ascontiguousarray(plan.row_indices, dtype=np.int32)
+    if offsets.shape != (batch, heads, nq + 1):
+        raise ValueError(f"plan.row_offsets must have shape {(batch, heads, nq + 1)} for these "
+                         f"inputs, got {offsets.shape}")
+    if indices.ndim != 3 or indices.shape[:2] != (batch, heads):
+        raise ValueError(f"plan.row_indices must have shape {(batch, heads)} + (capacity,), got "
+                         f"{indices.shape}")
+    counts = np.diff(offsets, axis=-1)
+    if (offsets[..., 0] != 0).any() or (counts < 0).any() or \
+            (offsets[..., -1] > indices.shape[2]).any():
+        raise ValueError("plan.row_offsets must start at 0, never decrease and end within "
+                         "plan.row_indices")
+    listed = np.arange(indices.shape[2]) < offsets[..., -1:]
+    if np.any(listed & ((indices < 0) | (indices >= nk))):
+        raise ValueError(f"plan.row_indices must hold key tiles in [0, {nk})")
+    return offsets, indices
+
+
+def forward(q, k, v, plan, rule, scale, want_stats, out_dtype=None, threads=None):
+    """Fused sparse attention over ``plan`` with the in-loop skip rule ``rule``.
 
     Parameters
     ----------
     q : ndarray ``(B, Hq, Nq, D)``
     k, v : ndarray ``(B, Hkv, Nk, D)``
         Same dtype as ``q``: float32, float64, float16 or bfloat16; any strides.
-    plan : pysparse_attn._plan.Plan
-        Visit lists (NumPy arrays).
-    rule_code : int
-        0 none, 1 Blasst, 2 Cef, 3 Recall, 4 Recall exact (``docs/internals.rst``).
-    rule_param : float
-        The rule's precomputed parameter.
+    plan : pysparse_attn.Plan
+        CSR visit lists (NumPy arrays); rows with no visited tile give O = 0, LSE = -inf.
+    rule : SkipRule or None
+        In-loop skip rule; its parameter may be one per query head.
     scale : float
         Logit scale.
     want_stats : bool
         Also return the kept and visited tiles and the recall bound.
+    out_dtype : numpy dtype, optional
+        ``numpy.float32`` writes O in float32 (unrounded); default the input dtype.
     threads : int, optional
         OpenMP threads (default: ``OMP_NUM_THREADS`` or all cores).
 
     Returns
     -------
-    out : ndarray ``(B, Hq, Nq, D)``, the input dtype
-    lse : float32 ndarray ``(B, Hq, Nq)``
+    out : ndarray ``(B, Hq, Nq, D)``, ``out_dtype``
+    lse : ndarray ``(B, Hq, Nq)``, float64 for float64 inputs, else float32
     kept, visited : bool ndarray ``(B, Hq, nq, nk)`` or None
-    recall_bound : float32 ndarray ``(B, Hq, Nq)`` or None
+    recall_bound : ndarray ``(B, Hq, Nq)`` (dtype of ``lse``) or None
     """
     _require_extension()
     B, Hq, _, Nq, Nk, D = _check_inputs(q, k, v)
-    if int(rule_code) not in _RULE_CODES:
-        raise ValueError(f"rule_code must be one of {_RULE_CODES}, got {rule_code!r}")
     block = _check_block(plan.block, Nq, Nk)
-    visit = np.ascontiguousarray(plan.visit, dtype=np.int32)
-    count = np.ascontiguousarray(plan.count, dtype=np.int32)
-    grid = (B, Hq, plan.nq, plan.nk)
-    if (plan.nq, plan.nk) != (-(-Nq // block[0]), -(-Nk // block[1])):
-        raise ValueError(f"plan has {plan.nq} x {plan.nk} tiles, but block {plan.block} makes "
-                         f"{-(-Nq // block[0])} x {-(-Nk // block[1])} of these inputs")
-    if visit.ndim != 4 or visit.shape[:3] != grid[:3] or count.shape != grid[:3]:
-        raise ValueError(f"plan must have visit (B, H, nq, L) and count (B, H, nq) for "
-                         f"{grid[:3]}, got {visit.shape} and {count.shape}")
-    if count.min() < 1 or count.max() > visit.shape[3]:
-        raise ValueError("plan counts must be in [1, L]")
-    listed = np.arange(visit.shape[3]) < count[..., None]
-    if np.any(listed & ((visit < 0) | (visit >= plan.nk))):
-        raise ValueError(f"plan visit lists must hold key tiles in [0, {plan.nk})")
-    out = np.empty((B, Hq, Nq, D), dtype=q.dtype)
-    lse = np.empty((B, Hq, Nq), dtype=np.float32)
+    nq, nk = -(-Nq // block[0]), -(-Nk // block[1])
+    offsets, indices = _plan_rows(plan, B, Hq, nq, nk)
+    functor = rule_functor(rule)
+    params = None if functor == NO_SKIP_FUNCTOR else np.ascontiguousarray(
+        rule.kernel_params(Hq), dtype=np.float64)
+    if out_dtype is None:
+        out_dtype = q.dtype
+    out_dtype = np.dtype(out_dtype)
+    if out_dtype not in (q.dtype, np.dtype(np.float32)):
+        raise TypeError(f"out_dtype must be None, float32 or the input dtype ({q.dtype}), got "
+                        f"{out_dtype}")
+    acc = _accumulator(q.dtype)
+    grid = (B, Hq, nq, nk)
+    out = np.empty((B, Hq, Nq, D), dtype=out_dtype)
+    lse = np.empty((B, Hq, Nq), dtype=acc)
     kept = np.zeros(grid, dtype=np.bool_) if want_stats else None
     visited = np.zeros(grid, dtype=np.bool_) if want_stats else None
-    bound = np.empty((B, Hq, Nq), dtype=np.float32) if want_stats else None
-    _cpu.forward(q, k, v, visit, count, block, int(rule_code), float(rule_param), float(scale),
-                 out, lse, kept, visited, bound, _threads(threads))
+    bound = np.empty((B, Hq, Nq), dtype=acc) if want_stats else None
+    _cpu.forward(q, k, v, offsets, indices, block, functor, params, float(scale), out, lse,
+                 kept, visited, bound, _threads(threads))
     return out, lse, kept, visited, bound
 
 

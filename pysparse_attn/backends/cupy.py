@@ -5,18 +5,22 @@ Kernel families, their template instances listed in typed tables and compiled at
 MMA, ``gpu/attention_forward_sm90.cu``, :data:`FORWARD_SM90_INSTANCES`, compiled for sm_90a and
 used by default on compute capability 9.0) and ``"mma_sync"`` (``gpu/attention_forward.cu``,
 :data:`FORWARD_INSTANCES`, sm_80 and newer); one NVRTC module per element type, head dim and
-query tile, holding the five skip-rule instances. Then the plan stage (:data:`PLAN_INSTANCES`:
+query tile, holding one instance per skip-rule functor (``_rules.ALL_FUNCTORS``). Then the plan stage (:data:`PLAN_INSTANCES`:
 tile means and the per-query-tile selector). Sources are
 read from the installed ``pysparse_attn/_gpu_kernels/`` first, then from the repository's
 ``gpu/``, with their local headers inlined.
 
 Precision: bfloat16 and float16 inputs run on tensor cores (``wgmma`` m64nNk16 or ``mma.sync``
-m16n8k16) with float32 accumulation. float32 inputs are *converted to bfloat16* for the tensor
-cores (accumulation stays float32, the output is float32): expect bfloat16-level error, about
-1e-2 relative.
+m16n8k16) with float32 accumulation. :func:`forward` takes only bfloat16 and float16: whether
+float32 inputs may be computed in bfloat16 is the API's decision (an explicit opt-in), never
+this backend's.
 
-The backward functions (``attention_backward``, ``linear_backward``) have no GPU kernel yet:
-they run the float64 reference on the host and return CuPy arrays.
+:func:`forward` never synchronises with the host: it reads no device value, and the compiled
+function, its shared-memory size and attributes are cached per instance. Plans are validated
+upstream (``pysparse_attn.Plan``), never here.
+
+``attention_backward`` has no GPU kernel yet: it runs the ``cpu`` backend on the host (float32
+in, float32 out) and returns CuPy arrays.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from .. import _reference
 from .._plan import build_plan as _generic_build_plan
 from .._plan import max_visits_of, rows_from_padded, tile_count, trusted_plan
 from .._reference import feature_map_forward
-from .._rules import BLASST, CEF, NO_SKIP, RECALL, RECALL_EXACT
+from .._rules import ALL_FUNCTORS, NO_SKIP_FUNCTOR, rule_functor
 from .._select import SlaSplit, TopK, TopP
 
 __all__ = [
@@ -59,9 +63,6 @@ _BLOCKS = ((64, 64), (128, 64))
 _HEAD_DIMS = (64, 128)
 # dtype name of the inputs -> C++ element type of the tensor-core path.
 _ELEMENTS = {"bfloat16": "psa::Bf16", "float16": "psa::Fp16"}
-# Rule code of the backend contract -> skip functor of gpu/skip_rules.cuh.
-_RULES = {NO_SKIP: "psa::NoSkip", BLASST: "psa::BlasstRule", CEF: "psa::CefRule",
-          RECALL: "psa::RecallRule", RECALL_EXACT: "psa::RecallExactRule"}
 
 
 #: Warps per CTA for each (head dim, Bq). Four everywhere: 16 rows a warp for 64-row tiles,
@@ -74,13 +75,13 @@ def _forward_name(element: str, head_dim: int, block_q: int, warps: int, rule: s
     return f"psa::attention_forward<{element}, {head_dim}, {block_q}, {warps}, {rule}>"
 
 
-#: Every instance of the forward family, keyed by (dtype name, head dim, Bq, Bk, rule code).
+#: Every instance of the forward family, keyed by (dtype name, head dim, Bq, Bk, functor name).
 FORWARD_INSTANCES = {
-    (dtype, d, bq, bk, code): _forward_name(element, d, bq, WARPS[(d, bq)], rule)
+    (dtype, d, bq, bk, functor): _forward_name(element, d, bq, WARPS[(d, bq)], functor)
     for dtype, element in _ELEMENTS.items()
     for d in _HEAD_DIMS
     for bq, bk in _BLOCKS
-    for code, rule in _RULES.items()
+    for functor in ALL_FUNCTORS
 }
 
 
@@ -90,11 +91,11 @@ def _forward_sm90_name(element: str, head_dim: int, block_q: int, rule: str) -> 
 
 #: The wgmma forward's instances, same keys as :data:`FORWARD_INSTANCES`.
 FORWARD_SM90_INSTANCES = {
-    (dtype, d, bq, bk, code): _forward_sm90_name(element, d, bq, rule)
+    (dtype, d, bq, bk, functor): _forward_sm90_name(element, d, bq, functor)
     for dtype, element in _ELEMENTS.items()
     for d in _HEAD_DIMS
     for bq, bk in _BLOCKS
-    for code, rule in _RULES.items()
+    for functor in ALL_FUNCTORS
 }
 
 #: Forward kernels by name, with the compute capabilities (major, minor) each runs on.
@@ -192,26 +193,37 @@ def _raw_module(source: str, names: tuple, arch: str = None):
 
 
 def _forward_module(dtype_name: str, head_dim: int, block_q: int, warps: int):
-    """The module of one (element type, head dim, query tile, warps): five rule instances."""
-    names = tuple(_forward_name(_ELEMENTS[dtype_name], head_dim, block_q, warps, rule)
-                  for rule in _RULES.values())
+    """The module of one (element type, head dim, query tile, warps): one instance a functor."""
+    names = tuple(_forward_name(_ELEMENTS[dtype_name], head_dim, block_q, warps, functor)
+                  for functor in ALL_FUNCTORS)
     return _raw_module("attention_forward.cu", names)
 
 
 def _forward_sm90_module(dtype_name: str, head_dim: int, block_q: int):
-    """The sm_90a module of one (element type, head dim, query tile): five rule instances."""
-    names = tuple(_forward_sm90_name(_ELEMENTS[dtype_name], head_dim, block_q, rule)
-                  for rule in _RULES.values())
+    """The sm_90a module of one (element type, head dim, query tile): one instance a functor."""
+    names = tuple(_forward_sm90_name(_ELEMENTS[dtype_name], head_dim, block_q, functor)
+                  for functor in ALL_FUNCTORS)
     return _raw_module("attention_forward_sm90.cu", names, "sm_90a")
+
+
+def _device_id() -> int:
+    import cupy
+
+    return cupy.cuda.runtime.getDevice()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: int) -> tuple:
+    import cupy
+
+    return tuple(int(c) for c in divmod(int(cupy.cuda.Device(device).compute_capability), 10))
 
 
 def kernel_unavailable_reason(kernel: str):
     """Why forward family ``kernel`` cannot run on the current device, or ``None``."""
-    import cupy
-
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
-    capability = tuple(int(c) for c in divmod(int(cupy.cuda.Device().compute_capability), 10))
+    capability = _capability(_device_id())
     runs_on = KERNELS[kernel]
     if runs_on is not None and capability not in runs_on:
         return (f"kernel {kernel!r} needs compute capability {runs_on}; this device has "
@@ -225,23 +237,21 @@ def default_kernel() -> str:
     return "wgmma" if kernel_unavailable_reason("wgmma") is None else "mma_sync"
 
 
-def _forward_kernel(dtype_name, head_dim, block_q, code, warps=None, kernel=None):
-    """The compiled instance, its shared-memory size and thread count.
+@functools.lru_cache(maxsize=None)
+def _forward_kernel(device, kernel, dtype_name, head_dim, block_q, functor, warps):
+    """The compiled instance on ``device``, its dynamic shared-memory size and thread count.
 
-    ``kernel`` picks the family (:func:`default_kernel` when None); ``warps`` overrides
-    :data:`WARPS` for the mma.sync family (benchmarks compare both layouts).
+    Cached per instance: the shared-memory attribute is set once, at first use.
     """
-    kernel = kernel or default_kernel()
     reason = kernel_unavailable_reason(kernel)
     if reason is not None:
         raise ValueError(reason)
     if kernel == "wgmma":
-        name = _forward_sm90_name(_ELEMENTS[dtype_name], head_dim, block_q, _RULES[code])
+        name = _forward_sm90_name(_ELEMENTS[dtype_name], head_dim, block_q, functor)
         function = _forward_sm90_module(dtype_name, head_dim, block_q).get_function(name)
         shared, threads = _shared_bytes_sm90(head_dim, block_q), 2 * block_q
     else:
-        warps = warps or WARPS[(head_dim, block_q)]
-        name = _forward_name(_ELEMENTS[dtype_name], head_dim, block_q, warps, _RULES[code])
+        name = _forward_name(_ELEMENTS[dtype_name], head_dim, block_q, warps, functor)
         function = _forward_module(dtype_name, head_dim, block_q, warps).get_function(name)
         shared, threads = _shared_bytes(head_dim, block_q), warps * 32
     if shared > 48 * 1024 and function.max_dynamic_shared_size_bytes < shared:
@@ -259,6 +269,29 @@ def _shared_bytes_sm90(head_dim, block_q, block_k=64):
     and 1024 bytes to align the swizzle atoms."""
     stages = 4 if block_q == 128 else 3
     return 2 * (block_q * head_dim + 2 * stages * block_k * head_dim) + 1024
+
+
+@functools.lru_cache(maxsize=256)
+def _rule_params(rule, heads: int, device: int):
+    """The rule's per-head parameters as a float32 device array (natural-log units; the kernel
+    converts to its log2 units), uploaded once per (rule, heads, device)."""
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return cupy.asarray(rule.kernel_params(heads).astype(np.float32))
+
+
+#: The host image of ``psa::ForwardParams`` (gpu/forward_params.cuh): same fields, same order,
+#: C alignment. Pointers travel as uint64.
+_PARAMS_DTYPE = np.dtype(
+    [(name, np.uint64) for name in ("q", "k", "v", "out")]
+    + [(f"{x}_{axis}_stride", np.int64) for x in ("q", "k", "v", "out")
+       for axis in ("batch", "head", "row")]
+    + [(name, np.uint64) for name in ("row_offsets", "row_indices", "rule_params", "lse",
+                                      "recall_bound", "kept", "visited")]
+    + [(name, np.int32) for name in ("n_queries", "n_keys", "head_group", "capacity")]
+    + [("scale_log2", np.float32), ("want_stats", np.int32), ("out_float32", np.int32)],
+    align=True)
 
 
 def _dtype_name(x) -> str:
@@ -281,26 +314,35 @@ def _element_strides(x):
     return [np.int64(s // x.itemsize) for s in x.strides[:3]]
 
 
-def forward(q, k, v, plan, rule_code, rule_param, scale, want_stats=True, warps=None,
-            kernel=None):
-    """Fused forward of the backend contract (``docs/internals.rst``).
+def _device_int32(cupy, name, x, shape):
+    """A plan array as a C-contiguous int32 CuPy array of ``shape`` (no copy when it is one)."""
+    x = cupy.ascontiguousarray(cupy.asarray(x), dtype=cupy.int32)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"plan.{name} has shape {tuple(x.shape)}; these inputs need {shape}")
+    return x
+
+
+def forward(q, k, v, plan, rule, scale, want_stats, out_dtype=None, warps=None, kernel=None):
+    """Fused forward of the backend contract (``docs/internals.rst``); no host synchronisation.
 
     Parameters
     ----------
     q : cupy.ndarray ``(B, Hq, Nq, D)``
-        bfloat16, float16 or float32 (see the module docstring); any strides.
+        bfloat16 or float16; any strides (copied when the head dim is not contiguous or rows
+        are not 16-byte aligned).
     k, v : cupy.ndarray ``(B, Hkv, Nk, D)``
         Same dtype as ``q``; ``Hq % Hkv == 0``.
-    plan : pysparse_attn._plan.Plan
-        Visit lists (CuPy or NumPy arrays); ``plan.block`` must be a supported tile size.
-    rule_code : int
-        0 none, 1 Blasst, 2 Cef, 3 Recall, 4 Recall exact.
-    rule_param : float
-        The rule's parameter as in the contract (natural-log units for codes 1 and 2).
+    plan : pysparse_attn.Plan
+        CSR visit lists (``row_offsets``, ``row_indices``), validated upstream; ``plan.block``
+        must be a supported tile size. Rows with no visited tile give O = 0, LSE = -inf.
+    rule : SkipRule or None
+        In-loop skip rule; its parameter may be one per query head.
     scale : float
         Logit scale (> 0).
     want_stats : bool
         Also return the kept/visited bitmaps and the recall bound.
+    out_dtype : numpy dtype, optional
+        ``numpy.float32`` writes O in float32 (unrounded); default the input dtype.
     warps : int, optional
         Warps per CTA of the mma.sync kernel, overriding :data:`WARPS` (for benchmarks; 4 or
         ``Bq / 16``).
@@ -310,7 +352,7 @@ def forward(q, k, v, plan, rule_code, rule_param, scale, want_stats=True, warps=
     Returns
     -------
     out, lse, kept, visited, recall_bound
-        ``out`` in the input dtype, ``lse`` and ``recall_bound`` float32, bitmaps bool
+        ``out`` in ``out_dtype``, ``lse`` and ``recall_bound`` float32, bitmaps bool
         ``(B, Hq, nq, nk)``; the last three are None when ``want_stats`` is false.
     """
     import cupy
@@ -319,9 +361,9 @@ def forward(q, k, v, plan, rule_code, rule_param, scale, want_stats=True, warps=
     for name, x in (("k", k), ("v", v)):
         if _dtype_name(x) != dtype_name:
             raise TypeError(f"{name} has dtype {_dtype_name(x)} but q has {dtype_name}")
-    if dtype_name not in (*_ELEMENTS, "float32"):
-        raise TypeError(f"q must be bfloat16, float16 or float32 on the cupy backend, got "
-                        f"{dtype_name}")
+    if dtype_name not in _ELEMENTS:
+        raise TypeError(f"q must be bfloat16 or float16 on the cupy backend, got {dtype_name} "
+                        "(the API decides whether float32 may run in bfloat16)")
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     if D not in _HEAD_DIMS:
@@ -334,44 +376,51 @@ def forward(q, k, v, plan, rule_code, rule_param, scale, want_stats=True, warps=
                          f"{list(_BLOCKS)}")
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
-    if rule_code not in _RULES:
-        raise ValueError(f"rule_code must be one of {sorted(_RULES)}, got {rule_code}")
+    if out_dtype is None:
+        out_dtype = q.dtype
+    elif np.dtype(out_dtype).name == "float32":
+        out_dtype = np.dtype(np.float32)
+    elif np.dtype(out_dtype).name != dtype_name:
+        raise TypeError(f"out_dtype must be None, float32 or the input dtype ({dtype_name}), "
+                        f"got {out_dtype}")
+    functor = rule_functor(rule)
+    device = _device_id()
+    kernel = kernel or default_kernel()
+    warps = warps or WARPS[(D, block[0])]
+    function, shared, threads = _forward_kernel(device, kernel, dtype_name, D, block[0], functor,
+                                                warps)
 
-    out_dtype = q.dtype
-    if dtype_name == "float32":
-        import ml_dtypes
-
-        q, k, v = (x.astype(ml_dtypes.bfloat16) for x in (q, k, v))
-        dtype_name = "bfloat16"
     q, k, v = (_kernel_ready(cupy, x) for x in (q, k, v))
     nq, nk = tile_count(Nq, block[0]), tile_count(Nk, block[1])
-    if (plan.nq, plan.nk) != (nq, nk):
-        raise ValueError(f"plan has {plan.nq}x{plan.nk} tiles but the inputs need {nq}x{nk}")
+    offsets = _device_int32(cupy, "row_offsets", plan.row_offsets, (B, Hq, nq + 1))
+    capacity = int(plan.row_indices.shape[-1])
+    indices = _device_int32(cupy, "row_indices", plan.row_indices, (B, Hq, capacity))
 
-    out = cupy.empty((B, Hq, Nq, D), dtype=q.dtype)
+    out = cupy.empty((B, Hq, Nq, D), dtype=out_dtype)
     lse = cupy.empty((B, Hq, Nq), dtype=cupy.float32)
     if want_stats:
         kept = cupy.zeros((B, Hq, nq, nk), dtype=cupy.bool_)
         visited = cupy.zeros((B, Hq, nq, nk), dtype=cupy.bool_)
         bound = cupy.empty((B, Hq, Nq), dtype=cupy.float32)
-    else:  # the kernel never touches these when want_stats is 0
-        kept = visited = cupy.zeros((1,), dtype=cupy.bool_)
-        bound = cupy.zeros((1,), dtype=cupy.float32)
-    visit = cupy.ascontiguousarray(cupy.asarray(plan.visit), dtype=cupy.int32)
-    count = cupy.ascontiguousarray(cupy.asarray(plan.count), dtype=cupy.int32)
-    if tuple(visit.shape[:3]) != (B, Hq, nq) or tuple(count.shape) != (B, Hq, nq):
-        raise ValueError(f"plan arrays have shapes {visit.shape}, {count.shape}; expected "
-                         f"(B, H, nq, L) and (B, H, nq) = {(B, Hq, nq)}")
+    rule_params = None if functor == NO_SKIP_FUNCTOR else _rule_params(rule, Hq, device)
 
-    param = float(rule_param) * LOG2E if rule_code in (BLASST, CEF) else float(rule_param)
-    function, shared, threads = _forward_kernel(dtype_name, D, block[0], rule_code, warps, kernel)
-    args = (q, k, v, out, *_element_strides(q), *_element_strides(k), *_element_strides(v),
-            *_element_strides(out), np.int32(Nq), np.int32(Nk), np.int32(Hq // Hkv),
-            visit, count, np.int32(visit.shape[-1]), np.float32(scale * LOG2E),
-            np.float32(param), lse, bound, kept, visited, np.int32(bool(want_stats)))
-    function((nq, Hq, B), (threads,), args, shared_mem=shared)
-    if out.dtype != out_dtype:
-        out = out.astype(out_dtype)
+    params = np.zeros((), dtype=_PARAMS_DTYPE)
+    for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
+        params[name] = x.data.ptr
+        for axis, stride in zip(("batch", "head", "row"), x.strides[:3]):
+            params[f"{name}_{axis}_stride"] = stride // x.itemsize
+    params["row_offsets"], params["row_indices"] = offsets.data.ptr, indices.data.ptr
+    params["rule_params"] = 0 if rule_params is None else rule_params.data.ptr
+    params["lse"] = lse.data.ptr
+    if want_stats:  # the kernel never touches these pointers otherwise
+        params["recall_bound"], params["kept"] = bound.data.ptr, kept.data.ptr
+        params["visited"] = visited.data.ptr
+    params["n_queries"], params["n_keys"] = Nq, Nk
+    params["head_group"], params["capacity"] = Hq // Hkv, capacity
+    params["scale_log2"] = scale * LOG2E
+    params["want_stats"] = bool(want_stats)
+    params["out_float32"] = out.dtype == np.float32
+    function((nq, Hq, B), (threads,), (params[()],), shared_mem=shared)
     if not want_stats:
         return out, lse, None, None, None
     return out, lse, kept, visited, bound
@@ -575,11 +624,16 @@ def linear_branch(q, k, v, marginal, block, feature_map="softmax", eps=0.0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Gradients: no GPU kernel yet; the float64 reference on the host, results back on the device.
+# Gradients: no GPU kernel yet; attention_backward runs the cpu backend on the host.
 
 
 def _host(x):
     return None if x is None else (x.get() if hasattr(x, "get") else np.asarray(x))
+
+
+def _host_f32(x):
+    """A float32 NumPy copy of a device array (what the cpu backend computes 16-bit inputs in)."""
+    return _host(x).astype(np.float32)
 
 
 def _host_f64(x):
@@ -590,13 +644,20 @@ def _host_f64(x):
     return host.astype(np.float64)
 
 
-def attention_backward(q, k, v, do, kept, block, scale):
-    """``(dq, dk, dv)`` in float32 CuPy arrays, computed by the float64 reference on the host."""
+def attention_backward(q, k, v, do, kept, block, scale, threads=None):
+    """``(dq, dk, dv)`` as float32 CuPy arrays, computed by the ``cpu`` backend on the host.
+
+    There is no GPU backward kernel yet: the inputs are copied to the host in float32 (what
+    the cpu backend widens 16-bit inputs to), the C++ kernels run there, and the gradients come
+    back to the device. This synchronises with the host.
+    """
     import cupy
 
-    grads = _reference.attention_backward(_host_f64(q), _host_f64(k), _host_f64(v),
-                                          _host_f64(do), _host(kept), block, scale)
-    return tuple(cupy.asarray(g.astype(np.float32)) for g in grads)
+    from . import cpu
+
+    grads = cpu.attention_backward(_host_f32(q), _host_f32(k), _host_f32(v), _host_f32(do),
+                                   _host(kept), block, scale, threads=threads)
+    return tuple(cupy.asarray(g) for g in grads)
 
 
 def linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear):

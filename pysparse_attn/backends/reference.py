@@ -5,11 +5,15 @@ from .. import _reference
 from .._reference import attention_backward, linear_backward, linear_branch  # noqa: F401
 
 
-def forward(q, k, v, plan, rule_code, rule_param, scale, want_stats=True):
-    """The reference forward; ``out`` in the input dtype, stats in float64."""
-    out, lse, kept, visited, bound = _reference.forward(q, k, v, plan, rule_code, rule_param,
-                                                        scale)
-    return out.astype(q.dtype, copy=False), lse, kept, visited, bound
+def forward(q, k, v, plan, rule, scale, want_stats=True, out_dtype=None):
+    """The reference forward; ``out`` in ``out_dtype`` (default the input dtype), stats float64.
+
+    ``rule`` is a SkipRule or None; ``want_stats`` is accepted for the contract (the reference
+    always computes its stats).
+    """
+    out, lse, kept, visited, bound = _reference.forward(q, k, v, plan, rule, scale)
+    return out.astype(q.dtype if out_dtype is None else out_dtype, copy=False), lse, kept, \
+        visited, bound
 
 
 def available() -> bool:
