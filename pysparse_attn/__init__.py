@@ -12,6 +12,7 @@ from ._rules import Blasst, Cef, Recall
 from ._select import BlockMask, TopK, TopP
 from ._stats import AttentionStats
 from .calibrate import calibrate_blasst, calibrate_cef, calibrate_recall
+from .reuse import PlanReuse
 
 __version__ = "0.1.0"
 
@@ -34,4 +35,5 @@ __all__ = [
     "calibrate_blasst",
     "calibrate_cef",
     "calibrate_recall",
+    "PlanReuse",
 ]

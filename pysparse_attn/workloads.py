@@ -509,3 +509,386 @@ def load_qkv(path, *, layout: str = "bhnd", mmap: bool = False):
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     return q, k, v
+
+
+# ---------------------------------------------------------------------------------------------
+# Denoising trajectories: q, k, v of one layer along a sampler's steps
+#
+# Synthetic, and documented as such: no model is run. The structure of each head comes from
+# the video-like generator above; what a trajectory adds is how a sampler moves it.
+#
+# * Noise to structure. A flow-matching sampler (Wan, HunyuanVideo) denoises
+#   ``x_s = (1 - sigma_s) x0 + sigma_s eps`` with ONE noise draw ``eps`` for the whole run, so
+#   each step mixes a structured part (the generator's head) with a fixed noise part, as
+#   ``sqrt(1 - w^2)`` structure to ``w`` noise with ``w = sigma^noise_power``: variance
+#   preserving, since Wan RMS-normalises q and k, and with the noise fading faster than the
+#   latent's own (``noise_power > 1``) because a layer's features carry the network's estimate
+#   of the clean video, which forms well before the latent's noise is gone; only the first
+#   steps look like noise.
+# * Drift. The structure follows a motion track: queries and keys are rotated at co-moving
+#   positions ``(t, y - vy t, x - vx t)``, so a head attends along the track, and the velocity
+#   moves across the steps (the model settling where things go); the locality sharpens (early
+#   steps attend broadly, late steps to detail) by a sharpness that grows across the steps.
+# * Jitter. A small fresh draw per step stands for the model's step-to-step changes.
+# * Jumps. At the steps named in ``jumps`` the structured part is redrawn (new head content,
+#   sinks and value field): the attention pattern changes at once, as a guard must notice.
+
+__all__ += ["Trajectory", "denoising_trajectory", "flow_sigmas", "load_trajectory"]
+
+_TRAJECTORY_NOISE_LOGIT_STD = 1.0
+_TRAJECTORY_SEED_TAG = {"structure": 1, "values": 2, "noise": 3, "jitter": 4}
+
+
+def flow_sigmas(steps: int, shift: float = 5.0) -> np.ndarray:
+    """Noise levels of a shifted flow-matching schedule (Wan's sampler), one per step.
+
+    ``sigma = shift t / (1 + (shift - 1) t)`` at ``t = 1 - s / steps`` for step ``s``: the first
+    step is pure noise (``sigma = 1``), the last close to clean; ``shift > 1`` spends more
+    steps at high noise, as Wan's ``sample_shift`` of 5 does at 480p.
+
+    Parameters
+    ----------
+    steps : int
+        Number of sampler steps.
+    shift : float
+        Schedule shift, positive.
+
+    Returns
+    -------
+    sigmas : float64 array ``(steps,)``, decreasing, in ``(0, 1]``.
+
+    Examples
+    --------
+    >>> from pysparse_attn.workloads import flow_sigmas
+    >>> flow_sigmas(4, shift=1.0)
+    array([1.  , 0.75, 0.5 , 0.25])
+    """
+    steps = _positive_int("steps", steps)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)):
+        raise TypeError(f"shift must be a real number, got {type(shift).__name__}")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift must be positive and finite, got {shift}")
+    t = 1.0 - np.arange(steps) / steps
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def _real_pair(name, value, positive=False) -> tuple:
+    """``(start, end)`` of a quantity that moves across the steps; a scalar stays constant."""
+    pair = value if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be a number or a (start, end) pair, got {value!r}")
+    out = []
+    for x in pair:
+        if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)):
+            raise TypeError(f"{name} must hold real numbers, got {value!r}")
+        x = float(x)
+        if not math.isfinite(x) or (positive and x <= 0):
+            raise ValueError(f"{name} must be {'positive and ' if positive else ''}finite, "
+                             f"got {value!r}")
+        out.append(x)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """q, k, v of one attention layer along a sampler's steps, produced on demand.
+
+    A sequence: ``len(trajectory)`` steps, ``trajectory[s]`` is ``(q, k, v)`` of step ``s``
+    in ``(B, H, N, D)`` layout (made or read when asked for, so a 50-step trajectory of a
+    full-size model is never held in memory at once), and iteration walks the steps in order.
+    Build one with :func:`denoising_trajectory` (synthetic) or :func:`load_trajectory` (a
+    user's saved tensors).
+
+    Attributes
+    ----------
+    steps : int
+        Number of steps.
+    grid : (int, int, int) or None
+        Token grid ``(T, H, W)`` when known (tokens frame-major), else None.
+    sigmas : float64 array ``(steps,)`` or None
+        Noise level of each step when known.
+    description : dict
+        What the trajectory is (generator parameters or the files), for result records.
+    """
+
+    steps: int
+    grid: Optional[tuple]
+    sigmas: Optional[np.ndarray]
+    description: dict
+    _step: object
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step):
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise TypeError(f"step must be an int, got {type(step).__name__}")
+        if not -self.steps <= step < self.steps:
+            raise IndexError(f"step {step} out of range for a trajectory of {self.steps} steps")
+        return self._step(int(step) % self.steps)
+
+    def __iter__(self):
+        for step in range(self.steps):
+            yield self._step(step)
+
+
+def _trajectory_rng(seed, batch, head, tag, *more):
+    return np.random.default_rng([seed, batch, head, _TRAJECTORY_SEED_TAG[tag], *more])
+
+
+def _co_moving_rotation(positions, velocity, frequencies, work):
+    moved = positions.astype(np.float64)
+    moved[:, 1] -= velocity[0] * positions[:, 0]
+    moved[:, 2] -= velocity[1] * positions[:, 0]
+    angles = _rope_angles(moved, frequencies)
+    return np.cos(angles).astype(work), np.sin(angles).astype(work), moved
+
+
+def denoising_trajectory(shape=(5, 8, 12), steps: int = 20, heads: Optional[int] = None,
+                         head_dim: Optional[int] = None, batch: int = 1,
+                         kinds: Union[str, Sequence[str]] = HEAD_KINDS, dtype=np.float32,
+                         seed: int = 0, shift: float = 5.0, sharpness=(1.0, 2.5),
+                         motion=((0.0, 0.0), (1.0, 0.5)), jitter: float = 0.05,
+                         noise_power: float = 8.0, jumps: Sequence[int] = ()) -> Trajectory:
+    """A synthetic denoising trajectory: video-like attention from noise to structure, drifting.
+
+    **Synthetic.** No model is run; the trajectory imitates what a flow-matching sampler does to
+    one attention layer (the comment block above this function in ``workloads.py`` gives the
+    reasoning): step ``s`` mixes a structured part, :func:`video_qkv`'s head of the same kind,
+    with one fixed noise draw, as ``sqrt(1 - w^2)`` to ``w`` with ``w = sigma_s^noise_power``
+    (variance preserving, which keeps the logits' size as q/k RMSNorm does), so the first steps
+    are noise-dominated (near-uniform rows) and the later ones structure-dominated. Across the steps the structure drifts: it follows a motion
+    track whose velocity moves linearly from ``motion[0]`` at the first step to ``motion[1]``
+    at the last, and its sharpness geometrically from ``sharpness[0]`` to ``sharpness[1]``
+    (the same drift at every step); every step adds a small fresh jitter; at the steps in
+    ``jumps`` the structure is redrawn outright.
+
+    Parameters
+    ----------
+    shape : (int, int, int) or str
+        Token grid ``(T, H, W)`` or a name in :data:`SHAPES`, as in :func:`video_qkv`.
+    steps : int
+        Sampler steps.
+    heads, head_dim, batch, kinds
+        As in :func:`video_qkv`.
+    dtype : dtype
+        float64, float32, float16 or bfloat16.
+    seed : int
+        Equal seeds (and parameters) give equal tensors at every step, in any access order.
+    shift : float
+        Schedule shift of :func:`flow_sigmas`.
+    sharpness : float or (float, float)
+        Structure sharpness at the first and the last step (a number: constant).
+    motion : (vy, vx) or ((vy, vx), (vy, vx))
+        Velocity of the motion track in tokens per frame along rows and columns, at the first
+        and the last step (one pair: constant).
+    jitter : float
+        Standard deviation of each step's fresh draw, relative to one unit per channel of the
+        structured content (0: none).
+    noise_power : float
+        How fast the noise part fades: its weight is ``sigma ** noise_power`` (1: as fast as
+        the latent's ``sigma``; larger: the structure emerges earlier in the run).
+    jumps : sequence of int
+        Steps at which the structured part is redrawn (each in ``1 .. steps - 1``).
+
+    Returns
+    -------
+    Trajectory
+        ``trajectory[s]`` gives ``(q, k, v)``, each ``(batch, heads, T*H*W, head_dim)`` of
+        ``dtype``; ``trajectory.sigmas`` the schedule; ``trajectory.grid`` the token grid.
+
+    Examples
+    --------
+    >>> from pysparse_attn.workloads import denoising_trajectory
+    >>> trajectory = denoising_trajectory((3, 4, 6), steps=5, heads=2, head_dim=24)
+    >>> len(trajectory), trajectory[4][0].shape
+    (5, (1, 2, 72, 24))
+    """
+    if isinstance(shape, str) and shape in SHAPES:
+        registered = SHAPES[shape]
+        heads = registered.heads if heads is None else heads
+        head_dim = registered.head_dim if head_dim is None else head_dim
+    grid = _check_grid(shape)
+    steps = _positive_int("steps", steps)
+    heads = _positive_int("heads", 4 if heads is None else heads)
+    head_dim = _positive_int("head_dim", 64 if head_dim is None else head_dim)
+    batch = _positive_int("batch", batch)
+    kinds = _check_kinds(kinds)
+    dtype = _check_dtype(dtype)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0 (it seeds NumPy's SeedSequence), got {seed}")
+    sigmas = flow_sigmas(steps, shift)
+    sharpness = _real_pair("sharpness", sharpness, positive=True)
+    if (isinstance(motion, (tuple, list)) and len(motion) == 2
+            and all(isinstance(m, (tuple, list)) for m in motion)):
+        motion_pairs = (_real_pair("motion", motion[0]), _real_pair("motion", motion[1]))
+    else:
+        motion_pairs = (_real_pair("motion", motion),) * 2
+    if isinstance(jitter, bool) or not isinstance(jitter, (int, float)):
+        raise TypeError(f"jitter must be a real number, got {type(jitter).__name__}")
+    if not (math.isfinite(jitter) and jitter >= 0):
+        raise ValueError(f"jitter must be finite and >= 0, got {jitter}")
+    if isinstance(noise_power, bool) or not isinstance(noise_power, (int, float)):
+        raise TypeError(f"noise_power must be a real number, got {type(noise_power).__name__}")
+    if not (math.isfinite(noise_power) and noise_power > 0):
+        raise ValueError(f"noise_power must be positive and finite, got {noise_power}")
+    jumps = tuple(sorted(set(int(j) for j in jumps)))
+    for j in jumps:
+        if not 1 <= j < steps:
+            raise ValueError(f"jumps must lie in 1 .. {steps - 1}, got {j}")
+
+    frequencies = rope_frequencies(head_dim)
+    positions = grid_positions(grid)
+    n_tokens = positions.shape[0]
+    work = np.float64 if dtype == np.float64 else np.float32
+    scale = 1.0 / math.sqrt(head_dim)
+    # Noise part: i.i.d. q, k whose logits have a standard deviation of
+    # _TRAJECTORY_NOISE_LOGIT_STD nats (scale * q.k has variance a^4 for N(0, a^2) channels).
+    noise_amplitude = math.sqrt(_TRAJECTORY_NOISE_LOGIT_STD)
+
+    def make_step(step):
+        sigma = float(sigmas[step])
+        progress = step / (steps - 1) if steps > 1 else 1.0
+        sharp = sharpness[0] * (sharpness[1] / sharpness[0]) ** progress
+        velocity = tuple(a + (b - a) * progress for a, b in zip(*motion_pairs))
+        segment = sum(1 for j in jumps if j <= step)
+        cos, sin, moved = _co_moving_rotation(positions, velocity, frequencies, work)
+        noise_weight = sigma ** noise_power
+        structure_weight = math.sqrt(1.0 - noise_weight * noise_weight)
+        out = [np.empty((batch, heads, n_tokens, head_dim), dtype=dtype) for _ in range(3)]
+        for b in range(batch):
+            for h in range(heads):
+                # Re-seeding per step replays the same head content, sinks and value field;
+                # only the positions (motion) and the sharpness move.
+                q_s, k_s = _head(kinds[h % len(kinds)], (cos, sin), n_tokens, head_dim, scale,
+                                 sharp, _trajectory_rng(seed, b, h, "structure", segment),
+                                 True, frequencies)
+                v_s = _values(moved, head_dim,
+                              _trajectory_rng(seed, b, h, "values", segment), work)
+                noise = _trajectory_rng(seed, b, h, "noise")
+                q_n = noise_amplitude * _normal(noise, (n_tokens, head_dim), work)
+                k_n = noise_amplitude * _normal(noise, (n_tokens, head_dim), work)
+                v_n = _normal(noise, (n_tokens, head_dim), work)
+                q = structure_weight * q_s + noise_weight * q_n
+                k = structure_weight * k_s + noise_weight * k_n
+                v = structure_weight * v_s + noise_weight * v_n
+                if jitter:
+                    fresh = _trajectory_rng(seed, b, h, "jitter", step)
+                    q = q + jitter * _normal(fresh, (n_tokens, head_dim), work)
+                    k = k + jitter * _normal(fresh, (n_tokens, head_dim), work)
+                    v = v + jitter * _normal(fresh, (n_tokens, head_dim), work)
+                out[0][b, h], out[1][b, h], out[2][b, h] = q, k, v
+        return tuple(out)
+
+    description = {
+        "generator": "denoising_trajectory", "grid": list(grid), "steps": steps,
+        "heads": heads, "head_dim": head_dim, "batch": batch, "kinds": list(kinds),
+        "dtype": str(dtype), "seed": int(seed), "shift": float(shift),
+        "sharpness": list(sharpness), "motion": [list(m) for m in motion_pairs],
+        "jitter": float(jitter), "noise_power": float(noise_power), "jumps": list(jumps)}
+    return Trajectory(steps, grid, sigmas, description, make_step)
+
+
+def _natural_key(path: Path):
+    """Sort key putting ``step_2`` before ``step_10``: digit runs compare as numbers."""
+    import re
+
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def load_trajectory(path, *, layout: str = "bhnd", mmap: bool = False, grid=None,
+                    sigmas=None) -> Trajectory:
+    """A user's saved per-step q, k, v as a :class:`Trajectory` (read step by step).
+
+    ``path`` is a directory with one entry per step, in natural order of the names (``step_2``
+    before ``step_10``): each entry a file or directory :func:`load_qkv` reads (``.npz`` with
+    ``q``, ``k``, ``v``; a stacked ``.npy``; a directory of ``q.npy``, ``k.npy``, ``v.npy``).
+    Other files (a ``README``, a ``sigmas.npy``) are ignored; save from a sampler with, e.g.,
+    ``np.savez(f"capture/step_{s:03d}.npz", q=q, k=k, v=v)``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The directory.
+    layout : {"bhnd", "bnhd", "hnd", "nhd"}
+        Axis order of the saved arrays, as in :func:`load_qkv`.
+    mmap : bool
+        Memory-map ``.npy`` files.
+    grid : (int, int, int), optional
+        The token grid ``(T, H, W)`` of the capture, when known (lets plan reuse dilate in
+        the grid); its product must equal the sequence length.
+    sigmas : sequence of float, optional
+        Noise level of each step.
+
+    Returns
+    -------
+    Trajectory
+        Each step is read when asked for; a step whose shapes or dtype differ from those of
+        the first step read raises ``ValueError``/``TypeError`` naming the file.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    ValueError
+        ``path`` is not a directory, holds no step, or ``sigmas`` has the wrong length.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> from pysparse_attn.workloads import load_trajectory
+    >>> root = tempfile.mkdtemp()
+    >>> x = np.zeros((1, 2, 24, 8), dtype=np.float32)
+    >>> for s in (0, 1, 10):
+    ...     np.savez(os.path.join(root, f"step_{s}.npz"), q=x, k=x, v=x)
+    >>> trajectory = load_trajectory(root, grid=(2, 3, 4))
+    >>> len(trajectory), trajectory.description["files"]
+    (3, ['step_0.npz', 'step_1.npz', 'step_10.npz'])
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"path does not exist: {root}")
+    if not root.is_dir():
+        raise ValueError(f"path must be a directory of per-step captures, got file {root}")
+    entries = sorted((p for p in root.iterdir()
+                      if (p.is_dir() and (p / "q.npy").exists())
+                      or (p.suffix == ".npz")
+                      or (p.suffix == ".npy" and p.stem not in ("sigmas", "grid"))),
+                     key=_natural_key)
+    if not entries:
+        raise ValueError(f"path {root} holds no per-step capture (.npz, stacked .npy, or a "
+                         "directory with q.npy, k.npy, v.npy)")
+    if grid is not None:
+        grid = _check_grid(grid)
+    if sigmas is not None:
+        sigmas = np.asarray(sigmas, dtype=np.float64)
+        if sigmas.shape != (len(entries),):
+            raise ValueError(f"sigmas must hold one value per step ({len(entries)}), got "
+                             f"shape {sigmas.shape}")
+    first = {}
+
+    def read_step(step):
+        q, k, v = load_qkv(entries[step], layout=layout, mmap=mmap)
+        signature = (q.shape, k.shape, q.dtype)
+        if not first:
+            if grid is not None and int(np.prod(grid)) != q.shape[2]:
+                raise ValueError(f"grid {grid} has {int(np.prod(grid))} tokens but "
+                                 f"{entries[step].name} has sequence length {q.shape[2]}")
+            first["signature"], first["name"] = signature, entries[step].name
+        elif signature[:2] != first["signature"][:2]:
+            raise ValueError(f"{entries[step].name} has q {q.shape}, k {k.shape}; "
+                             f"{first['name']} has q {first['signature'][0]}, "
+                             f"k {first['signature'][1]}")
+        elif signature[2] != first["signature"][2]:
+            raise TypeError(f"{entries[step].name} has dtype {q.dtype}, {first['name']} "
+                            f"{first['signature'][2]}")
+        return q, k, v
+
+    description = {"loader": "load_trajectory", "path": str(root), "layout": layout,
+                   "files": [p.name for p in entries],
+                   "grid": None if grid is None else list(grid)}
+    return Trajectory(len(entries), grid, sigmas, description, read_step)

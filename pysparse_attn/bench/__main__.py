@@ -19,6 +19,7 @@ line on stderr with exit status 2; ``--traceback`` shows the Python traceback in
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ from .compare import (DEFAULT_ERRORS, DEFAULT_SPARSITIES, RANKINGS, markdown_mat
 from .methods import DEFAULT_METHODS, METHODS
 from .results import DOCS_GRID
 from .sweep import WORKLOADS, parse_workload, read_records, run_sweep, summary
+from . import reuse
 
 USAGE_ERROR = 2  # argparse's own exit status for a bad command line
 
@@ -171,6 +173,7 @@ def build_parser():
     export.add_argument("results", nargs="+", help="JSONL files written by sweep")
     export.add_argument("-o", "--output", required=True,
                         help="result JSONL file (appended to)")
+    reuse.add_parser(commands)
     return parser
 
 
@@ -194,6 +197,10 @@ def main(argv=None):
 
 
 def _run(args, argv):
+    if args.command == "reuse":
+        print(json.dumps(reuse.run(args, ["python -m pysparse_attn.bench"] + list(
+            sys.argv[1:] if argv is None else argv)), indent=1))
+        return 0
     if args.command == "sweep":
         workloads = [parse_workload(w, dtype=args.dtype, block=args.block, seed=args.seed)
                      for w in (args.workload or ["mixed-small"])]
