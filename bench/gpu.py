@@ -262,7 +262,26 @@ def sanitize_target():
                 for order in ("natural", "peak"):
                     backend.build_plan(cupy, q, k, selector, order, 4, (64, 64), D ** -0.5)
     cupy.cuda.runtime.deviceSynchronize()
-    print(f"sanitize target: all instances of {kernels} ran, and the plan kernels")
+    import pysparse_attn as psa
+
+    for dtype in (_bf16(), np.float16):  # SLA: the split plan kernel, linear branch and merge
+        for D in (64, 128):
+            q = cupy.asarray(rng.standard_normal((1, 2, 150, D)).astype(np.float32)).astype(dtype)
+            k = cupy.asarray(rng.standard_normal((1, 1, 201, D)).astype(np.float32)).astype(dtype)
+            w = cupy.asarray(rng.standard_normal((D, D)).astype(np.float32))
+            for linear in ("marginal", "complement", "global"):
+                for feature_map in ("softmax", "elu1", "relu"):
+                    psa.sla_attention(q, k, k, critical=0.3, negligible=0.3, linear=linear,
+                                      feature_map=feature_map, proj_weight=w, proj_bias=w[0],
+                                      block=(64, 64))
+            kept = cupy.zeros((1, 2, 3, 4), dtype=bool)
+            kept[0, 0, 1, 2] = True  # every other row empty: O = 0, LSE = -inf written
+            plan = psa.Plan.from_kept(kept, block=(64, 64), shape=(1, 2, 150, 201))
+            for kernel in kernels:
+                backend.forward(q, k, k, plan, None, D ** -0.5, True, out_dtype=np.float32,
+                                kernel=kernel)
+    cupy.cuda.runtime.deviceSynchronize()
+    print(f"sanitize target: all instances of {kernels} ran, the plan kernels and SLA")
 
 
 def step_time(log, records, quick, part="all"):
