@@ -535,7 +535,7 @@ needs_gpu = pytest.mark.skipif(_gpu_reason() is not None,
                                reason=f"needs CuPy and a CUDA GPU: {_gpu_reason()}")
 
 
-def _gpu_inputs(Hq=6, Hkv=3, N=337, D=64, sharp=1.0):
+def _gpu_inputs(Hq=12, Hkv=6, N=337, D=64, sharp=1.0):  # groups split evenly over 1-3 ranks
     import cupy
 
     rng = cupy.random.default_rng(0)

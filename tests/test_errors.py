@@ -322,7 +322,7 @@ def test_cupy_backend_without_cupy_or_gpu():
 def test_gpu_block_sizes_not_supported_lists_the_supported_ones():
     import cupy
 
-    q, k, v = (cupy.asarray(x, dtype=cupy.float32) for x in arrays())
+    q, k, v = (cupy.asarray(x, dtype=cupy.float16) for x in arrays())
     with pytest.raises(ValueError, match=names("block")) as raised:
         psa.attention(q, k, v, block=(7, 13), backend="cupy")
     assert "supported" in str(raised.value)

@@ -631,39 +631,15 @@ def _operand_dtype(dtype_name):
     return np.dtype(ml_dtypes.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
-def _pointer_kernel():
-    import cupy
-
-    return cupy.ElementwiseKernel(
-        "uint64 base, int64 outer_stride, int64 inner_stride, int64 tile_stride, int64 inner, "
-        "int64 tiles, int64 item",
-        "uint64 pointer",
-        "const long long t = i % tiles, o = i / tiles;"
-        "pointer = base + (unsigned long long)(((o / inner) * outer_stride"
-        " + (o % inner) * inner_stride + t * tile_stride) * item);",
-        "psa_linear_tile_pointers")
-
-
-def _tile_pointers(x, tiles, tile_rows, first_tile=0):
-    """Device array of the addresses of row tiles ``first_tile + t`` of every (batch, head)."""
-    B, H = x.shape[:2]
-    sb, sh, sn = (int(s) // x.itemsize for s in x.strides[:3])
-    base = x.data.ptr + first_tile * tile_rows * sn * x.itemsize
-    return _pointer_kernel()(np.uint64(base), np.int64(sb), np.int64(sh),
-                             np.int64(tile_rows * sn), np.int64(H), np.int64(tiles),
-                             np.int64(x.itemsize), size=B * H * tiles)
-
-
 def _gemm(m, n, k, a, lda, b, ldb, c, ldc, *, types, a_t=False, b_t=False, batch=1,
-          strides=(0, 0, 0), pointers=False, compute=_COMPUTE_32F):
+          strides=(0, 0, 0), compute=_COMPUTE_32F):
     """Row-major ``C (m x n) = op(A) op(B)`` by cuBLAS on the current stream.
 
     ``op(A)`` is ``m x k`` (``A`` stored ``k x m`` when ``a_t``), ``op(B)`` is ``k x n``; the
     leading dimensions are row strides in elements. ``a``, ``b``, ``c`` are the CuPy arrays
-    whose memory the operands start at (strides between batch items in elements), or with
-    ``pointers`` uint64 device arrays of one address per batch item. ``types`` is the pair
-    (operand type name, output type name). cuBLAS is column-major: it computes ``C^T``.
+    whose memory the operands start at (strides between batch items in elements); ``types``
+    is the pair (operand type name, output type name). cuBLAS is column-major: it computes
+    ``C^T``.
     """
     from cupy.cuda import cublas, device
 
@@ -675,16 +651,11 @@ def _gemm(m, n, k, a, lda, b, ldb, c, ldc, *, types, a_t=False, b_t=False, batch
     mode = cublas.getPointerMode(handle)
     cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
     try:
-        if pointers:
-            cublas.gemmBatchedEx(handle, trans_first, trans_second, n, m, k, alpha, b.data.ptr,
-                                 operand, ldb, a.data.ptr, operand, lda, beta, c.data.ptr,
-                                 output, ldc, batch, compute, _GEMM_DEFAULT)
-        else:
-            sa, sb, sc = strides
-            cublas.gemmStridedBatchedEx(handle, trans_first, trans_second, n, m, k, alpha,
-                                        b.data.ptr, operand, ldb, sb, a.data.ptr, operand, lda,
-                                        sa, beta, c.data.ptr, output, ldc, sc, batch, compute,
-                                        _GEMM_DEFAULT)
+        sa, sb, sc = strides
+        cublas.gemmStridedBatchedEx(handle, trans_first, trans_second, n, m, k, alpha,
+                                    b.data.ptr, operand, ldb, sb, a.data.ptr, operand, lda,
+                                    sa, beta, c.data.ptr, output, ldc, sc, batch, compute,
+                                    _GEMM_DEFAULT)
     finally:
         cublas.setPointerMode(handle, mode)
 
@@ -723,17 +694,20 @@ def _linear_output(q, k, v, marginal, block, feature_map, eps, weight=None, mode
         raise ValueError(f"the linear branch supports head dims up to {_MAX_LINEAR_HEAD_DIM}")
     operand = LINEAR_OPERAND[dtype_name]
     types = (operand, operand)
-    q, k, v = (_unit_stride(cupy, x) for x in (q, k, v))
-    if _dtype_name(v) != operand:
-        v = v.astype(_operand_dtype(dtype_name))
+    q, k = (_unit_stride(cupy, x) for x in (q, k))
     phi_k, tile_z = _features(cupy, k, block_k, feature_map, query=False)
-    v_row = int(v.strides[2]) // v.itemsize
+    # V in the operand type, contiguous and zero-padded to whole key tiles like phi(K): every
+    # per-tile GEMM is then one strided batch (cuBLAS through CuPy has no pointer-array Ex GEMM).
+    keys_padded = nk * block_k
+    v_tiles = cupy.empty((B, Hkv, keys_padded, D), dtype=_operand_dtype(dtype_name))
+    v_tiles[:, :, :Nk] = v
+    if keys_padded > Nk:
+        v_tiles[:, :, Nk:] = 0
     if mode == "global":
         # One state per kv head over all keys: no tile states at all.
         state = cupy.empty((B, Hkv, D, D), dtype=cupy.float32)
-        _gemm(D, D, Nk, _tile_pointers(phi_k, 1, 0), D, _tile_pointers(v, 1, 0), v_row,
-              _tile_pointers(state, 1, 0), D, types=(operand, "float32"), a_t=True,
-              batch=B * Hkv, pointers=True)
+        _gemm(D, D, keys_padded, phi_k, D, v_tiles, D, state, D, types=(operand, "float32"),
+              a_t=True, batch=B * Hkv, strides=(keys_padded * D, keys_padded * D, D * D))
         z = tile_z.sum(axis=2)                                          # (B, Hkv, D)
         if weight is not None:  # (O_l) W^T = phi(q) (H W^T) / den, W in float32
             state = cupy.matmul(state, weight.T.astype(cupy.float32, copy=False))
@@ -741,14 +715,8 @@ def _linear_output(q, k, v, marginal, block, feature_map, eps, weight=None, mode
         z_layout = (Hkv, group, 0)
     else:
         tile_h = cupy.empty((B, Hkv, nk, D, D), dtype=_operand_dtype(dtype_name))
-        full, rest = Nk // block_k, Nk % block_k
-        for first, tiles, keys in ((0, full, block_k), (full, 1 if rest else 0, rest)):
-            if tiles == 0:
-                continue
-            _gemm(D, D, keys, _tile_pointers(phi_k, tiles, block_k, first), D,
-                  _tile_pointers(v, tiles, block_k, first), v_row,
-                  _tile_pointers(tile_h.reshape(B, Hkv, nk * D, D), tiles, D, first), D,
-                  types=types, a_t=True, batch=B * Hkv * tiles, pointers=True)
+        _gemm(D, D, block_k, phi_k, D, v_tiles, D, tile_h, D, types=types, a_t=True,
+              batch=B * Hkv * nk, strides=(block_k * D, block_k * D, D * D))
         flags = cupy.ascontiguousarray(cupy.asarray(marginal).reshape(B, Hkv, group * nq, nk),
                                        dtype=cupy.float32)
         states = cupy.empty((B, Hkv, group * nq, D * D), dtype=_operand_dtype(dtype_name))

@@ -64,12 +64,14 @@ def add_parser(commands):
                         help="path prefix: writes PREFIX.jsonl, PREFIX.md, PREFIX.png/.svg")
     parser.add_argument("--shape", default="9x15x26",
                         help="token grid TxHxW or a name in workloads.SHAPES (default 9x15x26)")
-    parser.add_argument("--heads", type=int, default=None)
-    parser.add_argument("--head-dim", type=int, default=None)
+    parser.add_argument("--heads", type=int, default=None,
+                        help="heads of the synthetic trajectory (default: the shape's)")
+    parser.add_argument("--head-dim", type=int, default=None,
+                        help="head dimension D (default: the shape's)")
     parser.add_argument("--kinds", default="local+temporal+global+diffuse",
                         help="head kinds joined by + (default all four)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="trajectory seed (default 0)")
     parser.add_argument("--jumps", default="", help="steps where the structure jumps, e.g. 12,30")
     parser.add_argument("--trajectory", default=None,
                         help="directory of saved per-step q, k, v (load_trajectory) instead")
@@ -80,11 +82,16 @@ def add_parser(commands):
     parser.add_argument("--backend", default="cpu", help="cpu, cupy or reference")
     parser.add_argument("--block", default="64x64", help="BqxBk (default 64x64)")
     parser.add_argument("--skip", default="recall:0.95", help="in-loop rule (recall:0.95)")
-    parser.add_argument("--refresh-every", type=int, default=5)
-    parser.add_argument("--dense-steps", type=int, default=2)
-    parser.add_argument("--margin", type=int, default=0)
-    parser.add_argument("--mass-budget", type=float, default=0.02)
-    parser.add_argument("--kept-tolerance", type=float, default=0.1)
+    parser.add_argument("--refresh-every", type=int, default=5,
+                        help="steps between scheduled refreshes (default 5)")
+    parser.add_argument("--dense-steps", type=int, default=2,
+                        help="first steps computed dense (default 2)")
+    parser.add_argument("--margin", type=int, default=0,
+                        help="tiles of dilation around the reused kept set (default 0)")
+    parser.add_argument("--mass-budget", type=float, default=0.02,
+                        help="guard: allowed growth of the estimated outside mass (default 0.02)")
+    parser.add_argument("--kept-tolerance", type=float, default=0.1,
+                        help="guard: allowed move of the kept share inside the plan (default 0.1)")
     parser.add_argument("--order", default=None, help="natural, score or peak (default: peak)")
     parser.add_argument("--repeat", type=int, default=3, help="timed calls per step (median)")
     parser.add_argument("--error-tiles", type=int, default=None,

@@ -148,7 +148,7 @@ class Workload:
 
             def to_device(x):
                 if x.dtype.name == "bfloat16":  # through float32 (exact): CuPy's own bfloat16
-                    return cupy.asarray(x.astype(np.float32)).astype(cupy.bfloat16)
+                    return cupy.asarray(x.astype(np.float32)).astype(x.dtype)
                 return cupy.asarray(x)
 
             self.cache[("device", backend)] = tuple(to_device(x) for x in self.tensors())
