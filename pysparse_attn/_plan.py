@@ -441,7 +441,7 @@ def _validate(plan):
 # Block scores and the selection methods (DESIGN.md sections 3 and 4).
 
 
-def _pool(xp, x, b):
+def pool_tiles(xp, x, b):
     """Mean of each tile of ``b`` rows of ``x (B, H, N, D)`` over its valid rows.
 
     Accumulates in float64 for float64 inputs and float32 otherwise, reading ``x`` in place
@@ -466,8 +466,8 @@ def block_scores(xp, q, k, block, scale):
     """
     Bq, Bk = block
     group = q.shape[1] // k.shape[1]
-    qbar = _pool(xp, q, Bq)
-    kbar = _pool(xp, k, Bk)
+    qbar = pool_tiles(xp, q, Bq)
+    kbar = pool_tiles(xp, k, Bk)
     kbar = kbar - kbar.mean(axis=2, keepdims=True)
     if group > 1:
         kbar = xp.repeat(kbar, group, axis=1)

@@ -47,6 +47,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import _api
+from ._plan import pool_tiles, tile_count
 from ._select import BlockMask, TopK, TopP
 
 __all__ = [
@@ -948,27 +949,6 @@ class RingStats:
     extra: dict = field(default_factory=dict, repr=False)
 
 
-def _tile_count(n, b):
-    return -(-n // b)
-
-
-def _pool_tiles(xp, x, b):
-    """Mean of each tile of ``b`` rows of ``x (B, H, N, D)`` over its valid rows.
-
-    The block-score estimator's pooling (DESIGN.md section 3), in float64 for float64 inputs
-    and float32 otherwise, so pooled tiles exchanged between ranks score as on one device.
-    """
-    B, H, N, D = x.shape
-    acc = _accumulator(xp, x.dtype)
-    full = N // b
-    parts = []
-    if full:
-        parts.append(x[:, :, :full * b].reshape(B, H, full, b, D).mean(axis=3, dtype=acc))
-    if N % b:
-        parts.append(x[:, :, full * b:].mean(axis=2, keepdims=True, dtype=acc))
-    return parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=2)
-
-
 def _selected_tiles(xp, qbar, kbar, select, scale):
     """The selector's kept key tiles ``(B, H, nq_r, nk)`` for pooled query and key tiles.
 
@@ -1045,10 +1025,10 @@ def _ring_setup(comm, q, k, v, select, scale, block, drop_mass, layout, check_fi
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
     elif not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be finite and > 0, got {scale}")
-    q_tiles = np.concatenate([[0], np.cumsum([_tile_count(n, block[0]) for n in info[:, 4]])])
-    k_tiles = np.concatenate([[0], np.cumsum([_tile_count(n, block[1]) for n in info[:, 5]])])
+    q_tiles = np.concatenate([[0], np.cumsum([tile_count(n, block[0]) for n in info[:, 4]])])
+    k_tiles = np.concatenate([[0], np.cumsum([tile_count(n, block[1]) for n in info[:, 5]])])
     nk = int(k_tiles[-1])
-    nq_r = _tile_count(nq_rows, block[0])
+    nq_r = tile_count(nq_rows, block[0])
     rank, size = comm.rank, comm.size
 
     keep = None
@@ -1082,14 +1062,14 @@ def _ring_setup(comm, q, k, v, select, scale, block, drop_mass, layout, check_fi
 
 def _exchange_pooled(comm, xp, q, k, block, k_tiles):
     """Pooled key tiles of every rank (the cheap first exchange) and this rank's pooled q."""
-    kbar = _pool_tiles(xp, k, block[1])
+    kbar = pool_tiles(xp, k, block[1])
     widest = int(np.diff(k_tiles).max())
     padded = xp.zeros(kbar.shape[:2] + (widest, kbar.shape[3]), dtype=kbar.dtype)
     padded[:, :, :kbar.shape[2]] = kbar
     parts = comm.allgather(padded)
     counts = np.diff(k_tiles)
     kbar_all = xp.concatenate([p[:, :, :int(c)] for p, c in zip(parts, counts)], axis=2)
-    return kbar_all, _pool_tiles(xp, q, block[0])
+    return kbar_all, pool_tiles(xp, q, block[0])
 
 
 def _ring_mask(xp, mask, shape):
@@ -1148,7 +1128,7 @@ def _shard_call(setup, q, k_s, v_s, s, skip, order, peak, backend, threads, *, k
     xp = setup.xp
     Bq, Bk = setup.block
     B, H, n_rows, D = q.shape
-    nq_r = _tile_count(n_rows, Bq)
+    nq_r = tile_count(n_rows, Bq)
     lo, hi = int(setup.k_tiles[s]), int(setup.k_tiles[s + 1])
     local_keep = None if keep is None else keep[..., lo:hi]
     rows = None
@@ -1297,7 +1277,7 @@ def _ring_forward(setup, skip, order, peak, backend, threads):
     B, H, n_rows, D = q.shape
     acc = _accumulator(xp, q.dtype)
     nk = int(setup.k_tiles[-1])
-    nq_r = _tile_count(n_rows, setup.block[0])
+    nq_r = tile_count(n_rows, setup.block[0])
     out_acc = xp.zeros((B, H, n_rows, D), dtype=acc)
     lse_run = xp.full((B, H, n_rows), -xp.inf, dtype=acc)
     log_skip = xp.full((B, H, n_rows), -xp.inf, dtype=acc)
