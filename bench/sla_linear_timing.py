@@ -1,5 +1,4 @@
 """Time the SLA linear branch + merge at the Wan2.1-1.3B shape (run on the GPU machine)."""
-import sys
 import numpy as np
 import cupy
 from cupyx.profiler import benchmark

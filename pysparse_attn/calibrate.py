@@ -926,6 +926,29 @@ def _replay_options(order, peak, block, scale, layout, backend, refine):
     return dict(order=order, peak=peak, block=block, scale=scale, backend=backend)
 
 
+def _calibrate_replayed(family, label, q, k, v, layout, scale, targets, budget, per_head, grid,
+                        refine, options):
+    """The path every replayed rule (CEF, Recall) shares.
+
+    With a budget: the :class:`BudgetCalibration` of :func:`_replay_budget`. Otherwise the
+    ``_replay_targets`` tuple for ``targets``, each grid point measured by one call of the
+    public :func:`~pysparse_attn.attention` with ``family.make(parameter)``.
+    """
+    if budget is not None:
+        q, k, v = _canonical(q, k, v, layout)
+        options["scale"] = check_scale(scale, q.shape[-1])
+        return _replay_budget(family, q, k, v, budget, per_head, grid, refine, options)
+
+    from ._api import attention
+
+    def sparsity_at(parameter):
+        _, stats = attention(q, k, k, skip=family.make(float(parameter)), layout=layout,
+                             return_stats=True, **options)
+        return stats.sparsity
+
+    return _replay_targets(label, targets, grid, refine, sparsity_at)
+
+
 def calibrate_cef(q, k, target_sparsity=None, *, v=None, max_error=None, min_recall=None,
                   per_head=None, order="peak", peak=4, block=(64, 64), scale=None,
                   layout="bhnd", backend="auto", grid=None, refine=8):
@@ -982,20 +1005,11 @@ def calibrate_cef(q, k, target_sparsity=None, *, v=None, max_error=None, min_rec
     if grid is None:
         raise ValueError("grid must hold at least two finite thresholds <= 0")
     family = _Family("calibrate_cef", lambda lam: Cef(lam))
+    result = _calibrate_replayed(family, "CEF", q, k, v, layout, scale, targets, budget,
+                                 per_head, grid, refine, options)
     if budget is not None:
-        q, k, v = _canonical(q, k, v, layout)
-        options["scale"] = check_scale(scale, q.shape[-1])
-        return _replay_budget(family, q, k, v, budget, per_head, grid, refine, options)
-
-    from ._api import attention
-
-    def sparsity_at(lam):
-        _, stats = attention(q, k, k, skip=Cef(float(lam)), layout=layout, return_stats=True,
-                             **options)
-        return stats.sparsity
-
-    lam, achieved, grid_sparsity, observed = _replay_targets("CEF", targets, grid, refine,
-                                                             sparsity_at)
+        return result
+    lam, achieved, grid_sparsity, observed = result
     mass = np.exp(lam - uniform)
     return CefCalibration(targets=targets, lam=lam, mass=mass, achieved=achieved,
                           observed_range=observed, grid_lam=grid, grid_sparsity=grid_sparsity)
@@ -1061,20 +1075,11 @@ def calibrate_recall(q, k, target_sparsity=None, *, v=None, max_error=None, min_
     if grid is None:
         raise ValueError("grid must hold at least two finite recall targets in (0, 1]")
     family = _Family("calibrate_recall", lambda target: Recall(target, exact=exact))
+    result = _calibrate_replayed(family, "Recall", q, k, v, layout, scale, targets, budget,
+                                 per_head, grid, refine, options)
     if budget is not None:
-        q, k, v = _canonical(q, k, v, layout)
-        options["scale"] = check_scale(scale, q.shape[-1])
-        return _replay_budget(family, q, k, v, budget, per_head, grid, refine, options)
-
-    from ._api import attention
-
-    def sparsity_at(target):
-        _, stats = attention(q, k, k, skip=Recall(float(target), exact=exact), layout=layout,
-                             return_stats=True, **options)
-        return stats.sparsity
-
-    found, achieved, grid_sparsity, observed = _replay_targets("Recall", targets, grid, refine,
-                                                               sparsity_at)
+        return result
+    found, achieved, grid_sparsity, observed = result
     return RecallCalibration(targets=targets, recall_target=found, achieved=achieved,
                              observed_range=observed, grid_target=grid,
                              grid_sparsity=grid_sparsity, exact=exact)

@@ -1029,7 +1029,7 @@ def _ring_setup(comm, q, k, v, select, scale, block, drop_mass, layout, check_fi
     k_tiles = np.concatenate([[0], np.cumsum([tile_count(n, block[1]) for n in info[:, 5]])])
     nk = int(k_tiles[-1])
     nq_r = tile_count(nq_rows, block[0])
-    rank, size = comm.rank, comm.size
+    size = comm.size
 
     keep = None
     plan_dropped = False
