@@ -13,6 +13,7 @@ rule -> nothing skipped) is checked alongside.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import ml_dtypes
@@ -275,3 +276,20 @@ def check_forward(backend, q, k, v, *, dtype, block, rule=None, select=None, ord
         np.testing.assert_array_equal(bound, 1.0)
     return dict(kept=kept, visited=visited, bound=bound, q64=q64, k64=k64, v64=v64,
                 plan=host_plan, skipped=int(skipped.sum()), out=out_h)
+
+
+def csr_plan(rows, block):
+    """A plan-like object (what a backend reads) from nested per-(b, h) lists of key tiles.
+
+    ``rows[b][h]`` is the list of query tile rows, each a list of key tiles in visit order.
+    """
+    B, H, nq = len(rows), len(rows[0]), len(rows[0][0])
+    capacity = max(1, max(sum(len(r) for r in rows[b][h]) for b in range(B) for h in range(H)))
+    offsets = np.zeros((B, H, nq + 1), np.int32)
+    indices = np.full((B, H, capacity), -1, np.int32)
+    for b in range(B):
+        for h in range(H):
+            flat = [tile for row in rows[b][h] for tile in row]
+            offsets[b, h, 1:] = np.cumsum([len(row) for row in rows[b][h]])
+            indices[b, h, :len(flat)] = flat
+    return SimpleNamespace(row_offsets=offsets, row_indices=indices, block=tuple(block))

@@ -11,13 +11,13 @@ errors and 16-bit rounding.
 from __future__ import annotations
 
 import threading
-from types import SimpleNamespace
 
 import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from contract import csr_plan
 from strategies import TOLERANCES, make_rule, problems, random_tile_mask, skip_rules_params
 
 import pysparse_attn as psa
@@ -82,23 +82,6 @@ def make_selector(kind, problem):
         return TopP(0.8)
     B, H = problem.q.shape[:2]
     return BlockMask(random_tile_mask(problem.rng(1), (B, H, nq, nk), 0.5))
-
-
-def csr_plan(rows, block):
-    """A plan-like object (what a backend reads) from nested per-(b, h) lists of key tiles.
-
-    ``rows[b][h]`` is the list of query tile rows, each a list of key tiles in visit order.
-    """
-    B, H, nq = len(rows), len(rows[0]), len(rows[0][0])
-    capacity = max(1, max(sum(len(r) for r in rows[b][h]) for b in range(B) for h in range(H)))
-    offsets = np.zeros((B, H, nq + 1), np.int32)
-    indices = np.full((B, H, capacity), -1, np.int32)
-    for b in range(B):
-        for h in range(H):
-            flat = [tile for row in rows[b][h] for tile in row]
-            offsets[b, h, 1:] = np.cumsum([len(row) for row in rows[b][h]])
-            indices[b, h, :len(flat)] = flat
-    return SimpleNamespace(row_offsets=offsets, row_indices=indices, block=tuple(block))
 
 
 def logit_error(q, k, scale, dtype):

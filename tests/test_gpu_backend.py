@@ -18,6 +18,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from contract import csr_plan
+
 from pysparse_attn import _reference
 from pysparse_attn._plan import tile_count
 from pysparse_attn._rules import Blasst, Cef, Recall
@@ -128,21 +130,12 @@ def _host_plan(plan):
 
 
 def _device_plan(rows, block):
-    """A CuPy plan-like object from nested lists ``rows[b][h][i]`` of key tiles (any lengths,
-    empty included): what the backend reads, built without the library's builders."""
+    """:func:`contract.csr_plan` with its arrays on the device (what the cupy backend reads)."""
     import cupy
 
-    B, H, nq = len(rows), len(rows[0]), len(rows[0][0])
-    capacity = max(1, max(sum(len(r) for r in rows[b][h]) for b in range(B) for h in range(H)))
-    offsets = np.zeros((B, H, nq + 1), np.int32)
-    indices = np.full((B, H, capacity), -1, np.int32)
-    for b in range(B):
-        for h in range(H):
-            flat = [tile for row in rows[b][h] for tile in row]
-            offsets[b, h, 1:] = np.cumsum([len(row) for row in rows[b][h]])
-            indices[b, h, :len(flat)] = flat
-    return SimpleNamespace(row_offsets=cupy.asarray(offsets), row_indices=cupy.asarray(indices),
-                           block=tuple(block))
+    host = csr_plan(rows, block)
+    return SimpleNamespace(row_offsets=cupy.asarray(host.row_offsets),
+                           row_indices=cupy.asarray(host.row_indices), block=host.block)
 
 
 def _poison_pool(shape):
