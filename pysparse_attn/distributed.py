@@ -709,13 +709,20 @@ def _raise_if_not_finite(flags):
         raise ValueError(f"q, k or v contains NaN or infinity on rank(s) {bad}")
 
 
-def _ulysses_setup(comm, q, k, v, layout, check_finite=True):
-    comm = _check_comm(comm)
+def _bhnd_inputs(q, k, v, layout):
+    """q, k, v as 4-D (B, H, N, D) arrays of this rank, and the function that gives a result
+    back in the caller's namespace (both schemes start here)."""
     (q, give), (k, _), (v, _) = _view("q", q), _view("k", k), _view("v", v)
     q, k, v = (_as_bhnd(x, layout) for x in (q, k, v))
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(f"{name} must be 4-D, got shape {tuple(x.shape)}")
+    return q, k, v, give
+
+
+def _ulysses_setup(comm, q, k, v, layout, check_finite=True):
+    comm = _check_comm(comm)
+    q, k, v, give = _bhnd_inputs(q, k, v, layout)
     B, Hq, nq, D = q.shape
     info = _gather_ints(comm, (B, Hq, k.shape[1], D, nq, k.shape[2], v.shape[2],
                                _all_finite(q, k, v) if check_finite else 1))
@@ -992,11 +999,8 @@ class _RingSetup:
 
 def _ring_setup(comm, q, k, v, select, scale, block, drop_mass, layout, check_finite):
     comm = _check_comm(comm)
-    (q, give), (k, _), (v, _) = _view("q", q), _view("k", k), _view("v", v)
-    q, k, v = (_as_bhnd(x, layout) for x in (q, k, v))
+    q, k, v, give = _bhnd_inputs(q, k, v, layout)
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(f"{name} must be 4-D, got shape {tuple(x.shape)}")
         if min(x.shape) == 0:
             raise ValueError(f"{name} must be non-empty on every rank, got {tuple(x.shape)}")
     if tuple(v.shape) != tuple(k.shape):
