@@ -1,10 +1,22 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build, GPU tests, sanitizers on every kernel, public-call timings.
-# Usage there: bash bench/device_session.sh [pytest -k expression]   (writes under $OUT)
-# Needs the array-api-compat wheel carried in .whl/ (the image lacks it).
+# One call on the GPU machine: build, GPU tests, sanitizers, then the benchmarks asked for.
+# Usage there: [STAGES=tests,sanitize,public,...] bash bench/device_session.sh [pytest -k expr]
+# Stages (comma list, default "tests,sanitize,public"):
+#   tests      pytest -m gpu (TEST_S seconds; TEST_FILES to narrow)
+#   sanitize   compute-sanitizer memcheck + racecheck on every kernel instance (bench/gpu.py)
+#   public     bench/public_call.py: the public calls beside the kernels and the anchors
+#   backward   bench/gpu.py --steps backward: the backward kernels beside cuDNN / SLA
+#   ablation   bench/forward_ablation.py: leave-one-out variants of the Hopper forward
+#   workloads  bench/gpu_workloads.sh: plan reuse over a trajectory, the method sweep
+#   train      bench/train_step.py and bench/finetune_sla.py
+# Needs the wheels carried in .whl/ (array-api-compat; diffusers for the adapters), and .peers/.
+# Writes logs under $OUT and everything else in $OUT/results.tgz.
 set -u
 export PYTHONUNBUFFERED=1
 RES=/tmp/psa-results; mkdir -p "$RES"
+STAGES=",${STAGES:-tests,sanitize,public},"
+want() { case "$STAGES" in *",$1,"*) return 0;; esac; return 1; }
+stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
@@ -15,15 +27,46 @@ python3 setup.py build_ext --inplace -q > "$RES/build.log" 2>&1 || echo "extensi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 git rev-parse --short HEAD 2>/dev/null
 SELECT=${1:-}
-timeout "${TEST_S:-300}" python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider ${SELECT:+-k "$SELECT"} \
-  tests > "$RES/gpu-tests.log" 2>&1
-echo "gpu tests rc=$?: $(grep -E '(passed|failed|error)' "$RES/gpu-tests.log" | tail -1)"
-grep -E "^(FAILED|ERROR)" "$RES/gpu-tests.log" | cut -c1-220 | head -40
-if [ "${SANITIZE:-1}" = 1 ]; then
-  timeout "${SAN_S:-200}" python3 bench/gpu.py --steps sanitize --out "$RES" 2>&1 | tail -3
+if want tests; then
+  stamp tests
+  timeout "${TEST_S:-300}" python3 -m pytest -q -m gpu -n "${TEST_N:-8}" -p no:cacheprovider \
+    ${SELECT:+-k "$SELECT"} ${TEST_FILES:-tests} > "$RES/gpu-tests.log" 2>&1
+  echo "gpu tests rc=$?: $(grep -E '(passed|failed|error)' "$RES/gpu-tests.log" | tail -1)"
+  grep -E "^(FAILED|ERROR)" "$RES/gpu-tests.log" | cut -c1-240 | head -40
+  cp "$RES/gpu-tests.log" "$OUT/" 2>/dev/null
 fi
-if [ "${BENCH:-1}" = 1 ]; then
-  timeout "${BENCH_S:-200}" python3 bench/public_call.py --out "$RES" 2>&1 | tail -40
+if want sanitize; then
+  stamp sanitize
+  timeout "${SAN_S:-200}" python3 bench/gpu.py --steps sanitize --out "$RES" > "$RES/sanitize.log" 2>&1
+  tail -4 "$RES/sanitize.log"
 fi
-cp "$RES/gpu-tests.log" "$OUT/" 2>/dev/null
+if want backward && [ -f bench/gpu.py ]; then
+  stamp backward
+  timeout "${BWD_S:-150}" python3 bench/gpu.py --steps backward --out "$RES" > "$RES/backward.log" 2>&1
+  tail -30 "$RES/backward.log"
+fi
+if want ablation && [ -f bench/forward_ablation.py ]; then
+  stamp ablation
+  timeout "${ABL_S:-120}" python3 bench/forward_ablation.py --out "$RES" > "$RES/ablation.log" 2>&1
+  tail -30 "$RES/ablation.log"
+fi
+if want public; then
+  stamp public
+  timeout "${BENCH_S:-200}" python3 bench/public_call.py --out "$RES" > "$RES/public.log" 2>&1
+  tail -40 "$RES/public.log"
+fi
+if want workloads && [ -f bench/gpu_workloads.sh ]; then
+  stamp workloads
+  OUT=$RES timeout "${WORK_S:-260}" bash bench/gpu_workloads.sh > "$RES/workloads.log" 2>&1
+  tail -40 "$RES/workloads.log"
+fi
+if want train; then
+  stamp train
+  [ -f bench/train_step.py ] && timeout "${TRAIN_S:-120}" python3 bench/train_step.py \
+    --out "$RES" > "$RES/train_step.log" 2>&1; tail -20 "$RES/train_step.log" 2>/dev/null
+  [ -f bench/finetune_sla.py ] && timeout "${FT_S:-260}" python3 bench/finetune_sla.py \
+    --device cuda --out "$RES" > "$RES/finetune.log" 2>&1; tail -25 "$RES/finetune.log" 2>/dev/null
+fi
+stamp done
+cp "$RES"/*.log "$OUT/" 2>/dev/null
 tar czf "$OUT/results.tgz" -C "$RES" .
