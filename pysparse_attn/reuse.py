@@ -15,6 +15,7 @@ reads a decision, so a GPU call adds no host synchronisation of its own (see
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Optional
@@ -373,6 +374,17 @@ class PlanReuse:
             self._layers.clear()
         else:
             self._layers.pop(layer, None)
+
+    def fork(self) -> "PlanReuse":
+        """A copy with the same settings and layer states, whose calls leave this one untouched.
+
+        Cheap at any size: stored arrays are never written in place (each call stores new
+        ones), so the copy shares them instead of duplicating device memory. Use it to try a
+        step several ways from one state (the benchmark times each call from a fork).
+        """
+        twin = copy.copy(self)
+        twin._layers = dict(self._layers)
+        return twin
 
     def _reach_matrix(self, xp, n_keys):
         key = (xp.__name__, n_keys)
