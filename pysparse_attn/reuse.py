@@ -25,10 +25,11 @@ import numpy as np
 from . import backends
 from ._api import _build, _check_finite_option, attention
 from ._arrays import canonicalize, check_block, check_scale, on_cuda
-from ._plan import Plan, tile_count
+from ._plan import Plan, _descending_rank, _positions, rows_from_positions, tile_count
+from ._plan import trusted_plan
 from ._plan import block_scores as pooled_block_scores
 from ._rules import Blasst, Cef, Recall
-from ._select import BlockMask, TopK, TopP
+from ._select import TopK, TopP
 
 __all__ = ["PlanReuse", "ReuseStats", "LayerState", "tile_neighbourhood", "dilate_tiles"]
 
@@ -499,10 +500,7 @@ class PlanReuse:
         if self.order == "natural":
             plan = Plan.from_kept(bitmap, block=self.block, order="natural", shape=shape)
         else:
-            # The builder straight from the canonical arrays: every row of ``bitmap`` holds a
-            # tile by construction, so the public mask check (a device read) is not needed.
-            plan = _build(arrays, BlockMask(bitmap), self.order, self.peak, self.block,
-                          options["scale"])
+            plan = _ordered_plan(xp, bitmap, scores, self.order, self.peak, self.block, shape)
         out, st = attention(q, k, v, plan=plan, skip=self.skip, return_stats=True, **options)
 
         kept = st.kept
@@ -542,6 +540,19 @@ class PlanReuse:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+def _ordered_plan(xp, bitmap, scores, order, peak, block, shape):
+    """The plan visiting exactly the tiles of ``bitmap`` in the builder's ``order`` (DESIGN.md
+    section 4), from the block scores the guard already computed: what
+    ``plan(select=BlockMask(bitmap), order=order)`` gives, without a second pass over q and k
+    (nor, on a GPU, their float32 copies) and without the mask check, a device read (every
+    row of ``bitmap`` holds a tile by construction)."""
+    _, rank = _descending_rank(xp, scores)
+    position = _positions(xp, bitmap, rank, order, peak)
+    nq, nk = bitmap.shape[2:]
+    row_offsets, row_indices = rows_from_positions(xp, bitmap, position, nq * nk)
+    return trusted_plan(shape, block, row_offsets, row_indices, order=order, max_visits=nk)
+
 
 def _softmax(xp, scores):
     shifted = scores - scores.max(axis=-1, keepdims=True)

@@ -239,13 +239,17 @@ def _host(x):
 # The run
 
 
-def _variants(args, grid, block):
-    """``[(label or None, settings dict, PlanReuse)]`` of the command line."""
-    base = {destination: getattr(args, destination) for destination, _ in VARIANT_KEYS.values()}
+def _variant_specs(args):
     specs = [parse_variant(text) for text in args.variant] if args.variant else [(None, {})]
     labels = [label for label, _ in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"--variant labels must differ, got {labels}")
+    return specs
+
+
+def _variants(specs, args, grid, block):
+    """``[(label or None, settings dict, PlanReuse)]`` of the command line."""
+    base = {destination: getattr(args, destination) for destination, _ in VARIANT_KEYS.values()}
     variants = []
     for label, overrides in specs:
         settings = dict(base, **overrides)
@@ -269,13 +273,14 @@ def run(args, argv=None):
     rule = parse_rule(args.skip)
     if isinstance(args.repeat, bool) or not isinstance(args.repeat, int) or args.repeat < 1:
         raise ValueError(f"--repeat must be a positive int, got {args.repeat!r}")
+    specs = _variant_specs(args)  # command-line mistakes before any work
     on_gpu = args.backend == "cupy"
     # 16-bit tensors for the GPU are made in float32 and rounded there (exactly what the host
     # conversion gives, without its cost).
     host_dtype = "float32" if on_gpu and args.dtype in ("bfloat16", "float16") else args.dtype
     trajectory = _trajectory(args, host_dtype)
     grid = trajectory.grid
-    variants = _variants(args, grid, block)
+    variants = _variants(specs, args, grid, block)
     options = dict(block=block, backend=args.backend, check_finite=False)
     reuse_options = dict(backend=args.backend, check_finite=False)
     prefix = Path(args.output)
