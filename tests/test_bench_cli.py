@@ -423,3 +423,26 @@ def test_gpu_sweep_times_on_the_device_against_a_sampled_float32_reference(tmp_p
     exported = bench_results.export_sweep(read_records(out))
     assert {r["device_kind"] for r in exported} == {"gpu"}
     assert "No GPU results" not in bench_results.render_method_tables(exported)
+
+
+@pytest.mark.slow
+def test_gpu_workloads_script_runs_end_to_end_on_a_cpu_and_bundles_its_results(tmp_path):
+    import os
+    import tarfile
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), PYTHON=sys.executable, OUT=str(tmp_path),
+               WORK=str(tmp_path / "work"), BACKEND="cpu", DTYPE="float32", BLOCK="16x16",
+               SHAPE="3x8x12", STEPS="4", ERROR_TILES="2", SWEEP_WORKLOAD=SMALL)
+    result = subprocess.run(["bash", str(root / "bench" / "gpu_workloads.sh")], cwd=root,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = (tmp_path / "workloads" / "summary.md").read_text()
+    for expected in ("| docs |", "| late-natural |", "## sweep", "reuse: rc=0", "sweep: rc=0"):
+        assert expected in summary, expected
+    with tarfile.open(tmp_path / "workloads" / "workloads.tgz") as bundle:
+        names = bundle.getnames()
+    assert any(n.endswith("-late.jsonl") for n in names)
+    assert any("methods-gpu-" in n for n in names) and any(n.endswith(".png") for n in names)
+    assert sorted(p.name for p in (tmp_path / "workloads").iterdir()) == ["summary.md",
+                                                                         "workloads.tgz"]

@@ -292,10 +292,13 @@ def run(args, argv=None):
     base_header.update(trajectory=description, dtype=args.dtype, block=list(block),
                        repeat=args.repeat,
                        load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
-    records = {}
+    records, sinks = {}, {}
     for label, settings, reuse in variants:
         header = dict(base_header, variant=label, skip=settings["skip"], reuse=repr(reuse))
         records[label] = [header]
+        # Written as they come: a run stopped early (a time limit) keeps its finished steps.
+        sinks[label] = open(_prefix(prefix, label).with_suffix(".jsonl"), "w")
+        _write(sinks[label], header)
     tensors_of = _Prefetcher(trajectory, ahead=on_gpu)
     for step in range(len(trajectory)):
         q, k, v = (to_backend(x, args.backend, args.dtype) for x in tensors_of(step))
@@ -337,6 +340,7 @@ def run(args, argv=None):
                 seconds[2 + 2 * index], host_seconds[2 + 2 * index], seconds[3 + 2 * index],
                 rule_kept_density, len(rows))
             records[label].append(record)
+            _write(sinks[label], record)
             print(f"step {step:3d} {label or '':>10}  dense {t_dense * 1e3:8.2f} ms  "
                   f"rule {t_rule * 1e3:8.2f} ms  reuse {record['time_reuse_s'] * 1e3:8.2f} ms  "
                   f"plan {record['plan_density']:.3f}  err {record['rel_l2']:.4f}  "
@@ -346,16 +350,20 @@ def run(args, argv=None):
         summary = _summary(records[label][1:])
         records[label].append(summary)
         summaries[label] = summary
+        _write(sinks[label], summary)
+        sinks[label].close()
         path = _prefix(prefix, label)
-        with open(path.with_suffix(".jsonl"), "w") as handle:
-            for record in records[label]:
-                handle.write(json.dumps(record) + "\n")
         path.with_suffix(".md").write_text(markdown_table(records[label]))
         plot_steps(records[label], path)
     if args.variant:
         Path(f"{prefix}-variants.md").write_text(markdown_variants(records))
         return summaries
     return summaries[None]
+
+
+def _write(sink, record):
+    sink.write(json.dumps(record) + "\n")
+    sink.flush()
 
 
 def _step_record(step, trajectory, stats, out, reference, t_dense, t_rule, t_reuse, host_reuse,
