@@ -159,8 +159,8 @@ class ReuseStats:
     outside_mass : float array ``(B, H)`` or None
         The guard's estimate, from block scores, of the softmax mass outside the plan the
         heads would reuse, this step: the mean over query tiles of the pooled estimate
-        ``softmax_J(S_IJ)`` summed over the tiles outside (DESIGN.md section 3). None on dense
-        steps and on the first plan step.
+        ``softmax_J(S_IJ)`` summed over the tiles outside (``docs/design.rst`` section 3).
+        None on dense steps and on the first plan step.
     outside_growth : float array ``(B, H)`` or None
         ``outside_mass`` minus the same estimate at the head's refresh step: what the guard
         compares with ``mass_budget``. The estimator's bias (pooled scores are flatter than the
@@ -542,8 +542,8 @@ class PlanReuse:
 # Helpers
 
 def _ordered_plan(xp, bitmap, scores, order, peak, block, shape):
-    """The plan visiting exactly the tiles of ``bitmap`` in the builder's ``order`` (DESIGN.md
-    section 4), from the block scores the guard already computed: what
+    """The plan visiting exactly the tiles of ``bitmap`` in the builder's ``order``
+    (``docs/design.rst`` section 4), from the block scores the guard already computed: what
     ``plan(select=BlockMask(bitmap), order=order)`` gives, without a second pass over q and k
     (nor, on a GPU, their float32 copies) and without the mask check, a device read (every
     row of ``bitmap`` holds a tile by construction)."""

@@ -479,3 +479,11 @@ def test_reuse_results_render_for_the_docs_gpu_first(tmp_path):
     assert text.startswith(".. list-table::") and "reuse-torn" not in text
     assert text.index("NVIDIA H200, 2026-12-01") < text.index("``reuse-cpu-a``")
     assert "(1, 2, 288, 32), float32, 16x16" in text
+
+
+def test_packaging_metadata_reads_without_deprecation_warnings():
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, text=True,
+                            capture_output=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("pysparse_attn")
+    assert "Deprecat" not in result.stderr, result.stderr

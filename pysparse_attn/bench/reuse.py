@@ -571,7 +571,8 @@ def render_reuse_results(folder) -> str:
         lines += [f"   * - {header['device']}, {header['date'][:10]}",
                   f"     - ``{path.stem}``: ``{header.get('reuse', '')}``",
                   f"     - {shape}", f"     - {s['steps']}",
-                  f"     - {s['speedup_vs_dense']:.2f}x", f"     - {s['speedup_rule_vs_dense']:.2f}x",
+                  f"     - {s['speedup_vs_dense']:.2f}x",
+                  f"     - {s['speedup_rule_vs_dense']:.2f}x",
                   f"     - {s['rel_l2_mean']:.2%} / {s['rel_l2_max']:.2%}",
                   f"     - {s['plan_density_mean']:.3f}",
                   f"     - {_ratio(s['reused_time_vs_ideal_median'])}"]

@@ -10,9 +10,9 @@ stream and the calls of a round are *queued*: the host never waits between them,
 the end of the round, as a sampler loop runs. An event pair then measures the device time of
 the call including any time the device sat idle waiting for the host to launch the call's
 kernels, which is the cost of a call in a loop that has run ahead; a call that synchronises
-with the host stalls the queue and shows as such. The host's own time to issue each call (wall clock, no
-wait) is reported beside it: in a loop the host must keep ahead of the device, so a call costs
-about the larger of the two. Put a long call first in ``functions``: it absorbs the start of
+with the host stalls the queue and shows as such. The host's own time to issue each call
+(wall clock, no wait) is reported beside it: in a loop the host must keep ahead of the device,
+so a call costs about the larger of the two. Put a long call first in ``functions``: it absorbs the start of
 each round, when the queue is empty. On host backends each call is timed with
 ``time.perf_counter`` (the two figures are then the same).
 """
