@@ -48,7 +48,8 @@ echo "commit $(git rev-parse --short HEAD 2>/dev/null)$(git status --porcelain 2
 # more than dense, then refresh Recall(0.8) plans every 5 steps (peak order, no dilation;
 # one-tile dilation; natural order).
 REUSE=(-m pysparse_attn.bench reuse --backend "$BACKEND" --dtype "$DTYPE" --shape "$SHAPE"
-       --steps "$STEPS" --block "$BLOCK" --error-tiles "$ERROR_TILES" --repeat 3)
+       --steps "$STEPS" --block "$BLOCK" --error-tiles "$ERROR_TILES" --repeat 3
+       --skip recall:0.8)  # also the "rule alone" comparison: Recall(0.8) over every tile
 run_step reuse $(( $(left) < 150 ? $(left) : 150 )) "$PY" "${REUSE[@]}" \
   -o "$WORK/reuse-gpu-$STAMP" \
   --variant docs:skip=recall:0.95,dense-steps=2,refresh-every=5,margin=1 \
