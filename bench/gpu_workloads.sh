@@ -19,6 +19,13 @@
 set -u
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+# The repository and, when the device session unpacked carried wheels there, /tmp/site.
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+if ! "$PY" -c "import array_api_compat" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PYTHONPATH
 STAMP=$(date -u +%Y%m%dT%H%M%S)
 WORK=${WORK:-/tmp/psa-workloads}/$STAMP
 DEST=${OUT:-/tmp}/workloads
