@@ -538,3 +538,25 @@ def test_bench_reuse_on_the_gpu_runs_variants_and_never_waits_inside_a_call(tmp_
             assert 0 < r["time_reuse_s"] < 1 and r["rel_l2"] < 0.03, r
             assert r["recall_bound_min"] >= 0.95 - 1e-3, r
             assert r["error_rows"] == 256
+
+
+def test_prefetched_steps_come_in_order_and_errors_reach_the_caller():
+    from pysparse_attn.bench.reuse import _Prefetcher
+
+    made = []
+
+    class Steps:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, step):
+            made.append(step)
+            if step == 3:
+                raise ValueError("step 3 is unreadable")
+            return (step,)
+
+    ahead = _Prefetcher(Steps(), ahead=True)
+    assert [ahead(s) for s in range(3)] == [(0,), (1,), (2,)]
+    with pytest.raises(ValueError, match="step 3"):
+        ahead(3)
+    assert made == [0, 1, 2, 3]

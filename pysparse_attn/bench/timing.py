@@ -42,7 +42,7 @@ def time_rounds(functions, rounds: int, backend: str, calls: int = 1, warmup: bo
     ----------
     functions : sequence of callables
         Called without arguments. A function may also be a sequence of callables, one per
-        round (e.g. calls that each consume a prepared state); it then needs ``rounds * calls``
+        call (e.g. calls that each consume a prepared state); it then needs ``rounds * calls``
         of them, plus one more when ``warmup``.
     rounds : int
         Timed rounds, >= 1.
