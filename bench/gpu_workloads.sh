@@ -12,7 +12,7 @@
 #
 # Steps, in priority order, each under its own time limit (figures of a step cut short stay:
 # the reuse records are written step by step):
-#   1. reuse: 50 steps, bf16, B=1, H=12, N=32760, D=128, 128x64 tiles, four PlanReuse
+#   1. reuse: 50 steps, bf16, B=1, H=12, N=32760, D=128, 128x64 tiles, five PlanReuse
 #      variants on the same tensors (docs/reuse.rst says why these);
 #   2. sweep: the docs grid of every method on mixed-wan2.1-480p, then export and compare;
 #   3. reuse on the same trajectory without its diffuse heads, if time is left.
@@ -50,10 +50,12 @@ run_step() {  # name, limit in seconds, command...
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 echo "commit $(git rev-parse --short HEAD 2>/dev/null)$(git status --porcelain 2>/dev/null | grep -q . && echo +dirty)" | tee -a "$LOG"
 
-# 1. Plan reuse. "docs" is the page's example; the three "late-*" ones spend the first 20
+# 1. Plan reuse. "docs" is the page's example; the "late*" ones spend the first 20
 # (noise-dominated) steps dense, where no rule can skip anything and the rule kernel costs
-# more than dense, then refresh Recall(0.8) plans every 5 steps (peak order, no dilation;
-# one-tile dilation; natural order).
+# more than dense, then refresh Recall(0.8) plans every 5 steps: peak order, no dilation
+# (late); one-tile dilation (late-m1); natural order (late-natural); no rule inside the
+# reused plans and no guard (late-plain: the plain kernel's speed between refreshes).
+PLAIN=mass-budget=none,kept-tolerance=none,rule-in-plan=false
 REUSE=(-m pysparse_attn.bench reuse --backend "$BACKEND" --dtype "$DTYPE" --shape "$SHAPE"
        --steps "$STEPS" --block "$BLOCK" --error-tiles "$ERROR_TILES" --repeat 3
        --skip recall:0.8)  # also the "rule alone" comparison: Recall(0.8) over every tile
@@ -62,7 +64,8 @@ run_step reuse $(( $(left) < 150 ? $(left) : 150 )) "$PY" "${REUSE[@]}" \
   --variant docs:skip=recall:0.95,dense-steps=2,refresh-every=5,margin=1 \
   --variant late:skip=recall:0.8,dense-steps=20,refresh-every=5,margin=0 \
   --variant late-m1:skip=recall:0.8,dense-steps=20,refresh-every=5,margin=1 \
-  --variant late-natural:skip=recall:0.8,dense-steps=20,refresh-every=5,margin=0,order=natural
+  --variant late-natural:skip=recall:0.8,dense-steps=20,refresh-every=5,margin=0,order=natural \
+  --variant late-plain:skip=recall:0.8,dense-steps=20,refresh-every=5,margin=0,$PLAIN
 
 # 2. The method sweep at a Wan shape (4 heads: one of each kind), its export for the docs and
 # its tables and figures.
@@ -80,7 +83,8 @@ fi
 # 3. Without the diffuse heads (a quarter of the heads, whose plans stay full by design).
 run_step reuse-structured $(( $(left) - 15 )) "$PY" "${REUSE[@]}" \
   -o "$WORK/reuse-gpu-$STAMP-structured" --kinds local+temporal+global \
-  --variant late:skip=recall:0.8,dense-steps=20,refresh-every=5,margin=0
+  --variant late:skip=recall:0.8,dense-steps=20,refresh-every=5,margin=0 \
+  --variant late-plain:skip=recall:0.8,dense-steps=20,refresh-every=5,margin=0,$PLAIN
 
 # Summary: the totals of every reuse run and the sweep's matched-error table.
 SUMMARY="$WORK/summary.md"

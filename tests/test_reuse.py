@@ -560,3 +560,54 @@ def test_prefetched_steps_come_in_order_and_errors_reach_the_caller():
     with pytest.raises(ValueError, match="step 3"):
         ahead(3)
     assert made == [0, 1, 2, 3]
+
+
+def test_without_the_rule_in_plan_reused_steps_visit_their_plan_with_no_rule():
+    trajectory = _trajectory()
+    rule = psa.Recall(0.9)
+    reuse = PlanReuse(rule, refresh_every=3, dense_steps=1, block=(16, 16), mass_budget=None,
+                      kept_tolerance=None, rule_in_plan=False)
+    for step, (q, k, v) in enumerate(trajectory):
+        plan_before = None if step < 2 else reuse.state(0).plan
+        out, stats = reuse.attention(q, k, v, layer=0, step=step)
+        if step == 0:
+            assert stats.dense
+            continue
+        refreshing = (step - 1) % 3 == 0  # first plan step 1, then every 3 steps
+        assert bool(stats.refreshed.all()) == refreshing and (
+            refreshing or not stats.refreshed.any()), step
+        if refreshing:  # the rule ran over every tile
+            assert stats.kept_density < 1.0 and stats.recall_bound.min() >= 0.9 - 1e-6
+            continue
+        # Between refreshes: every plan tile kept, and exactly attention on the stored plan.
+        np.testing.assert_array_equal(stats.attention.kept, plan_before)
+        assert stats.recall_bound.min() == 1.0
+        expected = psa.attention(q, k, v, plan=psa.Plan.from_kept(
+            plan_before, block=(16, 16), order="natural", shape=stats.attention.plan.shape))
+        np.testing.assert_array_equal(out, expected)
+    assert "rule_in_plan=False" in repr(reuse)
+
+
+def test_rule_in_plan_off_needs_host_known_refreshes():
+    with pytest.raises(ValueError, match="mass_budget=None and kept_tolerance=None"):
+        PlanReuse(psa.Recall(0.9), rule_in_plan=False)
+    with pytest.raises(ValueError, match="kept_tolerance"):
+        PlanReuse(psa.Recall(0.9), mass_budget=None, rule_in_plan=False)
+    with pytest.raises(TypeError, match="rule_in_plan"):
+        PlanReuse(psa.Recall(0.9), rule_in_plan="no")
+
+
+def test_bench_reuse_variant_without_the_rule_in_plan(tmp_path):
+    from pysparse_attn.bench.__main__ import main
+
+    prefix = tmp_path / "reuse"
+    assert main(["reuse", "-o", str(prefix), "--shape", "3x8x12", "--heads", "2",
+                 "--head-dim", "32", "--steps", "5", "--block", "16x16", "--repeat", "1",
+                 "--dense-steps", "1", "--refresh-every", "3", "--variant",
+                 "plain:mass-budget=none,kept-tolerance=none,rule-in-plan=false"]) == 0
+    steps = [json.loads(x) for x in (tmp_path / "reuse-plain.jsonl").read_text().splitlines()
+             if '"step"' in x and '"type": "step"' in x]
+    reused = [r for r in steps if not r["dense_step"] and r["refreshed_heads"] == 0]
+    assert [r["step"] for r in reused] == [2, 3]
+    for r in reused:
+        assert r["kept_density"] == r["plan_density"] and r["recall_bound_min"] == 1.0

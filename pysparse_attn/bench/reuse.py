@@ -78,6 +78,14 @@ def _optional_float(text):
     return None if text.lower() == "none" else float(text)
 
 
+def _flag(text):
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 #: Settings a ``--variant`` may override: its key -> (argparse destination, parser).
 VARIANT_KEYS = {
     "skip": ("skip", str),
@@ -87,6 +95,7 @@ VARIANT_KEYS = {
     "mass-budget": ("mass_budget", _optional_float),
     "kept-tolerance": ("kept_tolerance", _optional_float),
     "order": ("order", str),
+    "rule-in-plan": ("rule_in_plan", _flag),
 }
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -95,13 +104,16 @@ def parse_variant(text):
     """``LABEL:key=value,key=value`` -> ``(label, {destination: value})``.
 
     Keys are those of :data:`VARIANT_KEYS` (the reuse options without their dashes);
-    ``none`` disables ``refresh-every``, ``mass-budget`` or ``kept-tolerance``.
+    ``none`` disables ``refresh-every``, ``mass-budget`` or ``kept-tolerance``;
+    ``rule-in-plan`` takes true or false.
 
     Examples
     --------
     >>> from pysparse_attn.bench.reuse import parse_variant
     >>> parse_variant("late:dense-steps=20,skip=recall:0.8,refresh-every=none")
     ('late', {'dense_steps': 20, 'skip': 'recall:0.8', 'refresh_every': None})
+    >>> parse_variant("plain:mass-budget=none,kept-tolerance=none,rule-in-plan=false")[1]
+    {'mass_budget': None, 'kept_tolerance': None, 'rule_in_plan': False}
     """
     label, _, settings = text.partition(":")
     if not _LABEL.match(label):
@@ -161,6 +173,9 @@ def add_parser(commands):
                         help="guard: allowed move of the kept share inside the plan, or none "
                              "(default 0.1)")
     parser.add_argument("--order", default=None, help="natural, score or peak (default: peak)")
+    parser.add_argument("--rule-in-plan", type=_flag, default=True,
+                        help="run the rule inside reused plans too (default true); false needs "
+                             "--mass-budget none --kept-tolerance none")
     parser.add_argument("--variant", action="append", default=None, metavar="LABEL:KEY=V,...",
                         help="a PlanReuse setting to run beside the others on the same "
                              "tensors: the options above, overridden by KEY=V for KEY in "
@@ -257,7 +272,7 @@ def _variants(specs, args, grid, block):
                           dense_steps=settings["dense_steps"], margin=settings["margin"],
                           grid=grid, mass_budget=settings["mass_budget"],
                           kept_tolerance=settings["kept_tolerance"], order=settings["order"],
-                          block=block)
+                          block=block, rule_in_plan=settings["rule_in_plan"])
         variants.append((label, settings, reuse))
     return variants
 
@@ -316,8 +331,11 @@ def run(args, argv=None):
         forks = []
         for _, settings, reuse in variants:
             _, probe = reuse.fork().attention(q, k, v, layer=0, step=step, **reuse_options)
-            plan, kernel_rule = probe.attention.plan, None if probe.dense else parse_rule(
-                settings["skip"])
+            # The rule the call ran: none on dense steps, nor between refreshes without it.
+            ran_rule = not probe.dense and (reuse.rule_in_plan
+                                            or bool(_host(probe.refreshed).any()))
+            plan = probe.attention.plan
+            kernel_rule = parse_rule(settings["skip"]) if ran_rule else None
             trials = [reuse.fork() for _ in range(args.repeat)]
             forks.append(trials)
             functions.append([lambda t=t: t.attention(q, k, v, layer=0, step=step,
