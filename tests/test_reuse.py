@@ -519,7 +519,7 @@ def test_time_rounds_on_the_gpu_times_queued_calls_by_events():
 
 
 @pytest.mark.gpu
-def test_bench_reuse_on_the_gpu_runs_variants_and_never_waits_inside_a_call(tmp_path):
+def test_bench_reuse_on_the_gpu_runs_variants_with_device_references(tmp_path):
     from pysparse_attn.bench.__main__ import main
 
     prefix = tmp_path / "reuse-gpu"
@@ -527,17 +527,20 @@ def test_bench_reuse_on_the_gpu_runs_variants_and_never_waits_inside_a_call(tmp_
                  "--shape", "3x16x32", "--heads", "2", "--head-dim", "64", "--steps", "4",
                  "--block", "128x64", "--repeat", "2", "--dense-steps", "1",
                  "--refresh-every", "2", "--error-tiles", "2",
-                 "--variant", "peak", "--variant", "natural:order=natural,margin=1"]) == 0
-    for label in ("peak", "natural"):
+                 "--variant", "peak", "--variant", "natural:order=natural,margin=1",
+                 "--variant", "plain:mass-budget=none,kept-tolerance=none,rule-in-plan=false"]
+                ) == 0
+    for label in ("peak", "natural", "plain"):
         lines = [json.loads(x) for x in (tmp_path / f"reuse-gpu-{label}.jsonl").read_text()
                  .splitlines()]
         assert lines[0]["backend"] == "cupy" and lines[0]["dtype"] == "bfloat16"
         steps = [r for r in lines if r["type"] == "step"]
         assert len(steps) == 4 and steps[0]["dense_step"]
         for r in steps:
-            assert 0 < r["time_reuse_s"] < 1 and r["rel_l2"] < 0.03, r
-            assert r["recall_bound_min"] >= 0.95 - 1e-3, r
-            assert r["error_rows"] == 256
+            # bf16 rounding alone is ~4e-3; the noise-dominated first steps have small outputs
+            assert 0 < r["time_reuse_s"] < 1 and r["rel_l2"] < 0.05, r
+            assert r["recall_bound_min"] >= 0.95 - 1e-3 and r["recall_min"] > 0.9, r
+            assert r["error_rows"] == 256 and 0 < r["host_reuse_s"] < 1, r
 
 
 def test_prefetched_steps_come_in_order_and_errors_reach_the_caller():
