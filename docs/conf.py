@@ -2,7 +2,8 @@
 
 ``make docs`` builds HTML and runs the doctests, both with warnings as errors. The measured
 per-method tables of "Choosing a method" are generated here, at build time, from the result
-files in ``bench/results/`` (the ``measured-methods`` directive below). Intersphinx links
+files in ``bench/results/`` (the ``measured-methods`` directive below), and so is the table of
+plan-reuse runs of "Plan reuse across denoising steps" (``measured-reuse``). Intersphinx links
 to NumPy and CuPy need their inventories from the network, which CI does not have: they are off
 unless ``PYSPARSE_ATTN_INTERSPHINX=1`` is set (references to NumPy/CuPy then render as plain
 text instead of links; nothing else changes).
@@ -99,14 +100,36 @@ class MeasuredMethods(Directive):
         return container.children
 
 
+class MeasuredReuse(Directive):
+    """``.. measured-reuse:: FOLDER``: the totals of the plan-reuse runs (``reuse-*.jsonl``)
+    in ``FOLDER``, GPU runs first, rendered by
+    :func:`pysparse_attn.bench.reuse.render_reuse_results`."""
+
+    required_arguments = 1
+
+    def run(self):
+        from pysparse_attn.bench.reuse import render_reuse_results
+
+        env = self.state.document.settings.env
+        folder = (Path(env.srcdir) / self.arguments[0]).resolve()
+        for path in sorted(folder.glob("reuse-*.jsonl")):
+            env.note_dependency(str(path))
+        container = nodes.container()
+        self.state.nested_parse(StringList(render_reuse_results(folder).splitlines(),
+                                           source=str(folder)), self.content_offset, container)
+        return container.children
+
+
 def _reread_measured(app, env, added, changed, removed):
     # A result file added to bench/results/ changes no source file: re-read the pages that
     # use the directive on every build (one page, cheap) so their tables are never stale.
     return [name for name in sorted(env.found_docs) if name not in removed
-            and ".. measured-methods::" in Path(env.doc2path(name)).read_text()]
+            and any(f".. measured-{kind}::" in Path(env.doc2path(name)).read_text()
+                    for kind in ("methods", "reuse"))]
 
 
 def setup(app):
     app.add_directive("measured-methods", MeasuredMethods)
+    app.add_directive("measured-reuse", MeasuredReuse)
     app.connect("env-get-outdated", _reread_measured)
     return {"parallel_read_safe": True}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,20 +84,18 @@ def _sla_rows(q, k, v, dense_out, common, repeats):
             def run():
                 return _api.sla_attention(q, k, v, proj_weight=w, proj_bias=b,
                                           return_stats=True, **options)
-            out, seconds = _timed(run, repeats)
+            out, seconds = _timed(run, repeats, common["backend"])
             rows.append((label, f"crit={critical:g} negl={negligible:g}", out, seconds))
     return rows
 
 
-def _timed(run, repeats):
-    """``(result, best time)`` of ``repeats`` calls after one untimed warm-up call."""
-    best = np.inf
-    result = run()
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        best = min(best, time.perf_counter() - start)
-    return result, best
+def _timed(run, repeats, backend):
+    """``(result, median time)`` of ``repeats`` calls after one untimed warm-up call (CUDA
+    events on the GPU: :func:`pysparse_attn.bench.timing.time_rounds`)."""
+    from .bench.timing import time_rounds
+
+    (seconds,), (result,), _ = time_rounds([run], repeats, backend)
+    return result, seconds
 
 
 def _rel_l2(out, dense):
@@ -113,7 +110,7 @@ COLUMNS = (
     ("sparsity", "share of key tiles whose P.V was skipped (plan-dropped or skipped in the loop)"),
     ("rec min/mean", "exact float64 recall, the kept share of each row's softmax mass: min, mean"),
     ("rel L2", "||O - O_dense|| / ||O_dense||, O_dense the dense call of the same backend"),
-    ("time ms", "best wall time of the repeated calls after a warm-up call"),
+    ("time ms", "median time of the repeated calls after a warm-up call (CUDA events on a GPU)"),
     ("speedup", "dense time / this time: same backend, same inputs, same run"),
 )
 
@@ -202,9 +199,9 @@ def run_demo(frames=8, height=16, width=24, head_dim=64, block=(64, 64), repeats
         except Exception:  # no CuPy or no device: the CPU backend runs the demo
             on_gpu = False
     if on_gpu:
-        import cupy
+        from .bench.sweep import to_backend
 
-        q, k, v = (cupy.asarray(x).astype(cupy.bfloat16) for x in (q, k, v))
+        q, k, v = (to_backend(x, "cupy", "bfloat16") for x in (q, k, v))
         block = (128, 64)
     common = dict(block=block, backend="cupy" if on_gpu else backend)
     if on_gpu:
@@ -217,7 +214,8 @@ def run_demo(frames=8, height=16, width=24, head_dim=64, block=(64, 64), repeats
     dense_out = dense_seconds = None
     progress = tqdm(total=len(methods) + 4, desc="demo", unit="run", file=sys.stderr)
     for method, setting, call in methods:
-        (out, stats), seconds = _timed(lambda: call(q, k, v, **common), repeats)
+        (out, stats), seconds = _timed(lambda: call(q, k, v, **common), repeats,
+                                       common["backend"])
         if method == "dense":
             dense_out, dense_seconds = host(out), seconds
         recall = _api.recall(q_host, k_host, host(stats.kept), block=block)
@@ -259,7 +257,7 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=24, help="latent width (default 24)")
     parser.add_argument("--head-dim", type=int, default=64, help="head dimension D (default 64)")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="timed calls per row after a warm-up; the best is kept (default 3)")
+                        help="timed calls per row after a warm-up; the median is kept (default 3)")
     parser.add_argument("--backend", default="auto",
                         help="auto (GPU when CuPy sees one, else cpu), cpu, cupy or reference")
     parser.add_argument("--output-dir", default="demo_output",

@@ -15,6 +15,7 @@ reads a decision, so a GPU call adds no host synchronisation of its own (see
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Optional
@@ -24,10 +25,11 @@ import numpy as np
 from . import backends
 from ._api import _build, _check_finite_option, attention
 from ._arrays import canonicalize, check_block, check_scale, on_cuda
-from ._plan import Plan, tile_count
+from ._plan import Plan, _descending_rank, _positions, rows_from_positions, tile_count
+from ._plan import trusted_plan
 from ._plan import block_scores as pooled_block_scores
 from ._rules import Blasst, Cef, Recall
-from ._select import BlockMask, TopK, TopP
+from ._select import TopK, TopP
 
 __all__ = ["PlanReuse", "ReuseStats", "LayerState", "tile_neighbourhood", "dilate_tiles"]
 
@@ -157,8 +159,8 @@ class ReuseStats:
     outside_mass : float array ``(B, H)`` or None
         The guard's estimate, from block scores, of the softmax mass outside the plan the
         heads would reuse, this step: the mean over query tiles of the pooled estimate
-        ``softmax_J(S_IJ)`` summed over the tiles outside (DESIGN.md section 3). None on dense
-        steps and on the first plan step.
+        ``softmax_J(S_IJ)`` summed over the tiles outside (``docs/design.rst`` section 3).
+        None on dense steps and on the first plan step.
     outside_growth : float array ``(B, H)`` or None
         ``outside_mass`` minus the same estimate at the head's refresh step: what the guard
         compares with ``mass_budget``. The estimator's bias (pooled scores are flatter than the
@@ -226,6 +228,9 @@ class LayerState:
         The kept-share guard fired at the last call: refresh at the next one.
     last_step : int
         The step of the layer's last call.
+    scheduled_refresh_step : int or None
+        With ``rule_in_plan=False`` (refreshes known on the host), the step of the last
+        refresh; else None.
     """
 
     shape: tuple
@@ -236,6 +241,7 @@ class LayerState:
     kept_share_baseline: Any
     pending: Any
     last_step: int
+    scheduled_refresh_step: Optional[int] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +301,12 @@ class PlanReuse:
     order : {"natural", "score", "peak"} or None
         Visit order; None: ``"peak"`` with a skip rule, else ``"natural"`` (as
         :func:`pysparse_attn.attention`).
+    rule_in_plan : bool
+        Run the rule inside reused plans too (the default). False runs the steps between
+        refreshes without it, visiting every plan tile at the plain kernel's speed (where the
+        rule's bookkeeping costs more than its skips save inside a plan of kept tiles, as on
+        the GPU); every refresh must then be known on the host, so ``mass_budget`` and
+        ``kept_tolerance`` must be None (refreshes follow ``refresh_every`` alone).
     peak : int
         Leading tiles of ``order="peak"``.
     block : (int, int)
@@ -316,7 +328,8 @@ class PlanReuse:
     def __init__(self, skip=None, *, select=None, refresh_every: Optional[int] = 5,
                  dense_steps: int = 2, margin: int = 0, grid=None,
                  mass_budget: Optional[float] = 0.02, kept_tolerance: Optional[float] = 0.1,
-                 order: Optional[str] = None, peak: int = 4, block=(64, 64)):
+                 order: Optional[str] = None, peak: int = 4, block=(64, 64),
+                 rule_in_plan: bool = True):
         if skip is not None and not isinstance(skip, (Blasst, Cef, Recall)):
             raise TypeError(f"skip must be None, Blasst, Cef or Recall, got "
                             f"{type(skip).__name__}")
@@ -343,6 +356,14 @@ class PlanReuse:
             raise ValueError(f"peak must be a non-negative int, got {peak!r}")
         self.peak = int(peak)
         self.block = check_block(block)
+        if not isinstance(rule_in_plan, (bool, np.bool_)):
+            raise TypeError(f"rule_in_plan must be a bool, got {type(rule_in_plan).__name__}")
+        self.rule_in_plan = bool(rule_in_plan)
+        if not self.rule_in_plan and (self.mass_budget is not None
+                                      or self.kept_tolerance is not None):
+            raise ValueError("rule_in_plan=False needs mass_budget=None and kept_tolerance=None: "
+                             "a guard decides on the device, so the host could not tell which "
+                             "calls need the rule")
         self._layers: dict = {}
         self._reach: dict = {}
 
@@ -351,7 +372,8 @@ class PlanReuse:
                 f"refresh_every={self.refresh_every}, dense_steps={self.dense_steps}, "
                 f"margin={self.margin}, grid={self.grid}, mass_budget={self.mass_budget}, "
                 f"kept_tolerance={self.kept_tolerance}, order={self.order!r}, "
-                f"block={self.block}, layers={len(self._layers)})")
+                f"block={self.block}, rule_in_plan={self.rule_in_plan}, "
+                f"layers={len(self._layers)})")
 
     # -- state ---------------------------------------------------------------------------
 
@@ -373,6 +395,17 @@ class PlanReuse:
             self._layers.clear()
         else:
             self._layers.pop(layer, None)
+
+    def fork(self) -> "PlanReuse":
+        """A copy with the same settings and layer states, whose calls leave this one untouched.
+
+        Cheap at any size: stored arrays are never written in place (each call stores new
+        ones), so the copy shares them instead of duplicating device memory. Use it to try a
+        step several ways from one state (the benchmark times each call from a fork).
+        """
+        twin = copy.copy(self)
+        twin._layers = dict(self._layers)
+        return twin
 
     def _reach_matrix(self, xp, n_keys):
         key = (xp.__name__, n_keys)
@@ -484,14 +517,19 @@ class PlanReuse:
         reused_bitmap = refresh_bitmap if state is None else state.plan
         bitmap = xp.where(refresh[:, :, None, None], refresh_bitmap, reused_bitmap)
 
-        if self.order == "natural":
+        scheduled = None
+        plain = False  # a step between refreshes run without the rule (known on the host)
+        if not self.rule_in_plan:
+            due = state is None or (self.refresh_every is not None and
+                                    step - state.scheduled_refresh_step >= self.refresh_every)
+            scheduled = step if due else state.scheduled_refresh_step
+            plain = not due
+        if self.order == "natural" or plain:
             plan = Plan.from_kept(bitmap, block=self.block, order="natural", shape=shape)
         else:
-            # The builder straight from the canonical arrays: every row of ``bitmap`` holds a
-            # tile by construction, so the public mask check (a device read) is not needed.
-            plan = _build(arrays, BlockMask(bitmap), self.order, self.peak, self.block,
-                          options["scale"])
-        out, st = attention(q, k, v, plan=plan, skip=self.skip, return_stats=True, **options)
+            plan = _ordered_plan(xp, bitmap, scores, self.order, self.peak, self.block, shape)
+        out, st = attention(q, k, v, plan=plan, skip=None if plain else self.skip,
+                            return_stats=True, **options)
 
         kept = st.kept
         plan_tiles = bitmap.sum(axis=(2, 3))
@@ -519,7 +557,7 @@ class PlanReuse:
             outside_store = xp.where(refresh, self._outside_mass(xp, estimate, new_plan),
                                      state.outside_at_refresh)
         self._layers[layer] = LayerState(shape, kept_store, new_plan, refresh_step,
-                                         outside_store, baseline, pending, step)
+                                         outside_store, baseline, pending, step, scheduled)
         give = arrays.to_caller
         stats = ReuseStats(layer, step, False, give(refresh), give(plan_tiles), give(kept_tiles),
                            nq * nk, st.recall_bound,
@@ -530,6 +568,19 @@ class PlanReuse:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+def _ordered_plan(xp, bitmap, scores, order, peak, block, shape):
+    """The plan visiting exactly the tiles of ``bitmap`` in the builder's ``order``
+    (``docs/design.rst`` section 4), from the block scores the guard already computed: what
+    ``plan(select=BlockMask(bitmap), order=order)`` gives, without a second pass over q and k
+    (nor, on a GPU, their float32 copies) and without the mask check, a device read (every
+    row of ``bitmap`` holds a tile by construction)."""
+    _, rank = _descending_rank(xp, scores)
+    position = _positions(xp, bitmap, rank, order, peak)
+    nq, nk = bitmap.shape[2:]
+    row_offsets, row_indices = rows_from_positions(xp, bitmap, position, nq * nk)
+    return trusted_plan(shape, block, row_offsets, row_indices, order=order, max_visits=nk)
+
 
 def _softmax(xp, scores):
     shifted = scores - scores.max(axis=-1, keepdims=True)

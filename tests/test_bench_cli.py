@@ -423,3 +423,67 @@ def test_gpu_sweep_times_on_the_device_against_a_sampled_float32_reference(tmp_p
     exported = bench_results.export_sweep(read_records(out))
     assert {r["device_kind"] for r in exported} == {"gpu"}
     assert "No GPU results" not in bench_results.render_method_tables(exported)
+
+
+@pytest.mark.slow
+def test_gpu_workloads_script_runs_end_to_end_on_a_cpu_and_bundles_its_results(tmp_path):
+    import os
+    import tarfile
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), PYTHON=sys.executable, OUT=str(tmp_path),
+               WORK=str(tmp_path / "work"), BACKEND="cpu", DTYPE="float32", BLOCK="16x16",
+               SHAPE="3x8x12", STEPS="4", ERROR_TILES="2", SWEEP_WORKLOAD=SMALL)
+    result = subprocess.run(["bash", str(root / "bench" / "gpu_workloads.sh")], cwd=root,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = (tmp_path / "workloads" / "summary.md").read_text()
+    for expected in ("| docs |", "| late-natural |", "## sweep", "reuse: rc=0", "sweep: rc=0"):
+        assert expected in summary, expected
+    with tarfile.open(tmp_path / "workloads" / "workloads.tgz") as bundle:
+        names = bundle.getnames()
+    assert any(n.endswith("-late.jsonl") for n in names)
+    assert any("methods-gpu-" in n for n in names) and any(n.endswith(".png") for n in names)
+    assert sorted(p.name for p in (tmp_path / "workloads").iterdir()) == ["summary.md",
+                                                                         "workloads.tgz"]
+
+
+def test_docs_tables_put_gpu_results_first_with_their_device_and_date(tmp_path):
+    out = tmp_path / "s.jsonl"
+    run_cli("sweep", "-o", out, "-w", SMALL, "--block", "16x16", "--repeat", "1",
+            "--no-progress", "-m", "topk", "--values", "topk=0.5")
+    cpu = bench_results.export_sweep(read_records(out))
+    gpu = [dict(r, device="NVIDIA H200", device_kind="gpu", backend="cupy",
+                date="2026-12-02T01:00:00+00:00") for r in cpu]
+    path = tmp_path / "methods-gpu-x.jsonl"
+    bench_results.write_results(path, gpu)
+    text = bench_results.render_method_tables(cpu + bench_results.read_results(path))
+    assert text.index(".. rubric:: GPU") < text.index("**NVIDIA H200**, measured 2026-12-02")
+    assert text.index("**NVIDIA H200**") < text.index(".. rubric:: CPU")
+    assert "No GPU results" not in text and "``cupy`` backend" in text
+
+
+def test_reuse_results_render_for_the_docs_gpu_first(tmp_path):
+    from pysparse_attn.bench.__main__ import main
+    from pysparse_attn.bench.reuse import render_reuse_results
+
+    assert "No plan-reuse results" in render_reuse_results(tmp_path)
+    assert main(["reuse", "-o", str(tmp_path / "reuse-cpu-a"), "--shape", "3x8x12", "--heads",
+                 "2", "--head-dim", "32", "--steps", "3", "--block", "16x16", "--repeat",
+                 "1", "--dense-steps", "1"]) == 0
+    records = [json.loads(x) for x in (tmp_path / "reuse-cpu-a.jsonl").read_text().splitlines()]
+    records[0].update(backend="cupy", device="NVIDIA H200", date="2026-12-01T00:00:00+00:00")
+    (tmp_path / "reuse-gpu-b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "reuse-torn.jsonl").write_text('{"type": "environment"}\n')  # no summary
+    text = render_reuse_results(tmp_path)
+    assert text.startswith(".. list-table::") and "reuse-torn" not in text
+    assert text.index("NVIDIA H200, 2026-12-01") < text.index("``reuse-cpu-a``")
+    assert "(1, 2, 288, 32), float32, 16x16" in text
+
+
+def test_packaging_metadata_reads_without_deprecation_warnings():
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, text=True,
+                            capture_output=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("pysparse_attn")
+    assert "Deprecat" not in result.stderr, result.stderr

@@ -17,6 +17,11 @@ GRID = (3, 8, 12)  # 288 tokens, 18 key tiles of 16
 BACKENDS = ["cpu", "reference"]
 
 
+def fresh_seed():
+    """A new seed per check (NumPy's entropy), so repeated runs cover fresh inputs."""
+    return int(np.random.SeedSequence().entropy % 2**31)
+
+
 def _trajectory(**kwargs):
     options = dict(shape=GRID, steps=8, heads=2, head_dim=32, seed=3, sharpness=(2.0, 4.0))
     options.update(kwargs)
@@ -400,3 +405,212 @@ def test_bench_reuse_cli_writes_table_records_and_plot(tmp_path):
     assert "| 3 |" in table and "speedup vs dense" in table
     assert prefix.with_suffix(".png").stat().st_size > 0
     assert prefix.with_suffix(".svg").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan of a reused step, and forks
+
+
+@pytest.mark.parametrize("order", ["peak", "score"])
+def test_reused_plan_orders_tiles_as_the_public_builder_does(order):
+    from pysparse_attn._plan import block_scores
+    from pysparse_attn.reuse import _ordered_plan
+
+    rng = np.random.default_rng(fresh_seed())
+    q, k = (rng.standard_normal((1, 2, 70, 16)).astype(np.float32) for _ in range(2))
+    bitmap = rng.random((1, 2, 5, 5)) < 0.5
+    bitmap[..., 0] = True  # every row holds a tile, as a reuse plan does
+    scores = block_scores(np, q, k, (16, 16), 0.25)
+    ours = _ordered_plan(np, bitmap, scores, order, 2, (16, 16), (1, 2, 70, 70))
+    public = psa.plan(q, k, select=psa.BlockMask(bitmap), order=order, peak=2, block=(16, 16),
+                      scale=0.25)
+    np.testing.assert_array_equal(ours.row_offsets, public.row_offsets)
+    np.testing.assert_array_equal(ours.row_indices, public.row_indices)
+    assert ours.order == order and ours.max_visits == 5 and ours.shape == public.shape
+
+
+def test_a_fork_continues_from_the_state_and_leaves_the_original_untouched():
+    trajectory = _trajectory()
+    reuse = PlanReuse(psa.Recall(0.9), refresh_every=3, dense_steps=1, block=(16, 16))
+    for step in range(3):
+        reuse.attention(*trajectory[step], layer=0, step=step)
+    before = reuse.state(0)
+    twin = reuse.fork()
+    out_twin, stats_twin = twin.attention(*trajectory[3], layer=0, step=3)
+    assert reuse.state(0) is before and twin.state(0) is not before
+    out, stats = reuse.attention(*trajectory[3], layer=0, step=3)  # still allowed: untouched
+    np.testing.assert_array_equal(out, out_twin)
+    np.testing.assert_array_equal(stats.attention.kept, stats_twin.attention.kept)
+    assert repr(twin) == repr(reuse)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark: variants, timing
+
+
+def test_variants_parse_and_bad_ones_name_the_problem():
+    from pysparse_attn.bench.reuse import parse_variant
+
+    assert parse_variant("r80:skip=recall:0.8,margin=1,mass-budget=none") == (
+        "r80", {"skip": "recall:0.8", "margin": 1, "mass_budget": None})
+    assert parse_variant("plain") == ("plain", {})
+    for text, match in [("bad label:margin=1", "label"), ("x:colour=red", "colour"),
+                        ("x:margin=one", "margin"), ("x:margin", "key=value")]:
+        with pytest.raises(ValueError, match=match):
+            parse_variant(text)
+
+
+def test_bench_reuse_variants_share_the_trajectory_and_write_each_one(tmp_path, capsys):
+    from pysparse_attn.bench.__main__ import main
+
+    prefix = tmp_path / "reuse"
+    assert main(["reuse", "-o", str(prefix), "--shape", "3x8x12", "--heads", "2",
+                 "--head-dim", "32", "--steps", "5", "--block", "16x16", "--repeat", "2",
+                 "--dense-steps", "1", "--refresh-every", "2", "--variant", "base",
+                 "--variant", "late:dense-steps=3,skip=recall:0.8,order=natural,"
+                 "refresh-every=none"]) == 0
+    runs = {}
+    for label in ("base", "late"):
+        lines = [json.loads(x) for x in (tmp_path / f"reuse-{label}.jsonl").read_text()
+                 .splitlines()]
+        assert lines[0]["variant"] == label and lines[-1]["type"] == "summary"
+        runs[label] = [r for r in lines if r["type"] == "step"]
+        assert (tmp_path / f"reuse-{label}.png").stat().st_size > 0
+    # One dense and one rule-alone figure per step, shared by the variants.
+    for a, b in zip(runs["base"], runs["late"]):
+        assert a["time_dense_s"] == b["time_dense_s"] and a["time_rule_s"] == b["time_rule_s"]
+        assert a["host_reuse_s"] > 0 and a["time_plan_only_s"] > 0
+    assert [r["dense_step"] for r in runs["late"]] == [True, True, True, False, False]
+    assert runs["late"][3]["refreshed_heads"] == 2 and runs["late"][4]["refreshed_heads"] == 0
+    assert all(r["rel_l2"] < 1e-6 for r in runs["late"][:3])  # dense steps are exact
+    assert runs["late"][4]["recall_bound_min"] >= 0.8 - 1e-6
+    table = (tmp_path / "reuse-variants.md").read_text()
+    assert "| base |" in table and "| late |" in table and "recall:0.8" in table
+    assert main(["reuse", "-o", str(tmp_path / "twice"), "--variant", "a", "--variant", "a"]) == 2
+    assert "labels must differ" in capsys.readouterr().err
+
+
+def test_time_rounds_reports_medians_results_and_host_times():
+    from pysparse_attn.bench.timing import time_rounds
+
+    calls = []
+    seconds, results, host = time_rounds(
+        [lambda: calls.append("a") or "a", [lambda i=i: i for i in range(4)]], 3, "cpu")
+    assert results == ["a", 3] and calls == ["a"] * 4  # one warm-up call, three rounds
+    assert len(seconds) == len(host) == 2 and all(s >= 0 for s in seconds)
+    with pytest.raises(ValueError, match="needs 4"):
+        time_rounds([[lambda: 0] * 3], 3, "cpu")
+    with pytest.raises(ValueError, match="rounds"):
+        time_rounds([lambda: 0], 0, "cpu")
+
+
+@pytest.mark.gpu
+def test_time_rounds_on_the_gpu_times_queued_calls_by_events():
+    import cupy
+
+    from pysparse_attn.bench.timing import time_rounds
+
+    x = cupy.ones((2048, 2048), dtype=cupy.float32)
+    (big, small), (y, _), host = time_rounds([lambda: x @ x @ x, lambda: x + 1], 3, "cupy",
+                                             calls=2)
+    assert isinstance(y, cupy.ndarray) and float(y[0, 0]) == 2048.0 ** 2
+    assert big > small > 0, (big, small)
+    assert all(h < 0.5 for h in host)  # issuing a call never waited for the device
+
+
+@pytest.mark.gpu
+def test_bench_reuse_on_the_gpu_runs_variants_with_device_references(tmp_path):
+    from pysparse_attn.bench.__main__ import main
+
+    prefix = tmp_path / "reuse-gpu"
+    assert main(["reuse", "-o", str(prefix), "--backend", "cupy", "--dtype", "bfloat16",
+                 "--shape", "3x16x32", "--heads", "2", "--head-dim", "64", "--steps", "4",
+                 "--block", "128x64", "--repeat", "2", "--dense-steps", "1",
+                 "--refresh-every", "2", "--error-tiles", "2",
+                 "--variant", "peak", "--variant", "natural:order=natural,margin=1",
+                 "--variant", "plain:mass-budget=none,kept-tolerance=none,rule-in-plan=false"]
+                ) == 0
+    for label in ("peak", "natural", "plain"):
+        lines = [json.loads(x) for x in (tmp_path / f"reuse-gpu-{label}.jsonl").read_text()
+                 .splitlines()]
+        assert lines[0]["backend"] == "cupy" and lines[0]["dtype"] == "bfloat16"
+        steps = [r for r in lines if r["type"] == "step"]
+        assert len(steps) == 4 and steps[0]["dense_step"]
+        for r in steps:
+            # bf16 rounding alone is ~4e-3; the noise-dominated first steps have small outputs
+            assert 0 < r["time_reuse_s"] < 1 and r["rel_l2"] < 0.05, r
+            assert r["recall_bound_min"] >= 0.95 - 1e-3 and r["recall_min"] > 0.9, r
+            assert r["error_rows"] == 256 and 0 < r["host_reuse_s"] < 1, r
+
+
+def test_prefetched_steps_come_in_order_and_errors_reach_the_caller():
+    from pysparse_attn.bench.reuse import _Prefetcher
+
+    made = []
+
+    class Steps:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, step):
+            made.append(step)
+            if step == 3:
+                raise ValueError("step 3 is unreadable")
+            return (step,)
+
+    ahead = _Prefetcher(Steps(), ahead=True)
+    assert [ahead(s) for s in range(3)] == [(0,), (1,), (2,)]
+    with pytest.raises(ValueError, match="step 3"):
+        ahead(3)
+    assert made == [0, 1, 2, 3]
+
+
+def test_without_the_rule_in_plan_reused_steps_visit_their_plan_with_no_rule():
+    trajectory = _trajectory()
+    rule = psa.Recall(0.9)
+    reuse = PlanReuse(rule, refresh_every=3, dense_steps=1, block=(16, 16), mass_budget=None,
+                      kept_tolerance=None, rule_in_plan=False)
+    for step, (q, k, v) in enumerate(trajectory):
+        plan_before = None if step < 2 else reuse.state(0).plan
+        out, stats = reuse.attention(q, k, v, layer=0, step=step)
+        if step == 0:
+            assert stats.dense
+            continue
+        refreshing = (step - 1) % 3 == 0  # first plan step 1, then every 3 steps
+        assert bool(stats.refreshed.all()) == refreshing and (
+            refreshing or not stats.refreshed.any()), step
+        if refreshing:  # the rule ran over every tile
+            assert stats.kept_density < 1.0 and stats.recall_bound.min() >= 0.9 - 1e-6
+            continue
+        # Between refreshes: every plan tile kept, and exactly attention on the stored plan.
+        np.testing.assert_array_equal(stats.attention.kept, plan_before)
+        assert stats.recall_bound.min() == 1.0
+        expected = psa.attention(q, k, v, plan=psa.Plan.from_kept(
+            plan_before, block=(16, 16), order="natural", shape=stats.attention.plan.shape))
+        np.testing.assert_array_equal(out, expected)
+    assert "rule_in_plan=False" in repr(reuse)
+
+
+def test_rule_in_plan_off_needs_host_known_refreshes():
+    with pytest.raises(ValueError, match="mass_budget=None and kept_tolerance=None"):
+        PlanReuse(psa.Recall(0.9), rule_in_plan=False)
+    with pytest.raises(ValueError, match="kept_tolerance"):
+        PlanReuse(psa.Recall(0.9), mass_budget=None, rule_in_plan=False)
+    with pytest.raises(TypeError, match="rule_in_plan"):
+        PlanReuse(psa.Recall(0.9), rule_in_plan="no")
+
+
+def test_bench_reuse_variant_without_the_rule_in_plan(tmp_path):
+    from pysparse_attn.bench.__main__ import main
+
+    prefix = tmp_path / "reuse"
+    assert main(["reuse", "-o", str(prefix), "--shape", "3x8x12", "--heads", "2",
+                 "--head-dim", "32", "--steps", "5", "--block", "16x16", "--repeat", "1",
+                 "--dense-steps", "1", "--refresh-every", "3", "--variant",
+                 "plain:mass-budget=none,kept-tolerance=none,rule-in-plan=false"]) == 0
+    steps = [json.loads(x) for x in (tmp_path / "reuse-plain.jsonl").read_text().splitlines()
+             if '"step"' in x and '"type": "step"' in x]
+    reused = [r for r in steps if not r["dense_step"] and r["refreshed_heads"] == 0]
+    assert [r["step"] for r in reused] == [2, 3]
+    for r in reused:
+        assert r["kept_density"] == r["plan_density"] and r["recall_bound_min"] == 1.0

@@ -223,3 +223,16 @@ def test_loader_errors_name_the_problem(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ValueError, match="q.npy"):
         load_qkv(tmp_path / "empty_dir")
+
+
+def test_trajectory_heads_made_on_threads_equal_the_serial_ones(monkeypatch):
+    from pysparse_attn import workloads
+
+    trajectory = workloads.denoising_trajectory((2, 8, 16), steps=3, heads=3, head_dim=32,
+                                                jumps=(2,))
+    monkeypatch.setattr(workloads, "_PARALLEL_MIN_ELEMENTS", 1)
+    threaded = trajectory[2]
+    monkeypatch.setattr(workloads, "_PARALLEL_MIN_ELEMENTS", 1 << 40)
+    serial = trajectory[2]
+    for a, b in zip(threaded, serial):
+        np.testing.assert_array_equal(a, b)

@@ -49,9 +49,15 @@ class DenseReference:
     description: str = "float64, every row"
 
     def restrict(self, x):
-        """The rows of a ``(B, H, Nq, ...)`` output this reference covers, on the host."""
-        x = _host(x)
-        return x if self.rows is None else x[:, :, self.rows]
+        """The rows of a ``(B, H, Nq, ...)`` output this reference covers, on the host (picked
+        where ``x`` lives, so only those rows travel)."""
+        if self.rows is None:
+            return _host(x)
+        if not isinstance(x, np.ndarray) and hasattr(x, "get"):
+            import cupy
+
+            return x[:, :, cupy.asarray(self.rows)].get()
+        return _host(x)[:, :, self.rows]
 
 
 def dense_reference(q, k, v, block, scale=None, rows_per_chunk=1024):
@@ -105,13 +111,15 @@ def sample_rows(n_rows: int, count: Optional[int], seed: int = 0):
     return np.sort(np.concatenate([[0, n_rows - 1], inner])).astype(np.int64)
 
 
-def sampled_reference(q, k, v, block, rows, scale=None, rows_per_chunk=1024):
-    """Exact float32 attention and per-tile row mass on the query rows ``rows``.
+def sampled_reference(q, k, v, block, rows, scale=None, rows_per_chunk=1024,
+                      precision="float32"):
+    """Exact attention and per-tile row mass on the query rows ``rows``, where the arrays are.
 
     Computed with the array API namespace of ``q`` (NumPy, CuPy, ...) on the arrays' device:
     the full logits row ``scale * q_i . k_j`` over every key, an exact softmax (no tiling, no
-    skipping) and ``P V``, in float32 (16-bit inputs are widened exactly). The float32 rounding
-    of this reference (about 1e-6 relative) is far below the error budgets it judges.
+    skipping) and ``P V``, in float32 (16-bit inputs are widened exactly) or float64. The
+    float32 rounding of this reference (about 1e-6 relative) is far below the error budgets it
+    judges; float64 is the library's ground truth, affordable on sampled rows.
 
     Parameters
     ----------
@@ -123,7 +131,9 @@ def sampled_reference(q, k, v, block, rows, scale=None, rows_per_chunk=1024):
     scale : float, optional
         ``D ** -0.5`` by default.
     rows_per_chunk : int
-        Sampled rows whose logits are held at once (``rows_per_chunk * Nk`` float32).
+        Sampled rows whose logits are held at once (``rows_per_chunk * Nk`` floats).
+    precision : {"float32", "float64"}
+        Arithmetic of the reference.
 
     Returns
     -------
@@ -133,6 +143,8 @@ def sampled_reference(q, k, v, block, rows, scale=None, rows_per_chunk=1024):
     """
     from array_api_compat import array_namespace
 
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
     xp = array_namespace(q, k, v)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -146,26 +158,26 @@ def sampled_reference(q, k, v, block, rows, scale=None, rows_per_chunk=1024):
     padding = n_tiles * block[1] - Nk
     out = np.empty((B, H, rows.size, D))
     mass = np.empty((B, H, rows.size, n_tiles))
-    f32 = xp.float32
+    acc = xp.float64 if precision == "float64" else xp.float32
     for b in range(B):
         for h in range(H):
-            keys = xp.astype(k[b, h // group, ...], f32)
-            values = xp.astype(v[b, h // group, ...], f32)
+            keys = xp.astype(k[b, h // group, ...], acc)
+            values = xp.astype(v[b, h // group, ...], acc)
             for r0 in range(0, rows.size, rows_per_chunk):
                 chunk = rows[r0:r0 + rows_per_chunk]
                 index = xp.asarray(chunk, device=_device(q))
-                picked = xp.astype(xp.take(q[b, h, ...], index, axis=0), f32)
+                picked = xp.astype(xp.take(q[b, h, ...], index, axis=0), acc)
                 logits = xp.matmul(picked, xp.matrix_transpose(keys)) * scale
                 p = xp.exp(logits - xp.max(logits, axis=1, keepdims=True))
                 p = p / xp.sum(p, axis=1, keepdims=True)
                 out[b, h, r0:r0 + chunk.size] = _host(xp.matmul(p, values))
                 if padding:
-                    p = xp.concat([p, xp.zeros((chunk.size, padding), dtype=f32,
+                    p = xp.concat([p, xp.zeros((chunk.size, padding), dtype=acc,
                                                device=_device(q))], axis=1)
                 tiles = xp.sum(xp.reshape(p, (chunk.size, n_tiles, block[1])), axis=2)
                 mass[b, h, r0:r0 + chunk.size] = _host(tiles)
     return DenseReference(out=out, tile_mass=mass, block=tuple(block), rows=rows,
-                          description=f"float32 exact, {rows.size} of {Nq} rows sampled")
+                          description=f"{precision} exact, {rows.size} of {Nq} rows sampled")
 
 
 def _device(x):

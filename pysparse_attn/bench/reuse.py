@@ -2,25 +2,32 @@
 
 Per step of a trajectory (synthetic, :func:`pysparse_attn.workloads.denoising_trajectory`, or
 a user's capture, :func:`pysparse_attn.workloads.load_trajectory`), one layer is attended
-three ways: dense, the in-loop rule alone over every tile, and :class:`pysparse_attn.PlanReuse`
-with the same rule (guard, plan building and dilation included in its time). Each step records
-the three times, the reuse call's plan and kept densities, its error against exact float64
-attention, its recall bound and true recall, and which heads refreshed; a summary record adds
-the totals. Results go to ``PREFIX.jsonl`` (environment header, one record per step, summary),
-``PREFIX.md`` (the table) and ``PREFIX.png``/``.svg`` (error and time per step).
+dense, with the in-loop rule alone over every tile, and with :class:`pysparse_attn.PlanReuse`
+(guard, plan building and dilation included in its time) in one or more *variants* (settings
+of ``PlanReuse``, ``--variant``), all on the same tensors: the trajectory is made once, each
+step moved to the device once, and the dense and rule-alone figures are shared by the
+variants. Each step records the times, each variant's plan and kept densities, its error
+against exact float64 attention, its recall bound and true recall, and which heads refreshed;
+a summary record adds the totals.
 
+Outputs per variant: ``PREFIX[-LABEL].jsonl`` (environment header, one record per step,
+summary), ``.md`` (the table) and ``.png``/``.svg`` (error and time per step); with variants,
+also ``PREFIX-variants.md``, their totals side by side.
+
+Times (:func:`pysparse_attn.bench.timing.time_rounds`): on a GPU, CUDA events around calls
+queued without host waits, medians over ``--repeat`` rounds, beside the host's time to issue
+each reuse call (a host wait inside the call would show there as the queued work ahead of it).
 Errors and true recalls use every query row when the trajectory is small and a seeded sample
-of query tiles per head otherwise (``--error-tiles``), computed in float64 on the inputs'
-device.
+of query tiles per head otherwise (``--error-tiles``), in float64 on the inputs' device.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
+import re
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +37,13 @@ from .._api import attention
 from .._plan import tile_count
 from .._rules import Blasst, Cef, Recall
 from ..reuse import PlanReuse
-from .sweep import environment
+from .metrics import error_metrics, recall_from_tile_mass, sampled_reference
+from .sweep import environment, to_backend
+from .timing import time_rounds
 
-__all__ = ["add_parser", "run", "parse_rule", "exact_rows", "markdown_table", "plot_steps"]
+__all__ = ["add_parser", "run", "parse_rule", "parse_variant", "markdown_table",
+           "markdown_variants", "plot_steps", "read_reuse_runs", "render_reuse_results",
+           "VARIANT_KEYS"]
 
 _RULES = {"recall": Recall, "blasst": Blasst, "cef": Cef}
 
@@ -43,7 +54,10 @@ def parse_rule(text):
     if name not in _RULES or not value:
         raise ValueError(f"--skip must look like recall:0.95, blasst:1e-3 or cef:-8.5, "
                          f"got {text!r}")
-    return _RULES[name](float(value))
+    try:
+        return _RULES[name](float(value))
+    except ValueError as error:
+        raise ValueError(f"--skip {text!r}: {error}") from error
 
 
 def _dims(text, count, name):
@@ -56,12 +70,76 @@ def _dims(text, count, name):
     return values
 
 
+def _optional_int(text):
+    return None if text.lower() == "none" else int(text)
+
+
+def _optional_float(text):
+    return None if text.lower() == "none" else float(text)
+
+
+def _flag(text):
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+#: Settings a ``--variant`` may override: its key -> (argparse destination, parser).
+VARIANT_KEYS = {
+    "skip": ("skip", str),
+    "refresh-every": ("refresh_every", _optional_int),
+    "dense-steps": ("dense_steps", int),
+    "margin": ("margin", int),
+    "mass-budget": ("mass_budget", _optional_float),
+    "kept-tolerance": ("kept_tolerance", _optional_float),
+    "order": ("order", str),
+    "rule-in-plan": ("rule_in_plan", _flag),
+}
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def parse_variant(text):
+    """``LABEL:key=value,key=value`` -> ``(label, {destination: value})``.
+
+    Keys are those of :data:`VARIANT_KEYS` (the reuse options without their dashes);
+    ``none`` disables ``refresh-every``, ``mass-budget`` or ``kept-tolerance``;
+    ``rule-in-plan`` takes true or false.
+
+    Examples
+    --------
+    >>> from pysparse_attn.bench.reuse import parse_variant
+    >>> parse_variant("late:dense-steps=20,skip=recall:0.8,refresh-every=none")
+    ('late', {'dense_steps': 20, 'skip': 'recall:0.8', 'refresh_every': None})
+    >>> parse_variant("plain:mass-budget=none,kept-tolerance=none,rule-in-plan=false")[1]
+    {'mass_budget': None, 'kept_tolerance': None, 'rule_in_plan': False}
+    """
+    label, _, settings = text.partition(":")
+    if not _LABEL.match(label):
+        raise ValueError(f"--variant must look like LABEL:key=value,... with a label of "
+                         f"letters, digits, '.', '_' or '-', got {text!r}")
+    overrides = {}
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        if key not in VARIANT_KEYS or not value:
+            raise ValueError(f"--variant {label}: {item!r} is not key=value with a key in "
+                             f"{sorted(VARIANT_KEYS)}")
+        destination, convert = VARIANT_KEYS[key]
+        try:
+            overrides[destination] = convert(value)
+        except ValueError as error:
+            raise ValueError(f"--variant {label}: {key}={value!r}: {error}") from error
+    return label, overrides
+
+
 def add_parser(commands):
     """Register the ``reuse`` subcommand on an argparse subparsers object."""
     parser = commands.add_parser("reuse", help="plan reuse along a denoising trajectory",
-                                 description=__doc__.split("\n\n")[0])
+                                 description=__doc__.split("\n\n")[1])
     parser.add_argument("-o", "--output", required=True,
-                        help="path prefix: writes PREFIX.jsonl, PREFIX.md, PREFIX.png/.svg")
+                        help="path prefix: writes PREFIX.jsonl, PREFIX.md, PREFIX.png/.svg "
+                             "(PREFIX-LABEL.* per variant, and PREFIX-variants.md)")
     parser.add_argument("--shape", default="9x15x26",
                         help="token grid TxHxW or a name in workloads.SHAPES (default 9x15x26)")
     parser.add_argument("--heads", type=int, default=None,
@@ -82,77 +160,82 @@ def add_parser(commands):
     parser.add_argument("--backend", default="cpu", help="cpu, cupy or reference")
     parser.add_argument("--block", default="64x64", help="BqxBk (default 64x64)")
     parser.add_argument("--skip", default="recall:0.95", help="in-loop rule (recall:0.95)")
-    parser.add_argument("--refresh-every", type=int, default=5,
-                        help="steps between scheduled refreshes (default 5)")
+    parser.add_argument("--refresh-every", type=_optional_int, default=5,
+                        help="steps between scheduled refreshes, or none (default 5)")
     parser.add_argument("--dense-steps", type=int, default=2,
                         help="first steps computed dense (default 2)")
     parser.add_argument("--margin", type=int, default=0,
                         help="tiles of dilation around the reused kept set (default 0)")
-    parser.add_argument("--mass-budget", type=float, default=0.02,
-                        help="guard: allowed growth of the estimated outside mass (default 0.02)")
-    parser.add_argument("--kept-tolerance", type=float, default=0.1,
-                        help="guard: allowed move of the kept share inside the plan (default 0.1)")
+    parser.add_argument("--mass-budget", type=_optional_float, default=0.02,
+                        help="guard: allowed growth of the estimated outside mass, or none "
+                             "(default 0.02)")
+    parser.add_argument("--kept-tolerance", type=_optional_float, default=0.1,
+                        help="guard: allowed move of the kept share inside the plan, or none "
+                             "(default 0.1)")
     parser.add_argument("--order", default=None, help="natural, score or peak (default: peak)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed calls per step (median)")
+    parser.add_argument("--rule-in-plan", type=_flag, default=True,
+                        help="run the rule inside reused plans too (default true); false needs "
+                             "--mass-budget none --kept-tolerance none")
+    parser.add_argument("--variant", action="append", default=None, metavar="LABEL:KEY=V,...",
+                        help="a PlanReuse setting to run beside the others on the same "
+                             "tensors: the options above, overridden by KEY=V for KEY in "
+                             f"{sorted(VARIANT_KEYS)} (repeatable; default one variant, the "
+                             "options as given)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed rounds per step (medians; default 3)")
     parser.add_argument("--error-tiles", type=int, default=None,
                         help="query tiles per head for errors (default: all when small)")
     return parser
 
 
 # ---------------------------------------------------------------------------------------------
-# Exact reference on (some) query rows
+# Inputs: the trajectory, made ahead on a host thread on a GPU run
 
 
-def _namespace(x):
-    if isinstance(x, np.ndarray):
-        return np
-    import cupy
+def _trajectory(args, dtype):
+    if args.trajectory is not None:
+        grid = None if args.grid is None else _dims(args.grid, 3, "--grid")
+        return workloads.load_trajectory(args.trajectory, layout=args.layout, grid=grid)
+    shape = args.shape if args.shape in workloads.SHAPES else _dims(args.shape, 3, "--shape")
+    jumps = tuple(int(j) for j in args.jumps.split(",") if j)
+    return workloads.denoising_trajectory(
+        shape, steps=args.steps, heads=args.heads, head_dim=args.head_dim,
+        kinds=tuple(args.kinds.split("+")), dtype=dtype, seed=args.seed, jumps=jumps)
 
-    return cupy
 
+class _Prefetcher:
+    """Host tensors of the next step made on a thread while the device works on this one.
 
-def exact_rows(q, k, v, kept, rows, block, scale):
-    """Exact float64 attention of the query ``rows`` and the true recall of ``kept`` there.
-
-    Parameters
-    ----------
-    q, k, v : arrays ``(B, H, N, D)`` (k, v may have fewer heads: GQA)
-    kept : bool array ``(B, H, nq, nk)``
-    rows : int array
-        Query row indices (the same for every batch entry and head).
-    block : (int, int)
-    scale : float
-
-    Returns
-    -------
-    out : float64 ``(B, H, len(rows), D)``
-    recall : float64 ``(B, H, len(rows))``
+    Only host work happens on the thread (NumPy); device transfers stay on the caller's
+    thread, between timed regions, so they never overlap a timed call.
     """
-    xp = _namespace(q)
-    B, H, _, D = q.shape
-    Nk = k.shape[2]
-    group = H // k.shape[1]
-    rows_x = xp.asarray(rows)
-    out = xp.empty((B, H, len(rows), D))
-    recall = xp.empty((B, H, len(rows)))
-    tile_of_row = rows_x // block[0]
-    for b in range(B):
-        for h in range(H):
-            keys = k[b, h // group].astype(xp.float64)
-            values = v[b, h // group].astype(xp.float64)
-            logits = scale * (q[b, h, rows_x].astype(xp.float64) @ keys.T)
-            p = xp.exp(logits - logits.max(axis=1, keepdims=True))
-            total = p.sum(axis=1)
-            out[b, h] = (p @ values) / total[:, None]
-            mask = xp.repeat(kept[b, h][tile_of_row], block[1], axis=1)[:, :Nk]
-            recall[b, h] = (p * mask).sum(axis=1) / total
-    return out, recall
 
+    def __init__(self, trajectory, ahead: bool):
+        self._trajectory = trajectory
+        self._ahead = ahead
+        self._next = None
+        self._thread = None
 
-def _rel_l2(out, exact):
-    xp = _namespace(exact)
-    diff = out.astype(xp.float64) - exact
-    return float(xp.sqrt((diff ** 2).sum() / (exact ** 2).sum()))
+    def _make(self, step):
+        try:
+            self._next = (step, self._trajectory[step], None)
+        except BaseException as error:  # re-raised on the caller's thread
+            self._next = (step, None, error)
+
+    def __call__(self, step):
+        if self._thread is None:
+            self._make(step)
+        else:
+            self._thread.join()
+        made, tensors, error = self._next
+        if error is not None:
+            raise error
+        assert made == step
+        self._thread = None
+        if self._ahead and step + 1 < len(self._trajectory):
+            self._thread = threading.Thread(target=self._make, args=(step + 1,), daemon=True)
+            self._thread.start()
+        return tensors
 
 
 def _sample_rows(n_q, block_q, tiles_per_head, seed):
@@ -163,145 +246,171 @@ def _sample_rows(n_q, block_q, tiles_per_head, seed):
     return np.concatenate([np.arange(t * block_q, min((t + 1) * block_q, n_q)) for t in picks])
 
 
-# ---------------------------------------------------------------------------------------------
-# Timing
-
-
-def _synchronize(x):
-    if not isinstance(x, np.ndarray):
-        import cupy
-
-        cupy.cuda.get_current_stream().synchronize()
-
-
-def _timed_interleaved(functions, repeat, probe):
-    """Median wall time of each of ``functions`` (device synchronised) and its last result.
-
-    The functions run in turn, ``repeat`` rounds, so that a change of machine load between
-    rounds hits every one of them alike (the ratios stay meaningful on a shared machine).
-    """
-    times = [[] for _ in functions]
-    results = [None] * len(functions)
-    for _ in range(repeat):
-        for index, function in enumerate(functions):
-            _synchronize(probe)
-            start = time.perf_counter()
-            results[index] = function()
-            _synchronize(probe)
-            times[index].append(time.perf_counter() - start)
-    return [float(np.median(t)) for t in times], results
+def _host(x):
+    return np.asarray(x.get() if hasattr(x, "get") else x)
 
 
 # ---------------------------------------------------------------------------------------------
 # The run
 
 
-def _trajectory(args):
-    if args.trajectory is not None:
-        grid = None if args.grid is None else _dims(args.grid, 3, "--grid")
-        return workloads.load_trajectory(args.trajectory, layout=args.layout, grid=grid)
-    shape = args.shape if args.shape in workloads.SHAPES else _dims(args.shape, 3, "--shape")
-    jumps = tuple(int(j) for j in args.jumps.split(",") if j)
-    return workloads.denoising_trajectory(
-        shape, steps=args.steps, heads=args.heads, head_dim=args.head_dim,
-        kinds=tuple(args.kinds.split("+")), dtype=args.dtype, seed=args.seed, jumps=jumps)
+def _variant_specs(args):
+    specs = [parse_variant(text) for text in args.variant] if args.variant else [(None, {})]
+    labels = [label for label, _ in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--variant labels must differ, got {labels}")
+    return specs
 
 
-def _to_device(x, backend, dtype):
-    x = np.ascontiguousarray(x, dtype=workloads._check_dtype(dtype))
-    if backend == "cupy":
-        import cupy
+def _variants(specs, args, grid, block):
+    """``[(label or None, settings dict, PlanReuse)]`` of the command line."""
+    base = {destination: getattr(args, destination) for destination, _ in VARIANT_KEYS.values()}
+    variants = []
+    for label, overrides in specs:
+        settings = dict(base, **overrides)
+        reuse = PlanReuse(parse_rule(settings["skip"]), refresh_every=settings["refresh_every"],
+                          dense_steps=settings["dense_steps"], margin=settings["margin"],
+                          grid=grid, mass_budget=settings["mass_budget"],
+                          kept_tolerance=settings["kept_tolerance"], order=settings["order"],
+                          block=block, rule_in_plan=settings["rule_in_plan"])
+        variants.append((label, settings, reuse))
+    return variants
 
-        return cupy.asarray(x)
-    return x
+
+def _prefix(prefix: Path, label):
+    return prefix if label is None else prefix.with_name(f"{prefix.name}-{label}")
 
 
 def run(args, argv=None):
-    """Run the benchmark of ``args`` (parsed by :func:`add_parser`); returns the summary."""
+    """Run the benchmark of ``args`` (parsed by :func:`add_parser`); returns the summary of
+    the only variant, or ``{label: summary}`` with ``--variant``."""
     block = _dims(args.block, 2, "--block")
     rule = parse_rule(args.skip)
-    trajectory = _trajectory(args)
+    if isinstance(args.repeat, bool) or not isinstance(args.repeat, int) or args.repeat < 1:
+        raise ValueError(f"--repeat must be a positive int, got {args.repeat!r}")
+    specs = _variant_specs(args)  # command-line mistakes before any work
+    on_gpu = args.backend == "cupy"
+    # 16-bit tensors for the GPU are made in float32 and rounded there (exactly what the host
+    # conversion gives, without its cost).
+    host_dtype = "float32" if on_gpu and args.dtype in ("bfloat16", "float16") else args.dtype
+    trajectory = _trajectory(args, host_dtype)
     grid = trajectory.grid
-    reuse = PlanReuse(rule, refresh_every=args.refresh_every, dense_steps=args.dense_steps,
-                      margin=args.margin, grid=grid, mass_budget=args.mass_budget,
-                      kept_tolerance=args.kept_tolerance, order=args.order, block=block)
+    variants = _variants(specs, args, grid, block)
     options = dict(block=block, backend=args.backend, check_finite=False)
     reuse_options = dict(backend=args.backend, check_finite=False)
     prefix = Path(args.output)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    header = environment(args.backend, argv)
-    header.update(trajectory=trajectory.description, reuse=repr(reuse), dtype=args.dtype,
-                  block=list(block), skip=args.skip, repeat=args.repeat,
-                  load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
-    records = [header]
-    warmed = False
+    description = dict(trajectory.description)
+    if "dtype" in description:
+        description["dtype"] = args.dtype
+    base_header = environment(args.backend, argv)
+    base_header.update(trajectory=description, dtype=args.dtype, block=list(block),
+                       repeat=args.repeat,
+                       load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
+    records, sinks = {}, {}
+    for label, settings, reuse in variants:
+        header = dict(base_header, variant=label, skip=settings["skip"], reuse=repr(reuse))
+        records[label] = [header]
+        # Written as they come: a run stopped early (a time limit) keeps its finished steps.
+        sinks[label] = open(_prefix(prefix, label).with_suffix(".jsonl"), "w")
+        _write(sinks[label], header)
+    tensors_of = _Prefetcher(trajectory, ahead=on_gpu)
     for step in range(len(trajectory)):
-        q, k, v = (_to_device(x, args.backend, args.dtype) for x in trajectory[step])
+        q, k, v = (to_backend(x, args.backend, args.dtype) for x in tensors_of(step))
         scale = q.shape[-1] ** -0.5
-        if not warmed:  # first calls compile kernels (Numba, NVRTC): not part of any step
+        if step == 0:  # first calls compile kernels (Numba, NVRTC): not part of any step
             attention(q, k, v, **options)
             attention(q, k, v, skip=rule, **options)
-            copy.deepcopy(reuse).attention(q, k, v, layer=0, step=max(step, args.dense_steps),
-                                           **reuse_options)
-            warmed = True
-        before = reuse
-        trials = []
-
-        def reuse_call():
-            trial = copy.deepcopy(before)  # each timed call starts from the same state
-            trials.append(trial)
-            return trial.attention(q, k, v, layer=0, step=step, **reuse_options)
-
-        # The kernel alone on the plan the reuse call uses: what the machinery around it
-        # costs. The plan is known only after a reuse call; the first round makes one.
-        out, stats = reuse_call()
-        trials.clear()
-        plan = stats.attention.plan
-        kernel_rule = None if stats.dense else rule
-        (t_dense, t_rule, t_reuse, t_plan_only), (_, (_, rule_stats), (out, stats), _) = \
-            _timed_interleaved([
-                lambda: attention(q, k, v, **options),
-                lambda: attention(q, k, v, skip=rule, return_stats=True, **options),
-                reuse_call,
-                lambda: attention(q, k, v, plan=plan, skip=kernel_rule, **options),
-            ], args.repeat, q)
-        reuse = trials[-1]
+            for _, settings, reuse in variants:
+                reuse.fork().attention(q, k, v, layer=0,
+                                       step=max(step, settings["dense_steps"]), **reuse_options)
+        # Per variant: one untimed call from a fork gives the plan the kernel-only figure
+        # runs; each timed call starts from its own fork of the same state.
+        functions = [lambda: attention(q, k, v, **options),
+                     lambda: attention(q, k, v, skip=rule, return_stats=True, **options)]
+        forks = []
+        for _, settings, reuse in variants:
+            _, probe = reuse.fork().attention(q, k, v, layer=0, step=step, **reuse_options)
+            # The rule the call ran: none on dense steps, nor between refreshes without it.
+            ran_rule = not probe.dense and (reuse.rule_in_plan
+                                            or bool(_host(probe.refreshed).any()))
+            plan = probe.attention.plan
+            kernel_rule = parse_rule(settings["skip"]) if ran_rule else None
+            trials = [reuse.fork() for _ in range(args.repeat)]
+            forks.append(trials)
+            functions.append([lambda t=t: t.attention(q, k, v, layer=0, step=step,
+                                                      **reuse_options) for t in trials])
+            functions.append(lambda plan=plan, r=kernel_rule: attention(
+                q, k, v, plan=plan, skip=r, **options))
+        seconds, results, host_seconds = time_rounds(functions, args.repeat, args.backend,
+                                                     warmup=False)
+        t_dense, t_rule = seconds[0], seconds[1]
+        rule_stats = results[1][1]
         rows = _sample_rows(q.shape[2], block[0], args.error_tiles, seed=step)
-        exact, recall = exact_rows(q, k, v, stats.attention.kept, rows, block, scale)
-        xp = _namespace(q)
-        refreshed = np.asarray(stats.refreshed.get() if xp is not np else stats.refreshed)
-        bound = stats.recall_bound
-        record = {
-            "type": "step", "step": step,
-            "sigma": None if trajectory.sigmas is None else float(trajectory.sigmas[step]),
-            "dense_step": stats.dense,
-            "refreshed_heads": int(refreshed.sum()), "heads": int(refreshed.size),
-            "time_dense_s": t_dense, "time_rule_s": t_rule, "time_reuse_s": t_reuse,
-            "time_plan_only_s": t_plan_only,
-            "plan_density": stats.plan_density, "kept_density": stats.kept_density,
-            "rule_kept_density": float(rule_stats.kept.mean()),
-            "rel_l2": _rel_l2(out[:, :, xp.asarray(rows)], exact),
-            "recall_bound_min": float(bound.min()),
-            "recall_min": float(recall.min()), "recall_mean": float(recall.mean()),
-            "outside_growth_max": (None if stats.outside_growth is None
-                                   else float(stats.outside_growth.max())),
-            "error_rows": int(len(rows)),
-        }
-        ideal = t_dense * record["plan_density"]
-        record["time_vs_ideal"] = t_reuse / ideal if ideal > 0 else None
-        records.append(record)
-        print(f"step {step:3d}  dense {t_dense * 1e3:8.2f} ms  rule {t_rule * 1e3:8.2f} ms  "
-              f"reuse {t_reuse * 1e3:8.2f} ms  plan {record['plan_density']:.3f}  "
-              f"err {record['rel_l2']:.4f}  refreshed {record['refreshed_heads']}",
-              file=sys.stderr)
-    summary = _summary(records[1:])
-    records.append(summary)
-    with open(prefix.with_suffix(".jsonl"), "w") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    prefix.with_suffix(".md").write_text(markdown_table(records))
-    plot_steps(records, prefix)
-    return summary
+        reference = sampled_reference(q, k, v, block, rows, scale=scale, precision="float64")
+        rule_kept_density = float(rule_stats.kept.mean())
+        for index, (label, settings, _) in enumerate(variants):
+            reuse = forks[index][-1]  # the state after this step (every fork is the same)
+            variants[index] = (label, settings, reuse)
+            out, stats = results[2 + 2 * index]
+            record = _step_record(
+                step, trajectory, stats, out, reference, t_dense, t_rule,
+                seconds[2 + 2 * index], host_seconds[2 + 2 * index], seconds[3 + 2 * index],
+                rule_kept_density, len(rows))
+            records[label].append(record)
+            _write(sinks[label], record)
+            print(f"step {step:3d} {label or '':>10}  dense {t_dense * 1e3:8.2f} ms  "
+                  f"rule {t_rule * 1e3:8.2f} ms  reuse {record['time_reuse_s'] * 1e3:8.2f} ms  "
+                  f"plan {record['plan_density']:.3f}  err {record['rel_l2']:.4f}  "
+                  f"refreshed {record['refreshed_heads']}", file=sys.stderr)
+    summaries = {}
+    for label, _, _ in variants:
+        summary = _summary(records[label][1:])
+        records[label].append(summary)
+        summaries[label] = summary
+        _write(sinks[label], summary)
+        sinks[label].close()
+        path = _prefix(prefix, label)
+        path.with_suffix(".md").write_text(markdown_table(records[label]))
+        plot_steps(records[label], path)
+    if args.variant:
+        Path(f"{prefix}-variants.md").write_text(markdown_variants(records))
+        return summaries
+    return summaries[None]
+
+
+def _write(sink, record):
+    sink.write(json.dumps(record) + "\n")
+    sink.flush()
+
+
+def _step_record(step, trajectory, stats, out, reference, t_dense, t_rule, t_reuse, host_reuse,
+                 t_kernel, rule_kept_density, error_rows):
+    refreshed = _host(stats.refreshed)
+    recall = recall_from_tile_mass(reference, stats.attention.kept)
+    errors = error_metrics(reference.restrict(out), reference.out)
+    record = {
+        "type": "step", "step": step,
+        "sigma": None if trajectory.sigmas is None else float(trajectory.sigmas[step]),
+        "dense_step": stats.dense,
+        "refreshed_heads": int(refreshed.sum()), "heads": int(refreshed.size),
+        "time_dense_s": t_dense, "time_rule_s": t_rule, "time_reuse_s": t_reuse,
+        "host_reuse_s": host_reuse, "time_plan_only_s": t_kernel,
+        "plan_density": stats.plan_density, "kept_density": stats.kept_density,
+        "rule_kept_density": rule_kept_density,
+        "rel_l2": errors["rel_l2"], "rel_l2_worst_head": errors["rel_l2_worst_head"],
+        "recall_bound_min": float(stats.recall_bound.min()),
+        "recall_min": float(recall.min()), "recall_mean": float(recall.mean()),
+        "outside_growth_max": (None if stats.outside_growth is None
+                               else float(stats.outside_growth.max())),
+        "error_rows": int(error_rows),
+    }
+    density = record["plan_density"]
+    # Two ideals: the dense kernel's speed per tile, and the rule kernel's own (the reused
+    # steps run the rule inside the plan).
+    record["time_vs_ideal"] = t_reuse / (t_dense * density) if density > 0 else None
+    record["time_vs_rule_ideal"] = t_reuse / (t_rule * density) if density > 0 else None
+    return record
 
 
 def _summary(steps):
@@ -309,6 +418,10 @@ def _summary(steps):
              for name in ("time_dense_s", "time_rule_s", "time_reuse_s", "time_plan_only_s")}
     errors = [r["rel_l2"] for r in steps]
     reused = [r for r in steps if not r["dense_step"] and r["refreshed_heads"] == 0]
+
+    def median(key):
+        return float(np.median([r[key] for r in reused])) if reused else None
+
     return {
         "type": "summary", "steps": len(steps), **total,
         "speedup_vs_dense": total["time_dense_s"] / total["time_reuse_s"],
@@ -318,13 +431,55 @@ def _summary(steps):
         "head_refreshes": int(sum(r["refreshed_heads"] for r in steps if not r["dense_step"])),
         "steps_with_refresh": int(sum(r["refreshed_heads"] > 0 for r in steps
                                       if not r["dense_step"])),
+        "dense_steps": int(sum(r["dense_step"] for r in steps)),
         "reused_steps": len(reused),
         "plan_density_mean": float(np.mean([r["plan_density"] for r in steps])),
-        "reused_time_vs_ideal_median": (float(np.median([r["time_vs_ideal"] for r in reused]))
-                                        if reused else None),
+        "reused_time_vs_ideal_median": median("time_vs_ideal"),
+        "reused_time_vs_rule_ideal_median": median("time_vs_rule_ideal"),
+        "reused_time_vs_kernel_median": (float(np.median([
+            r["time_reuse_s"] / r["time_plan_only_s"] for r in reused])) if reused else None),
+        "reuse_host_s_max": float(max(r.get("host_reuse_s", 0.0) for r in steps)),
         "recall_bound_min": float(min(r["recall_bound_min"] for r in steps)),
         "recall_min": float(min(r["recall_min"] for r in steps)),
     }
+
+
+def _kind(r):
+    return ("dense" if r["dense_step"] else
+            "refresh" if r["refreshed_heads"] == r["heads"] else
+            "partial" if r["refreshed_heads"] else "reused")
+
+
+def _ms(seconds):
+    return "" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def _ratio(value):
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _header_lines(header):
+    variant = header.get("variant")
+    return [
+        f"* device: {header['device']} ({header['platform']}), backend `{header['backend']}`, "
+        f"OMP_NUM_THREADS={header['omp_num_threads'] or 'unset'}",
+        f"* date: {header['date']}, commit `{header['git_commit']}`",
+        f"* command: `{header['command']}`" + (f", variant `{variant}`" if variant else ""),
+        f"* trajectory: `{json.dumps(header['trajectory'])}`",
+        f"* dtype {header['dtype']}, block {header['block']}, rule `{header['skip']}`, "
+        f"`{header['reuse']}`, times are medians of {header['repeat']} rounds",
+        f"* load average at the start (1, 5, 15 min): {header.get('load_average')}",
+    ]
+
+
+_NOTES = [
+    "*reuse ms* is the whole `PlanReuse.attention` call (guard, plan, dilation, kernel), "
+    "device time of queued calls on a GPU; *host ms* the host's time to issue it (a host wait "
+    "inside the call would show there as the queued dense and rule-alone calls ahead of it); "
+    "*kernel-only* is `attention` on the plan it used. *ideal* = dense time x plan density; "
+    "*rule ideal* = rule-alone time x plan density (the kernel's own speed with the rule "
+    "running).",
+]
 
 
 def markdown_table(records) -> str:
@@ -332,54 +487,114 @@ def markdown_table(records) -> str:
     header = next(r for r in records if r.get("type") == "environment")
     steps = [r for r in records if r.get("type") == "step"]
     summary = next(r for r in records if r.get("type") == "summary")
-    lines = [
-        "# Plan reuse along a denoising trajectory",
-        "",
-        f"* device: {header['device']} ({header['platform']}), backend `{header['backend']}`, "
-        f"OMP_NUM_THREADS={header['omp_num_threads'] or 'unset'}",
-        f"* date: {header['date']}, commit `{header['git_commit']}`",
-        f"* command: `{header['command']}`",
-        f"* trajectory: `{json.dumps(header['trajectory'])}`",
-        f"* dtype {header['dtype']}, block {header['block']}, rule `{header['skip']}`, "
-        f"`{header['reuse']}`, times are medians of {header['repeat']} calls",
-        f"* load average at the start (1, 5, 15 min): {header.get('load_average')}",
-        "",
-        "| step | sigma | kind | refreshed heads | dense ms | rule ms | reuse ms | kernel-only "
-        "ms | plan density | kept density | rel L2 | recall bound min | true recall min |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    lines = ["# Plan reuse along a denoising trajectory", "", *_header_lines(header), "",
+             "| step | sigma | kind | refreshed heads | dense ms | rule ms | reuse ms | host ms | "
+             "kernel-only ms | plan density | kept density | rel L2 | recall bound min | "
+             "true recall min |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in steps:
-        kind = ("dense" if r["dense_step"] else
-                "refresh" if r["refreshed_heads"] == r["heads"] else
-                "partial" if r["refreshed_heads"] else "reused")
         sigma = "" if r["sigma"] is None else f"{r['sigma']:.3f}"
         lines.append(
-            f"| {r['step']} | {sigma} | {kind} | {r['refreshed_heads']}/{r['heads']} | "
-            f"{r['time_dense_s'] * 1e3:.2f} | {r['time_rule_s'] * 1e3:.2f} | "
-            f"{r['time_reuse_s'] * 1e3:.2f} | {r['time_plan_only_s'] * 1e3:.2f} | "
+            f"| {r['step']} | {sigma} | {_kind(r)} | {r['refreshed_heads']}/{r['heads']} | "
+            f"{_ms(r['time_dense_s'])} | {_ms(r['time_rule_s'])} | {_ms(r['time_reuse_s'])} | "
+            f"{_ms(r.get('host_reuse_s'))} | {_ms(r['time_plan_only_s'])} | "
             f"{r['plan_density']:.3f} | {r['kept_density']:.3f} | {r['rel_l2']:.4f} | "
             f"{r['recall_bound_min']:.4f} | {r['recall_min']:.4f} |")
-    s = summary
-    ideal = s["reused_time_vs_ideal_median"]
-    lines += [
-        "",
-        "| total | dense s | rule alone s | reuse s | speedup vs dense | rule alone vs dense "
-        "| mean rel L2 | max rel L2 | steps > 3% | head refreshes | steps with a refresh | "
-        "reused time / ideal (median) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {s['steps']} steps | {s['time_dense_s']:.3f} | {s['time_rule_s']:.3f} | "
-        f"{s['time_reuse_s']:.3f} | {s['speedup_vs_dense']:.2f}x | "
-        f"{s['speedup_rule_vs_dense']:.2f}x | {s['rel_l2_mean']:.4f} | {s['rel_l2_max']:.4f} | "
-        f"{s['steps_over_3pct']} | {s['head_refreshes']} | {s['steps_with_refresh']} | "
-        f"{'n/a' if ideal is None else f'{ideal:.2f}'} |",
-        "",
-        "*reuse ms* is the whole `PlanReuse.attention` call (guard, plan, dilation, kernel); "
-        "*kernel-only* is `attention` on the plan it used. *ideal* = dense time x plan "
-        "density. Errors are against exact float64 attention on "
-        f"{steps[0]['error_rows']} query rows per head.",
-        "",
-    ]
+    lines += ["", *_totals_table([(None, summary)]), "", *_NOTES,
+              f"Errors are against exact float64 attention on {steps[0]['error_rows']} query "
+              "rows per head.", ""]
     return "\n".join(lines)
+
+
+def _totals_table(summaries):
+    lines = ["| variant | steps | dense s | rule alone s | reuse s | speedup vs dense | "
+             "rule alone vs dense | mean rel L2 | max rel L2 | steps > 3% | dense steps | "
+             "head refreshes | steps with a refresh | reused steps | mean plan density | "
+             "reused / ideal | reused / rule ideal | reused / kernel-only | max host ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+             "---:|---:|---:|"]
+    for label, s in summaries:
+        lines.append(
+            f"| {label or 'total'} | {s['steps']} | {s['time_dense_s']:.3f} | "
+            f"{s['time_rule_s']:.3f} | {s['time_reuse_s']:.3f} | "
+            f"{s['speedup_vs_dense']:.2f}x | {s['speedup_rule_vs_dense']:.2f}x | "
+            f"{s['rel_l2_mean']:.4f} | {s['rel_l2_max']:.4f} | {s['steps_over_3pct']} | "
+            f"{s.get('dense_steps', '')} | {s['head_refreshes']} | {s['steps_with_refresh']} | "
+            f"{s['reused_steps']} | {s['plan_density_mean']:.3f} | "
+            f"{_ratio(s['reused_time_vs_ideal_median'])} | "
+            f"{_ratio(s.get('reused_time_vs_rule_ideal_median'))} | "
+            f"{_ratio(s.get('reused_time_vs_kernel_median'))} | "
+            f"{_ms(s.get('reuse_host_s_max'))} |")
+    return lines
+
+
+def markdown_variants(records_by_label) -> str:
+    """The totals of every variant of one run side by side, with each one's settings."""
+    first = next(iter(records_by_label.values()))
+    header = first[0]
+    lines = ["# Plan reuse variants on one trajectory", "", *_header_lines(
+        dict(header, variant=None, skip="per variant", reuse="per variant")), ""]
+    summaries = []
+    for label, records in records_by_label.items():
+        head = records[0]
+        lines.append(f"* `{label}`: rule `{head['skip']}`, `{head['reuse']}`")
+        summaries.append((label, next(r for r in records if r.get("type") == "summary")))
+    lines += ["", *_totals_table(summaries), "", *_NOTES,
+              "Medians of the ratios are over the reused steps (no head refreshed). "
+              "Every variant ran on the same tensors, with the same dense and rule-alone calls.",
+              ""]
+    return "\n".join(lines)
+
+
+def read_reuse_runs(folder):
+    """``[(header, summary, path)]`` of the reuse result files (``reuse-*.jsonl``) in
+    ``folder``, newest first, GPU runs before CPU ones."""
+    runs = []
+    for path in sorted(Path(folder).glob("reuse-*.jsonl")):
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        header = next((r for r in records if r.get("type") == "environment"), None)
+        summary = next((r for r in records if r.get("type") == "summary"), None)
+        if header is not None and summary is not None:
+            runs.append((header, summary, path))
+    runs.sort(key=lambda run: run[0].get("date", ""), reverse=True)
+    runs.sort(key=lambda run: run[0].get("backend") != "cupy")
+    return runs
+
+
+def render_reuse_results(folder) -> str:
+    """reST: one table of the reuse runs in ``folder`` (GPU first), each with its device,
+    date, variant and settings; a sentence when there are none."""
+    runs = read_reuse_runs(folder)
+    if not runs:
+        return ("No plan-reuse results are in ``bench/results/`` yet: "
+                "``python -m pysparse_attn.bench reuse`` writes them.\n")
+    lines = [".. list-table:: Plan reuse along the synthetic trajectory (totals over the steps)",
+             "   :header-rows: 1", "",
+             "   * - device, date", "     - run", "     - shape (B, H, N, D), dtype, tiles",
+             "     - steps", "     - speedup vs dense", "     - rule alone vs dense",
+             "     - mean / max rel. L2", "     - mean plan density",
+             "     - reused / ideal (median)"]
+    for header, s, path in runs:
+        trajectory = header.get("trajectory", {})
+        grid = trajectory.get("grid")
+        tokens = int(np.prod(grid)) if grid else "?"
+        shape = (f"(1, {trajectory.get('heads', '?')}, {tokens}, "
+                 f"{trajectory.get('head_dim', '?')}), {header.get('dtype')}, "
+                 f"{'x'.join(map(str, header.get('block', [])))}")
+        lines += [f"   * - {header['device']}, {header['date'][:10]}",
+                  f"     - ``{path.stem}``: ``{header.get('reuse', '')}``",
+                  f"     - {shape}", f"     - {s['steps']}",
+                  f"     - {s['speedup_vs_dense']:.2f}x",
+                  f"     - {s['speedup_rule_vs_dense']:.2f}x",
+                  f"     - {s['rel_l2_mean']:.2%} / {s['rel_l2_max']:.2%}",
+                  f"     - {s['plan_density_mean']:.3f}",
+                  f"     - {_ratio(s['reused_time_vs_ideal_median'])}"]
+    return "\n".join(lines) + "\n"
 
 
 def plot_steps(records, prefix, formats=("png", "svg")):

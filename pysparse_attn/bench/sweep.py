@@ -16,7 +16,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,11 +26,12 @@ import numpy as np
 
 from .. import workloads as _workloads
 from .methods import METHODS
+from .timing import time_rounds
 from .metrics import (dense_reference, error_metrics, recall_from_tile_mass, recall_metrics,
                       sample_rows, sampled_reference)
 
 __all__ = ["Workload", "WORKLOADS", "parse_workload", "environment", "run_key", "read_records",
-           "run_sweep", "file_digest", "LayoutWarning", "DEFAULT_GPU_REFERENCE_ROWS"]
+           "run_sweep", "file_digest", "LayoutWarning", "DEFAULT_GPU_REFERENCE_ROWS", "to_backend"]
 
 # Query rows (per batch and head) of the exact float32 reference on a GPU backend: enough for
 # the error to be judged to well under 1% of itself, few enough for a Wan-shaped sweep to spend
@@ -144,14 +144,8 @@ class Workload:
         if backend != "cupy":
             return self.tensors()
         if ("device", backend) not in self.cache:
-            import cupy
-
-            def to_device(x):
-                if x.dtype.name == "bfloat16":  # through float32 (exact): CuPy's own bfloat16
-                    return cupy.asarray(x.astype(np.float32)).astype(x.dtype)
-                return cupy.asarray(x)
-
-            self.cache[("device", backend)] = tuple(to_device(x) for x in self.tensors())
+            self.cache[("device", backend)] = tuple(to_backend(x, backend)
+                                                    for x in self.tensors())
         return self.cache[("device", backend)]
 
     def reference(self, rows=None, backend="cpu"):
@@ -195,6 +189,24 @@ class Workload:
             info["content_sha256"] = self.digest()
         info["workload_id"] = self.identity()
         return info
+
+
+def to_backend(x, backend: str, dtype=None):
+    """Host array ``x`` (optionally converted to ``dtype``) where ``backend`` computes.
+
+    On ``"cupy"`` a 16-bit result is rounded on the device from a float32 copy (exact for
+    values already in that dtype; CuPy's own bfloat16 besides ml_dtypes'), which also spares the
+    host a slow conversion; on host backends the host array, C-contiguous.
+    """
+    target = np.dtype(_workloads._check_dtype(dtype)) if dtype is not None else x.dtype
+    if backend != "cupy":
+        return np.ascontiguousarray(x, dtype=target)
+    import cupy
+
+    if target.itemsize == 2 or x.dtype.itemsize == 2:
+        widened = cupy.asarray(np.ascontiguousarray(x, dtype=np.float32))
+        return widened.astype(target)
+    return cupy.asarray(np.ascontiguousarray(x, dtype=target))
 
 
 def parse_workload(text: str, *, dtype="float32", block=(64, 64), seed=0) -> Workload:
@@ -323,40 +335,6 @@ def read_records(paths):
     return records
 
 
-def _synchronizer(backend: str):
-    """A function that waits for the device's queued work (a no-op on host backends)."""
-    if backend != "cupy":
-        return lambda: None
-    import cupy
-
-    return lambda: cupy.cuda.get_current_stream().synchronize()
-
-
-def _timed_against(function, baseline, repeat, synchronize=lambda: None):
-    """Median wall times of ``function`` and ``baseline``, called alternately ``repeat`` times.
-
-    Alternating the two makes their ratio robust to slow drifts of machine load (other jobs on
-    a shared machine), which a dense time measured once per session is not. ``synchronize``
-    waits for queued device work, before each clock read. Both are called once untimed first
-    (kernel compilation, caches). Returns ``(seconds, baseline_seconds, result of the untimed
-    call of function)``.
-    """
-    result = function()
-    baseline()
-    synchronize()
-    times, baseline_times = [], []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        synchronize()
-        times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        baseline()
-        synchronize()
-        baseline_times.append(time.perf_counter() - start)
-    return float(np.median(times)), float(np.median(baseline_times)), result
-
-
 def _resolve_reference_rows(reference_rows, backend):
     if reference_rows == "auto":
         return DEFAULT_GPU_REFERENCE_ROWS if backend == "cupy" else None
@@ -381,10 +359,11 @@ def run_sweep(output, workloads, methods, *, backend="cpu", repeat=3, values=Non
         Names in :data:`~pysparse_attn.bench.methods.METHODS`.
     backend : str
         Backend of the timed calls (``"cpu"``, ``"cupy"``, ``"reference"``). With ``"cupy"``
-        the tensors are moved to the GPU once and every timed call is synchronised.
+        the tensors are moved to the GPU once and calls are timed by CUDA events, queued
+        (:func:`~pysparse_attn.bench.timing.time_rounds`).
     repeat : int
-        Timed calls per run, alternating with dense calls (medians reported), after one
-        untimed call of each that also yields the stats.
+        Timed rounds per run, each a dense call then the method's call (medians reported),
+        after one untimed call of each.
     values : dict, optional
         Per method name, settings replacing the method's defaults.
     progress : bool
@@ -427,7 +406,6 @@ def run_sweep(output, workloads, methods, *, backend="cpu", repeat=3, values=Non
     if not plan:
         return 0
     header = environment(backend, argv)
-    synchronize = _synchronizer(backend)
     with open(output, "a") as sink:
         sink.write(json.dumps(header) + "\n")
         sink.flush()
@@ -439,8 +417,9 @@ def run_sweep(output, workloads, methods, *, backend="cpu", repeat=3, values=Non
             method = METHODS[name]
             run = lambda: method.call(q, k, v, value, workload.block, backend, workload)  # noqa
             dense = lambda: attention(q, k, v, block=workload.block, backend=backend)  # noqa
-            seconds, dense_seconds, (out, stats) = _timed_against(run, dense, repeat,
-                                                                  synchronize)
+            # Dense first in each round: the long call absorbs the round's start (queue empty).
+            (dense_seconds, seconds), (_, (out, stats)), _ = time_rounds([dense, run], repeat,
+                                                                         backend)
             recall = recall_from_tile_mass(reference, stats.kept)
             record = {
                 "type": "run", "key": key, "method": name, "parameter": method.parameter,
