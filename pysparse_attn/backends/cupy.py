@@ -830,12 +830,15 @@ def _host_f32(x):
     return _host(x).astype(np.float32)
 
 
-def attention_backward(q, k, v, do, kept, block, scale, threads=None):
+def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
+                       deterministic=False, grad_dtype=None, threads=None):
     """``(dq, dk, dv)`` as float32 CuPy arrays, computed by the ``cpu`` backend on the host.
 
     There is no GPU backward kernel yet: the inputs are copied to the host in float32 (what
     the cpu backend widens 16-bit inputs to), the C++ kernels run there, and the gradients come
-    back to the device. This synchronises with the host.
+    back to the device. This synchronises with the host. ``out``, ``lse``, ``deterministic``
+    and ``grad_dtype`` are accepted and ignored here (the host path recomputes O and the LSE,
+    is deterministic, and returns float32).
     """
     import cupy
 
