@@ -643,7 +643,7 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
     """
     deterministic = check_flag("deterministic", deterministic)
     call = _prepare(q, k, v, scale=scale, block=_block_or_plans(block, plan), layout=layout,
-                    backend=backend, threads=threads, precision=precision)
+                    backend=backend, threads=threads, precision=precision, check_finite=None)
     g = call.arrays.like_q("do", do)
     a = call.arrays
     nq, nk = tile_count(a.q.shape[2], call.block[0]), tile_count(a.k.shape[2], call.block[1])
@@ -656,8 +656,9 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
             plan = _plan(call, _check_selector(select, call.arrays, call.block),
                          _check_order(order, skip, peak), peak)
         out, lse, kept = _forward_for_backward(call, plan, skip)
+    # Checked on the host only (on the GPU it would read a flag back).
     kept = check_tile_mask("kept", kept, (a.q.shape[0], a.q.shape[1], nq, nk), a.on_gpu,
-                           nonempty=True)
+                           nonempty=not a.on_gpu)
     grads = call.backend.attention_backward(
         a.q, a.k, a.v, g, kept, call.block, call.scale, out=out, lse=lse,
         deterministic=deterministic, grad_dtype=np.dtype(_grad_dtype(call)), **call.kwargs())
@@ -716,7 +717,7 @@ def sla_vjp(q, k, v, do, *, critical=None, negligible=None, linear="marginal",
     deterministic = check_flag("deterministic", deterministic)
     call, plan, weight, bias, eps, sparse = _sla_forward(
         q, k, v, critical, negligible, linear, feature_map, proj_weight, proj_bias, eps, block,
-        skip, order, peak, scale, layout, backend, threads, True, plan, precision)
+        skip, order, peak, scale, layout, backend, threads, None, plan, precision)
     a = call.arrays
     g = a.like_q("do", do)
     out, lse = _saved_tensors(call, out, lse, kept)
@@ -724,7 +725,7 @@ def sla_vjp(q, k, v, do, *, critical=None, negligible=None, linear="marginal",
     if kept is None:  # only what is missing: a given kept set costs no forward
         o_sparse, lse, kept, _, _ = sparse(True)
     kept = check_tile_mask("kept", kept, (a.q.shape[0], a.q.shape[1], plan.nq, plan.nk),
-                           a.on_gpu, nonempty=True)
+                           a.on_gpu, nonempty=not a.on_gpu)
     acc = _linear.accumulator(a.xp, a.q.dtype, exact=call.backend_name == "reference")
     linear_grads, d_weight, d_bias, derived = _linear.linear_vjp(
         call.backend, a.q, a.k, a.v, g, plan.marginal, call.block, feature_map, eps, weight, acc,

@@ -1022,7 +1022,8 @@ def sla_linear_vjp(q, k, v, d_out, marginal, block, feature_map, eps, weight, bi
 
     One pipeline, no host synchronisation: the forward's states (``phi``, ``H_I``, ``Z_I``)
     are computed once and reused; ``O_l`` (float32 and as a GEMM operand), ``dW = dO^T O_l``
-    and ``db = 1^T dO`` as single GEMMs over every row, ``g = dO W`` as one GEMM, then
+    as one GEMM over every row, ``db`` as a float32 column sum of ``dO``, ``g = dO W`` as one
+    GEMM, then
     :func:`_linear_grads`. With the forward's merged ``out`` it also returns the sparse
     output ``O_s = out - (O_l W^T + b)`` (float32; ``O_l W^T`` on TF32 tensor cores as in
     :func:`sla_merge`), so that the sparse backward needs no forward. ``grads`` is None when
@@ -1052,12 +1053,8 @@ def sla_linear_vjp(q, k, v, d_out, marginal, block, feature_map, eps, weight, bi
     d_weight = cupy.empty((D, D), dtype=f32)
     _gemm(D, D, total_rows, do_operand, D, o_operand, D, d_weight, D,
           types=(operand, "float32"), a_t=True)
-    ones = cupy.ones((1, total_rows), dtype=f32)
-    ones = ones if operand == "float32" else ones.astype(op_dtype)
-    d_bias = cupy.empty((1, D), dtype=f32)
-    _gemm(1, D, total_rows, ones, total_rows, do_operand, D, d_bias, D,
-          types=(operand, "float32"))
-    d_bias = d_bias.reshape(D)
+    # From dO in its own dtype: a float16 dO is not rounded to the bf16 operand for db.
+    d_bias = d_out.astype(f32).sum(axis=(0, 1, 2))
     o_sparse = None
     if out is not None:
         y = None
