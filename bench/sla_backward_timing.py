@@ -131,8 +131,11 @@ def main():
     row("    dW = dO^T O_l (one bf16 GEMM)",
         lambda: backend._gemm(D, D, B * H * rows_q, do_operand, D, o_operand, D, d_weight, D,
                               types=("bfloat16", "float32"), a_t=True))
-    row("    db = column sum of dO (fp32)",
-        lambda: do.astype(cupy.float32).sum(axis=(0, 1, 2)))
+    ones = cupy.ones((1, B * H * rows_q), dtype=cupy.float32).astype(ml_dtypes.bfloat16)
+    d_bias = cupy.empty((1, D), dtype=cupy.float32)
+    row("    db = 1^T dO (one bf16 GEMM)",
+        lambda: backend._gemm(1, D, B * H * rows_q, ones, B * H * rows_q, do_operand, D, d_bias,
+                              D, types=("bfloat16", "float32")))
     g = cupy.empty((B, H, rows_q, D), dtype=cupy.float32)
     backend._gemm(B * H * rows_q, D, D, do_operand, D, weight.astype(ml_dtypes.bfloat16), D, g,
                   D, types=("bfloat16", "float32"))
