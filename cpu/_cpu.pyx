@@ -48,6 +48,8 @@ cdef extern from "kernels.hpp" namespace "psa" nogil:
         TensorArg q, k, v, d_out
         const uint8_t* kept
         double scale
+        const void* saved_lse
+        const void* saved_delta
         void* dq
         void* dk
         void* dv
@@ -133,13 +135,20 @@ def forward(q, k, v, row_offsets, row_indices, block, str rule_functor, rule_par
         c_attention_forward(args)
 
 
-def backward(q, k, v, d_out, kept, block, double scale, dq, dk, dv, int threads):
-    """Gradients of attention restricted to ``kept``; writes ``dq``, ``dk``, ``dv`` in place."""
+def backward(q, k, v, d_out, kept, block, double scale, dq, dk, dv, int threads,
+             saved_lse=None, saved_delta=None):
+    """Gradients of attention restricted to ``kept``; writes ``dq``, ``dk``, ``dv`` in place.
+
+    ``saved_lse`` and ``saved_delta`` (C-contiguous (B, H, Nq) in the accumulation dtype, or
+    None) replace the recomputation of the forward's LSE and of ``dO . O``.
+    """
     cdef BackwardArgs args
     args.shape = _shape(q, k, block, threads)
     args.q, args.k, args.v, args.d_out = _tensor(q), _tensor(k), _tensor(v), _tensor(d_out)
     args.kept = <const uint8_t*>_pointer(kept)
     args.scale = scale
+    args.saved_lse = _pointer(saved_lse)
+    args.saved_delta = _pointer(saved_delta)
     args.dq, args.dk, args.dv = _pointer(dq), _pointer(dk), _pointer(dv)
     with nogil:
         c_attention_backward(args)

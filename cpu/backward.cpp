@@ -2,7 +2,9 @@
 // replayed, not re-taken): dq, dk, dv by FlashAttention-2's recomputation scheme.
 //
 // Pass 1, one task per (batch, head, query tile): recompute O and the LSE over the kept tiles,
-// Delta_i = dO_i . O_i, then dQ = scale * sum_J dS_J K_J with dS = P * (dP - Delta),
+// Delta_i = dO_i . O_i (each skipped when the forward's saved value is given: with both the
+// recomputation loop does not run, with the LSE alone it still accumulates O, with Delta alone
+// it runs without the P V product), then dQ = scale * sum_J dS_J K_J with dS = P * (dP - Delta),
 // P = exp(S - LSE), dP = dO V^T. Pass 2, one task per (batch, kv head, key tile): dV = P^T dO
 // and dK = scale * dS^T Q, summed over the query tiles that kept the key tile and over the
 // query heads of the GQA group. Each task owns its output rows: no atomics, no reductions.
@@ -87,8 +89,15 @@ struct Backward {
         std::fill(ws.o.begin(), ws.o.begin() + rows * dp, T(0));
         std::fill(ws.dq.begin(), ws.dq.begin() + rows * dp, T(0));
 
+        const int64_t flat0 = (b * sh.q_heads + h) * sh.q_len + row0;
+        const T* saved_lse = a.saved_lse ? static_cast<const T*>(a.saved_lse) + flat0 : nullptr;
+        const T* saved_delta =
+            a.saved_delta ? static_cast<const T*>(a.saved_delta) + flat0 : nullptr;
+        const bool recompute = saved_lse == nullptr || saved_delta == nullptr;
+        const bool need_output = saved_delta == nullptr;
+
         // Recompute O and the LSE of the kept set (the forward's column-form loop, no skips).
-        for (int64_t kt = 0; kt < nk; ++kt) {
+        for (int64_t kt = 0; recompute && kt < nk; ++kt) {
             if (!is_kept(b, h, qt, kt)) continue;
             const int64_t key0 = kt * Bk, keys = std::min(Bk, sh.kv_len - key0);
             const TileView<T> kv = tile_view(k, b, hk, key0, keys, D, false, ws.k.data(), dp);
@@ -98,6 +107,7 @@ struct Backward {
             online_softmax_update_columns(keys, ws.st.data(), cols, cols, ws.tile_max.data(),
                                           ws.m.data(), ws.l.data(), ws.u.data(),
                                           ws.alpha.data());
+            if (!need_output) continue;
             for (int64_t i = 0; i < rows; ++i)
                 if (ws.alpha[i] != T(1))
                     for (int64_t d = 0; d < dp; ++d) ws.o[i * dp + d] *= ws.alpha[i];
@@ -105,17 +115,21 @@ struct Backward {
             gemm_strided<T, true>(rows, dp, keys, ws.st.data(), 1, cols, vv.data, vv.row,
                                   ws.o.data(), dp);
         }
-        const int64_t flat0 = (b * sh.q_heads + h) * sh.q_len + row0;
         for (int64_t i = 0; i < cols; ++i) {
             if (i >= rows) {  // padded columns: P = exp(s - inf) = 0, Delta = 0
                 ws.lse[i] = T(INFINITY);
                 ws.delta[i] = 0;
                 continue;
             }
-            T dot = 0;
-            for (int64_t d = 0; d < D; ++d) dot += ws.d_out_t[d * cols + i] * ws.o[i * dp + d];
-            ws.delta[i] = delta[flat0 + i] = dot / ws.l[i];
-            ws.lse[i] = lse[flat0 + i] = ws.m[i] + std::log(ws.l[i]);
+            if (saved_delta) {
+                ws.delta[i] = delta[flat0 + i] = saved_delta[i];
+            } else {
+                T dot = 0;
+                for (int64_t d = 0; d < D; ++d)
+                    dot += ws.d_out_t[d * cols + i] * ws.o[i * dp + d];
+                ws.delta[i] = delta[flat0 + i] = dot / ws.l[i];
+            }
+            ws.lse[i] = lse[flat0 + i] = saved_lse ? saved_lse[i] : ws.m[i] + std::log(ws.l[i]);
         }
 
         // dQ = scale * sum_J dS_J K_J, from S^T, dP^T = V dO^T and dS^T = P^T (dP^T - Delta).

@@ -46,6 +46,10 @@ struct BackwardArgs {
     TensorArg q, k, v, d_out;
     const uint8_t* kept;   // (B, Hq, nq, nk)
     double scale;
+    // The forward's saved statistics, contiguous (B, Hq, Nq) in the accumulation dtype, or
+    // null: each one given is used instead of recomputing it from the kept tiles.
+    const void* saved_lse;    // natural-log LSE of the kept set
+    const void* saved_delta;  // Delta_i = dO_i . O_i with the forward's O
     void* dq;              // (B, Hq, Nq, D), accumulation dtype (float32, float64 for float64)
     void* dk;              // (B, Hkv, Nk, D), same dtype
     void* dv;

@@ -8,8 +8,15 @@
 //       (QUERY = true) are divided by their denominator phi(q_i) . Z_I + eps, computed here in
 //       float32 from the float32 phi, so that the final GEMM yields O_l itself; a row whose
 //       denominator is exactly zero is written as zeros (O_l = 0 there, as the contract says).
-//   linear_merge<S, O>   out = O_s + Y + b in the output type, one pass; Y = O_l W^T is float32
-//       and row-padded to the query tiles.
+//   linear_merge<S, O>   out = O_s + sign (Y + b) in the output type, one pass; Y = O_l W^T is
+//       float32 and row-padded to the query tiles. sign = -1 recovers O_s from a saved merged
+//       output in the backward.
+//   linear_query_grads<In, MAP>   the backward's per-row stage on the query side, one query tile
+//       per CTA: recomputes phi(q_i) and the denominator, takes c_i = g_i . O_l,i from the
+//       float32 rows, writes dq = phi'(q)^T ((G_i - c_i Z_I) / den_i) with G_i = g_i H_I^T from
+//       a GEMM, and the tile's dZ_I = -sum_i phi(q_i) c_i / den_i (fixed order, no atomics).
+//   linear_key_grads<In, MAP>   the key side: dk = phi'(k)^T (dPhi_j + dZ_J), dPhi = V dH_J^T
+//       from a GEMM.
 //
 // Values travel as raw words (unsigned short for the 16-bit types), as in the forward kernels.
 #include "element_types.cuh"
@@ -55,6 +62,72 @@ __device__ __forceinline__ float warp_max(float value) {
     return value;
 }
 
+// phi of one row, one value per lane and chunk of 32 along D: x holds the inputs (minus
+// infinity past dim), f the features (0 past dim). The one definition of the maps on the GPU.
+template <typename In, int MAP>
+__device__ __forceinline__ void feature_row(const typename Words<In>::Word* __restrict__ src,
+                                            int dim, int lane, float (&x)[kMaxChunks],
+                                            float (&f)[kMaxChunks]) {
+    const float minus_infinity = __int_as_float(0xff800000);  // NVRTC has no INFINITY macro
+    const int chunks = (dim + 31) / 32;
+    float top = minus_infinity;
+#pragma unroll
+    for (int c = 0; c < kMaxChunks; ++c) {
+        const int d = c * 32 + lane;
+        x[c] = (c < chunks && d < dim) ? Words<In>::load(src[d]) : minus_infinity;
+        top = fmaxf(top, x[c]);
+    }
+    const float row_max = warp_max(top);  // every lane takes part in each shuffle
+    float total = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kMaxChunks; ++c) {
+        const int d = c * 32 + lane;
+        const bool valid = c < chunks && d < dim;
+        float value;
+        if (MAP == kFeatureMapSoftmax) {
+            value = valid ? __expf(x[c] - row_max) : 0.0f;
+        } else if (MAP == kFeatureMapElu1) {
+            value = valid ? (x[c] > 0.0f ? x[c] + 1.0f : __expf(x[c])) : 0.0f;
+        } else {
+            value = valid ? fmaxf(x[c], 0.0f) : 0.0f;
+        }
+        f[c] = value;
+        total += value;
+    }
+    if (MAP == kFeatureMapSoftmax) {
+        const float inv = 1.0f / warp_sum(total);
+#pragma unroll
+        for (int c = 0; c < kMaxChunks; ++c) f[c] *= inv;
+    }
+}
+
+// (d phi / d x)^T d_phi of one row, in place in d_phi (relu's derivative at 0 is 0).
+template <int MAP>
+__device__ __forceinline__ void feature_row_vjp(const float (&x)[kMaxChunks],
+                                                const float (&f)[kMaxChunks],
+                                                float (&d_phi)[kMaxChunks]) {
+    if (MAP == kFeatureMapSoftmax) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kMaxChunks; ++c) dot += d_phi[c] * f[c];  // f is 0 past dim
+        dot = warp_sum(dot);
+#pragma unroll
+        for (int c = 0; c < kMaxChunks; ++c) d_phi[c] = f[c] * (d_phi[c] - dot);
+    } else {
+#pragma unroll
+        for (int c = 0; c < kMaxChunks; ++c)
+            d_phi[c] = x[c] > 0.0f ? d_phi[c] : (MAP == kFeatureMapElu1 ? d_phi[c] * f[c] : 0.0f);
+    }
+}
+
+// Where a row's Z lives: z + ((b * z_heads + h / z_group) * z_tiles + (z_per_tile ? t : 0)) * dim.
+__device__ __forceinline__ const float* z_row(const float* z, int b, int h, int t, int n_tiles,
+                                              int z_heads, int z_group, int z_per_tile, int dim) {
+    const long long tiles = z_per_tile ? n_tiles : 1;
+    const long long tile = z_per_tile ? t : 0;
+    return z + ((static_cast<long long>(b) * z_heads + h / z_group) * tiles + tile) * dim;
+}
+
 // Grid (n_tiles, heads, batch), 256 threads; warp w handles rows w, w + 8, ... of the tile.
 // x has element strides (sb, sh, sn) and unit stride along D. z (QUERY only) holds Z per
 // (batch, z head, z tile): query head h reads z head h / z_group and tile I (or 0 when
@@ -67,18 +140,13 @@ linear_features(const typename Words<In>::Word* __restrict__ x, long long sb, lo
                 const float* __restrict__ z, int z_heads, int z_group, int z_per_tile,
                 float eps) {
     __shared__ float partial[kLinearWarps][kMaxChunks * 32];
-    const float minus_infinity = __int_as_float(0xff800000);  // NVRTC has no INFINITY macro
     const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int n_tiles = gridDim.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int chunks = (dim + 31) / 32;
     const long long bh = static_cast<long long>(b) * heads + h;
-    const float* zrow = nullptr;
-    if (QUERY) {
-        const long long zt = z_per_tile ? t : 0;
-        const long long z_tiles = z_per_tile ? n_tiles : 1;
-        zrow = z + ((static_cast<long long>(b) * z_heads + h / z_group) * z_tiles + zt) * dim;
-    }
+    const float* zrow =
+        QUERY ? z_row(z, b, h, t, n_tiles, z_heads, z_group, z_per_tile, dim) : nullptr;
     float sums[kMaxChunks];
 #pragma unroll
     for (int c = 0; c < kMaxChunks; ++c) sums[c] = 0.0f;
@@ -94,36 +162,8 @@ linear_features(const typename Words<In>::Word* __restrict__ x, long long sb, lo
             continue;
         }
         const typename Words<In>::Word* src = x + b * sb + h * sh + row * sn;
-        float value[kMaxChunks];
-        float top = minus_infinity;
-#pragma unroll
-        for (int c = 0; c < kMaxChunks; ++c) {
-            const int d = c * 32 + lane;
-            value[c] = (c < chunks && d < dim) ? Words<In>::load(src[d]) : minus_infinity;
-            top = fmaxf(top, value[c]);
-        }
-        const float row_max = warp_max(top);  // every lane takes part in each shuffle
-        float total = 0.0f;
-#pragma unroll
-        for (int c = 0; c < kMaxChunks; ++c) {
-            const int d = c * 32 + lane;
-            const bool valid = c < chunks && d < dim;
-            float f;
-            if (MAP == kFeatureMapSoftmax) {
-                f = valid ? __expf(value[c] - row_max) : 0.0f;
-            } else if (MAP == kFeatureMapElu1) {
-                f = valid ? (value[c] > 0.0f ? value[c] + 1.0f : __expf(value[c])) : 0.0f;
-            } else {
-                f = valid ? fmaxf(value[c], 0.0f) : 0.0f;
-            }
-            value[c] = f;
-            total += f;
-        }
-        if (MAP == kFeatureMapSoftmax) {
-            const float inv = 1.0f / warp_sum(total);
-#pragma unroll
-            for (int c = 0; c < kMaxChunks; ++c) value[c] *= inv;
-        }
+        float input[kMaxChunks], value[kMaxChunks];
+        feature_row<In, MAP>(src, dim, lane, input, value);
         float scale = 1.0f;
         if (QUERY) {
             float dot = 0.0f;
@@ -158,12 +198,12 @@ linear_features(const typename Words<In>::Word* __restrict__ x, long long sb, lo
     }
 }
 
-// out[b, h, i, d] = sparse[b, h, i, d] + y[b, h, i, d] + bias[d] over B * heads * n rows;
-// sparse and out are contiguous (B, heads, n, dim); y is contiguous (B, heads, n_pad, dim).
+// out[b, h, i, d] = sparse[b, h, i, d] + sign (y[b, h, i, d] + bias[d]) over B * heads * n
+// rows; sparse and out are contiguous (B, heads, n, dim); y is contiguous (B, heads, n_pad, dim).
 template <typename S, typename O>
 __global__ void linear_merge(const typename Words<S>::Word* __restrict__ sparse,
                              const float* __restrict__ y, const float* __restrict__ bias,
-                             int n, int n_pad, int dim, long long total,
+                             int n, int n_pad, int dim, long long total, float sign,
                              typename Words<O>::Word* __restrict__ out) {
     const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
     for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -172,9 +212,114 @@ __global__ void linear_merge(const typename Words<S>::Word* __restrict__ sparse,
         const int d = static_cast<int>(i - row * dim);
         const long long bh = row / n;
         const long long padded = (bh * n_pad + (row - bh * n)) * dim + d;
-        float value = Words<S>::load(sparse[i]) + y[padded];
-        if (bias != nullptr) value += bias[d];
+        float added = y[padded];
+        if (bias != nullptr) added += bias[d];
+        const float value = Words<S>::load(sparse[i]) + sign * added;
         out[i] = Words<O>::store(value);
+    }
+}
+
+// Grid (nq, heads, batch), 256 threads, a warp a row. q has element strides (sb, sh, sn);
+// g, o_linear and g_h (= g H_I^T) are contiguous float32 (B, heads, nq * tile, dim); dq is
+// contiguous float32 (B, heads, n, dim); dz is float32 (B, heads, nq, dim).
+template <typename In, int MAP>
+__global__ void __launch_bounds__(kLinearWarps * 32)
+linear_query_grads(const typename Words<In>::Word* __restrict__ q, long long sb, long long sh,
+                   long long sn, int heads, int n, int tile, int dim,
+                   const float* __restrict__ z, int z_heads, int z_group, int z_per_tile,
+                   float eps, const float* __restrict__ g, const float* __restrict__ o_linear,
+                   const float* __restrict__ g_h, float* __restrict__ dq,
+                   float* __restrict__ dz) {
+    __shared__ float partial[kLinearWarps][kMaxChunks * 32];
+    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int n_tiles = gridDim.x;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int chunks = (dim + 31) / 32;
+    const long long bh = static_cast<long long>(b) * heads + h;
+    const float* zrow = z_row(z, b, h, t, n_tiles, z_heads, z_group, z_per_tile, dim);
+    float sums[kMaxChunks];
+#pragma unroll
+    for (int c = 0; c < kMaxChunks; ++c) sums[c] = 0.0f;
+
+    for (int r = warp; r < tile; r += kLinearWarps) {
+        const int row = t * tile + r;
+        if (row >= n) break;  // rows only grow with r: the rest of the tile is padding
+        float input[kMaxChunks], phi[kMaxChunks];
+        feature_row<In, MAP>(q + b * sb + h * sh + row * sn, dim, lane, input, phi);
+        const long long padded = (bh * n_tiles * tile + row) * dim;
+        float den = 0.0f, c_dot = 0.0f;
+        float zv[kMaxChunks], d_phi[kMaxChunks];
+#pragma unroll
+        for (int c = 0; c < kMaxChunks; ++c) {
+            const int d = c * 32 + lane;
+            const bool valid = c < chunks && d < dim;
+            zv[c] = valid ? zrow[d] : 0.0f;
+            den += phi[c] * zv[c];
+            c_dot += valid ? g[padded + d] * o_linear[padded + d] : 0.0f;
+            d_phi[c] = valid ? g_h[padded + d] : 0.0f;
+        }
+        den = warp_sum(den) + eps;
+        c_dot = warp_sum(c_dot);
+        // O_l,i = 0 where the denominator is exactly 0 (the forward's rule): no gradient there.
+        const float inv = den != 0.0f ? 1.0f / den : 0.0f;
+        const float d_den = -c_dot * inv;
+#pragma unroll
+        for (int c = 0; c < kMaxChunks; ++c) {
+            d_phi[c] = d_phi[c] * inv + d_den * zv[c];
+            sums[c] += phi[c] * d_den;
+        }
+        feature_row_vjp<MAP>(input, phi, d_phi);
+        float* dst = dq + (bh * n + row) * dim;
+#pragma unroll
+        for (int c = 0; c < kMaxChunks; ++c) {
+            const int d = c * 32 + lane;
+            if (c < chunks && d < dim) dst[d] = d_phi[c];
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < kMaxChunks; ++c) partial[warp][c * 32 + lane] = sums[c];
+    __syncthreads();
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+        float total = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kLinearWarps; ++w) total += partial[w][d];
+        dz[(bh * n_tiles + t) * dim + d] = total;
+    }
+}
+
+// Grid (nk, heads, batch), 256 threads, a warp a row. k has element strides (sb, sh, sn);
+// d_phi (= V dH_J^T) is contiguous float32 (B, heads, nk * tile, dim); dz is read like Z in
+// linear_query_grads; dk is contiguous float32 (B, heads, n, dim).
+template <typename In, int MAP>
+__global__ void __launch_bounds__(kLinearWarps * 32)
+linear_key_grads(const typename Words<In>::Word* __restrict__ k, long long sb, long long sh,
+                 long long sn, int heads, int n, int tile, int dim,
+                 const float* __restrict__ d_phi_k, const float* __restrict__ dz,
+                 int z_heads, int z_group, int z_per_tile, float* __restrict__ dk) {
+    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int n_tiles = gridDim.x;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int chunks = (dim + 31) / 32;
+    const long long bh = static_cast<long long>(b) * heads + h;
+    const float* dzrow = z_row(dz, b, h, t, n_tiles, z_heads, z_group, z_per_tile, dim);
+    for (int r = warp; r < tile; r += kLinearWarps) {
+        const int row = t * tile + r;
+        if (row >= n) break;
+        float input[kMaxChunks], phi[kMaxChunks], d_phi[kMaxChunks];
+        feature_row<In, MAP>(k + b * sb + h * sh + row * sn, dim, lane, input, phi);
+        const long long padded = (bh * n_tiles * tile + row) * dim;
+#pragma unroll
+        for (int c = 0; c < kMaxChunks; ++c) {
+            const int d = c * 32 + lane;
+            d_phi[c] = (c < chunks && d < dim) ? d_phi_k[padded + d] + dzrow[d] : 0.0f;
+        }
+        feature_row_vjp<MAP>(input, phi, d_phi);
+        float* dst = dk + (bh * n + row) * dim;
+#pragma unroll
+        for (int c = 0; c < kMaxChunks; ++c) {
+            const int d = c * 32 + lane;
+            if (c < chunks && d < dim) dst[d] = d_phi[c];
+        }
     }
 }
 

@@ -287,11 +287,11 @@ def call_attention(q, k, v, mask, options: Options):
 def call_attention_vjp(q, k, v, do, kept, mask, options: Options, out=None, lse=None):
     """``(dq, dk, dv)`` of :func:`call_attention` with its kept set replayed.
 
-    ``out`` and ``lse`` are the forward's saved results; the core's vjp recomputes what it
-    needs today and does not take them yet.
+    ``out`` and ``lse`` are the forward's saved results (canonical layout); the core's vjp
+    uses them instead of recomputing the forward's output and LSE.
     """
     grads = _api.attention_vjp(q, k, v, do, select=_selector(options, mask), kept=kept,
-                               **options.core_keywords(_api.attention_vjp))
+                               out=out, lse=lse, **options.core_keywords(_api.attention_vjp))
     return tuple(_fresh(g, x.dtype) for g, x in zip(grads, (q, k, v)))
 
 
@@ -305,9 +305,14 @@ def call_sla(q, k, v, weight, bias, options: Options):
 
 
 def call_sla_vjp(q, k, v, do, kept, weight, bias, options: Options, out=None, lse=None):
-    """``(dq, dk, dv, dW, db)`` of :func:`call_sla` with its plan and kept set replayed."""
+    """``(dq, dk, dv, dW, db)`` of :func:`call_sla` with its plan and kept set replayed.
+
+    ``out`` (the merged output) and ``lse`` (the sparse branch's) are the forward's saved
+    results: the core derives the sparse output from them instead of rerunning the sparse
+    forward.
+    """
     dq, dk, dv, dw, db = _api.sla_vjp(q, k, v, do, proj_weight=weight, proj_bias=bias, kept=kept,
-                                      **options.core_keywords(_api.sla_vjp))
+                                      out=out, lse=lse, **options.core_keywords(_api.sla_vjp))
     acc = stats_dtype(q.dtype)
     return (_fresh(dq, q.dtype), _fresh(dk, k.dtype), _fresh(dv, v.dtype), _fresh(dw, acc),
             _fresh(db, acc))

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from . import backends
-from ._arrays import (LAYOUTS, Canonical, as_backend_array, canonicalize, check_block,
-                      check_scale, check_tile_mask, on_caller_stream, on_cuda)
+from ._arrays import (LAYOUTS, Canonical, _check_finite, _check_rank_and_dtype,
+                      as_backend_array, canonicalize, check_block, check_scale, check_tile_mask,
+                      float_dtype_name, namespace_of, on_caller_stream, on_cuda)
 from ._plan import ORDERS, Plan, build_plan, tile_count
 from .branches import linear as _linear
 from .branches.feature_maps import FEATURE_MAPS
@@ -512,19 +513,103 @@ def sla_attention(q, k, v, *, critical=None, negligible=None, linear="marginal",
 
 
 def _grads_out(call: _Call, grads):
-    dtype = call.out_dtype if call.out_dtype is not None else call.arrays.q.dtype
-    return tuple(call.arrays.from_canonical(g.astype(dtype)) for g in grads)
+    dtype = _grad_dtype(call)
+    return tuple(call.arrays.from_canonical(g.astype(dtype, copy=False)) for g in grads)
+
+
+def _grad_dtype(call: _Call):
+    """The dtype of the gradients the caller gets: that of q as the caller gave it."""
+    return call.out_dtype if call.out_dtype is not None else call.arrays.q.dtype
+
+
+def _check_saved_array(call: _Call, name, x):
+    """``x`` on the backend's device, checked to come from the namespace and device of q."""
+    a = call.arrays
+    if not (isinstance(x, np.ndarray) or hasattr(x, "__dlpack__")
+            or hasattr(x, "__cuda_array_interface__")):
+        raise TypeError(f"{name} must be an array (NumPy, CuPy or a DLPack producer), "
+                        f"got {type(x).__name__}")
+    if on_cuda(x) != a.inputs_on_gpu:
+        raise ValueError(f"{name} must live on the device of q (the forward's saved tensor)")
+    if a.namespace and namespace_of(x) != a.namespace:
+        raise TypeError(f"{name} must come from the array namespace of q ({a.namespace}), got "
+                        f"{type(x).__module__}.{type(x).__name__}")
+    return as_backend_array(name, x, a.on_gpu)
+
+
+def _saved_tensors(call: _Call, out, lse, kept):
+    """The forward's saved ``out`` and ``lse`` in canonical form, or None where not given.
+
+    ``out`` keeps its dtype (the forward's output dtype, that of the caller's q), shaped like
+    q in the call's layout; ``lse`` is ``stats.lse`` exactly as the forward returned it
+    (``(B, H, Nq)``, or ``(B, Nq, H)`` with ``layout="bnhd"``), float32 or float64, and comes
+    back contiguous ``(B, H, Nq)`` in the accumulation dtype (float64 for float64 inputs).
+    They describe one kept set, so ``kept`` is required with them.
+    """
+    if out is None and lse is None:
+        return None, None
+    if kept is None:
+        given = " and ".join(n for n, x in (("out", out), ("lse", lse)) if x is not None)
+        raise ValueError(f"{given}: the forward's saved tensors describe its kept set; pass "
+                         "kept=stats.kept with them")
+    a = call.arrays
+    B, H, Nq, _ = a.q.shape
+    xp = a.xp
+    if out is not None:
+        out = _check_saved_array(call, "out", out)
+        _check_rank_and_dtype("out", out, a.layout, a.input_dtype_name or a.dtype_name)
+        if a.layout == "bnhd":
+            out = xp.swapaxes(out, 1, 2)
+        if tuple(out.shape) != tuple(a.q.shape):
+            raise ValueError(f"out must have the shape of q, got {tuple(out.shape)} in "
+                             f"(B, H, N, D) order for {tuple(a.q.shape)}")
+        if not a.on_gpu:
+            _check_finite(xp, "out", out)
+    if lse is not None:
+        lse = _check_saved_array(call, "lse", lse)
+        expected = (B, Nq, H) if a.layout == "bnhd" else (B, H, Nq)
+        if lse.ndim != 3 or tuple(lse.shape) != expected:
+            axes = "(B, Nq, H)" if a.layout == "bnhd" else "(B, H, Nq)"
+            raise ValueError(f"lse must be the forward's stats.lse of shape {axes} = "
+                             f"{expected}, got {tuple(lse.shape)}")
+        if float_dtype_name(lse.dtype) not in ("float32", "float64"):
+            raise TypeError(f"lse must be float32 or float64 (the forward's stats.lse), got "
+                            f"{lse.dtype}")
+        if a.layout == "bnhd":
+            lse = xp.swapaxes(lse, 1, 2)
+        acc = xp.float64 if a.q.dtype == xp.float64 else xp.float32
+        lse = xp.ascontiguousarray(lse, dtype=acc)
+        if not a.on_gpu and not bool(xp.all(xp.isfinite(lse))):
+            raise ValueError("lse contains NaN or infinity (a row of the forward's kept set "
+                             "always has a finite log-sum-exp)")
+    return out, lse
+
+
+def _forward_for_backward(call: _Call, plan, skip):
+    """``(out, lse, kept)`` of the forward a vjp needs when no kept set is given; ``out`` in
+    the accumulation dtype (float32 for 16-bit inputs), so the backward's row sums see it
+    unrounded."""
+    wide = None if call.arrays.q.dtype.itemsize >= 4 else np.float32
+    out, lse, kept, _, _ = _forward(call, plan, skip, True, wide)
+    return out, lse, kept
 
 
 @on_caller_stream
 def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, scale=None,
                   block=None, layout="bhnd", backend="auto", kept=None, threads=None,
-                  plan=None, precision=None):
+                  plan=None, precision=None, out=None, lse=None, deterministic=False):
     """Gradients of :func:`attention` with the plan and kept set held fixed.
 
     The function differentiated is attention restricted to the tiles whose P.V the forward
     accumulated (``kept``); give ``kept`` (from a forward's stats) to replay it, or leave it
     None to run the forward here.
+
+    What is recomputed: with ``kept``, ``out`` and ``lse`` (what an autograd bridge saves)
+    nothing of the forward is; with ``kept`` alone the backend recomputes the forward's
+    output and log-sum-exp over the kept tiles inside its backward (the ``cpu`` backend
+    recomputes only the one that is missing); without ``kept`` the forward runs once here and
+    its output and LSE are handed to the backward. The ``reference`` backend, the float64
+    oracle, always recomputes both in float64 and ignores ``out`` and ``lse``.
 
     Parameters
     ----------
@@ -537,6 +622,17 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
     plan : Plan, optional
         The forward's plan (``stats.plan``), used when ``kept`` is None to rerun the forward
         without re-selecting.
+    out : array, optional
+        The forward's output for this ``kept`` (shape, layout, dtype and namespace of ``q``);
+        requires ``kept``.
+    lse : array, optional
+        The forward's ``stats.lse`` for this ``kept``: ``(B, H, Nq)``, or ``(B, Nq, H)`` with
+        ``layout="bnhd"``, float32 or float64, natural log; requires ``kept``. Saved tensors
+        of another kept set give wrong gradients (they are not checked against ``kept``).
+    deterministic : bool
+        Bitwise run-to-run reproducible gradients. The ``cpu`` and ``reference`` backends
+        always are (each output row has one owner, no atomics); on the GPU it asks the
+        backward for a dQ without atomic accumulation.
     select, skip, order, peak, scale, block, layout, backend, threads, precision
         As in :func:`attention`.
 
@@ -545,23 +641,27 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
     dq, dk, dv : arrays
         In the dtype, layout and namespace of the inputs.
     """
+    deterministic = check_flag("deterministic", deterministic)
     call = _prepare(q, k, v, scale=scale, block=_block_or_plans(block, plan), layout=layout,
-                    backend=backend, threads=threads, precision=precision)
+                    backend=backend, threads=threads, precision=precision, check_finite=None)
     g = call.arrays.like_q("do", do)
     a = call.arrays
     nq, nk = tile_count(a.q.shape[2], call.block[0]), tile_count(a.k.shape[2], call.block[1])
     check_rule(skip)
+    out, lse = _saved_tensors(call, out, lse, kept)
     if plan is not None:
         plan = _given_plan(plan, call, select, order, block)
     if kept is None:
         if plan is None:
             plan = _plan(call, _check_selector(select, call.arrays, call.block),
                          _check_order(order, skip, peak), peak)
-        kept = _forward(call, plan, skip, True)[2]
+        out, lse, kept = _forward_for_backward(call, plan, skip)
+    # Checked on the host only (on the GPU it would read a flag back).
     kept = check_tile_mask("kept", kept, (a.q.shape[0], a.q.shape[1], nq, nk), a.on_gpu,
-                           nonempty=True)
-    grads = call.backend.attention_backward(a.q, a.k, a.v, g, kept, call.block, call.scale,
-                                            **call.kwargs())
+                           nonempty=not a.on_gpu)
+    grads = call.backend.attention_backward(
+        a.q, a.k, a.v, g, kept, call.block, call.scale, out=out, lse=lse,
+        deterministic=deterministic, grad_dtype=np.dtype(_grad_dtype(call)), **call.kwargs())
     return _grads_out(call, grads)
 
 
@@ -569,12 +669,21 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
 def sla_vjp(q, k, v, do, *, critical=None, negligible=None, linear="marginal",
             feature_map="softmax", proj_weight=None, proj_bias=None, eps=None, block=None,
             skip=None, order=None, peak=4, scale=None, layout="bhnd", backend="auto", kept=None,
-            threads=None, plan=None, precision=None):
+            threads=None, plan=None, precision=None, out=None, lse=None, deterministic=False):
     """Gradients of :func:`sla_attention`: ``(dq, dk, dv, dW, db)``.
 
     The plan (critical and marginal tiles) and the sparse branch's kept set are held fixed.
     ``dW`` and ``db`` are returned even when ``proj_weight``/``proj_bias`` are None (the
     gradient at zero, what fine-tuning from the zero initialisation needs).
+
+    What is recomputed: the plan, unless ``plan`` is given (it holds the marginal tiles);
+    the linear branch ``O_l`` always (it is needed for ``dW`` anyway). The sparse branch:
+    with ``kept``, ``out`` and ``lse`` no sparse forward runs and its output is derived as
+    ``O_s = out - (O_l W^T + b)`` in the accumulation dtype from the ``O_l`` computed here;
+    with ``kept`` alone the sparse backward recomputes ``O_s`` and its LSE over the kept
+    tiles (``out`` alone or ``lse`` alone: only the other one); without ``kept`` the sparse
+    forward runs once and its output and LSE go to the backward. The ``reference`` backend
+    always recomputes in float64 and ignores ``out`` and ``lse``.
 
     Parameters
     ----------
@@ -586,6 +695,14 @@ def sla_vjp(q, k, v, do, *, critical=None, negligible=None, linear="marginal",
         The forward's kept critical tiles (``stats.kept``); when given, no sparse forward runs
         (only the plan, which holds the marginal tiles, is rebuilt or taken from ``plan``);
         recomputed when None.
+    out : array, optional
+        The merged output of the forward ``sla_attention(..., return_stats=True)`` for this
+        ``kept``, with the same ``proj_weight`` and ``proj_bias``; requires ``kept``.
+    lse : array, optional
+        That forward's ``stats.lse`` (the sparse branch's LSE), as in :func:`attention_vjp`;
+        requires ``kept``.
+    deterministic : bool
+        As in :func:`attention_vjp` (the linear branch's gradients use no atomics anywhere).
     block, skip, order, peak, scale, layout, backend, threads, plan, precision
         As in :func:`sla_attention`.
 
@@ -597,23 +714,31 @@ def sla_vjp(q, k, v, do, *, critical=None, negligible=None, linear="marginal",
         float32; float64 on the reference and for float64 inputs on ``cpu``; in the inputs'
         namespace.
     """
-    call, plan, weight, _, eps, sparse = _sla_forward(
+    deterministic = check_flag("deterministic", deterministic)
+    call, plan, weight, bias, eps, sparse = _sla_forward(
         q, k, v, critical, negligible, linear, feature_map, proj_weight, proj_bias, eps, block,
-        skip, order, peak, scale, layout, backend, threads, True, plan, precision)
+        skip, order, peak, scale, layout, backend, threads, None, plan, precision)
     a = call.arrays
     g = a.like_q("do", do)
+    out, lse = _saved_tensors(call, out, lse, kept)
+    o_sparse = None
     if kept is None:  # only what is missing: a given kept set costs no forward
-        kept = sparse(True)[2]
+        o_sparse, lse, kept, _, _ = sparse(True)
     kept = check_tile_mask("kept", kept, (a.q.shape[0], a.q.shape[1], plan.nq, plan.nk),
-                           a.on_gpu, nonempty=True)
+                           a.on_gpu, nonempty=not a.on_gpu)
     acc = _linear.accumulator(a.xp, a.q.dtype, exact=call.backend_name == "reference")
-    grads = [x.astype(acc, copy=False) for x in call.backend.attention_backward(
-        a.q, a.k, a.v, g, kept, call.block, call.scale, **call.kwargs())]
-    linear_grads, d_weight, d_bias = _linear.linear_vjp(
+    linear_grads, d_weight, d_bias, derived = _linear.linear_vjp(
         call.backend, a.q, a.k, a.v, g, plan.marginal, call.block, feature_map, eps, weight, acc,
-        mode=linear, **call.kwargs())
+        mode=linear, bias=bias, out=out, **call.kwargs())
+    if o_sparse is None:
+        o_sparse = derived
+    grads = call.backend.attention_backward(
+        a.q, a.k, a.v, g, kept, call.block, call.scale, out=o_sparse, lse=lse,
+        deterministic=deterministic, grad_dtype=None if linear_grads is not None
+        else np.dtype(_grad_dtype(call)), **call.kwargs())
     if linear_grads is not None:
-        grads = [s + l.astype(acc, copy=False) for s, l in zip(grads, linear_grads)]
+        grads = [s.astype(acc, copy=False) + l.astype(acc, copy=False)
+                 for s, l in zip(grads, linear_grads)]
     return _grads_out(call, grads) + (a.to_caller(d_weight), a.to_caller(d_bias))
 
 

@@ -89,6 +89,13 @@ def on_caller_stream(function):
     return wrapper
 
 
+def namespace_of(x) -> str:
+    """The array library ``x`` comes from: the top-level module of its type (``"jax"`` for
+    jaxlib's array type)."""
+    module = type(x).__module__.split(".")[0]
+    return "jax" if module == "jaxlib" else module
+
+
 def _caller_namespace(x):
     """A function that brings a NumPy/CuPy result back into ``x``'s namespace."""
     if isinstance(x, np.ndarray) or _is_cupy(x):
@@ -239,6 +246,7 @@ class Canonical:
     to_caller: Callable
     inputs_on_gpu: bool = False
     input_dtype_name: str = ""  # the caller's dtype when a precision option converted q, k, v
+    namespace: str = ""  # namespace_of(q), for the arrays that must match it (saved tensors)
 
     def like_q(self, name, x):
         """Validate an array shaped like ``q`` (a cotangent) and give its canonical view."""
@@ -256,7 +264,8 @@ class Canonical:
             x = self.xp.swapaxes(x, 1, 2)
         if tuple(x.shape) != tuple(self.q.shape):
             raise ValueError(f"{name} must have the shape of q, got {tuple(x.shape)}")
-        _check_finite(self.xp, name, x)
+        if not self.on_gpu:  # on the GPU the check would read a flag back to the host
+            _check_finite(self.xp, name, x)
         return x
 
     def from_canonical(self, x):
@@ -369,4 +378,5 @@ def canonicalize(arrays: dict, *, layout: str, device: str = "auto",
     if check_finite:
         _check_all_finite(xp, converted, on_gpu)
     return Canonical(q=q, k=k, v=v, xp=xp, on_gpu=on_gpu, layout=layout,
-                     dtype_name=dtype_name, to_caller=to_caller, inputs_on_gpu=inputs_on_gpu)
+                     dtype_name=dtype_name, to_caller=to_caller, inputs_on_gpu=inputs_on_gpu,
+                     namespace=namespace_of(first))

@@ -371,6 +371,84 @@ def test_vjp_kept(kept):
         psa.attention_vjp(q, k, v, q, kept=kept, block=BLOCK, backend="reference")
 
 
+def _forward_saved(vjp, layout="bhnd"):
+    q, k, v = arrays()
+    if layout == "bnhd":
+        q, k, v = (np.ascontiguousarray(np.swapaxes(x, 1, 2)) for x in (q, k, v))
+    if vjp == "attention":
+        options = dict(block=BLOCK, backend="reference", layout=layout)
+        out, stats = psa.attention(q, k, v, return_stats=True, **options)
+        function = psa.attention_vjp
+    else:
+        options = dict(critical=0.5, negligible=0.0, block=BLOCK, backend="reference",
+                       layout=layout)
+        out, stats = psa.sla_attention(q, k, v, return_stats=True, **options)
+        function = psa.sla_vjp
+    return (q, k, v), out, stats, function, options
+
+
+def _torch_or_skip():
+    return pytest.importorskip("torch", reason="the namespace check needs a second array "
+                               "library (torch)")
+
+
+@pytest.mark.parametrize("case", [
+    "wrong-shape", "wrong-dtype", "wrong-rank", "not-an-array", "not-finite", "other-namespace",
+])
+@pytest.mark.parametrize("vjp", ["attention", "sla"])
+def test_vjp_saved_output(case, vjp):
+    (q, k, v), out, stats, function, options = _forward_saved(vjp)
+    bad = {
+        "wrong-shape": lambda: out[:, :, :-1],
+        "wrong-dtype": lambda: out.astype(np.float32),
+        "wrong-rank": lambda: out[0],
+        "not-an-array": lambda: "output",
+        "not-finite": lambda: np.full_like(out, np.nan),
+        "other-namespace": lambda: _torch_or_skip().from_numpy(np.ascontiguousarray(out)),
+    }[case]()
+    with pytest.raises((ValueError, TypeError), match=names("out")):
+        function(q, k, v, q, kept=stats.kept, out=bad, lse=stats.lse, **options)
+
+
+@pytest.mark.parametrize("case, error", [
+    ("wrong-shape", ValueError), ("wrong-dtype", TypeError), ("integer", TypeError),
+    ("not-finite", ValueError), ("canonical-for-bnhd", ValueError), ("not-an-array", TypeError),
+])
+@pytest.mark.parametrize("vjp", ["attention", "sla"])
+def test_vjp_saved_lse(case, error, vjp):
+    layout = "bnhd" if case == "canonical-for-bnhd" else "bhnd"
+    (q, k, v), out, stats, function, options = _forward_saved(vjp, layout)
+    lse = np.asarray(stats.lse)
+    bad = {
+        "wrong-shape": lse[..., :-1],
+        "wrong-dtype": lse.astype(np.float16),
+        "integer": lse.astype(np.int64),
+        "not-finite": np.full_like(lse, -np.inf),
+        # stats.lse of a bnhd call is (B, Nq, H): the (B, H, Nq) order is rejected, not guessed
+        "canonical-for-bnhd": np.ascontiguousarray(np.swapaxes(lse, 1, 2)),
+        "not-an-array": "lse",
+    }[case]
+    with pytest.raises(error, match=names("lse")):
+        function(q, k, v, q, kept=stats.kept, out=out, lse=bad, **options)
+
+
+@pytest.mark.parametrize("given", ["out", "lse"])
+@pytest.mark.parametrize("vjp", ["attention", "sla"])
+def test_vjp_saved_tensors_need_kept(given, vjp):
+    (q, k, v), out, stats, function, options = _forward_saved(vjp)
+    saved = {"out": out, "lse": stats.lse}
+    with pytest.raises(ValueError, match=names(given)) as raised:
+        function(q, k, v, q, **{given: saved[given]}, **options)
+    assert "kept" in str(raised.value)
+
+
+@pytest.mark.parametrize("vjp", ["attention", "sla"])
+def test_vjp_deterministic_must_be_a_bool(vjp):
+    (q, k, v), _, stats, function, options = _forward_saved(vjp)
+    with pytest.raises(TypeError, match=names("deterministic")):
+        function(q, k, v, q, kept=stats.kept, deterministic="yes", **options)
+
+
 def test_block_scores_errors():
     q, k, _ = arrays()
     with pytest.raises(ValueError, match=names("q")):

@@ -609,7 +609,10 @@ def test_gpu_sla_vjp_gives_dw_db_on_the_device_and_honours_kept():
     # The linear branch's GEMM operands are bfloat16 here (2^-8 relative rounding each, summed
     # over a few products): 1e-2 is bf16 level; float32 inputs on cpu meet 1e-4 (tests above).
     assert _rel(cupy.asnumpy(d_weight), np.einsum("bhic,bhia->ca", do64, o_linear)) <= 1e-2
-    assert _rel(cupy.asnumpy(d_bias), do64.sum(axis=(0, 1, 2))) <= 1e-5
+    # precision="bf16" rounds dO to bfloat16 with q, k, v (2^-9 relative per entry): db is
+    # the exact sum of the rounded cotangent.
+    do_rounded = do64.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+    assert _rel(cupy.asnumpy(d_bias), do_rounded.sum(axis=(0, 1, 2))) <= 1e-5
 
 
 @pytest.mark.slow
@@ -647,3 +650,173 @@ def test_the_sparse_output_is_requested_in_the_accumulation_dtype(monkeypatch):
     psa.sla_attention(q, k, v, proj_weight=np.eye(8), **common)
     psa.sla_attention(q, k, v, **common)  # no projection: O_s is the output, no request
     assert seen == [np.float64, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# The SLA backward's linear side on the GPU (backends/cupy.sla_linear_vjp)
+
+# Every GEMM of the 16-bit path takes bf16 operands (phi, H_I, dO, W, g, dH each rounded once
+# to 2^-9 relative) with float32 accumulation; a few such roundings compound to ~1e-2 in the
+# Frobenius norm at worst (the forward's tolerance above). float32 inputs run float32 GEMMs.
+_GPU_LINEAR_VJP_TOLERANCE = {"bfloat16": 2e-2, "float16": 2e-2, "float32": 1e-4}
+
+
+def _linear_vjp_reference(exact, marginal, block, feature_map, eps, do, weight, bias, out):
+    """The float64 pieces sla_linear_vjp returns: (dq, dk, dv), dW, db and O_s."""
+    q, k, v = exact
+    o_linear = _reference.linear_branch(q, k, v, marginal, block, feature_map, eps)
+    grads = _reference.linear_backward(q, k, v, marginal, block, feature_map, eps, do @ weight)
+    d_weight = np.einsum("bhic,bhia->ca", do, o_linear)
+    o_sparse = out - o_linear @ weight.T - bias
+    return grads, d_weight, do.sum(axis=(0, 1, 2)), o_sparse
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("linear", LINEAR_MODES)
+@pytest.mark.parametrize("shape", [(2, 4, 2, 199, 261, 64, (64, 64), "bhnd"),
+                                   (1, 3, 1, 300, 130, 128, (128, 64), "bnhd")])
+def test_gpu_sla_linear_vjp_matches_the_float64_reference(dtype, feature_map, linear, shape):
+    """Each piece on its own (dq, dk, dv through W, dW, db, O_s): odd sizes, GQA, both tile
+    sizes and layouts, every mode and feature map, eps > 0 and = 0."""
+    import cupy
+
+    backend = _gpu_backend()
+    B, Hq, Hkv, Nq, Nk, D, block, layout = shape
+    rng = np.random.default_rng([27, Nq, len(dtype), len(feature_map), len(linear)])
+    (q, k, v), exact = _device_inputs(rng, dtype, B, Hq, Hkv, Nq, Nk, D, layout)
+    nq, nk = -(-Nq // block[0]), -(-Nk // block[1])
+    if linear == "global":
+        marginal = np.ones((B, Hq, nq, nk), dtype=bool)
+    else:
+        marginal = rng.random((B, Hq, nq, nk)) < (0.45 if linear == "marginal" else 0.9)
+        marginal[0, 0, 0] = False  # a query tile with no marginal tile: zero gradient there
+    eps = {"global": 1e-5, "marginal": 0.0}.get(linear, 0.3)
+    do_exact = rng.standard_normal((B, Hq, Nq, D))
+    numpy_dtype = q.dtype if dtype != "bfloat16" else ml_dtypes.bfloat16
+    do_host = do_exact.astype(np.float32).astype(numpy_dtype)
+    do_exact = do_host.astype(np.float32).astype(np.float64)
+    weight = rng.standard_normal((D, D)) * 0.1
+    bias = rng.standard_normal(D) * 0.1
+    out_host = rng.standard_normal((B, Hq, Nq, D)).astype(np.float32).astype(numpy_dtype)
+    args = (q, k, v, cupy.asarray(do_host), cupy.asarray(marginal), block, feature_map, eps,
+            cupy.asarray(weight, dtype=cupy.float32), cupy.asarray(bias, dtype=cupy.float32),
+            cupy.asarray(out_host))
+    grads, d_weight, d_bias, o_sparse = backend.sla_linear_vjp(*args, mode=linear)
+    want = _linear_vjp_reference(exact, marginal, block, feature_map, eps, do_exact,
+                                 weight.astype(np.float32).astype(np.float64),
+                                 bias.astype(np.float32).astype(np.float64),
+                                 out_host.astype(np.float32).astype(np.float64))
+    tolerance = _GPU_LINEAR_VJP_TOLERANCE[dtype]
+    for name, a, b in zip(("dq", "dk", "dv"), grads, want[0]):
+        assert isinstance(a, cupy.ndarray) and a.dtype == cupy.float32, name
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        a = cupy.asnumpy(a)
+        assert np.isfinite(a).all(), name
+        assert _rel(a, b) <= tolerance, (name, _rel(a, b))
+    assert _rel(cupy.asnumpy(d_weight), want[1]) <= tolerance, ("dW", _rel(
+        cupy.asnumpy(d_weight), want[1]))
+    assert _rel(cupy.asnumpy(d_bias), want[2]) <= 1e-5, "db"
+    # O_s = out - (O_l W^T + b): out itself is exact here, the error is that of O_l W^T only.
+    assert o_sparse.dtype == cupy.float32 and o_sparse.shape == (B, Hq, Nq, D)
+    assert _rel(cupy.asnumpy(o_sparse), want[3]) <= tolerance * 0.1, "O_s"
+    if linear != "global":
+        assert (cupy.asnumpy(grads[0])[0, 0, :block[0]] == 0).all(), "dq of a query tile " \
+            "with no marginal tile must be exactly zero"
+
+
+@pytest.mark.gpu
+def test_gpu_sla_linear_vjp_without_weight_or_marginal_tiles():
+    import cupy
+
+    backend = _gpu_backend()
+    rng = np.random.default_rng(28)
+    B, Hq, Hkv, Nq, Nk, D, block = 1, 2, 2, 130, 140, 64, (64, 64)
+    (q, k, v), exact = _device_inputs(rng, "bfloat16", B, Hq, Hkv, Nq, Nk, D)
+    do = cupy.asarray(rng.standard_normal((B, Hq, Nq, D)).astype(np.float32)).astype(q.dtype)
+    marginal = cupy.asarray(rng.random((B, Hq, 3, 3)) < 0.5)
+    grads, d_weight, d_bias, o_sparse = backend.sla_linear_vjp(
+        q, k, v, do, marginal, block, "softmax", 0.0, None, None, None, mode="marginal")
+    assert grads is None and o_sparse is None
+    o_linear = _reference.linear_branch(*exact, cupy.asnumpy(marginal), block, "softmax", 0.0)
+    do64 = cupy.asnumpy(do.astype(cupy.float32)).astype(np.float64)
+    assert _rel(cupy.asnumpy(d_weight), np.einsum("bhic,bhia->ca", do64, o_linear)) <= 2e-2
+    bias = cupy.asarray(rng.standard_normal(D).astype(np.float32))
+    grads, d_weight, d_bias, o_sparse = backend.sla_linear_vjp(
+        q, k, v, do, None, block, "softmax", 0.0, None, bias, q, mode="marginal")
+    assert grads is None and not cupy.asnumpy(d_weight).any()
+    np.testing.assert_allclose(cupy.asnumpy(o_sparse), cupy.asnumpy(
+        q.astype(cupy.float32) - bias), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("linear", LINEAR_MODES)
+def test_gpu_sla_linear_vjp_writes_every_output_from_poisoned_memory_and_is_deterministic(
+        linear):
+    import cupy
+
+    backend = _gpu_backend()
+    rng = np.random.default_rng([29, len(linear)])
+    B, Hq, Hkv, Nq, Nk, D, block = 1, 4, 2, 190, 200, 128, (128, 64)
+    (q, k, v), _ = _device_inputs(rng, "bfloat16", B, Hq, Hkv, Nq, Nk, D)
+    nq, nk = -(-Nq // 128), -(-Nk // 64)
+    marginal = cupy.asarray(rng.random((B, Hq, nq, nk)) < 0.5)
+    if linear == "global":
+        marginal = cupy.ones_like(marginal)
+    do = cupy.asarray(rng.standard_normal((B, Hq, Nq, D)).astype(np.float32)).astype(q.dtype)
+    weight = cupy.asarray(rng.standard_normal((D, D)).astype(np.float32))
+    bias = cupy.asarray(rng.standard_normal(D).astype(np.float32))
+    args = (q, k, v, do, marginal, block, "elu1", 0.0, weight, bias, q)
+
+    def run():
+        grads, d_weight, d_bias, o_sparse = backend.sla_linear_vjp(*args, mode=linear)
+        return [cupy.asnumpy(x) for x in (*grads, d_weight, d_bias, o_sparse)]
+
+    clean = run()
+    again = run()
+    cupy.cuda.set_allocator(_poisoned_pool(cupy))
+    try:
+        poisoned = run()
+    finally:
+        cupy.cuda.set_allocator(cupy.get_default_memory_pool().malloc)
+    for name, a, b, c in zip(("dq", "dk", "dv", "dW", "db", "O_s"), clean, again, poisoned):
+        assert np.isfinite(a).all(), name
+        np.testing.assert_array_equal(b, a, err_msg=f"{name} differs between two runs")
+        np.testing.assert_array_equal(c, a, err_msg=f"{name} reads unwritten memory")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("linear", LINEAR_MODES)
+def test_gpu_sla_vjp_with_saved_tensors_matches_the_reference(layout, linear):
+    """The public call end to end at bf16: saved out/lse given or not, against the float64
+    reference on the same (bf16-rounded) inputs, W and b gradients included."""
+    import cupy
+
+    _gpu_backend()
+    rng = np.random.default_rng([30, len(layout), len(linear)])
+    B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 333, 450, 128
+    (q, k, v), exact = _device_inputs(rng, "bfloat16", B, Hq, Hkv, Nq, Nk, D, layout)
+    if layout == "bnhd":
+        q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    weight = rng.standard_normal((D, D)) * 0.1
+    bias = rng.standard_normal(D) * 0.1
+    common = dict(critical=0.2, negligible=0.3, linear=linear, block=(128, 64), layout=layout,
+                  proj_weight=cupy.asarray(weight, dtype=cupy.float32),
+                  proj_bias=cupy.asarray(bias, dtype=cupy.float32))
+    out, stats = psa.sla_attention(q, k, v, backend="cupy", return_stats=True, **common)
+    do = cupy.asarray(rng.standard_normal(q.shape).astype(np.float32)).astype(q.dtype)
+    saved = psa.sla_vjp(q, k, v, do, backend="cupy", kept=stats.kept, out=out, lse=stats.lse,
+                        deterministic=True, **common)
+    recomputed = psa.sla_vjp(q, k, v, do, backend="cupy", kept=stats.kept, **common)
+    host = dict(common, proj_weight=weight.astype(np.float32).astype(np.float64),
+                proj_bias=bias.astype(np.float32).astype(np.float64))
+    exact_inputs = exact if layout == "bhnd" else [x.transpose(0, 2, 1, 3) for x in exact]
+    do64 = cupy.asnumpy(do.astype(cupy.float32)).astype(np.float64)
+    want = psa.sla_vjp(*exact_inputs, do64, backend="reference",
+                       kept=cupy.asnumpy(cupy.asarray(stats.kept)), **host)
+    for name, a, b, c in zip(("dq", "dk", "dv", "dW", "db"), saved, recomputed, want):
+        a, b = (cupy.asnumpy(x.astype(cupy.float32)).astype(np.float64) for x in (a, b))
+        assert _rel(a, c) <= 2e-2, (name, "saved", _rel(a, c))
+        assert _rel(b, c) <= 2e-2, (name, "recomputed", _rel(b, c))

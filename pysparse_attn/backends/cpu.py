@@ -243,7 +243,8 @@ def linear_branch(q, k, v, marginal, block, feature_map, eps, threads=None, mode
     return out
 
 
-def attention_backward(q, k, v, do, kept, block, scale, threads=None):
+def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
+                       deterministic=False, grad_dtype=None, threads=None):
     """Gradients of exact attention restricted to the key tiles of ``kept``.
 
     Parameters
@@ -258,6 +259,17 @@ def attention_backward(q, k, v, do, kept, block, scale, threads=None):
         Tile sizes.
     scale : float
         Logit scale.
+    out : ndarray ``(B, Hq, Nq, D)``, optional
+        The forward's output over ``kept`` (the dtype of ``q`` or float32): ``Delta = dO . O``
+        is taken from it instead of recomputing O.
+    lse : ndarray ``(B, Hq, Nq)``, optional
+        The forward's natural-log LSE over ``kept``: used instead of recomputing it. With
+        both, the kernel's recomputation loop (two of its nine tile products) does not run.
+    deterministic : bool
+        Accepted for the contract: this backend always is (every output row is written by
+        one task, in a fixed order, whatever the thread count).
+    grad_dtype : dtype, optional
+        Accepted for the contract; the gradients come in the accumulation dtype.
     threads : int, optional
         OpenMP threads.
 
@@ -280,10 +292,21 @@ def attention_backward(q, k, v, do, kept, block, scale, threads=None):
     if not flags.reshape(-1, nk).any(axis=1).all():
         raise ValueError("kept must keep at least one key tile in every query tile")
     acc = _accumulator(q.dtype)
+    saved_delta = None
+    if out is not None:
+        if not isinstance(out, np.ndarray) or out.shape != q.shape:
+            raise ValueError(f"out must be an ndarray of shape {q.shape}")
+        saved_delta = np.einsum("bhnd,bhnd->bhn", do.astype(acc, copy=False),
+                                out.astype(acc, copy=False))
+    if lse is not None:
+        if not isinstance(lse, np.ndarray) or lse.shape != (B, Hq, Nq):
+            raise ValueError(f"lse must be an ndarray of shape {(B, Hq, Nq)}")
+        lse = np.ascontiguousarray(lse, dtype=acc)
     dq = np.empty((B, Hq, Nq, D), dtype=acc)
     dk = np.empty((B, Hkv, Nk, D), dtype=acc)
     dv = np.empty((B, Hkv, Nk, D), dtype=acc)
-    _cpu.backward(q, k, v, do, flags, block, float(scale), dq, dk, dv, _threads(threads))
+    _cpu.backward(q, k, v, do, flags, block, float(scale), dq, dk, dv, _threads(threads),
+                  lse, None if saved_delta is None else np.ascontiguousarray(saved_delta))
     return dq, dk, dv
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "build_plan",
     "attention_backward",
     "linear_backward",
+    "sla_linear_vjp",
     "fused_block_scores",
     "FORWARD_INSTANCES",
     "FORWARD_SM90_INSTANCES",
@@ -604,12 +605,19 @@ def _merge_name(sparse_dtype: str, out_dtype: str) -> str:
     return f"psa::linear_merge<{_WORDS[sparse_dtype]}, {_WORDS[out_dtype]}>"
 
 
-#: Instances of gpu/linear_branch.cu: feature maps per (input dtype, map, query side) and the
-#: merge per (sparse output dtype, output dtype).
+def _grads_name(side: str, dtype_name: str, feature_map: str) -> str:
+    return f"psa::linear_{side}_grads<{_WORDS[dtype_name]}, {_FEATURE_CODES[feature_map]}>"
+
+
+#: Instances of gpu/linear_branch.cu: feature maps per (input dtype, map, query side), the
+#: merge per (sparse output dtype, output dtype), and the backward's row stages per (side,
+#: input dtype, map).
 LINEAR_INSTANCES = {
     **{("features", dtype, name, query): _features_name(dtype, name, query)
        for dtype in _WORDS for name in _FEATURE_CODES for query in (False, True)},
     **{("merge", sparse, out): _merge_name(sparse, out) for sparse in _WORDS for out in _WORDS},
+    **{(f"{side}_grads", dtype, name): _grads_name(side, dtype, name)
+       for side in ("query", "key") for dtype in _WORDS for name in _FEATURE_CODES},
 }
 
 
@@ -676,9 +684,12 @@ def _features(cupy, x, tile, feature_map, query, z=None, z_layout=(1, 1, 1), eps
     return phi, sums
 
 
-def _linear_output(q, k, v, marginal, block, feature_map, eps, weight=None, mode=None):
-    """float32 ``(B, Hq, nq * Bq, D)``: ``O_l`` (rows padded to whole query tiles), or, for
-    ``mode="global"`` with ``weight``, ``O_l W^T`` (W folded into the one state per head)."""
+def _linear_states(q, k, v, marginal, block, feature_map, eps, weight=None, mode=None):
+    """The forward's pieces, kept for the backward: a dict with the GEMM operands ``phi_k``,
+    ``v_tiles`` (zero-padded to whole key tiles), ``phi_q`` (phi(q) / denominator, zero-padded
+    to whole query tiles), ``states`` (``H_I`` per query tile, or one ``H`` per kv head for
+    ``mode="global"``, with ``W^T`` folded in when ``weight`` is given), ``z`` and its
+    ``z_layout`` as ``linear_features`` reads it, and the sizes."""
     import cupy
 
     B, Hq, Nq, D = q.shape
@@ -703,6 +714,7 @@ def _linear_output(q, k, v, marginal, block, feature_map, eps, weight=None, mode
     v_tiles[:, :, :Nk] = v
     if keys_padded > Nk:
         v_tiles[:, :, Nk:] = 0
+    flags = None
     if mode == "global":
         # One state per kv head over all keys: no tile states at all.
         state = cupy.empty((B, Hkv, D, D), dtype=cupy.float32)
@@ -723,18 +735,43 @@ def _linear_output(q, k, v, marginal, block, feature_map, eps, weight=None, mode
         _gemm(group * nq, D * D, nk, flags.astype(states.dtype), nk, tile_h, D * D, states,
               D * D, types=types, batch=B * Hkv,
               strides=(group * nq * nk, nk * D * D, group * nq * D * D))
+        del tile_h
         z = cupy.matmul(flags, tile_z)                 # (B, Hkv, group * nq, D) = (B, Hq, nq, D)
         z_layout = (Hq, 1, 1)
-    phi_q, _ = _features(cupy, q, block_q, feature_map, query=True,
-                         z=cupy.ascontiguousarray(z), z_layout=z_layout, eps=eps)
-    out = cupy.empty((B, Hq, nq * block_q, D), dtype=cupy.float32)
-    if mode == "global":
+    z = cupy.ascontiguousarray(z)
+    phi_q, _ = _features(cupy, q, block_q, feature_map, query=True, z=z, z_layout=z_layout,
+                         eps=eps)
+    return dict(phi_k=phi_k, v_tiles=v_tiles, phi_q=phi_q, states=states, z=z,
+                z_layout=z_layout, flags=flags, operand=operand, mode=mode,
+                sizes=(B, Hq, Hkv, group, Nq, Nk, D, block_q, block_k, nq, nk))
+
+
+def _state_product(parts, left, out, *, transpose_state=False):
+    """``out = left @ state`` (``state^T`` with ``transpose_state``) for every query row:
+    per query tile with ``H_I``, per kv head (its query heads' rows stacked) for ``"global"``.
+    ``left`` and ``out`` are row-padded ``(B, Hq, nq * Bq, D)``; ``out`` float32 or the
+    operand type."""
+    B, Hq, Hkv, group, Nq, Nk, D, block_q, block_k, nq, nk = parts["sizes"]
+    types = (parts["operand"], _dtype_name(out))
+    if parts["mode"] == "global":
         rows = group * nq * block_q
-        _gemm(rows, D, D, phi_q, D, states, D, out, D, types=(operand, "float32"),
-              batch=B * Hkv, strides=(rows * D, D * D, rows * D))
+        _gemm(rows, D, D, left, D, parts["states"], D, out, D, types=types,
+              b_t=transpose_state, batch=B * Hkv, strides=(rows * D, D * D, rows * D))
     else:
-        _gemm(block_q, D, D, phi_q, D, states, D, out, D, types=(operand, "float32"),
-              batch=B * Hq * nq, strides=(block_q * D, D * D, block_q * D))
+        _gemm(block_q, D, D, left, D, parts["states"], D, out, D, types=types,
+              b_t=transpose_state, batch=B * Hq * nq,
+              strides=(block_q * D, D * D, block_q * D))
+
+
+def _linear_output(q, k, v, marginal, block, feature_map, eps, weight=None, mode=None):
+    """float32 ``(B, Hq, nq * Bq, D)``: ``O_l`` (rows padded to whole query tiles), or, for
+    ``mode="global"`` with ``weight``, ``O_l W^T`` (W folded into the one state per head)."""
+    import cupy
+
+    parts = _linear_states(q, k, v, marginal, block, feature_map, eps, weight, mode)
+    B, Hq, Nq, D = q.shape
+    out = cupy.empty((B, Hq, parts["phi_q"].shape[2], D), dtype=cupy.float32)
+    _state_product(parts, parts["phi_q"], out)
     return out
 
 
@@ -812,7 +849,7 @@ def sla_merge(q, k, v, o_sparse, marginal, block, feature_map, eps, weight, bias
     _linear_function(("merge", _dtype_name(sparse), out_name))(
         (blocks,), (_LINEAR_THREADS,),
         (sparse, y, bias_arg, np.int32(Nq), np.int32(y.shape[2]), np.int32(D), np.int64(total),
-         out))
+         np.float32(1.0), out))
     return out
 
 
@@ -830,12 +867,15 @@ def _host_f32(x):
     return _host(x).astype(np.float32)
 
 
-def attention_backward(q, k, v, do, kept, block, scale, threads=None):
+def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
+                       deterministic=False, grad_dtype=None, threads=None):
     """``(dq, dk, dv)`` as float32 CuPy arrays, computed by the ``cpu`` backend on the host.
 
     There is no GPU backward kernel yet: the inputs are copied to the host in float32 (what
     the cpu backend widens 16-bit inputs to), the C++ kernels run there, and the gradients come
-    back to the device. This synchronises with the host.
+    back to the device. This synchronises with the host. ``out``, ``lse``, ``deterministic``
+    and ``grad_dtype`` are accepted and ignored here (the host path recomputes O and the LSE,
+    is deterministic, and returns float32).
     """
     import cupy
 
@@ -846,16 +886,202 @@ def attention_backward(q, k, v, do, kept, block, scale, threads=None):
     return tuple(cupy.asarray(g) for g in grads)
 
 
+def _row_padded(cupy, x, rows, dtype):
+    """``x`` ``(B, H, N, D)`` copied into a contiguous ``(B, H, rows, D)`` buffer of ``dtype``
+    whose rows past N are zero (a GEMM operand aligned with the query tiles)."""
+    B, H, N, D = x.shape
+    padded = cupy.empty((B, H, rows, D), dtype=dtype)
+    padded[:, :, :N] = x
+    if rows > N:
+        padded[:, :, N:] = 0
+    return padded
+
+
+def _launch_rows(key, grid, args):
+    _linear_function(key)(grid, (_LINEAR_THREADS,), args)
+
+
+def _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand):
+    """``(dq, dk, dv)`` float32 of the linear branch given its cotangent ``g`` (row-padded
+    float32) and the same in the GEMM operand type; ``parts`` and ``o_linear`` are the
+    forward's (:func:`_linear_states`). Per query tile ``dH_I = (phi(Q_I)/den)^T g_I`` and
+    ``G = g H_I^T`` (batched GEMMs), the query rows' stage (``dq``, ``dZ_I``), the key tiles'
+    ``dH_J = M^T dH_I`` (one GEMM of the 0/1 marginal matrix, tensor cores), ``dv = phi(K_J)
+    dH_J`` and ``V_J dH_J^T`` (batched GEMMs), then the key rows' stage (``dk``)."""
+    import cupy
+
+    B, Hq, Hkv, group, Nq, Nk, D, block_q, block_k, nq, nk = parts["sizes"]
+    operand, phi_q, phi_k = parts["operand"], parts["phi_q"], parts["phi_k"]
+    op_dtype = phi_q.dtype
+    rows_q, rows_k = nq * block_q, nk * block_k
+    f32 = cupy.float32
+    g_h = cupy.empty((B, Hq, rows_q, D), dtype=f32)
+    _state_product(parts, g_operand, g_h, transpose_state=True)
+
+    q = _unit_stride(cupy, q)
+    dq = cupy.empty((B, Hq, Nq, D), dtype=f32)
+    dz_query = cupy.empty((B, Hq, nq, D), dtype=f32)
+    z_heads, z_group, z_per_tile = parts["z_layout"]
+    _launch_rows(("query_grads", _dtype_name(q), feature_map), (nq, Hq, B),
+                 (q, *_element_strides(q), np.int32(Hq), np.int32(Nq), np.int32(block_q),
+                  np.int32(D), parts["z"], np.int32(z_heads), np.int32(z_group),
+                  np.int32(z_per_tile), np.float32(eps), g, o_linear, g_h, dq, dz_query))
+    del g_h
+
+    if parts["mode"] == "global":
+        # One state per kv head: dH sums every query row of the group, no aggregation.
+        d_state = cupy.empty((B, Hkv, D, D), dtype=op_dtype)
+        rows = group * rows_q
+        _gemm(D, D, rows, phi_q, D, g_operand, D, d_state, D, types=(operand, operand),
+              a_t=True, batch=B * Hkv, strides=(rows * D, rows * D, D * D))
+        dz_key = cupy.ascontiguousarray(dz_query.reshape(B, Hkv, group * nq, D).sum(axis=2))
+        key_batch, key_rows, dz_layout = B * Hkv, rows_k, (Hkv, 1, 0)
+    else:
+        d_query_states = cupy.empty((B, Hq, nq, D, D), dtype=op_dtype)
+        _gemm(D, D, block_q, phi_q, D, g_operand, D, d_query_states, D,
+              types=(operand, operand), a_t=True, batch=B * Hq * nq,
+              strides=(block_q * D, block_q * D, D * D))
+        flags = parts["flags"]                                  # (B, Hkv, group * nq, nk)
+        d_state = cupy.empty((B, Hkv, nk, D, D), dtype=op_dtype)
+        _gemm(nk, D * D, group * nq, flags.astype(op_dtype), nk, d_query_states, D * D,
+              d_state, D * D, types=(operand, operand), a_t=True, batch=B * Hkv,
+              strides=(group * nq * nk, group * nq * D * D, nk * D * D))
+        del d_query_states
+        dz_key = cupy.matmul(cupy.swapaxes(flags, -1, -2),
+                             dz_query.reshape(B, Hkv, group * nq, D))   # (B, Hkv, nk, D)
+        key_batch, key_rows, dz_layout = B * Hkv * nk, block_k, (Hkv, 1, 1)
+    dz_key = cupy.ascontiguousarray(dz_key)
+    state_stride = D * D  # one state a key tile, or one a kv head for "global"
+    dv = cupy.empty((B, Hkv, rows_k, D), dtype=f32)
+    d_phi_k = cupy.empty((B, Hkv, rows_k, D), dtype=f32)
+    strides = (key_rows * D, state_stride, key_rows * D)
+    _gemm(key_rows, D, D, phi_k, D, d_state, D, dv, D, types=(operand, "float32"),
+          batch=key_batch, strides=strides)
+    _gemm(key_rows, D, D, parts["v_tiles"], D, d_state, D, d_phi_k, D,
+          types=(operand, "float32"), b_t=True, batch=key_batch, strides=strides)
+    del d_state
+
+    k = _unit_stride(cupy, k)
+    dk = cupy.empty((B, Hkv, Nk, D), dtype=f32)
+    _launch_rows(("key_grads", _dtype_name(k), feature_map), (nk, Hkv, B),
+                 (k, *_element_strides(k), np.int32(Hkv), np.int32(Nk), np.int32(block_k),
+                  np.int32(D), d_phi_k, dz_key, *(np.int32(x) for x in dz_layout), dk))
+    return dq, dk, dv[:, :, :Nk]
+
+
+def _operand_copy(cupy, x32, operand, op_dtype):
+    """A float32 GEMM operand in the operand type (itself when that is float32)."""
+    return x32 if operand == "float32" else x32.astype(op_dtype)
+
+
 def linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear, mode=None):
     """Gradients ``(dq, dk, dv)`` of :func:`linear_branch` on the GPU, float32.
 
-    The array-generic vjp of :mod:`pysparse_attn.branches.linear` on CuPy arrays: float32
-    batched GEMMs per tile (tile states, ``dH_I``) and one GEMM of the transposed 0/1 marginal
-    matrix; nothing leaves the device.
+    The pipeline of :func:`sla_linear_vjp` given ``d_linear = dL/dO_l`` directly: the
+    forward's states once, then batched GEMMs and the two row stages of
+    ``gpu/linear_branch.cu``; nothing leaves the device.
     """
     import cupy
 
-    from ..branches import linear as _linear
+    if marginal is None:
+        B, Hq, Nq, D = q.shape
+        zeros = cupy.zeros((B, k.shape[1], k.shape[2], D), dtype=cupy.float32)
+        return cupy.zeros((B, Hq, Nq, D), dtype=cupy.float32), zeros, zeros.copy()
+    parts = _linear_states(q, k, v, cupy.asarray(marginal), block, feature_map, eps, mode=mode)
+    rows_q = parts["phi_q"].shape[2]
+    o_linear = cupy.empty((q.shape[0], q.shape[1], rows_q, q.shape[3]), dtype=cupy.float32)
+    _state_product(parts, parts["phi_q"], o_linear)
+    g = _row_padded(cupy, d_linear, rows_q, cupy.float32)
+    g_operand = _operand_copy(cupy, g, parts["operand"], parts["phi_q"].dtype)
+    return _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand)
 
-    return _linear.linear_attention_vjp(cupy, q, k, v, cupy.asarray(marginal), block,
-                                        feature_map, eps, d_linear, cupy.float32)
+
+def _unmerge(cupy, out, y, bias):
+    """``O_s = out - (Y + b)`` float32 ``(B, Hq, Nq, D)`` by the merge kernel with sign -1;
+    ``y`` row-padded float32 or None."""
+    B, Hq, Nq, D = out.shape
+    merged = cupy.ascontiguousarray(out)
+    if y is None:
+        result = merged.astype(cupy.float32)
+        return result if bias is None else result - bias.astype(cupy.float32, copy=False)
+    o_sparse = cupy.empty((B, Hq, Nq, D), dtype=cupy.float32)
+    bias_arg = np.uint64(0) if bias is None else cupy.ascontiguousarray(
+        bias.astype(cupy.float32, copy=False))
+    total = B * Hq * Nq * D
+    blocks = max(1, min(-(-total // _LINEAR_THREADS), 1 << 16))
+    _linear_function(("merge", _dtype_name(merged), "float32"))(
+        (blocks,), (_LINEAR_THREADS,),
+        (merged, y, bias_arg, np.int32(Nq), np.int32(y.shape[2]), np.int32(D), np.int64(total),
+         np.float32(-1.0), o_sparse))
+    return o_sparse
+
+
+def sla_linear_vjp(q, k, v, d_out, marginal, block, feature_map, eps, weight, bias, out,
+                   mode=None):
+    """The SLA backward's linear side on the GPU: ``(grads, dW, db, o_sparse)``.
+
+    One pipeline, no host synchronisation: the forward's states (``phi``, ``H_I``, ``Z_I``)
+    are computed once and reused; ``O_l`` (float32 and as a GEMM operand), ``dW = dO^T O_l``
+    and ``db = 1^T dO`` as single GEMMs over every row (``db`` from ``dO`` in its own dtype),
+    ``g = dO W`` as one GEMM, then
+    :func:`_linear_grads`. With the forward's merged ``out`` it also returns the sparse
+    output ``O_s = out - (O_l W^T + b)`` (float32; ``O_l W^T`` on TF32 tensor cores as in
+    :func:`sla_merge`), so that the sparse backward needs no forward. ``grads`` is None when
+    ``weight`` is None (the branch does not reach the output). 16-bit inputs run every GEMM
+    on bfloat16 operands with float32 accumulation; float32 inputs run float32 GEMMs.
+    """
+    import cupy
+
+    B, Hq, Nq, D = q.shape
+    f32 = cupy.float32
+    if marginal is None:  # no marginal tile: O_l = 0, so dW = 0 and only the bias remains
+        d_bias = d_out.astype(f32).sum(axis=(0, 1, 2))
+        o_sparse = None if out is None else _unmerge(cupy, out, None, bias)
+        return None, cupy.zeros((D, D), dtype=f32), d_bias, o_sparse
+    parts = _linear_states(q, k, v, cupy.asarray(marginal), block, feature_map, eps, mode=mode)
+    operand, op_dtype = parts["operand"], parts["phi_q"].dtype
+    rows_q = parts["phi_q"].shape[2]
+    total_rows = B * Hq * rows_q
+    o_linear = cupy.empty((B, Hq, rows_q, D), dtype=f32)
+    _state_product(parts, parts["phi_q"], o_linear)
+    if operand == "float32":
+        o_operand = o_linear
+    else:  # the same product rounded once to the operand type (cheaper than a cast pass)
+        o_operand = cupy.empty((B, Hq, rows_q, D), dtype=op_dtype)
+        _state_product(parts, parts["phi_q"], o_operand)
+    do_operand = _row_padded(cupy, d_out, rows_q, op_dtype)   # padding rows are zero
+    d_weight = cupy.empty((D, D), dtype=f32)
+    _gemm(D, D, total_rows, do_operand, D, o_operand, D, d_weight, D,
+          types=(operand, "float32"), a_t=True)
+    # db = 1^T dO as a GEMM (a CuPy reduction over the leading axes took 9 ms at the Wan
+    # shape on an H200), from dO in its own dtype: a float16 dO is not rounded to bf16 here.
+    own = _dtype_name(d_out)
+    do_own = do_operand if own == operand else _row_padded(cupy, d_out, rows_q, d_out.dtype)
+    ones = cupy.ones((1, total_rows), dtype=f32)
+    ones = ones if own == "float32" else ones.astype(d_out.dtype)
+    d_bias = cupy.empty((1, D), dtype=f32)
+    _gemm(1, D, total_rows, ones, total_rows, do_own, D, d_bias, D, types=(own, "float32"))
+    d_bias = d_bias.reshape(D)
+    o_sparse = None
+    if out is not None:
+        y = None
+        if weight is not None:
+            weight32 = cupy.ascontiguousarray(weight.astype(f32, copy=False))
+            y = cupy.empty_like(o_linear)
+            compute = _COMPUTE_32F if operand == "float32" else _COMPUTE_32F_FAST_TF32
+            _gemm(total_rows, D, D, o_linear, D, weight32, D, y, D,
+                  types=("float32", "float32"), b_t=True, compute=compute)
+        o_sparse = _unmerge(cupy, out, y, bias)
+    if weight is None:
+        return None, d_weight, d_bias, o_sparse
+    weight_operand = cupy.ascontiguousarray(weight.astype(op_dtype))
+    g = cupy.empty((B, Hq, rows_q, D), dtype=f32)
+    _gemm(total_rows, D, D, do_operand, D, weight_operand, D, g, D, types=(operand, "float32"))
+    if operand == "float32":
+        g_operand = g
+    else:
+        g_operand = cupy.empty((B, Hq, rows_q, D), dtype=op_dtype)
+        _gemm(total_rows, D, D, do_operand, D, weight_operand, D, g_operand, D,
+              types=(operand, operand))
+    grads = _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand)
+    return grads, d_weight, d_bias, o_sparse

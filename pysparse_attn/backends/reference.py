@@ -1,8 +1,6 @@
 """The float64 reference as a backend (any tile size, host arrays)."""
 
 from .. import _reference
-# Re-exported: the contract function as it stands.
-from .._reference import attention_backward  # noqa: F401
 
 
 def forward(q, k, v, plan, rule, scale, want_stats=True, out_dtype=None):
@@ -14,6 +12,18 @@ def forward(q, k, v, plan, rule, scale, want_stats=True, out_dtype=None):
     out, lse, kept, visited, bound = _reference.forward(q, k, v, plan, rule, scale)
     return out.astype(q.dtype if out_dtype is None else out_dtype, copy=False), lse, kept, \
         visited, bound
+
+
+def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
+                       deterministic=False, grad_dtype=None):
+    """``(dq, dk, dv)`` in float64 (:func:`pysparse_attn._reference.attention_backward`).
+
+    The oracle recomputes the output and LSE of the kept set in float64 whatever is given:
+    ``out`` and ``lse`` (saved tensors of a lower precision) are accepted and ignored, as are
+    ``deterministic`` (NumPy's float64 products are already reproducible run to run) and
+    ``grad_dtype`` (the API rounds the float64 gradients once).
+    """
+    return _reference.attention_backward(q, k, v, do, kept, block, scale)
 
 
 def linear_branch(q, k, v, marginal, block, feature_map, eps, mode=None, method="direct"):

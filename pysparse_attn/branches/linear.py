@@ -63,6 +63,7 @@ __all__ = [
     "projection_grads",
     "linear_branch",
     "sla_output",
+    "sparse_output",
     "linear_vjp",
 ]
 
@@ -256,20 +257,44 @@ def sla_output(backend, q, k, v, o_sparse, marginal, block, name, eps, weight, b
     return merge(_namespace(o_sparse), o_sparse, o_linear, weight, bias, out_dtype)
 
 
+def sparse_output(xp, out, o_linear, weight, bias, dtype):
+    """The sparse branch's output recovered from the merged one: ``out - (O_l W^T + b)`` in
+    ``dtype`` (the inverse of :func:`merge`, what a backward given the forward's output needs
+    instead of rerunning the sparse forward)."""
+    o_sparse = out.astype(dtype)
+    if weight is not None:
+        o_sparse = o_sparse - o_linear.astype(dtype, copy=False) @ weight.astype(
+            dtype, copy=False).T
+    if bias is not None:
+        o_sparse = o_sparse - bias.astype(dtype, copy=False)
+    return o_sparse
+
+
 def linear_vjp(backend, q, k, v, d_out, marginal, block, name, eps, weight, dtype,
-               mode="marginal", **options):
-    """Gradients through the linear branch and the projection: ``(grads, dW, db)``.
+               mode="marginal", bias=None, out=None, **options):
+    """Gradients through the linear branch and the projection: ``(grads, dW, db, o_sparse)``.
 
     ``grads`` is ``(dq, dk, dv)`` in ``dtype`` from ``backend.linear_backward`` given
     ``dL/dO_l = do W``, or None when ``weight`` is None (W = 0: the branch does not reach the
     output, its gradient is exactly zero); ``dW``, ``db`` (at W = 0 too) in ``dtype``.
+    ``o_sparse`` is :func:`sparse_output` of the forward's merged ``out`` when it is given
+    (from the ``O_l`` computed here for ``dW`` anyway), else None.
+
+    A backend with ``sla_linear_vjp`` (the GPU: one pipeline, the forward's states reused by
+    the backward) does all of it; otherwise the backend's ``linear_branch`` and
+    ``linear_backward`` and the functions above.
     """
+    fused = getattr(backend, "sla_linear_vjp", None)
+    if fused is not None:
+        return fused(q, k, v, d_out, marginal, block, name, eps, weight, bias, out, mode=mode,
+                     **options)
     xp = _namespace(d_out)
     o_linear = linear_branch(backend, q, k, v, marginal, block, name, eps, mode, **options)
     d_weight, d_bias = projection_grads(xp, d_out, o_linear, dtype)
+    o_sparse = None if out is None else sparse_output(xp, out, o_linear, weight, bias, dtype)
     if weight is None:
-        return None, d_weight, d_bias
+        return None, d_weight, d_bias, o_sparse
     d_linear = d_out.astype(dtype) @ weight.astype(dtype, copy=False)
     grads = backend.linear_backward(q, k, v, marginal, block, name, eps, d_linear, mode=mode,
                                     **options)
-    return grads, d_weight, d_bias
+    return grads, d_weight, d_bias, o_sparse
