@@ -1,7 +1,9 @@
 // Attention backward on mma.sync (FlashAttention-2 style), DESIGN.md section 7: the gradients of
 // attention restricted to a fixed kept-tile set, which the forward's plan lists.
 //
-// Three kernels, queued on one stream with no host read between them:
+// Four kernels, queued on one stream with no host read between them:
+//   attention_backward_lists       the kept bitmap as CSR lists, query-major (the forward's
+//                                  plan) and key-major (what the dK/dV pass walks).
 //   attention_backward_preprocess  per row: delta = rowsum(dO * O), the LSE in log2 units
 //                                  (+inf where P is exactly 0), and the zeroed dQ accumulator.
 //   attention_backward_dkdv        one CTA per (key tile, kv head, batch), K and V resident in
@@ -36,6 +38,68 @@
 #include "tile_traits.cuh"
 
 namespace psa {
+
+// One CTA per (direction, b * H + h): blockIdx.y = 0 lists each query tile's kept key tiles,
+// 1 each key tile's query tiles, both ascending. Each thread counts whole lists; warp 0 scans
+// the counts into offsets; each thread then writes its lists, and the CTA fills the rest of the
+// (n_query_tiles * n_key_tiles) capacity with -1 (the Plan contract). Shared memory: one int a
+// list plus one.
+constexpr int kListThreads = 512;
+
+__global__ void __launch_bounds__(kListThreads)
+    attention_backward_lists(const unsigned char* __restrict__ kept, int n_query_tiles,
+                             int n_key_tiles, int* __restrict__ row_offsets,
+                             int* __restrict__ row_indices, int* __restrict__ col_offsets,
+                             int* __restrict__ col_indices) {
+    extern __shared__ int list_offsets[];
+    const bool by_key = blockIdx.y == 1;
+    const int n_lists = by_key ? n_key_tiles : n_query_tiles;
+    const int n_targets = by_key ? n_query_tiles : n_key_tiles;
+    const long long list_stride = by_key ? 1 : n_key_tiles;
+    const long long target_stride = by_key ? n_key_tiles : 1;
+    const long long capacity = (long long)n_query_tiles * n_key_tiles;
+    const unsigned char* bitmap = kept + blockIdx.x * capacity;
+    int* offsets = (by_key ? col_offsets : row_offsets) + (long long)blockIdx.x * (n_lists + 1);
+    int* indices = (by_key ? col_indices : row_indices) + blockIdx.x * capacity;
+
+    for (int list = threadIdx.x; list < n_lists; list += blockDim.x) {
+        int count = 0;
+        for (int target = 0; target < n_targets; ++target)
+            count += bitmap[list * list_stride + target * target_stride] != 0;
+        list_offsets[list + 1] = count;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        // Inclusive scan of counts 1..n_lists: each lane sums a contiguous chunk, a shuffle
+        // scan offsets the chunks, then each lane rewrites its chunk.
+        const int lane = threadIdx.x;
+        const int chunk = (n_lists + 31) / 32;
+        const int begin = 1 + lane * chunk, end = min(n_lists + 1, begin + chunk);
+        int sum = 0;
+        for (int i = begin; i < end; ++i) sum += list_offsets[i];
+        int prefix = sum;
+#pragma unroll
+        for (int width = 1; width < 32; width *= 2) {
+            const int other = __shfl_up_sync(0xffffffffu, prefix, width);
+            if (lane >= width) prefix += other;
+        }
+        int running = prefix - sum;
+        for (int i = begin; i < end; ++i) {
+            running += list_offsets[i];
+            list_offsets[i] = running;
+        }
+        if (lane == 0) list_offsets[0] = 0;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i <= n_lists; i += blockDim.x) offsets[i] = list_offsets[i];
+    for (int list = threadIdx.x; list < n_lists; list += blockDim.x) {
+        int position = list_offsets[list];
+        for (int target = 0; target < n_targets; ++target)
+            if (bitmap[list * list_stride + target * target_stride]) indices[position++] = target;
+    }
+    for (long long i = list_offsets[n_lists] + threadIdx.x; i < capacity; i += blockDim.x)
+        indices[i] = -1;
+}
 
 // grid (n_rows_padded / rows a CTA, Hq, B), 128 threads; HEAD_DIM / 8 threads a row, each
 // reading 8 dims of dO and O.

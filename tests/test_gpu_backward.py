@@ -392,3 +392,27 @@ def test_unsupported_cases_raise_value_error():
     with pytest.raises(ValueError, match="lse"):
         backend.attention_backward(q, k, v, do, kept, (64, 64), 0.125, out=q,
                                    lse=cupy.zeros((1, 2, 100), dtype=cupy.float32))
+
+
+@pytest.mark.parametrize("nq,nk", [(3, 5), (40, 7), (1, 1), (70, 33)])
+def test_device_lists_equal_the_plan_of_the_kept_set(nq, nk):
+    """The backward's list kernel gives Plan.from_kept's rows and their key-major transpose,
+    with -1 past the end, empty rows and columns included."""
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    B, H = 2, 3
+    kept = rng.random((B, H, nq, nk)) < 0.3
+    kept[0, 0] = False                  # a head with nothing kept
+    kept[1, 2, :, 0] = True             # a full column
+    shape = (B, H, nq * 64, nk * 64)
+    plan, col_offsets, col_indices = backend._kept_lists(cupy, cupy.asarray(kept), (64, 64),
+                                                         shape)
+    expected = Plan.from_kept(kept, block=(64, 64), shape=shape)
+    for name, got, want in (("row_offsets", plan.row_offsets, expected.row_offsets),
+                            ("row_indices", plan.row_indices, expected.row_indices),
+                            ("col_offsets", col_offsets, expected.col_offsets),
+                            ("col_indices", col_indices, expected.col_indices)):
+        np.testing.assert_array_equal(cupy.asnumpy(got), want, err_msg=name)

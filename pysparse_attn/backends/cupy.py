@@ -841,7 +841,8 @@ def _backward_names(element: str, head_dim: int) -> dict:
 
 
 #: Every instance of the backward family, keyed by (stage, dtype name, head dim); stages:
-#: ``"preprocess"``, ``"dkdv_atomic_dq"`` (dK/dV with dQ by atomics), ``"dkdv"`` (dK/dV alone,
+#: ``"lists"`` (the kept bitmap as CSR lists; one untemplated kernel, key ``("lists", None,
+#: None)``), ``"preprocess"``, ``"dkdv_atomic_dq"`` (dK/dV with dQ by atomics), ``"dkdv"`` (dK/dV alone,
 #: the deterministic mode) and ``"dq"`` (the deterministic dQ pass). The forward tile
 #: (64 or 128 query rows) is a launch parameter, not a template argument.
 BACKWARD_INSTANCES = {
@@ -850,6 +851,7 @@ BACKWARD_INSTANCES = {
     for d in _HEAD_DIMS
     for stage, name in _backward_names(element, d).items()
 }
+BACKWARD_INSTANCES[("lists", None, None)] = "psa::attention_backward_lists"
 
 
 def _backward_shared_bytes(stage: str, head_dim: int) -> int:
@@ -866,7 +868,10 @@ def _backward_shared_bytes(stage: str, head_dim: int) -> int:
 def _backward_kernel(device, stage, dtype_name, head_dim):
     """The compiled backward instance on ``device`` and its dynamic shared-memory size; one
     NVRTC module per (dtype, head dim) holds its four stages."""
+    if stage == "lists":  # untemplated: compiled with the first module asked for
+        dtype_name, head_dim = next(iter(_ELEMENTS)), _HEAD_DIMS[0]
     names = _backward_names(_ELEMENTS[dtype_name], head_dim)
+    names["lists"] = BACKWARD_INSTANCES[("lists", None, None)]
     module = _raw_module("attention_backward.cu", tuple(names.values()))
     function = module.get_function(names[stage])
     shared = _backward_shared_bytes(stage, head_dim)
@@ -891,16 +896,38 @@ _BACKWARD_PARAMS_DTYPE = np.dtype(
     align=True)
 
 
+_LIST_THREADS = 512  # kListThreads in gpu/attention_backward.cu
+_MAX_LIST_SHARED = 48 * 1024  # one int a list (plus one) in the default shared memory
+
+
 def _kept_lists(cupy, kept, block, shape):
-    """The plan replaying ``kept`` (query-major, ascending) and its key-major transpose, built on
-    the device from the bitmap alone: the same compaction (``rows_from_positions``) as
-    :meth:`pysparse_attn.Plan.from_kept`, applied to the transposed bitmap."""
+    """The plan replaying ``kept`` (query-major, ascending) and its key-major transpose, both
+    CSR over a capacity of ``nq * nk``, built on the device from the bitmap alone.
+
+    One kernel (``attention_backward_lists``, two CTAs a (batch, head)) where the tile counts
+    fit its shared memory; otherwise the array-API compaction of
+    :meth:`pysparse_attn.Plan.from_kept` (``rows_from_positions``) on both directions.
+    """
     from .._plan import Plan, rows_from_positions
 
-    plan = Plan.from_kept(kept, block=block, shape=shape)
-    by_key = cupy.swapaxes(kept, 2, 3)
-    position = cupy.cumsum(by_key, axis=-1, dtype=cupy.int64) - 1
-    col_offsets, col_indices = rows_from_positions(cupy, by_key, position, plan.capacity)
+    B, H, Nq, Nk = shape
+    nq, nk = kept.shape[2], kept.shape[3]
+    capacity = nq * nk
+    if 4 * (max(nq, nk) + 1) > _MAX_LIST_SHARED:
+        plan = Plan.from_kept(kept, block=block, shape=shape)
+        by_key = cupy.swapaxes(kept, 2, 3)
+        position = cupy.cumsum(by_key, axis=-1, dtype=cupy.int64) - 1
+        col_offsets, col_indices = rows_from_positions(cupy, by_key, position, capacity)
+        return plan, col_offsets, col_indices
+    row_offsets = cupy.empty((B, H, nq + 1), dtype=cupy.int32)
+    col_offsets = cupy.empty((B, H, nk + 1), dtype=cupy.int32)
+    row_indices = cupy.empty((B, H, capacity), dtype=cupy.int32)
+    col_indices = cupy.empty((B, H, capacity), dtype=cupy.int32)
+    function, _ = _backward_kernel(_device_id(), "lists", None, None)
+    function((B * H, 2), (_LIST_THREADS,),
+             (kept, np.int32(nq), np.int32(nk), row_offsets, row_indices, col_offsets,
+              col_indices), shared_mem=4 * (max(nq, nk) + 1))
+    plan = trusted_plan(shape, block, row_offsets, row_indices, order="given", max_visits=nk)
     return plan, col_offsets, col_indices
 
 
