@@ -41,9 +41,9 @@ namespace psa {
 
 // One CTA per (direction, b * H + h): blockIdx.y = 0 lists each query tile's kept key tiles,
 // 1 each key tile's query tiles, both ascending. Each thread counts whole lists; warp 0 scans
-// the counts into offsets; each thread then writes its lists, and the CTA fills the rest of the
-// (n_query_tiles * n_key_tiles) capacity with -1 (the Plan contract). Shared memory: one int a
-// list plus one.
+// the counts into offsets; each thread then writes its lists. The index arrays arrive filled
+// with -1 (the Plan contract past the end; one fill at full bandwidth beats 2 B H CTAs doing
+// it). Shared memory: one int a list plus one.
 constexpr int kListThreads = 512;
 
 __global__ void __launch_bounds__(kListThreads)
@@ -97,8 +97,6 @@ __global__ void __launch_bounds__(kListThreads)
         for (int target = 0; target < n_targets; ++target)
             if (bitmap[list * list_stride + target * target_stride]) indices[position++] = target;
     }
-    for (long long i = list_offsets[n_lists] + threadIdx.x; i < capacity; i += blockDim.x)
-        indices[i] = -1;
 }
 
 // grid (n_rows_padded / rows a CTA, Hq, B), 128 threads; HEAD_DIM / 8 threads a row, each

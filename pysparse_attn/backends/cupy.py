@@ -921,8 +921,8 @@ def _kept_lists(cupy, kept, block, shape):
         return plan, col_offsets, col_indices
     row_offsets = cupy.empty((B, H, nq + 1), dtype=cupy.int32)
     col_offsets = cupy.empty((B, H, nk + 1), dtype=cupy.int32)
-    row_indices = cupy.empty((B, H, capacity), dtype=cupy.int32)
-    col_indices = cupy.empty((B, H, capacity), dtype=cupy.int32)
+    row_indices = cupy.full((B, H, capacity), -1, dtype=cupy.int32)
+    col_indices = cupy.full((B, H, capacity), -1, dtype=cupy.int32)
     function, _ = _backward_kernel(_device_id(), "lists", None, None)
     function((B * H, 2), (_LIST_THREADS,),
              (kept, np.int32(nq), np.int32(nk), row_offsets, row_indices, col_offsets,
