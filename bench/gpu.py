@@ -6,13 +6,14 @@ Steps, each logged under ``--out`` (default ``$OUT`` or ``bench/results/``):
 2. ``tests``: ``pytest -m gpu tests/test_gpu_backend.py``.
 3. ``sanitize``: ``compute-sanitizer`` memcheck and racecheck over every forward instance on
    small odd shapes (this script's ``--sanitize-target`` mode, CuPy's memory pool off so that
-   out-of-bounds accesses hit allocation boundaries).
+   out-of-bounds accesses hit allocation boundaries), and every backward instance.
 4. ``time``: the issue's targets, side by side in the same process: dense vs torch SDPA
    (flash and cuDNN backends), TopK(0.05) plan and kernel, in-loop skip rules at their sparsity
    vs this kernel's dense path, Recall's bookkeeping vs Blasst, the Wan2.2 shape and D = 64.
 
 Times are CUDA-event medians after warm-up; dense-equivalent TFLOP/s = 4 B H Nq Nk D / t.
-The results go to ``gpu-<date>.jsonl`` (one record per measurement, with device, date, commit
+``backward`` (not in the default steps): the backward targets (dense and 5% kept-set replay
+vs torch SDPA's cuDNN backward). The results go to ``gpu-<date>.jsonl`` (one record per measurement, with device, date, commit
 and command) and a markdown table printed last.
 """
 
@@ -281,7 +282,26 @@ def sanitize_target():
                 backend.forward(q, k, k, plan, None, D ** -0.5, True, out_dtype=np.float32,
                                 kernel=kernel)
     cupy.cuda.runtime.deviceSynchronize()
-    print(f"sanitize target: all instances of {kernels} ran, the plan kernels and SLA")
+    # Backward: every instance (both dQ modes, both forward tiles) on odd sizes with GQA, an
+    # empty query tile (LSE = -inf) and an empty key tile, 16-bit and float32 gradients.
+    for dtype_name, D in sorted({(key[1], key[2]) for key in backend.BACKWARD_INSTANCES}):
+        dtype = _bf16() if dtype_name == "bfloat16" else np.float16
+        q, do = (cupy.asarray(rng.standard_normal((1, 4, 150, D)).astype(np.float32))
+                 .astype(dtype) for _ in range(2))
+        k, v = (cupy.asarray(rng.standard_normal((1, 2, 201, D)).astype(np.float32))
+                .astype(dtype) for _ in range(2))
+        for block in ((64, 64), (128, 64)):
+            kept = cupy.asarray(rng.random((1, 4, tile_count(150, block[0]), 4)) < 0.6)
+            kept[:, :, 0] = False
+            kept[:, :, :, 1] = False
+            for deterministic in (False, True):
+                for grad_dtype in (None, q.dtype):
+                    backend.attention_backward(q, k, v, do, kept, block, D ** -0.5,
+                                               deterministic=deterministic,
+                                               grad_dtype=grad_dtype)
+    cupy.cuda.runtime.deviceSynchronize()
+    print(f"sanitize target: all instances of {kernels} ran, the plan kernels, SLA and the "
+          "backward")
 
 
 def step_time(log, records, quick, part="all"):
@@ -298,11 +318,7 @@ def step_time(log, records, quick, part="all"):
         log(f"time: torch unavailable ({error}); no SDPA baseline")
 
     def record(**fields):
-        records.append(fields)
-        if records.path is not None:  # written as measured: a run cut short keeps its numbers
-            with open(records.path, "a") as handle:
-                handle.write(json.dumps({**records.meta, **fields}) + "\n")
-        print(_markdown([fields]).splitlines()[-1], flush=True)
+        _record(records, fields)
 
     def ours(q, k, v, plan, rule=None, want_stats=False, warps=None, kernel=None):
         D = q.shape[-1]
@@ -460,6 +476,75 @@ def step_time(log, records, quick, part="all"):
                    rel_l2_vs_dense=rel_l2(cupy, out, dense_out))
 
 
+def _record(records, fields):
+    records.append(fields)
+    if records.path is not None:  # written as measured: a run cut short keeps its numbers
+        with open(records.path, "a") as handle:
+            handle.write(json.dumps({**records.meta, **fields}) + "\n")
+    print(_markdown([fields]).splitlines()[-1], flush=True)
+
+
+def step_backward(log, records, quick):
+    """The backward targets: dense (every tile kept) and kept-set replay at 5% of 128x64 tiles
+    (TopK(0.05) on video-like heads), dQ by atomics and deterministic, beside torch SDPA's
+    cuDNN backward; B=1, H=12, N=32760, D=128, bf16. The forward's out/lse are given (what
+    attention_vjp replays); the list building alone and the recompute path are timed too."""
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    B, H, N, D = (1, 12, 8192, 128) if quick else (1, 12, 32760, 128)
+    shape = f"B{B} H{H} N{N} D{D}"
+    reps = 5 if quick else 10
+    scale = D ** -0.5
+    dense_flops = 2.5 * 4.0 * B * H * N * N * D  # backward = 2.5x forward FLOPs (5 GEMMs vs 2)
+    q, k, v = video_like(cupy, B, H, N, D, 1.0, seed=3)
+    do = random_inputs(cupy, B, H, N, D, seed=4)[0]
+    try:
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        tq, tk, tv = (torch.from_dlpack(x).detach().requires_grad_() for x in (q, k, v))
+        tdo = torch.from_dlpack(do)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            tout = F.scaled_dot_product_attention(tq, tk, tv)
+
+        def cudnn_backward():
+            torch.autograd.grad(tout, (tq, tk, tv), tdo, retain_graph=True)
+
+        ms = time_ms(cupy, cudnn_backward, reps=reps)
+        _record(records, dict(what="backward dense", shape=shape, impl="torch sdpa cudnn",
+                              ms=ms[0], tflops=dense_flops / (ms[0] * 1e-3) / 1e12))
+        del tout
+    except Exception as error:  # torch is optional: our numbers still stand alone
+        log(f"backward: no cuDNN baseline ({type(error).__name__}: {error})")
+    for label, block, selector in (("dense", (128, 64), None),
+                                   ("dense", (64, 64), None),
+                                   ("TopK(0.05) replay", (128, 64), TopK(ratio=0.05)),
+                                   ("TopK(0.05) replay", (64, 64), TopK(ratio=0.05))):
+        plan = backend.build_plan(cupy, q, k, selector, "natural", 4, block, scale)
+        out, lse, kept = backend.forward(q, k, v, plan, None, scale, True)[:3]
+        density = float(kept.mean())
+        flops = dense_flops * density
+        lists_ms = time_ms(cupy, lambda: backend._kept_lists(cupy, kept, block, (B, H, N, N)),
+                           reps=reps)
+        for deterministic in (False, True):
+            def run(recompute=False):
+                return backend.attention_backward(
+                    q, k, v, do, kept, block, scale, out=None if recompute else out,
+                    lse=None if recompute else lse, deterministic=deterministic,
+                    grad_dtype=q.dtype)
+            ms = time_ms(cupy, run, reps=reps)
+            recompute_ms = time_ms(cupy, lambda: run(True), reps=reps)
+            _record(records, dict(what=f"backward {label}", shape=shape,
+                                  impl=f"ours {block[0]}x{block[1]}"
+                                  f"{' deterministic' if deterministic else ' atomic dQ'}",
+                                  ms=ms[0], tflops=flops / (ms[0] * 1e-3) / 1e12,
+                                  density=density, lists_ms=lists_ms[0],
+                                  with_forward_ms=recompute_ms[0]))
+
+
 class _Records(list):
     """Measurements, appended to ``path`` (JSONL with ``meta``) as they are taken."""
 
@@ -488,8 +573,9 @@ def _markdown(records):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="compile,tests,sanitize,time",
-                        help="comma-separated subset of compile,tests,sanitize,time,dense,topk "
-                        "(dense, topk: only those rows of the time step)")
+                        help="comma-separated subset of compile,tests,sanitize,time,dense,topk,"
+                        "backward (dense, topk: only those rows of the time step; backward: "
+                        "the backward targets, not in the default)")
     parser.add_argument("--tests", default=None, metavar="EXPR",
                         help="pytest -k expression selecting a subset of the GPU tests")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and shapes")
@@ -530,6 +616,14 @@ def main():
         codes = step_sanitize(out_dir, log)
         status |= bool(codes and any(codes.values()))
     records = _Records()
+    if "backward" in steps:
+        records.path = out_dir / f"gpu-backward-{stamp.strftime('%Y%m%dT%H%M%S')}.jsonl"
+        records.meta = meta
+        try:
+            step_backward(log, records, args.quick)
+        finally:
+            (out_dir / "summary-backward.md").write_text(_markdown(records) + "\n")
+            print(_markdown(records))
     if "time" in steps or "dense" in steps or "topk" in steps:
         records.path = out_dir / f"gpu-{stamp.strftime('%Y%m%dT%H%M%S')}.jsonl"
         records.meta = meta

@@ -41,6 +41,18 @@ __device__ __forceinline__ void load_matrix_x4_transposed(unsigned (&r)[4], unsi
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
 }
 
+// Two adjacent floats added to global memory without a return value (one vector reduction on
+// sm_90, where `red.global.add.v2.f32` exists; two scalar reductions before it).
+__device__ __forceinline__ void atomic_add_pair(float* address, float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n"
+                 :: "l"(address), "f"(lo), "f"(hi) : "memory");
+#else
+    atomicAdd(address, lo);
+    atomicAdd(address + 1, hi);
+#endif
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

@@ -19,7 +19,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .cupy import FORWARD_INSTANCES, FORWARD_SM90_INSTANCES, PLAN_INSTANCES, _source_dirs
+from .cupy import BACKWARD_INSTANCES, FORWARD_INSTANCES, FORWARD_SM90_INSTANCES, PLAN_INSTANCES, _source_dirs
 
 __all__ = ["families", "compile_family", "main"]
 
@@ -35,7 +35,8 @@ def families():
     """``{source file: [template instance names]}`` of every kernel family."""
     return {"attention_forward.cu": sorted(set(FORWARD_INSTANCES.values())),
             "attention_forward_sm90.cu": sorted(set(FORWARD_SM90_INSTANCES.values())),
-            "plan_select.cu": sorted(set(PLAN_INSTANCES.values()))}
+            "plan_select.cu": sorted(set(PLAN_INSTANCES.values())),
+            "attention_backward.cu": sorted(set(BACKWARD_INSTANCES.values()))}
 
 
 def _arch_flag(arch: str) -> str:

@@ -23,8 +23,8 @@ cuBLAS GEMMs.
 function, its shared-memory size and attributes are cached per instance. Plans are validated
 upstream (``pysparse_attn.Plan``), never here.
 
-``attention_backward`` has no GPU kernel yet: it runs the ``cpu`` backend on the host (float32
-in, float32 out) and returns CuPy arrays.
+:func:`attention_backward` runs the backward kernels of ``gpu/attention_backward.cu``
+(:data:`BACKWARD_INSTANCES`) with the kept set held fixed, on the device, with no host read.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ __all__ = [
     "fused_block_scores",
     "FORWARD_INSTANCES",
     "FORWARD_SM90_INSTANCES",
+    "BACKWARD_INSTANCES",
+    "BACKWARD_WARPS",
     "KERNELS",
     "default_kernel",
     "kernel_unavailable_reason",
@@ -854,36 +856,254 @@ def sla_merge(q, k, v, o_sparse, marginal, block, feature_map, eps, weight, bias
 
 
 # ---------------------------------------------------------------------------------------------
-# Gradients. The sparse backward has no GPU kernel yet: it runs the cpu backend on the host.
-# The linear backward runs on the GPU (float32 CuPy GEMMs of pysparse_attn.branches.linear).
+# Gradients of the sparse branch: gpu/attention_backward.cu (preprocess, dK/dV pass over the
+# key-major lists, dQ by fp32 atomics or by a deterministic query-major pass), all queued on the
+# current stream with no host read. The linear backward runs float32 CuPy GEMMs
+# (pysparse_attn.branches.linear).
+
+#: Warps per backward CTA for each head dim: four warps of 16 keys (dK/dV) or 16 query rows (dQ)
+#: cover the 64 x 64 blocks the kernels work in (gpu/backward_tiles.cuh).
+BACKWARD_WARPS = {64: 4, 128: 4}
+_PREPROCESS_THREADS = 128
 
 
-def _host(x):
-    return None if x is None else (x.get() if hasattr(x, "get") else np.asarray(x))
+def _backward_names(element: str, head_dim: int) -> dict:
+    warps = BACKWARD_WARPS[head_dim]
+    return {
+        "preprocess": f"psa::attention_backward_preprocess<{element}, {head_dim}>",
+        "dkdv_atomic_dq": f"psa::attention_backward_dkdv<{element}, {head_dim}, {warps}, true>",
+        "dkdv": f"psa::attention_backward_dkdv<{element}, {head_dim}, {warps}, false>",
+        "dq": f"psa::attention_backward_dq<{element}, {head_dim}, {warps}>",
+    }
 
 
-def _host_f32(x):
-    """A float32 NumPy copy of a device array (what the cpu backend computes 16-bit inputs in)."""
-    return _host(x).astype(np.float32)
+#: Every instance of the backward family, keyed by (stage, dtype name, head dim); stages:
+#: ``"lists"`` (the kept bitmap as CSR lists; one untemplated kernel, key ``("lists", None,
+#: None)``), ``"preprocess"``, ``"dkdv_atomic_dq"`` (dK/dV with dQ by atomics), ``"dkdv"`` (dK/dV alone,
+#: the deterministic mode) and ``"dq"`` (the deterministic dQ pass). The forward tile
+#: (64 or 128 query rows) is a launch parameter, not a template argument.
+BACKWARD_INSTANCES = {
+    (stage, dtype, d): name
+    for dtype, element in _ELEMENTS.items()
+    for d in _HEAD_DIMS
+    for stage, name in _backward_names(element, d).items()
+}
+BACKWARD_INSTANCES[("lists", None, None)] = "psa::attention_backward_lists"
+
+
+def _backward_shared_bytes(stage: str, head_dim: int) -> int:
+    """Dynamic shared memory of a backward CTA (``BackwardTraits`` in gpu/backward_tiles.cuh)."""
+    tile = 64 * head_dim
+    if stage.startswith("dkdv"):  # K, V, 2 Q, 2 dO, dS^T (64 x 64); 2 x (LSE, delta) floats
+        return 2 * (6 * tile + 64 * 64) + 2 * 2 * 64 * 4
+    if stage == "dq":  # Q, dO, 2 K, 2 V
+        return 2 * 6 * tile
+    return 0
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_kernel(device, stage, dtype_name, head_dim):
+    """The compiled backward instance on ``device`` and its dynamic shared-memory size; one
+    NVRTC module per (dtype, head dim) holds its four stages."""
+    if stage == "lists":  # untemplated: compiled with the first module asked for
+        dtype_name, head_dim = next(iter(_ELEMENTS)), _HEAD_DIMS[0]
+    names = _backward_names(_ELEMENTS[dtype_name], head_dim)
+    names["lists"] = BACKWARD_INSTANCES[("lists", None, None)]
+    module = _raw_module("attention_backward.cu", tuple(names.values()))
+    function = module.get_function(names[stage])
+    shared = _backward_shared_bytes(stage, head_dim)
+    if shared > 48 * 1024 and function.max_dynamic_shared_size_bytes < shared:
+        function.max_dynamic_shared_size_bytes = shared
+    return function, shared
+
+
+#: The host image of ``psa::BackwardParams`` (gpu/backward_params.cuh): same fields, same order,
+#: C alignment. Pointers travel as uint64.
+_BACKWARD_PARAMS_DTYPE = np.dtype(
+    [(name, np.uint64) for name in ("q", "k", "v", "d_out", "out")]
+    + [(f"{x}_{axis}_stride", np.int64) for x in ("q", "k", "v", "d_out", "out")
+       for axis in ("batch", "head", "row")]
+    + [(name, np.uint64) for name in ("lse", "lse_log2", "delta", "dq_accumulator", "dq", "dk",
+                                      "dv", "row_offsets", "row_indices", "col_offsets",
+                                      "col_indices")]
+    + [(name, np.int32) for name in ("n_queries", "n_keys", "n_rows_padded", "n_heads",
+                                     "head_group", "block_q", "row_capacity", "col_capacity")]
+    + [("scale", np.float32), ("scale_log2", np.float32), ("out_float32", np.int32),
+       ("grad_float32", np.int32)],
+    align=True)
+
+
+_LIST_THREADS = 512  # kListThreads in gpu/attention_backward.cu
+_MAX_LIST_SHARED = 48 * 1024  # one int a list (plus one) in the default shared memory
+
+
+def _kept_lists(cupy, kept, block, shape):
+    """The plan replaying ``kept`` (query-major, ascending) and its key-major transpose, both
+    CSR over a capacity of ``nq * nk``, built on the device from the bitmap alone.
+
+    One kernel (``attention_backward_lists``, two CTAs a (batch, head)) where the tile counts
+    fit its shared memory; otherwise the array-API compaction of
+    :meth:`pysparse_attn.Plan.from_kept` (``rows_from_positions``) on both directions.
+    """
+    from .._plan import Plan, rows_from_positions
+
+    B, H, Nq, Nk = shape
+    nq, nk = kept.shape[2], kept.shape[3]
+    capacity = nq * nk
+    if 4 * (max(nq, nk) + 1) > _MAX_LIST_SHARED:
+        plan = Plan.from_kept(kept, block=block, shape=shape)
+        by_key = cupy.swapaxes(kept, 2, 3)
+        position = cupy.cumsum(by_key, axis=-1, dtype=cupy.int64) - 1
+        col_offsets, col_indices = rows_from_positions(cupy, by_key, position, capacity)
+        return plan, col_offsets, col_indices
+    row_offsets = cupy.empty((B, H, nq + 1), dtype=cupy.int32)
+    col_offsets = cupy.empty((B, H, nk + 1), dtype=cupy.int32)
+    row_indices = cupy.full((B, H, capacity), -1, dtype=cupy.int32)
+    col_indices = cupy.full((B, H, capacity), -1, dtype=cupy.int32)
+    function, _ = _backward_kernel(_device_id(), "lists", None, None)
+    function((B * H, 2), (_LIST_THREADS,),
+             (kept, np.int32(nq), np.int32(nk), row_offsets, row_indices, col_offsets,
+              col_indices), shared_mem=4 * (max(nq, nk) + 1))
+    plan = trusted_plan(shape, block, row_offsets, row_indices, order="given", max_visits=nk)
+    return plan, col_offsets, col_indices
 
 
 def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
                        deterministic=False, grad_dtype=None, threads=None):
-    """``(dq, dk, dv)`` as float32 CuPy arrays, computed by the ``cpu`` backend on the host.
+    """(dq, dk, dv) of attention restricted to `kept`, on the GPU, no host synchronisation.
 
-    There is no GPU backward kernel yet: the inputs are copied to the host in float32 (what
-    the cpu backend widens 16-bit inputs to), the C++ kernels run there, and the gradients come
-    back to the device. This synchronises with the host. ``out``, ``lse``, ``deterministic``
-    and ``grad_dtype`` are accepted and ignored here (the host path recomputes O and the LSE,
-    is deterministic, and returns float32).
+    Parameters
+    ----------
+    q, do : cupy.ndarray ``(B, Hq, Nq, D)``
+        bfloat16 or float16, unit stride along D (any other strides; copied when rows are not
+        16-byte aligned).
+    k, v : cupy.ndarray ``(B, Hkv, Nk, D)``
+        Same dtype; ``Hq % Hkv == 0``.
+    kept : bool cupy.ndarray ``(B, Hq, nq, nk)``
+        The tiles (of ``block``) whose P.V the forward accumulated.
+    block : (int, int)
+        ``(64, 64)`` or ``(128, 64)``.
+    scale : float
+        Logit scale (> 0).
+    out, lse : cupy.ndarray, optional
+        The forward's output (like ``q``, its dtype or float32) and LSE (``(B, Hq, Nq)``
+        float32, natural log, -inf for rows with no kept tile) over exactly this kept set.
+        When either is None both are recomputed by :func:`forward` on ``Plan.from_kept(kept)``.
+    deterministic : bool
+        dQ by a separate pass per query tile (bitwise reproducible) instead of fp32 atomics.
+    grad_dtype : dtype, optional
+        Gradient dtype: None (float32), float32, or the input dtype.
+    threads : ignored
+        (an option of the cpu backend).
+
+    Returns
+    -------
+    dq, dk, dv : cupy.ndarray
+        C-contiguous ``(B, H, N, D)`` in ``grad_dtype`` (float32 when None). Key tiles nobody
+        kept get exact zeros in dk/dv; rows with no kept tile get zero dq.
     """
     import cupy
 
-    from . import cpu
+    del threads
+    dtype_name = _dtype_name(q)
+    for name, x in (("k", k), ("v", v), ("do", do)):
+        if _dtype_name(x) != dtype_name:
+            raise ValueError(f"{name} has dtype {_dtype_name(x)} but q has {dtype_name}")
+    if dtype_name not in _ELEMENTS:
+        raise ValueError(f"the cupy backward supports bfloat16 and float16 inputs, got q of "
+                         f"dtype {dtype_name}")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError("q, k and v must be 4-D (B, H, N, D)")
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if D not in _HEAD_DIMS:
+        raise ValueError(f"q has head dim {D}; the cupy backward supports {list(_HEAD_DIMS)}")
+    if tuple(k.shape) != (B, Hkv, Nk, D) or tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"k and v must both have shape (B, Hkv, Nk, D) = {(B, Hkv, Nk, D)}, "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    if Hq % Hkv:
+        raise ValueError(f"q has {Hq} heads, not a multiple of k's {Hkv}")
+    if tuple(do.shape) != tuple(q.shape):
+        raise ValueError(f"do must have q's shape {tuple(q.shape)}, got {tuple(do.shape)}")
+    block = tuple(int(b) for b in block)
+    if block not in _BLOCKS:
+        raise ValueError(f"block {block} is not supported by the cupy backward; supported: "
+                         f"{list(_BLOCKS)}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    nq, nk = tile_count(Nq, block[0]), tile_count(Nk, block[1])
+    if getattr(kept, "dtype", None) != np.bool_ or tuple(kept.shape) != (B, Hq, nq, nk):
+        raise ValueError(f"kept must be a bool array of shape {(B, Hq, nq, nk)}, got "
+                         f"{getattr(kept, 'dtype', None)} {tuple(getattr(kept, 'shape', ()))}")
+    if grad_dtype is None or np.dtype(grad_dtype).name == "float32":
+        grad_dtype = np.dtype(np.float32)
+    elif np.dtype(grad_dtype).name != dtype_name:
+        raise ValueError(f"grad_dtype must be None, float32 or the input dtype ({dtype_name}), "
+                         f"got {grad_dtype}")
+    grad_dtype = np.dtype(np.float32) if grad_dtype == np.float32 else q.dtype
 
-    grads = cpu.attention_backward(_host_f32(q), _host_f32(k), _host_f32(v), _host_f32(do),
-                                   _host(kept), block, scale, threads=threads)
-    return tuple(cupy.asarray(g) for g in grads)
+    kept = cupy.ascontiguousarray(kept)
+    plan, col_offsets, col_indices = _kept_lists(cupy, kept, block, (B, Hq, Nq, Nk))
+    if out is None or lse is None:
+        out, lse = forward(q, k, v, plan, None, scale, False, out_dtype=np.float32)[:2]
+    if tuple(out.shape) != tuple(q.shape) or _dtype_name(out) not in (dtype_name, "float32"):
+        raise ValueError(f"out must have q's shape {tuple(q.shape)} and dtype {dtype_name} or "
+                         f"float32, got {_dtype_name(out)} {tuple(out.shape)}")
+    if tuple(lse.shape) != (B, Hq, Nq) or _dtype_name(lse) != "float32":
+        raise ValueError(f"lse must be float32 of shape {(B, Hq, Nq)}, got {_dtype_name(lse)} "
+                         f"{tuple(lse.shape)}")
+    q, k, v, do, out = (_kernel_ready(cupy, x) for x in (q, k, v, do, out))
+    lse = cupy.ascontiguousarray(lse)
+    offsets = _device_int32(cupy, "row_offsets", plan.row_offsets, (B, Hq, nq + 1))
+    indices = _device_int32(cupy, "row_indices", plan.row_indices, (B, Hq, plan.capacity))
+
+    rows_padded = nq * block[0]
+    lse_log2 = cupy.empty((B, Hq, rows_padded), dtype=cupy.float32)
+    delta = cupy.empty((B, Hq, rows_padded), dtype=cupy.float32)
+    if deterministic:
+        accumulator = None
+        dq = cupy.empty((B, Hq, Nq, D), dtype=grad_dtype)
+    else:
+        accumulator = cupy.empty((B, Hq, Nq, D), dtype=cupy.float32)
+        dq = accumulator if grad_dtype == np.float32 else None
+    dk = cupy.empty((B, Hkv, Nk, D), dtype=grad_dtype)
+    dv = cupy.empty((B, Hkv, Nk, D), dtype=grad_dtype)
+
+    params = np.zeros((), dtype=_BACKWARD_PARAMS_DTYPE)
+    for name, x in (("q", q), ("k", k), ("v", v), ("d_out", do), ("out", out)):
+        params[name] = x.data.ptr
+        for axis, stride in zip(("batch", "head", "row"), x.strides[:3]):
+            params[f"{name}_{axis}_stride"] = stride // x.itemsize
+    params["lse"], params["lse_log2"], params["delta"] = (lse.data.ptr, lse_log2.data.ptr,
+                                                          delta.data.ptr)
+    params["dq_accumulator"] = 0 if accumulator is None else accumulator.data.ptr
+    params["dq"] = 0 if dq is None else dq.data.ptr
+    params["dk"], params["dv"] = dk.data.ptr, dv.data.ptr
+    params["row_offsets"], params["row_indices"] = offsets.data.ptr, indices.data.ptr
+    params["col_offsets"], params["col_indices"] = col_offsets.data.ptr, col_indices.data.ptr
+    params["n_queries"], params["n_keys"], params["n_rows_padded"] = Nq, Nk, rows_padded
+    params["n_heads"], params["head_group"], params["block_q"] = Hq, Hq // Hkv, block[0]
+    params["row_capacity"] = plan.capacity
+    params["col_capacity"] = int(col_indices.shape[-1])
+    params["scale"], params["scale_log2"] = scale, scale * LOG2E
+    params["out_float32"] = out.dtype == np.float32
+    params["grad_float32"] = grad_dtype == np.float32
+    args = (params[()],)
+
+    device = _device_id()
+    threads_per_cta = BACKWARD_WARPS[D] * 32
+    rows_per_cta = _PREPROCESS_THREADS // (D // 8)
+    function, _ = _backward_kernel(device, "preprocess", dtype_name, D)
+    function((rows_padded // rows_per_cta, Hq, B), (_PREPROCESS_THREADS,), args)
+    stage = "dkdv" if deterministic else "dkdv_atomic_dq"
+    function, shared = _backward_kernel(device, stage, dtype_name, D)
+    function((nk, Hkv, B), (threads_per_cta,), args, shared_mem=shared)
+    if deterministic:
+        function, shared = _backward_kernel(device, "dq", dtype_name, D)
+        function((rows_padded // 64, Hq, B), (threads_per_cta,), args, shared_mem=shared)
+    elif dq is None:  # postprocess: the (already scaled) fp32 accumulator to the grad dtype
+        dq = accumulator.astype(grad_dtype)
+    return dq, dk, dv
 
 
 def _row_padded(cupy, x, rows, dtype):

@@ -1,0 +1,53 @@
+// The launch parameters of the backward kernels (attention_backward.cu: preprocess, dK/dV pass,
+// deterministic dQ pass), passed by value as one __grid_constant__ struct.
+//
+// The host side is pysparse_attn/backends/cupy.py (`_BACKWARD_PARAMS_DTYPE`, a NumPy structured
+// dtype with the same fields in the same order, aligned as C++ aligns this struct): a field
+// added here must be added there.
+#pragma once
+
+namespace psa {
+
+struct BackwardParams {
+    // Inputs (B, H, N, D) by element strides; the head dim is contiguous. d_out is like q.
+    const unsigned short* q;
+    const unsigned short* k;
+    const unsigned short* v;
+    const unsigned short* d_out;
+    // The forward's output over the same kept set, 16-bit (the input type) or float32.
+    const void* out;
+    long long q_batch_stride, q_head_stride, q_row_stride;
+    long long k_batch_stride, k_head_stride, k_row_stride;
+    long long v_batch_stride, v_head_stride, v_row_stride;
+    long long d_out_batch_stride, d_out_head_stride, d_out_row_stride;
+    long long out_batch_stride, out_head_stride, out_row_stride;
+    // The forward's LSE (B, Hq, Nq), natural log, -inf for rows with no kept tile.
+    const float* lse;
+    // Preprocess results, (B, Hq, n_rows_padded): the LSE in log2 units (+inf where P must be
+    // exactly 0: rows with no kept tile and padded rows) and delta = rowsum(dO * O) (0 there).
+    float* lse_log2;
+    float* delta;
+    // dQ accumulator (B, Hq, Nq, D) float32, zeroed by the preprocess, already scaled.
+    float* dq_accumulator;
+    // Gradients, C-contiguous (B, H, N, D), 16-bit (the input type) or float32.
+    void* dq;
+    void* dk;
+    void* dv;
+    // Query-major lists (the forward's plan) and their key-major transpose, CSR per (b, Hq).
+    const int* row_offsets;   // (B, Hq, nq + 1)
+    const int* row_indices;   // (B, Hq, row_capacity)
+    const int* col_offsets;   // (B, Hq, nk + 1)
+    const int* col_indices;   // (B, Hq, col_capacity), ascending query tiles
+    int n_queries, n_keys;
+    int n_rows_padded;        // nq * block_q
+    int n_heads;              // Hq
+    int head_group;           // Hq / Hkv
+    int block_q;              // forward query tile: 64 or 128 rows (walked as 64-row steps)
+    int row_capacity, col_capacity;
+    float scale;              // logit scale
+    float scale_log2;         // scale times log2 e
+    int out_float32;
+    int grad_float32;
+};
+
+}  // namespace psa

@@ -1,0 +1,102 @@
+// Shape of the backward CTAs and the walk over the lists they visit.
+//
+// Every backward CTA has WARPS = 4 warps and works in 64 x 64 blocks: 64 keys (one forward key
+// tile) against 64 query rows (a 64-row forward tile, or one half of a 128-row tile). The 16-bit
+// tiles use the forward's swizzled layout (TileTraits of a 64-row tile), so the forward's
+// loader (tile_masking.cuh) and ldmatrix addressing carry over unchanged.
+#pragma once
+
+#include "backward_params.cuh"
+#include "tile_traits.cuh"
+
+namespace psa {
+
+template <int HEAD_DIM, int WARPS>
+struct BackwardTraits {
+    static_assert(WARPS == 4, "four warps of 16 keys (dK/dV) or 16 query rows (dQ)");
+    using Tile = TileTraits<HEAD_DIM, 64, 64, WARPS>;
+    static constexpr int kStep = 64;                    // rows (or keys) of one block
+    static constexpr int kRowsPerWarp = kStep / WARPS;  // 16: one m16 fragment
+    static constexpr int kDimSteps = HEAD_DIM / 16;     // k16 steps over D
+    static constexpr int kDimBlocks = HEAD_DIM / 8;     // n8 blocks over D
+    static constexpr int kStepBlocks = kStep / 8;       // n8 blocks over 64 rows or keys
+    static constexpr int kTileElements = kStep * HEAD_DIM;
+
+    // dK/dV pass, in 16-bit elements: K, V, two Q and two dO buffers, dS^T (64 x 64); then,
+    // in floats, two buffers of the step's LSE (log2) and delta (64 each).
+    static constexpr int kKOffset = 0;
+    static constexpr int kVOffset = kTileElements;
+    static constexpr int kQOffset = 2 * kTileElements;
+    static constexpr int kDOutOffset = 4 * kTileElements;
+    static constexpr int kDsOffset = 6 * kTileElements;
+    static constexpr int kRowStatsByteOffset = 2 * (6 * kTileElements + kStep * kStep);
+    static constexpr int kDkdvSharedBytes = kRowStatsByteOffset + 2 * 2 * kStep * 4;
+
+    // Deterministic dQ pass: Q, dO, two K and two V buffers.
+    static constexpr int kDqSharedBytes = 2 * 6 * kTileElements;
+
+    // dS^T tile (keys x 64 queries): eight 16-byte chunks a row, the forward's XOR swizzle.
+    __device__ static constexpr int ds_swizzle(int row, int chunk) {
+        return row * kStep + ((chunk ^ (row & 7)) << 3);
+    }
+};
+
+// The dK/dV CTA's walk: for each query head of the kv head's group, its key-major list of the
+// query tiles that kept this key tile, each tile in 64-row steps. Every advance moves forward,
+// so the walk ends after (list lengths x steps per tile) steps.
+struct QueryWalk {
+    int member;        // query head within the group; head_group when the walk is over
+    int entry;         // position in that head's list
+    int half;          // 64-row step within the forward query tile
+    int count;
+    const int* tiles;
+
+    __device__ __forceinline__ bool valid(const BackwardParams& params) const {
+        return member < params.head_group;
+    }
+    __device__ __forceinline__ int head(const BackwardParams& params, int kv_head) const {
+        return kv_head * params.head_group + member;
+    }
+    __device__ __forceinline__ int first_row(const BackwardParams& params) const {
+        return tiles[entry] * params.block_q + half * 64;
+    }
+
+    // Open the list of `member`, or of the next member with a non-empty list.
+    __device__ __forceinline__ void open(const BackwardParams& params, int batch, int kv_head,
+                                         int key_tile, int n_key_tiles) {
+        entry = 0;
+        half = 0;
+        for (; member < params.head_group; ++member) {
+            const long long slab = (long long)batch * params.n_heads + kv_head * params.head_group
+                                   + member;
+            const int* offsets = params.col_offsets + slab * (n_key_tiles + 1) + key_tile;
+            const int start = offsets[0];
+            count = offsets[1] - start;
+            tiles = params.col_indices + slab * params.col_capacity + start;
+            if (count > 0) break;
+        }
+    }
+
+    __device__ __forceinline__ void advance(const BackwardParams& params, int batch, int kv_head,
+                                            int key_tile, int n_key_tiles) {
+        if (++half < params.block_q / 64) return;
+        half = 0;
+        if (++entry < count) return;
+        ++member;
+        open(params, batch, kv_head, key_tile, n_key_tiles);
+    }
+};
+
+// Two gradient values of adjacent dims, stored as float32 or as the 16-bit element type.
+template <class Element>
+__device__ __forceinline__ void store_gradient_pair(void* base, long long offset, float lo,
+                                                    float hi, bool float32) {
+    if (float32) {
+        *reinterpret_cast<float2*>(static_cast<float*>(base) + offset) = make_float2(lo, hi);
+    } else {
+        *reinterpret_cast<unsigned*>(static_cast<unsigned short*>(base) + offset) =
+            Element::pack(lo, hi);
+    }
+}
+
+}  // namespace psa

@@ -1,0 +1,418 @@
+"""The GPU backward kernels (``gpu/attention_backward.cu`` through
+``backends.cupy.attention_backward``) against the float64 reference gradients on the same kept
+set.
+
+Every test is marked ``gpu`` and skipped, with the reason, without CuPy or a CUDA device. The
+oracle is ``_reference.attention_backward`` (the reference backend's vjp) on the exact float64
+values of the rounded 16-bit inputs. Tolerances follow the flash-attention rule: the kernel's
+error must stay within about twice that of a naive computation in the same precision
+(:func:`_naive_backward`, which rounds P and dS to the 16-bit type before its products, as any
+16-bit tensor-core backward must), plus a small floor for fp32 accumulation order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pysparse_attn import _reference
+from pysparse_attn._plan import Plan, tile_count
+
+
+def _gpu_skip_reason():
+    try:
+        from pysparse_attn.backends import cupy as backend
+    except Exception as error:  # the module imports no CuPy at import time; be safe anyway
+        return f"cupy backend not importable: {error}"
+    return backend.unavailable_reason()
+
+
+_REASON = _gpu_skip_reason()
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(_REASON is not None, reason=f"GPU backward tests need CuPy and "
+                                 f"a CUDA device of compute capability >= 8.0: {_REASON}")]
+
+#: Floor of the relative L2 error: fp32 accumulation in another order than float64 (atomics
+#: add dQ contributions in arrival order) plus exp2.approx, well below the 16-bit rounding.
+ERROR_FLOOR = 1e-3
+#: Upper bound whatever the naive error: bf16 keeps 8 significant bits (P, dS rounded: about
+#: 4e-3 each, relative L2 over long sums ~1e-2), fp16 11 bits (~8x smaller).
+GRAD_TOLERANCE = {"bfloat16": 3e-2, "float16": 5e-3}
+
+
+def _dtype(name):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def _fresh_rng():
+    """A generator on a fresh seed, printed so that a failure can be replayed."""
+    seed = int(np.random.SeedSequence().entropy % (1 << 63))
+    print(f"seed={seed}")
+    return np.random.default_rng(seed)
+
+
+def _device(x, dtype, layout):
+    """``x`` (float32, B,H,N,D) on the GPU in ``dtype``; ``"bnhd"``: a (B, N, H, D) buffer seen
+    through a transposed view. Also returns the exact float64 values of the rounded array."""
+    import cupy
+
+    if layout == "bnhd":
+        y = cupy.asarray(np.ascontiguousarray(x.transpose(0, 2, 1, 3))).astype(_dtype(dtype))
+        y = y.transpose(0, 2, 1, 3)
+    else:
+        y = cupy.asarray(x).astype(_dtype(dtype))
+    return y, cupy.asnumpy(y.astype(cupy.float32)).astype(np.float64)
+
+
+def _problem(rng, dtype, B, Hq, Hkv, Nq, Nk, D, layout="bhnd"):
+    host = [rng.standard_normal((B, Hq, Nq, D)).astype(np.float32) * 1.5,
+            rng.standard_normal((B, Hkv, Nk, D)).astype(np.float32) * 1.5,
+            rng.standard_normal((B, Hkv, Nk, D)).astype(np.float32),
+            rng.standard_normal((B, Hq, Nq, D)).astype(np.float32)]
+    pairs = [_device(x, dtype, layout) for x in host]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _kept(rng, B, Hq, nq, nk, density=0.4, sink=0, empty_column=None):
+    """Random kept set: every query tile keeps the `sink` key tile (a long key-major list) and at
+    least one tile; `empty_column` is kept by nobody (exact zeros expected there)."""
+    kept = rng.random((B, Hq, nq, nk)) < density
+    if sink is not None:
+        kept[..., sink] = True
+    if empty_column is not None:
+        kept[..., empty_column] = False
+    return kept
+
+
+def _naive_backward(q, k, v, do, kept, block, scale, dtype):
+    """A naive 16-bit backward: float32 arithmetic with P and dS rounded to ``dtype`` before
+    the products that consume them (what a tensor-core kernel must do)."""
+    low = _dtype(dtype)
+    round_ = lambda x: x.astype(low).astype(np.float32)  # noqa: E731
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    dq = np.zeros((B, Hq, Nq, D), np.float32)
+    dk = np.zeros((B, Hkv, Nk, D), np.float32)
+    dv = np.zeros((B, Hkv, Nk, D), np.float32)
+    mask = np.repeat(np.repeat(kept, block[0], axis=2), block[1], axis=3)[:, :, :Nq, :Nk]
+    for b in range(B):
+        for h in range(Hq):
+            qh, doh = q[b, h].astype(np.float32), do[b, h].astype(np.float32)
+            kh, vh = k[b, h // group].astype(np.float32), v[b, h // group].astype(np.float32)
+            s = np.where(mask[b, h], scale * (qh @ kh.T), -np.inf)
+            m = s.max(axis=1, keepdims=True)
+            p = np.exp(s - m)
+            p /= p.sum(axis=1, keepdims=True)
+            out = round_(p) @ vh
+            dp = doh @ vh.T
+            ds = p * (dp - (doh * out).sum(axis=1, keepdims=True))
+            dq[b, h] = scale * (round_(ds) @ kh)
+            dk[b, h // group] += scale * (round_(ds).T @ qh)
+            dv[b, h // group] += round_(p).T @ doh
+    return dq, dk, dv
+
+
+def _rel_l2(a, b):
+    norm = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / norm) if norm > 0 else float(np.linalg.norm(a))
+
+
+def _host64(x):
+    import cupy
+
+    return cupy.asnumpy(x.astype(cupy.float32)).astype(np.float64)
+
+
+def _check_grads(grads, exact, kept, block, scale, dtype, label=""):
+    """Each gradient within 2x the naive 16-bit error (+ floor) and under GRAD_TOLERANCE."""
+    q, k, v, do = exact
+    reference = _reference.attention_backward(q, k, v, do, kept, block, scale)
+    naive = _naive_backward(q, k, v, do, kept, block, scale, dtype)
+    for name, got, want, rough in zip(("dq", "dk", "dv"), grads, reference, naive):
+        got = _host64(got)
+        assert got.shape == want.shape, f"{label}{name}: shape {got.shape} != {want.shape}"
+        assert np.isfinite(got).all(), f"{label}{name}: non-finite (unwritten or NaN) values"
+        error, naive_error = _rel_l2(got, want), _rel_l2(rough, want)
+        bound = min(2 * naive_error + ERROR_FLOOR, GRAD_TOLERANCE[dtype])
+        assert error <= bound, (f"{label}{name}: relative L2 error {error:.3g} > {bound:.3g} "
+                                f"(naive {dtype} error {naive_error:.3g})")
+
+
+def _poison_pool(shape, dtype):
+    """Leave NaN in the pool blocks the next allocations of ``shape`` may reuse (0xFFFF is NaN in
+    both 16-bit types; 0xFFFFFFFF in float32)."""
+    import cupy
+
+    words = cupy.uint16 if np.dtype(dtype).itemsize == 2 else cupy.uint32
+    poison = [cupy.full(shape, -1, dtype=cupy.int64).view(words) for _ in range(4)]
+    del poison
+
+
+CASES = [(dtype, D, block, layout)
+         for dtype in ("bfloat16", "float16")
+         for D in (64, 128)
+         for block in ((64, 64), (128, 64))
+         for layout in ("bhnd", "bnhd")]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype,D,block,layout", CASES)
+def test_backward_matches_reference(dtype, D, block, layout, deterministic):
+    """Odd sizes (partial query and key tiles), cross-attention, GQA, a sink key tile, a key
+    tile nobody keeps (exact zero dK/dV), outputs over poisoned memory."""
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    B, Hq, Hkv, Nq, Nk = 2, 4, 2, 197, 251
+    (q, k, v, do), exact = _problem(rng, dtype, B, Hq, Hkv, Nq, Nk, D, layout)
+    nq, nk = tile_count(Nq, block[0]), tile_count(Nk, block[1])
+    kept = _kept(rng, B, Hq, nq, nk, sink=0, empty_column=2)
+    scale = D ** -0.5
+    _poison_pool((B, Hq, Nq, D), np.float32)
+    grads = backend.attention_backward(q, k, v, do, cupy.asarray(kept), block, scale,
+                                       deterministic=deterministic)
+    for g, shape in zip(grads, ((B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, D))):
+        assert g.dtype == np.float32 and g.shape == shape and g.flags.c_contiguous
+    _check_grads(grads, exact, kept, block, scale, dtype)
+    for name, g in zip(("dk", "dv"), grads[1:]):
+        column = cupy.asnumpy(g[:, :, 2 * 64:3 * 64])
+        assert (column == 0).all(), f"{name}: key tile kept by nobody is not exactly zero"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_grad_dtype_rounds_the_float32_gradients(dtype):
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    B, H, N, D, block = 1, 2, 160, 64, (64, 64)
+    (q, k, v, do), exact = _problem(rng, dtype, B, H, H, N, N, D)
+    kept = cupy.asarray(_kept(rng, B, H, 3, 3))
+    for deterministic in (False, True):
+        wide = backend.attention_backward(q, k, v, do, kept, block, D ** -0.5,
+                                          deterministic=deterministic)
+        narrow = backend.attention_backward(q, k, v, do, kept, block, D ** -0.5,
+                                            deterministic=deterministic, grad_dtype=q.dtype)
+        for name, w, n in zip(("dq", "dk", "dv"), wide, narrow):
+            assert n.dtype == q.dtype and n.flags.c_contiguous, name
+            np.testing.assert_allclose(_host64(n), _host64(w), rtol=2e-2 if dtype == "bfloat16"
+                                       else 2e-3, atol=1e-3, err_msg=name)
+
+
+def test_rows_with_no_kept_tile_get_zero_dq_and_contribute_nothing():
+    """A query tile that keeps nothing (LSE = -inf) must not produce NaN anywhere."""
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    dtype, B, H, Nq, Nk, D, block = "bfloat16", 1, 2, 256, 200, 128, (64, 64)
+    (q, k, v, do), exact = _problem(rng, dtype, B, H, H, Nq, Nk, D)
+    kept = _kept(rng, B, H, 4, 4, density=0.5)
+    kept[:, :, 1] = False  # query tile 1 (rows 64..127, a full tile) keeps nothing
+    for deterministic in (False, True):
+        dq, dk, dv = backend.attention_backward(q, k, v, do, cupy.asarray(kept), block,
+                                                D ** -0.5, deterministic=deterministic)
+        assert (cupy.asnumpy(dq[:, :, 64:128]) == 0).all(), "dq of rows with no kept tile"
+        # The reference on the problem without that tile (its rows contribute nothing).
+        rows = np.r_[0:64, 128:Nq]
+        sub = [exact[0][:, :, rows], exact[1], exact[2], exact[3][:, :, rows]]
+        sub_kept = np.delete(kept, 1, axis=2)
+        reference = _reference.attention_backward(*sub, sub_kept, block, D ** -0.5)
+        got = [_host64(dq)[:, :, rows], _host64(dk), _host64(dv)]
+        for name, g, want in zip(("dq", "dk", "dv"), got, reference):
+            assert np.isfinite(g).all(), f"{name}: non-finite values"
+            assert _rel_l2(g, want) <= GRAD_TOLERANCE[dtype], name
+
+
+def test_long_key_major_list_and_wide_gqa_group():
+    """A sink key tile kept by every query tile of every query head of a group of 4: one
+    dK/dV CTA walks 4 x 48 x 2 steps (128-row tiles in 64-row halves)."""
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    dtype, B, Hq, Hkv, Nq, Nk, D, block = "bfloat16", 1, 4, 1, 48 * 128 - 5, 300, 64, (128, 64)
+    (q, k, v, do), exact = _problem(rng, dtype, B, Hq, Hkv, Nq, Nk, D)
+    kept = _kept(rng, B, Hq, 48, tile_count(Nk, 64), density=0.1, sink=3)
+    for deterministic in (False, True):
+        grads = backend.attention_backward(q, k, v, do, cupy.asarray(kept), block, D ** -0.5,
+                                           deterministic=deterministic)
+        _check_grads(grads, exact, kept, block, D ** -0.5, dtype,
+                     label=f"deterministic={deterministic}: ")
+
+
+@pytest.mark.parametrize("block", [(64, 64), (128, 64)])
+def test_deterministic_mode_is_bitwise_stable(block):
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 700, 650, 128
+    (q, k, v, do), _ = _problem(rng, "bfloat16", B, Hq, Hkv, Nq, Nk, D)
+    kept = cupy.asarray(_kept(rng, B, Hq, tile_count(Nq, block[0]), tile_count(Nk, 64),
+                              density=0.6))
+    runs = [backend.attention_backward(q, k, v, do, kept, block, D ** -0.5, deterministic=True)
+            for _ in range(3)]
+    for name, first, again, third in zip(("dq", "dk", "dv"), *runs):
+        cupy.testing.assert_array_equal(first.view(cupy.uint32), again.view(cupy.uint32),
+                                        err_msg=name)
+        cupy.testing.assert_array_equal(first.view(cupy.uint32), third.view(cupy.uint32),
+                                        err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_given_out_and_lse_agree_with_recomputed(dtype):
+    """The forward's float32 (out, lse) give the very bytes of the recomputation (it runs the
+    same forward); a 16-bit out agrees within the rounding of O in delta."""
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    B, Hq, Hkv, Nq, Nk, D, block = 1, 4, 2, 333, 200, 128, (128, 64)
+    (q, k, v, do), exact = _problem(rng, dtype, B, Hq, Hkv, Nq, Nk, D)
+    kept_host = _kept(rng, B, Hq, tile_count(Nq, 128), tile_count(Nk, 64), density=0.5)
+    kept = cupy.asarray(kept_host)
+    plan = Plan.from_kept(kept, block=block, shape=(B, Hq, Nq, Nk))
+    scale = D ** -0.5
+    recomputed = backend.attention_backward(q, k, v, do, kept, block, scale, deterministic=True)
+    out32, lse = backend.forward(q, k, v, plan, None, scale, False, out_dtype=np.float32)[:2]
+    given = backend.attention_backward(q, k, v, do, kept, block, scale, out=out32, lse=lse,
+                                       deterministic=True)
+    for name, a, b in zip(("dq", "dk", "dv"), recomputed, given):
+        cupy.testing.assert_array_equal(a, b, err_msg=name)
+    out16 = backend.forward(q, k, v, plan, None, scale, False)[0]
+    rounded = backend.attention_backward(q, k, v, do, kept, block, scale, out=out16, lse=lse)
+    _check_grads(rounded, exact, kept_host, block, scale, dtype, label="16-bit out: ")
+
+
+def test_outputs_do_not_depend_on_prior_memory():
+    """Two calls over differently poisoned pools give the same deterministic bytes."""
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    B, H, Nq, Nk, D, block = 1, 2, 190, 130, 64, (64, 64)
+    (q, k, v, do), _ = _problem(rng, "float16", B, H, H, Nq, Nk, D)
+    kept = cupy.asarray(_kept(rng, B, H, 3, 3, empty_column=1))
+    results = []
+    for fill in (-1, 0x3C003C00):  # NaN words, then 1.0 in both halves
+        pool = cupy.cuda.MemoryPool()
+        with cupy.cuda.using_allocator(pool.malloc):
+            junk = [cupy.full((B, H, 256, D), fill, dtype=cupy.int32) for _ in range(8)]
+            del junk
+            for deterministic in (False, True):
+                for grad_dtype in (None, q.dtype):
+                    results.append(backend.attention_backward(
+                        q, k, v, do, kept, block, D ** -0.5, deterministic=deterministic,
+                        grad_dtype=grad_dtype))
+    half = len(results) // 2
+    for index in (2, 3):  # the deterministic ones: bitwise equal whatever the pool held
+        for name, a, b in zip(("dq", "dk", "dv"), results[index], results[index + half]):
+            cupy.testing.assert_array_equal(a.view(cupy.uint16), b.view(cupy.uint16),
+                                            err_msg=name)
+    for run in results:
+        for g in run:
+            assert bool(cupy.isfinite(g.astype(cupy.float32)).all())
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_is_graph_capturable(deterministic):
+    """No host synchronisation: the whole call (lists, forward recompute, kernels) records into
+    a CUDA graph whose replay reproduces the eager result."""
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    B, Hq, Hkv, Nq, Nk, D, block = 1, 4, 2, 300, 260, 128, (64, 64)
+    (q, k, v, do), _ = _problem(rng, "bfloat16", B, Hq, Hkv, Nq, Nk, D)
+    kept = cupy.asarray(_kept(rng, B, Hq, tile_count(Nq, 64), tile_count(Nk, 64)))
+
+    def call():
+        return backend.attention_backward(q, k, v, do, kept, block, D ** -0.5,
+                                          deterministic=deterministic, grad_dtype=q.dtype)
+
+    eager = call()
+    pool = cupy.cuda.MemoryPool()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with cupy.cuda.using_allocator(pool.malloc), stream:
+        call()
+        stream.synchronize()
+        stream.begin_capture()
+        captured = call()
+        graph = stream.end_capture()
+    for g in captured:
+        g.view(cupy.uint16).fill(0xFFFF)
+    graph.launch(stream)
+    stream.synchronize()
+    for name, a, b in zip(("dq", "dk", "dv"), captured, eager):
+        if deterministic:
+            cupy.testing.assert_array_equal(a.view(cupy.uint16), b.view(cupy.uint16),
+                                            err_msg=name)
+        else:  # dQ atomics add in arrival order
+            np.testing.assert_allclose(_host64(a), _host64(b), rtol=2e-2, atol=2e-3,
+                                       err_msg=name)
+
+
+def test_unsupported_cases_raise_value_error():
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    (q, k, v, do), _ = _problem(rng, "bfloat16", 1, 2, 2, 128, 128, 64)
+    kept = cupy.ones((1, 2, 2, 2), dtype=cupy.bool_)
+    with pytest.raises(ValueError, match="bfloat16 and float16"):
+        backend.attention_backward(*(x.astype(cupy.float32) for x in (q, k, v, do)), kept,
+                                   (64, 64), 0.125)
+    q96 = cupy.zeros((1, 2, 128, 96), dtype=q.dtype)
+    with pytest.raises(ValueError, match="head dim 96"):
+        backend.attention_backward(q96, q96, q96, q96, kept, (64, 64), 0.125)
+    with pytest.raises(ValueError, match="block"):
+        backend.attention_backward(q, k, v, do, cupy.ones((1, 2, 4, 4), dtype=cupy.bool_),
+                                   (32, 32), 0.125)
+    with pytest.raises(ValueError, match="kept"):
+        backend.attention_backward(q, k, v, do, cupy.ones((1, 2, 3, 2), dtype=cupy.bool_),
+                                   (64, 64), 0.125)
+    with pytest.raises(ValueError, match="grad_dtype"):
+        backend.attention_backward(q, k, v, do, kept, (64, 64), 0.125, grad_dtype=np.float16)
+    with pytest.raises(ValueError, match="lse"):
+        backend.attention_backward(q, k, v, do, kept, (64, 64), 0.125, out=q,
+                                   lse=cupy.zeros((1, 2, 100), dtype=cupy.float32))
+
+
+@pytest.mark.parametrize("nq,nk", [(3, 5), (40, 7), (1, 1), (70, 33)])
+def test_device_lists_equal_the_plan_of_the_kept_set(nq, nk):
+    """The backward's list kernel gives Plan.from_kept's rows and their key-major transpose,
+    with -1 past the end, empty rows and columns included."""
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    B, H = 2, 3
+    kept = rng.random((B, H, nq, nk)) < 0.3
+    kept[0, 0] = False                  # a head with nothing kept
+    kept[1, 2, :, 0] = True             # a full column
+    shape = (B, H, nq * 64, nk * 64)
+    plan, col_offsets, col_indices = backend._kept_lists(cupy, cupy.asarray(kept), (64, 64),
+                                                         shape)
+    expected = Plan.from_kept(kept, block=(64, 64), shape=shape)
+    for name, got, want in (("row_offsets", plan.row_offsets, expected.row_offsets),
+                            ("row_indices", plan.row_indices, expected.row_indices),
+                            ("col_offsets", col_offsets, expected.col_offsets),
+                            ("col_indices", col_indices, expected.col_indices)):
+        np.testing.assert_array_equal(cupy.asnumpy(got), want, err_msg=name)
