@@ -175,7 +175,7 @@ def train(task, model, steps, lr, clock, label, time_budget=None, sync=None, tea
                                                                               batch)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))  # reads the loss back: the step has finished
+        losses.append(loss.detach().item())  # reads the loss back: the step has finished
         if sync is not None:
             sync()
         times.append(time.perf_counter() - tic)
