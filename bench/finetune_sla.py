@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 # host fallback (the fine-tune stops at --time-budget); the smoke one runs on a CPU in seconds.
 PRESETS = {
     "gpu": dict(frames=16, height=32, width=32, layers=4, heads=4, head_dim=64, ffn=512,
-                batch=4, steps_dense=400, steps_finetune=300, lr=1e-3, lr_finetune=3e-4,
+                batch=4, steps_dense=400, steps_finetune=300, lr=1e-3, lr_finetune=1e-3,
                 block=(64, 64), time_budget=150.0, eval_batch=8),
     "smoke": dict(frames=4, height=16, width=16, layers=2, heads=2, head_dim=16, ffn=64,
                   batch=2, steps_dense=60, steps_finetune=30, lr=2e-3, lr_finetune=1e-3,
@@ -156,6 +156,8 @@ class Task:
 def train(task, model, steps, lr, clock, label, time_budget=None, sync=None, teacher=None):
     """AdamW on the denoising loss, or on the distance to ``teacher``'s prediction.
 
+    The learning rate decays on a cosine to zero over the run, measured by steps or by the
+    time budget, whichever is spent faster (so a run stopped by its budget ends decayed too).
     Returns (losses, step times in s, steps run).
     """
     torch = task.torch
@@ -168,6 +170,11 @@ def train(task, model, steps, lr, clock, label, time_budget=None, sync=None, tea
             clock.say(f"{label}: time budget of {time_budget:.0f} s reached after {step} "
                       f"of {steps} steps")
             break
+        spent = step / steps
+        if time_budget:
+            spent = max(spent, (time.perf_counter() - started) / time_budget)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(spent, 1.0)))
         batch = task.batch(task.config["batch"])
         tic = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -265,7 +272,7 @@ def run(args, clock):
     after, _ = evaluate(task, model, dense_out)
     stats = sparse.stats()
     sparsity = [s.sparsity for s in stats.values() if s.sparsity is not None]
-    weight_norm = sum(float(p.sparse_linear.weight.norm()) for p in sparse.processors.values())
+    weight_norm = sum(float(p.sparse_linear.weight.detach().norm()) for p in sparse.processors.values())
     clock.say(f"SLA after fine-tuning ({steps_run} steps): loss {after['loss']:.4f}, rel. L2 "
               f"vs dense {after['rel_l2_vs_dense']:.4f}")
 
@@ -370,8 +377,8 @@ def main(argv=None):
                    else f"CPU ({os.cpu_count()} cores)")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
     record = dict(device_name=device_name, date=stamp, commit=_commit(),
-                  command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None
-                                                               else sys.argv[1:])),
+                  command=" ".join(["bench/finetune_sla.py"] + (argv if argv is not None
+                                                                else sys.argv[1:])),
                   wall_s=clock.elapsed(), **record)
     text = summary(record)
     print("\n" + text, flush=True)

@@ -243,7 +243,7 @@ def main(argv=None):
         sys.exit("train_step.py needs a CUDA GPU (torch sees none)")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
     meta = dict(device=torch.cuda.get_device_name(), date=stamp, commit=_commit(),
-                command=" ".join(["train_step.py"] + (argv if argv is not None else sys.argv[1:])),
+                command=" ".join(["bench/train_step.py"] + (argv if argv is not None else sys.argv[1:])),
                 shape=list(SHAPE), dtype="bfloat16", critical=args.critical,
                 negligible=args.negligible)
     print(f"{meta['device']}, {stamp}, commit {meta['commit']}", flush=True)

@@ -34,11 +34,12 @@ def test_smoke_preset_trains_dense_then_fine_tunes_sla_and_writes_its_record(dem
     started = time.perf_counter()
     record = demo.main(["--smoke", "--out", str(tmp_path)])
     elapsed = time.perf_counter() - started
-    assert elapsed < 60, f"the smoke preset took {elapsed:.0f} s (budget: under 30 s)"
+    # Sized for under 30 s; twice that allowed for a loaded CI machine.
+    assert elapsed < 60, f"the smoke preset took {elapsed:.0f} s"
     written = sorted(p.suffix for p in tmp_path.iterdir())
     assert written == [".json", ".md"], written
     saved = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert saved["commit"] and saved["command"].startswith("finetune_sla.py --smoke")
+    assert saved["commit"] and saved["command"].startswith("bench/finetune_sla.py --smoke")
     for key in ("dense", "sla_before", "sla_after", "finetune"):
         assert key in saved, key
     numbers = [saved["dense"]["eval_loss"], saved["sla_before"]["loss"],
