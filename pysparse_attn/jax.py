@@ -50,7 +50,12 @@ import numpy as np
 from . import _adapters
 from ._select import BlockMask
 
-__all__ = ["attention", "sla_attention", "AttentionStats"]
+try:  # JAX >= 0.7; older versions serve every array through the host
+    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
+except ImportError:  # pragma: no cover - depends on the JAX version
+    _buffer_callback = None
+
+__all__ = ["attention", "sla_attention", "AttentionStats", "device_route"]
 
 _DTYPES = ("float64", "float32", "float16", "bfloat16")
 _LAYOUTS = ("bhnd", "bnhd")
@@ -99,10 +104,10 @@ def _tiles(static, q, k):
     return (B, H, nq, nk)
 
 
-def _fold(x, lead):
-    """``x`` with its mapped leading axes ``lead`` folded into the batch axis (NumPy)."""
-    x = np.asarray(x)  # callbacks may receive jax.Arrays on the host
-    return np.ascontiguousarray(np.broadcast_to(x, lead + x.shape[len(lead):])).reshape(
+def _fold(xp, x, lead):
+    """``x`` with its mapped leading axes ``lead`` folded into the batch axis."""
+    x = np.asarray(x) if xp is np else x  # host callbacks may receive jax.Arrays
+    return xp.ascontiguousarray(xp.broadcast_to(x, lead + x.shape[len(lead):])).reshape(
         (-1,) + x.shape[len(lead) + 1:])
 
 
@@ -111,39 +116,44 @@ def _unfold(x, lead):
 
 
 # ---------------------------------------------------------------------------------------------
-# Host callbacks (the only places the core is called)
+# The core calls, on NumPy (host) or CuPy (device) arrays: ``xp`` is the namespace. These are
+# the only places the core is called; the routes below only move the arrays.
 
-def _folded_mask(static, q, k, lead):
-    """The BlockMask mask repeated over the mapped elements folded into the batch axis."""
-    if static.mask is None or not lead:
-        return static.mask
+def _folded_mask(xp, static, q, k, lead):
+    """The BlockMask mask (in ``xp``), repeated over the mapped elements folded into the batch."""
+    if static.mask is None:
+        return None
+    mask = xp.asarray(static.mask)
+    if not lead:
+        return mask
     core_q, core_k = q[(0,) * len(lead)], k[(0,) * len(lead)]
-    mask = np.broadcast_to(static.mask, _tiles(static, core_q, core_k))
-    return np.ascontiguousarray(np.tile(mask, (math.prod(lead), 1, 1, 1)))
+    mask = xp.broadcast_to(mask, _tiles(static, core_q, core_k))
+    return xp.ascontiguousarray(xp.tile(mask, (math.prod(lead), 1, 1, 1)))
 
 
-def _attention_host(static):
-    def run(q, k, v):
+def _attention_run(static):
+    def run(xp, q, k, v):
         lead = q.shape[:-4]
-        results = _adapters.call_attention(_fold(q, lead), _fold(k, lead), _fold(v, lead),
-                                           _folded_mask(static, q, k, lead), static.options)
+        results = _adapters.call_attention(_fold(xp, q, lead), _fold(xp, k, lead),
+                                           _fold(xp, v, lead),
+                                           _folded_mask(xp, static, q, k, lead), static.options)
         return tuple(_unfold(r, lead) for r in results)
     return run
 
 
-def _attention_vjp_host(static):
-    def run(q, k, v, d_out, kept, out, lse):
+def _attention_vjp_run(static):
+    def run(xp, q, k, v, d_out, kept, out, lse):
         lead = q.shape[:-4]
-        f = [_fold(x, lead) for x in (q, k, v, d_out, kept, out, lse)]
-        grads = _adapters.call_attention_vjp(*f[:5], _folded_mask(static, q, k, lead),
+        f = [_fold(xp, x, lead) for x in (q, k, v, d_out, kept, out, lse)]
+        grads = _adapters.call_attention_vjp(*f[:5], _folded_mask(xp, static, q, k, lead),
                                              static.options, out=f[5], lse=f[6])
         return tuple(_unfold(g, lead) for g in grads)
     return run
 
 
-def _per_element(function, arrays, n_core_dims):
+def _per_element(xp, function, arrays, n_core_dims):
     """Call ``function`` once per mapped element; stack each result along the mapped axes."""
-    arrays = [np.asarray(a) for a in arrays]
+    arrays = [np.asarray(a) if xp is np else a for a in arrays]
     lead = np.broadcast_shapes(*(a.shape[:a.ndim - d] for a, d in zip(arrays, n_core_dims)))
     if not lead:
         return function(*arrays)
@@ -151,29 +161,104 @@ def _per_element(function, arrays, n_core_dims):
     for index in np.ndindex(*lead):
         element = []
         for a, d in zip(arrays, n_core_dims):
-            a = np.broadcast_to(a, lead + a.shape[a.ndim - d:])
-            element.append(np.ascontiguousarray(a[index]))
+            a = xp.broadcast_to(a, lead + a.shape[a.ndim - d:])
+            element.append(xp.ascontiguousarray(a[index]))
         pieces.append(function(*element))
-    return tuple(np.stack([p[i] for p in pieces]).reshape(lead + pieces[0][i].shape)
+    return tuple(xp.stack([p[i] for p in pieces]).reshape(lead + pieces[0][i].shape)
                  for i in range(len(pieces[0])))
 
 
-def _sla_host(static):
-    def run(q, k, v, weight, bias):
+def _sla_run(static):
+    def run(xp, q, k, v, weight, bias):
         return _per_element(
-            lambda q, k, v, w, b: _adapters.call_sla(q, k, v, w, b, static.options),
+            xp, lambda q, k, v, w, b: _adapters.call_sla(q, k, v, w, b, static.options),
             (q, k, v, weight, bias), (4, 4, 4, 2, 1))
     return run
 
 
-def _sla_vjp_host(static):
-    def run(q, k, v, d_out, kept, weight, bias, out, lse):
+def _sla_vjp_run(static):
+    def run(xp, q, k, v, d_out, kept, weight, bias, out, lse):
         def one(q, k, v, d_out, kept, weight, bias, out, lse):
             return _adapters.call_sla_vjp(q, k, v, d_out, kept, weight, bias, static.options,
                                           out=out, lse=lse)
-        return _per_element(one, (q, k, v, d_out, kept, weight, bias, out, lse),
+        return _per_element(xp, one, (q, k, v, d_out, kept, weight, bias, out, lse),
                             (4, 4, 4, 4, 4, 2, 1, 4, 3))
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes: pure_callback through the host, or buffer_callback on the device
+
+def device_route():
+    """How this process serves JAX GPU arrays: ``"buffer_callback"``, or None.
+
+    ``"buffer_callback"`` when ``jax.experimental.buffer_callback`` exists (JAX >= 0.7), JAX
+    has a GPU backend and CuPy imports: on the GPU the call then runs inside the compiled
+    computation on XLA's own CUDA stream, on the device buffers (zero copy, through DLPack).
+    None otherwise: every call goes through ``jax.pure_callback`` and the host.
+    """
+    if _buffer_callback is None:
+        return None
+    try:
+        jax.devices("gpu")
+    except RuntimeError:  # no GPU backend in this JAX
+        return None
+    try:
+        import cupy  # noqa: F401
+    except Exception:  # ImportError, or a CUDA library that fails to load
+        return None
+    return "buffer_callback"
+
+
+def _buffer_platforms():
+    """Lowering platforms whose calls take the buffer_callback route."""
+    return ("cuda",) if device_route() else ()
+
+
+def _in_place(run, platform):
+    """A buffer_callback body: ``run`` on the buffers, results written into ``outs``."""
+    def callback(ctx, outs, *args):
+        if platform == "cpu":
+            results = run(np, *(np.asarray(a) for a in args))
+            for out, result in zip(outs, results):
+                np.asarray(out)[...] = result
+            return
+        import cupy
+
+        arrays = [cupy.from_dlpack(a) for a in args]
+        device = arrays[0].device
+        with device, cupy.cuda.ExternalStream(ctx.stream, device.id) as stream:
+            results = run(cupy, *arrays)
+            for out, result in zip(outs, results):
+                target = cupy.from_dlpack(out)
+                if target.nbytes != result.nbytes or not result.flags.c_contiguous:
+                    raise RuntimeError(f"pysparse_attn.jax: a result of shape {result.shape} "
+                                       f"({result.dtype}) does not fit its declared buffer "
+                                       f"{target.shape} ({target.dtype})")
+                # A byte copy on XLA's stream: no dtype kernel needed (bfloat16 included).
+                cupy.cuda.runtime.memcpyAsync(target.data.ptr, result.data.ptr, result.nbytes,
+                                              cupy.cuda.runtime.memcpyDeviceToDevice,
+                                              stream.ptr)
+    return callback
+
+
+def _callback(run, shapes, args, vmap_method):
+    """``run`` through the route of the platform the computation is lowered for."""
+    def host(*arrays):
+        return jax.pure_callback(lambda *x: run(np, *x), shapes, *arrays,
+                                 vmap_method=vmap_method)
+
+    platforms = _buffer_platforms()
+    if not platforms:
+        return host(*args)
+
+    def on(platform):
+        def device(*arrays):
+            return _buffer_callback(_in_place(run, platform), shapes,
+                                    vmap_method=vmap_method)(*arrays)
+        return device
+
+    return jax.lax.platform_dependent(*args, default=host, **{p: on(p) for p in platforms})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,14 +268,13 @@ def _call_attention(q, k, v, static):
     shapes = (_struct(q.shape, q.dtype),
               _struct(q.shape[:3], _adapters.stats_dtype(q.dtype)),
               _struct(_tiles(static, q, k), bool))
-    return jax.pure_callback(_attention_host(static), shapes, q, k, v,
-                             vmap_method="broadcast_all")
+    return _callback(_attention_run(static), shapes, (q, k, v), "broadcast_all")
 
 
 def _call_attention_vjp(q, k, v, d_out, kept, out, lse, static):
     shapes = tuple(_struct(x.shape, x.dtype) for x in (q, k, v))
-    return jax.pure_callback(_attention_vjp_host(static), shapes, q, k, v, d_out, kept, out,
-                             lse, vmap_method="broadcast_all")
+    return _callback(_attention_vjp_run(static), shapes, (q, k, v, d_out, kept, out, lse),
+                     "broadcast_all")
 
 
 def _call_sla(q, k, v, weight, bias, static):
@@ -198,8 +282,7 @@ def _call_sla(q, k, v, weight, bias, static):
     shapes = (_struct(q.shape, q.dtype),
               _struct(q.shape[:3], _adapters.stats_dtype(q.dtype)),
               _struct(tiles, bool), _struct(tiles, bool))
-    return jax.pure_callback(_sla_host(static), shapes, q, k, v, weight, bias,
-                             vmap_method="expand_dims")
+    return _callback(_sla_run(static), shapes, (q, k, v, weight, bias), "expand_dims")
 
 
 def _call_sla_vjp(q, k, v, d_out, kept, weight, bias, out, lse, static):
@@ -207,8 +290,8 @@ def _call_sla_vjp(q, k, v, d_out, kept, weight, bias, out, lse, static):
     D = q.shape[-1]
     shapes = tuple(_struct(x.shape, x.dtype) for x in (q, k, v)) + (
         _struct((D, D), acc), _struct((D,), acc))
-    return jax.pure_callback(_sla_vjp_host(static), shapes, q, k, v, d_out, kept, weight, bias,
-                             out, lse, vmap_method="expand_dims")
+    return _callback(_sla_vjp_run(static), shapes,
+                     (q, k, v, d_out, kept, weight, bias, out, lse), "expand_dims")
 
 
 def _attention_primal(q, k, v, static):

@@ -156,6 +156,132 @@ def test_bad_input():
         pj.sla_attention(q, k, v, critical=0.5, negligible=0.1, proj_weight=jnp.zeros((3, 3)))
 
 
+# ---------------------------------------------------------------------------------------------
+# The buffer_callback route (what GPU arrays take): the same core calls, run in place on XLA's
+# buffers. It exists on the CPU too, so its folding, vmap and write-back are checked here by
+# routing the CPU through it; the GPU test below checks the device side.
+
+@pytest.fixture
+def buffer_calls(monkeypatch):
+    """The platforms of every buffer_callback body run (a list that grows as they run)."""
+    calls = []
+    in_place = pj._in_place
+
+    def counted(run, platform):
+        body = in_place(run, platform)
+
+        def callback(*args):
+            calls.append(platform)
+            return body(*args)
+        return callback
+
+    monkeypatch.setattr(pj, "_in_place", counted)
+    return calls
+
+
+@pytest.fixture
+def buffer_route_on_cpu(monkeypatch, buffer_calls):
+    if pj._buffer_callback is None:
+        pytest.skip(f"jax {jax.__version__} has no jax.experimental.buffer_callback")
+    monkeypatch.setattr(pj, "_buffer_platforms", lambda: ("cpu",))
+    return buffer_calls
+
+
+def test_buffer_route_gives_the_host_route_results(buffer_route_on_cpu):
+    q, k, v = arrays((1, 2, 40, 8), seed=12)
+    stacked = jnp.stack([q, -0.5 * q])
+    mask = psa.BlockMask(np.eye(5, dtype=bool) | np.eye(5, k=2, dtype=bool))
+    rule = psa.Recall(0.9)
+    rng = np.random.default_rng(13)
+    weights = jnp.asarray(rng.standard_normal((2, 8, 8)))
+    sla = dict(critical=0.4, negligible=0.2, block=BLOCK)
+
+    def forward(stacked):
+        return jax.vmap(lambda q: pj.attention(q, k, v, select=mask, skip=rule, block=BLOCK,
+                                               return_stats=True))(stacked)
+
+    def grads(stacked):
+        return jax.vmap(jax.grad(lambda q: pj.attention(q, k, v, skip=rule,
+                                                        block=BLOCK).sum()))(stacked)
+
+    def sla_grads(weights):
+        return jax.vmap(jax.grad(lambda w, q: jnp.sum(pj.sla_attention(
+            q, k, v, proj_weight=w, **sla) ** 2), argnums=(0, 1)), in_axes=(0, None))(weights, q)
+
+    routed = [jax.jit(f)(x) for f, x in ((forward, stacked), (grads, stacked),
+                                         (sla_grads, weights))]
+    assert set(buffer_route_on_cpu) == {"cpu"} and len(buffer_route_on_cpu) >= 4
+    pj_platforms = pj._buffer_platforms
+    try:
+        pj._buffer_platforms = lambda: ()
+        hosted = [jax.jit(f)(x) for f, x in ((forward, stacked), (grads, stacked),
+                                             (sla_grads, weights))]
+    finally:
+        pj._buffer_platforms = pj_platforms
+    for a, b in zip(jax.tree_util.tree_leaves(routed), jax.tree_util.tree_leaves(hosted)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_buffer_route_writes_bfloat16_and_bool_results(buffer_route_on_cpu):
+    q, k, v = (x.astype(jnp.bfloat16) for x in arrays((1, 2, 40, 8), seed=14))
+    out, stats = jax.jit(lambda *a: pj.attention(*a, skip=psa.Blasst(0.05), block=BLOCK,
+                                                 return_stats=True))(q, k, v)
+    expected, core = psa.attention(*host(q, k, v), skip=psa.Blasst(0.05), block=BLOCK,
+                                   return_stats=True)
+    assert buffer_route_on_cpu and out.dtype == jnp.bfloat16 and stats.kept.dtype == bool
+    np.testing.assert_array_equal(np.asarray(out).view(np.uint16), expected.view(np.uint16))
+    np.testing.assert_array_equal(np.asarray(stats.kept), core.kept)
+
+
+def test_device_route_is_none_without_a_gpu_backend():
+    try:
+        jax.devices("gpu")
+    except RuntimeError:
+        assert pj.device_route() is None
+    else:
+        pytest.skip("this JAX has a GPU backend (the GPU test covers the route)")
+
+
+@pytest.mark.gpu
+def test_gpu_arrays_stay_on_the_device_and_match_the_reference(buffer_calls):
+    route = pj.device_route()
+    if route is None:
+        pytest.skip(f"no JAX device route here (jax {jax.__version__}: buffer_callback "
+                    f"{'present' if pj._buffer_callback else 'missing'}, GPU backend or CuPy "
+                    "missing)")
+    gpu = jax.devices("gpu")[0]
+    rng = np.random.default_rng(15)
+    shapes = ((1, 4, 64 * 4 + 37, 64), (1, 2, 64 * 5 + 3, 64), (1, 2, 64 * 5 + 3, 64))
+    q, k, v = (jax.device_put(jnp.asarray(rng.standard_normal(s), jnp.bfloat16), gpu)
+               for s in shapes)
+    q64, k64, v64 = (np.asarray(x).astype(np.float64) for x in (q, k, v))
+    rule = psa.Recall(0.95)
+
+    def f(q, k, v):
+        return pj.attention(q, k, v, skip=rule, block=(64, 64), return_stats=True)
+
+    out, stats = jax.jit(f)(q, k, v)
+    assert out.dtype == jnp.bfloat16 and out.devices() == {gpu}
+    assert buffer_calls and set(buffer_calls) == {"cuda"}, (
+        f"the GPU call did not take the buffer_callback route (bodies run: {buffer_calls})")
+    kept = np.asarray(stats.kept)
+    expected = psa.attention(q64, k64, v64, select=psa.BlockMask(kept), block=(64, 64),
+                             backend="reference")
+    # bf16 tensor cores vs float64 on the same rounded inputs (see test_torch_adapter).
+    np.testing.assert_allclose(np.asarray(out, dtype=np.float64), expected, rtol=2e-2,
+                               atol=2e-2)
+    do = jax.device_put(jnp.asarray(rng.standard_normal(shapes[0]), jnp.bfloat16), gpu)
+    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(
+        pj.attention(q, k, v, skip=rule, block=(64, 64)).astype(jnp.float32)
+        * do.astype(jnp.float32)), argnums=(0, 1, 2)))(q, k, v)
+    reference = psa.attention_vjp(q64, k64, v64, np.asarray(do).astype(np.float64), kept=kept,
+                                  block=(64, 64), backend="reference")
+    for name, g, r in zip("qkv", grads, reference):
+        assert g.devices() == {gpu}
+        error = float(np.abs(np.asarray(g, dtype=np.float64) - r).max())
+        assert error <= 3e-2 * float(np.abs(r).max()), f"d{name}: max error {error:.3g}"
+
+
 def test_interop_page_jax_snippets_run():
     run_interop_snippets("jax")
 

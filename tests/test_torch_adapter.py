@@ -393,6 +393,149 @@ def test_cuda_tensors_run_on_the_current_stream_and_match_the_cpu():
     assert all(x.grad is not None and x.grad.device.type == "cuda" for x in cuda)
 
 
+def _cuda_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device (a CPU-only torch build, or no GPU)")
+
+
+def _cuda_bf16(shape_q, shape_kv=None, seed=0, grad=True):
+    """bf16 CUDA leaves and the float64 CPU copies of the same (rounded) values."""
+    host = tensors(shape_q, shape_kv, dtype=torch.float32, seed=seed, grad=False)
+    cuda = [x.to("cuda", torch.bfloat16).requires_grad_(grad) for x in host]
+    return cuda, [x.detach().double().cpu() for x in cuda]
+
+
+# bf16 CUDA against the float64 reference on the same bf16-rounded inputs and the same kept
+# set: P is rounded to bf16 before P.V (relative 2^-8 per term) and the output is rounded to
+# bf16 once more, so entries of O (|O| <= max|v| ~ 4) agree to ~2e-2; gradients go through the
+# float32 host backward on bf16 inputs and are rounded to bf16: ~3e-2 of their scale.
+BF16_OUT = dict(rtol=2e-2, atol=2e-2)
+
+
+def _close_to_scale(actual, expected, share, what):
+    scale = float(expected.abs().max())
+    error = float((actual.double().cpu() - expected).abs().max())
+    assert error <= share * scale, f"{what}: max error {error:.3g} > {share} x max |ref| {scale:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["dense", "topk", "recall"])
+def test_cuda_forward_and_backward_match_the_reference_on_the_kept_set(method):
+    _cuda_or_skip()
+    options = {"dense": {}, "topk": dict(select=psa.TopK(ratio=0.25)),
+               "recall": dict(skip=psa.Recall(0.95))}[method]
+    # 5 query tiles (the last partial), GQA 4 -> 2 heads, D = 64: every GPU code path.
+    (q, k, v), (q64, k64, v64) = _cuda_bf16((1, 4, 64 * 4 + 37, 64), (1, 2, 64 * 5 + 3, 64),
+                                            seed=30)
+    out, stats = pt.attention(q, k, v, block=(64, 64), return_stats=True, **options)
+    assert out.device.type == "cuda" and out.dtype == torch.bfloat16
+    # Every row written (a row left unwritten would hold whatever the allocator gave).
+    assert torch.isfinite(out.float()).all()
+    kept = stats.kept.cpu().numpy()
+    expected = psa.attention(*numpy_of(q64, k64, v64), select=psa.BlockMask(kept), block=(64, 64),
+                             backend="reference")
+    torch.testing.assert_close(out.double().cpu(), torch.from_numpy(expected), **BF16_OUT)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(31)).to("cuda",
+                                                                           torch.bfloat16)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    reference = psa.attention_vjp(*numpy_of(q64, k64, v64, do.double().cpu()), kept=kept,
+                                  block=(64, 64), backend="reference")
+    for name, g, r in zip("qkv", grads, reference):
+        assert g.device.type == "cuda" and g.dtype == torch.bfloat16
+        _close_to_scale(g, torch.from_numpy(r), 3e-2, f"d{name}")
+
+
+@pytest.mark.gpu
+def test_cuda_sla_module_forward_and_backward_match_the_reference():
+    _cuda_or_skip()
+    (q, k, v), (q64, k64, v64) = _cuda_bf16((1, 2, 64 * 6 + 11, 64), seed=32)
+    sla = pt.SparseLinearAttention(64, critical=0.34, negligible=0.2, block=(64, 64),
+                                   device="cuda")
+    generator = torch.Generator().manual_seed(33)
+    with torch.no_grad():
+        sla.weight.copy_(torch.randn(64, 64, generator=generator) * 0.1)
+        sla.bias.copy_(torch.randn(64, generator=generator) * 0.1)
+    out, stats = sla(q, k, v, return_stats=True)
+    kept = stats.kept.cpu().numpy()
+    weight, bias = (p.detach().double().cpu().numpy() for p in (sla.weight, sla.bias))
+    options = dict(critical=0.34, negligible=0.2, block=(64, 64), proj_weight=weight,
+                   proj_bias=bias, backend="reference")
+    expected = psa.sla_attention(*numpy_of(q64, k64, v64), **options)
+    torch.testing.assert_close(out.double().cpu(), torch.from_numpy(expected), **BF16_OUT)
+    do = torch.randn(q.shape, generator=generator).to("cuda", torch.bfloat16)
+    grads = torch.autograd.grad(out, (q, k, v, sla.weight, sla.bias), do)
+    reference = psa.sla_vjp(*numpy_of(q64, k64, v64, do.double().cpu()), kept=kept, **options)
+    assert grads[3].dtype == torch.float32 and grads[3].device.type == "cuda"
+    for name, g, r in zip(("dq", "dk", "dv", "dW", "db"), grads, reference):
+        _close_to_scale(g, torch.from_numpy(r), 3e-2, name)
+
+
+@pytest.mark.gpu
+def test_cuda_op_queues_on_the_current_stream():
+    """The op must read q after the caller's earlier work on its current stream.
+
+    q is overwritten on a side stream behind a ~50 ms sleep; an op on any other stream (or one
+    that does not wait) would read the old values.
+    """
+    _cuda_or_skip()
+    (q, k, v), _ = _cuda_bf16((1, 2, 256, 64), seed=34, grad=False)
+    (fresh_q, _, _), _ = _cuda_bf16((1, 2, 256, 64), seed=35, grad=False)
+    expected = pt.attention(fresh_q, k, v, block=(64, 64))
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time at ~2 GHz
+        q.copy_(fresh_q)
+        out = pt.attention(q, k, v, block=(64, 64))
+    side.synchronize()
+    assert torch.equal(out, expected), "the op did not run behind the caller's stream"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("select", [None, psa.TopK(ratio=0.5)])
+def test_cuda_graph_capture_of_the_attention_op_replays_the_eager_result(select):
+    """What is capturable: the forward of ``pt.attention`` (no host read inside).
+
+    Not capturable: ``sla_attention``'s linear branch (CuPy refuses cuBLAS calls inside a
+    capture) and any backward while the sparse backward runs on the host.
+    """
+    _cuda_or_skip()
+    import cupy
+
+    (q, k, v), _ = _cuda_bf16((1, 4, 64 * 5 + 17, 64), (1, 2, 64 * 5 + 17, 64), seed=36,
+                              grad=False)
+    eager = pt.attention(q, k, v, select=select, block=(64, 64))
+    pool = cupy.cuda.MemoryPool()
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with cupy.cuda.using_allocator(pool.malloc):
+        with torch.cuda.stream(side):
+            pt.attention(q, k, v, select=select, block=(64, 64))  # warm-up: compile, pool
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, capture_error_mode="relaxed"):
+            captured = pt.attention(q, k, v, select=select, block=(64, 64))
+    captured.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager), "the replay differs from the eager call"
+
+
+@pytest.mark.gpu
+def test_opcheck_on_cuda_tensors():
+    _cuda_or_skip()
+    (q, k, v), _ = _cuda_bf16((1, 2, 64 * 3 + 5, 64), seed=37)
+    spec = pt.spec("attention", skip=psa.Recall(0.9), block=(64, 64))
+    torch.library.opcheck(torch.ops.pysparse_attn.attention.default, (q, k, v, None, spec))
+    sla = pt.spec("sla", critical=0.34, negligible=0.2, block=(64, 64))
+    weight = torch.zeros(64, 64, device="cuda", requires_grad=True)
+    bias = torch.zeros(64, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.pysparse_attn.sla_attention.default,
+                          (q, k, v, weight, bias, sla))
+
+
 def test_docstring_examples_run():
     import doctest
 
