@@ -15,6 +15,18 @@
 //
 // Template instances are listed by pysparse_attn/backends/cupy.py (NVRTC name expressions) and
 // by pysparse_attn/backends/compile_check.py (nvcc, sm_90a).
+//
+// Leave-one-out timing variants (bench/forward_ablation.py), each a macro defined only through
+// the backend's private compile options, never in a library build; every one of them gives
+// wrong results on purpose, they exist to see where the time goes:
+//   PSA_ABLATE_QK_ONLY          Q.K^T and the loads only: no row max, softmax, vote or P.V.
+//   PSA_ABLATE_NO_LOADS         every step reuses the first K/V tile (no copies after it).
+//   PSA_ABLATE_CHEAP_EXP        exp2 replaced by one FMA (gpu/ptx.cuh, fast_exp2).
+//   PSA_ABLATE_NO_TILE_BARRIER  no CTA barrier at the top of each step (ring reuse races).
+//   PSA_ABLATE_NO_VOTE          the skip predicate is evaluated but never voted on: nothing is
+//                               skipped, no vote barrier (the rule's cost without its barrier).
+//   PSA_ABLATE_WARPGROUP_VOTE   each warpgroup votes alone (named barrier of 128 threads)
+//                               instead of the CTA-wide __syncthreads_and.
 
 #include "element_types.cuh"
 #include "forward_common.cuh"
@@ -27,6 +39,17 @@
 #include "warpgroup_mma.cuh"
 
 namespace psa {
+
+#ifdef PSA_ABLATE_WARPGROUP_VOTE
+// AND of `predicate` over the 128 threads of warpgroup `group` (named barrier 1 + group).
+__device__ __forceinline__ bool warpgroup_all(bool predicate, int group) {
+    unsigned result;
+    asm volatile("{ .reg .pred p, q; setp.ne.u32 p, %1, 0;\n"
+                 "bar.red.and.pred q, %2, 128, p;\n selp.u32 %0, 1, 0, q; }"
+                 : "=r"(result) : "r"((unsigned)predicate), "r"(1 + group) : "memory");
+    return result != 0;
+}
+#endif
 
 template <class Element, int HEAD_DIM, int BLOCK_Q, class Rule>
 __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 || HEAD_DIM == 64 ? 2 : 1)
@@ -132,12 +155,20 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 || HEAD_DIM == 64 ?
 
     for (int step = 0; step < n_visit; ++step) {
         const int key_tile = plan.tiles[step];
+#ifdef PSA_ABLATE_NO_LOADS
+        const int stage = 0;
+#else
         const int stage = step % kStages;
+#endif
         copy_async_wait<kAhead - 1>();
         fence_generic_to_async_shared();
         // This step's K/V have landed for every thread, and every warpgroup has finished the
         // P.V that read the stage the prefetch below overwrites (it held step - 2).
+#ifndef PSA_ABLATE_NO_TILE_BARRIER
         __syncthreads();
+#else
+        if (step == 0) __syncthreads();  // Q has to be in shared memory before it is read
+#endif
         if (kQInRegisters && step == 0) {
 #pragma unroll
             for (int ks = 0; ks < Traits::kDimSteps; ++ks)
@@ -171,7 +202,11 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 || HEAD_DIM == 64 ?
         if (__all_sync(0xffffffffu, pv_pending)) issue_pv(v_base + pv_stage * kKvBytes);
         warpgroup_commit();
         // The prefetch is issued while the tensor cores work on the two groups above.
+#ifdef PSA_ABLATE_NO_LOADS
+        if (false) {
+#else
         if (step + kAhead < n_visit) {
+#endif
             const int tile = plan.tiles[step + kAhead];
             const int target = (step + kAhead) % kStages;
             load_tile_async<Traits, kBlockK>(k_tiles + target * Traits::kKvElements, k_slab,
@@ -182,6 +217,12 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 || HEAD_DIM == 64 ?
         copy_async_commit();
         warpgroup_wait<1>();
         pin_accumulator(s);
+#ifdef PSA_ABLATE_QK_ONLY
+        // Fold S into O (one add a block) so that nothing is dead code, then the next step.
+#pragma unroll
+        for (int nb = 0; nb < kKeyBlocks; ++nb) o[nb % kDimBlocks][nb & 3] += s[nb][0];
+        continue;
+#endif
 
         const int valid_keys = min(kBlockK, n_keys - key_tile * kBlockK);
         if (valid_keys < kBlockK) mask_padded_keys(s, valid_keys, lane);
@@ -194,7 +235,16 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 || HEAD_DIM == 64 ?
         if (Rule::kCanSkip && step > 0) {
             float added[2];
             tile_skipped_mass<Rule>(s, tile_max2, scale_log2, state, valid_keys, added);
+#if defined(PSA_ABLATE_NO_VOTE)
+            const bool may_skip = rows_may_skip(rule, state, tile_max2, added, row_valid);
+            asm volatile("" :: "r"((int)may_skip));  // evaluated, never voted on
+            skip = false;
+#elif defined(PSA_ABLATE_WARPGROUP_VOTE)
+            skip = warpgroup_all(rows_may_skip(rule, state, tile_max2, added, row_valid),
+                                 warp >> 2);
+#else
             skip = __syncthreads_and(rows_may_skip(rule, state, tile_max2, added, row_valid));
+#endif
             if (skip) add_skipped_mass(state, added);
         }
         record_tile(params, plan, key_tile, !skip);

@@ -190,13 +190,14 @@ def supported_head_dims():
 
 
 @functools.lru_cache(maxsize=None)
-def _raw_module(source: str, names: tuple, arch: str = None):
+def _raw_module(source: str, names: tuple, arch: str = None, extra_options: tuple = ()):
     """The NVRTC module of ``source`` holding the template instances ``names``, compiled for
-    ``arch`` (default: the current device's ``sm_XY``)."""
+    ``arch`` (default: the current device's ``sm_XY``), with ``extra_options`` appended."""
     import cupy
 
     arch = arch or f"sm_{cupy.cuda.Device().compute_capability}"
-    return cupy.RawModule(code=kernel_source(source), options=("--std=c++17", f"-arch={arch}"),
+    return cupy.RawModule(code=kernel_source(source),
+                          options=("--std=c++17", f"-arch={arch}", *extra_options),
                           name_expressions=list(names))
 
 
@@ -207,11 +208,18 @@ def _forward_module(dtype_name: str, head_dim: int, block_q: int, warps: int):
     return _raw_module("attention_forward.cu", names)
 
 
-def _forward_sm90_module(dtype_name: str, head_dim: int, block_q: int):
-    """The sm_90a module of one (element type, head dim, query tile): one instance a functor."""
-    names = tuple(_forward_sm90_name(_ELEMENTS[dtype_name], head_dim, block_q, functor)
-                  for functor in ALL_FUNCTORS)
-    return _raw_module("attention_forward_sm90.cu", names, "sm_90a")
+def _forward_sm90_module(dtype_name: str, head_dim: int, block_q: int, ablation: tuple = (),
+                         functor: str = None):
+    """The sm_90a module of one (element type, head dim, query tile): one instance a functor.
+
+    ``ablation``: timing-only macros of ``gpu/attention_forward_sm90.cu`` (``PSA_ABLATE_*``,
+    bench/forward_ablation.py); such a module holds only ``functor`` and the no-skip instance.
+    """
+    functors = tuple(sorted({functor, NO_SKIP_FUNCTOR})) if ablation else ALL_FUNCTORS
+    names = tuple(_forward_sm90_name(_ELEMENTS[dtype_name], head_dim, block_q, f)
+                  for f in functors)
+    return _raw_module("attention_forward_sm90.cu", names, "sm_90a",
+                       tuple(f"-D{macro}" for macro in ablation))
 
 
 def _device_id() -> int:
@@ -246,17 +254,21 @@ def default_kernel() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_kernel(device, kernel, dtype_name, head_dim, block_q, functor, warps):
+def _forward_kernel(device, kernel, dtype_name, head_dim, block_q, functor, warps, ablation=()):
     """The compiled instance on ``device``, its dynamic shared-memory size and thread count.
 
-    Cached per instance: the shared-memory attribute is set once, at first use.
+    Cached per instance: the shared-memory attribute is set once, at first use. ``ablation``
+    (wgmma only) names timing-only variants (:func:`_forward_sm90_module`).
     """
     reason = kernel_unavailable_reason(kernel)
     if reason is not None:
         raise ValueError(reason)
+    if ablation and kernel != "wgmma":
+        raise ValueError(f"ablation variants exist for the wgmma kernel only, not {kernel!r}")
     if kernel == "wgmma":
         name = _forward_sm90_name(_ELEMENTS[dtype_name], head_dim, block_q, functor)
-        function = _forward_sm90_module(dtype_name, head_dim, block_q).get_function(name)
+        function = _forward_sm90_module(dtype_name, head_dim, block_q, ablation,
+                                        functor).get_function(name)
         shared, threads = _shared_bytes_sm90(head_dim, block_q), 2 * block_q
     else:
         name = _forward_name(_ELEMENTS[dtype_name], head_dim, block_q, warps, functor)
@@ -330,7 +342,8 @@ def _device_int32(cupy, name, x, shape):
     return x
 
 
-def forward(q, k, v, plan, rule, scale, want_stats, out_dtype=None, warps=None, kernel=None):
+def forward(q, k, v, plan, rule, scale, want_stats, out_dtype=None, warps=None, kernel=None, *,
+            _ablation=()):
     """Fused forward of the backend contract (``docs/internals.rst``); no host synchronisation.
 
     Parameters
@@ -356,6 +369,9 @@ def forward(q, k, v, plan, rule, scale, want_stats, out_dtype=None, warps=None, 
         ``Bq / 16``).
     kernel : {"wgmma", "mma_sync"}, optional
         Forward family (:data:`KERNELS`); :func:`default_kernel` when None.
+    _ablation : tuple of str, private
+        Timing-only ``PSA_ABLATE_*`` variants of the wgmma kernel (bench/forward_ablation.py);
+        their results are wrong by design. Not reachable from the public API.
 
     Returns
     -------
@@ -396,7 +412,7 @@ def forward(q, k, v, plan, rule, scale, want_stats, out_dtype=None, warps=None, 
     kernel = kernel or default_kernel()
     warps = warps or WARPS[(D, block[0])]
     function, shared, threads = _forward_kernel(device, kernel, dtype_name, D, block[0], functor,
-                                                warps)
+                                                warps, tuple(_ablation))
 
     q, k, v = (_kernel_ready(cupy, x) for x in (q, k, v))
     nq, nk = tile_count(Nq, block[0]), tile_count(Nk, block[1])

@@ -1,0 +1,229 @@
+"""Where the sm90 forward's time goes: leave-one-out variants, and sm90 against sm90_ws.
+
+Two modes, both at B=1, H=12, N=32,760, D=128, bf16, 128x64 tiles, on the video-like heads of
+``bench/gpu.py`` (strength 1.0), beside torch SDPA cuDNN in the same process:
+
+``--mode ablation`` (default): the wgmma kernel (``gpu/attention_forward_sm90.cu``) rebuilt with
+each timing-only ``PSA_ABLATE_*`` macro (the list is in that file's header), timed dense
+(natural order), with ``Blasst(1e-3)`` (peak order) and with ``Blasst(1e-30)`` (peak order,
+skips nothing: the rule's bookkeeping alone). Ablated results are wrong by design; only the
+baseline's sparsity is reported.
+
+``--mode compare``: the ``sm90`` (``"wgmma"``) and warp-specialised ``"sm90_ws"`` kernels on
+dense, ``TopK(0.05)``, and the in-loop rules at the issue's targets (ratios to each kernel's
+own dense, and to cuDNN), with the relative L2 distance of every sm90_ws output to sm90's.
+
+    python3 bench/forward_ablation.py [--mode ablation|compare] [--quick] [--out DIR]
+
+Times: ``triton.testing.do_bench`` (median, queued) when importable, else CUDA-event medians.
+Results: one JSON line per figure in ``DIR/forward-<mode>-<stamp>.jsonl``, a table printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / ".peers"))
+
+#: label -> macros (without the -D) of gpu/attention_forward_sm90.cu's timing variants.
+VARIANTS = {
+    "baseline": (),
+    "qk only": ("PSA_ABLATE_QK_ONLY",),
+    "loads off": ("PSA_ABLATE_NO_LOADS",),
+    "exp -> fma": ("PSA_ABLATE_CHEAP_EXP",),
+    "no tile barrier": ("PSA_ABLATE_NO_TILE_BARRIER",),
+    "no vote (rule evaluated)": ("PSA_ABLATE_NO_VOTE",),
+    "warpgroup vote": ("PSA_ABLATE_WARPGROUP_VOTE",),
+}
+
+
+def _commit():
+    run = lambda *a: subprocess.run(a, cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    sha = run("git", "rev-parse", "--short", "HEAD") or "unknown"
+    return sha + ("+uncommitted" if run("git", "status", "--porcelain") else "")
+
+
+def _timer(cupy):
+    """``timer(fn, rep_ms) -> median ms``: do_bench when triton is importable, else events."""
+    try:
+        from triton.testing import do_bench
+
+        def timer(fn, rep_ms=120):
+            fn()
+            cupy.cuda.runtime.deviceSynchronize()
+            return float(do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
+        return timer, "triton.testing.do_bench median"
+    except Exception:
+        from gpu import time_ms
+
+        def timer(fn, rep_ms=120):
+            return time_ms(cupy, fn, reps=7, warmup=2)[0]
+        return timer, "CUDA events median of 7"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("ablation", "compare"), default="ablation")
+    parser.add_argument("--quick", action="store_true", help="N = 8192 instead of 32,760")
+    parser.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench" / "results")),
+                        help="folder for the JSON lines")
+    args = parser.parse_args()
+    started = time.time()
+
+    import cupy
+
+    from gpu import rel_l2, tflops, video_like
+    from pysparse_attn._rules import Blasst, Cef, Recall, rule_functor
+    from pysparse_attn._select import TopK
+    from pysparse_attn.backends import cupy as backend
+
+    B, H, N, D = 1, 12, 8192 if args.quick else 32760, 128
+    block, scale = (128, 64), D ** -0.5
+    q, k, v = video_like(cupy, B, H, N, D, strength=1.0, seed=0)
+    timer, timing = _timer(cupy)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    meta = dict(device=cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(), date=stamp,
+                commit=_commit(), command=" ".join(sys.argv), shape=[B, H, N, D],
+                block=list(block), dtype="bfloat16", timing=timing)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"forward-{args.mode}-{stamp}.jsonl"
+    records = []
+
+    def record(**fields):
+        records.append(fields)
+        with open(path, "a") as handle:
+            handle.write(json.dumps({**meta, **fields}) + "\n")
+        ms = fields.get("ms")
+        print(f"{fields['what']:28s} {fields['impl']:34s} "
+              f"{'failed' if ms is None else f'{ms:8.3f} ms'}  "
+              + " ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+                         for key, value in fields.items()
+                         if key not in ("what", "impl", "ms")), flush=True)
+
+    cudnn_ms = None
+    try:
+        import torch
+        from anchors import sdpa_forward
+
+        tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+        cudnn_ms = sdpa_forward(tq, tk, tv, "cudnn")
+        record(what="dense", impl="torch sdpa cudnn", ms=cudnn_ms,
+               tflops=tflops(B, H, N, N, D, cudnn_ms))
+    except Exception as error:  # reported: the comparison is then against our own figures
+        record(what="dense", impl="torch sdpa cudnn", ms=None, error=str(error)[:200])
+
+    dense_plan = backend.build_plan(cupy, q, k, None, "natural", 4, block, scale)
+    peak_plan = backend.build_plan(cupy, q, k, None, "peak", 4, block, scale)
+
+    def call(plan, rule, kernel, ablation=(), want_stats=False):
+        return backend.forward(q, k, v, plan, rule, scale, want_stats, kernel=kernel,
+                               _ablation=ablation)
+
+    if args.mode == "ablation":
+        cases = [("dense", dense_plan, None), ("Blasst(1e-3) peak", peak_plan, Blasst(1e-3)),
+                 ("Blasst(1e-30) peak", peak_plan, Blasst(1e-30))]
+        # Compile every variant first, in parallel (NVRTC), so that timing starts warm.
+        from concurrent.futures import ThreadPoolExecutor
+
+        device = cupy.cuda.runtime.getDevice()
+        functor = rule_functor(Blasst(1e-3))
+
+        def build(macros):
+            with cupy.cuda.Device(device):
+                for name in sorted({functor, "psa::NoSkip"}):
+                    backend._forward_kernel(device, "wgmma", "bfloat16", D, block[0], name, 4,
+                                            macros)
+        compile_started = time.time()
+        with ThreadPoolExecutor(len(VARIANTS)) as pool:
+            failures = [f for f in (pool.submit(build, m) for m in VARIANTS.values())
+                        if f.exception() is not None]
+        print(f"compiled {len(VARIANTS)} variants in {time.time() - compile_started:.1f} s"
+              + (f"; failures: {[str(f.exception())[:200] for f in failures]}" if failures
+                 else ""), flush=True)
+        baseline = {}
+        for label, macros in VARIANTS.items():
+            for what, plan, rule in cases:
+                if macros == ("PSA_ABLATE_NO_VOTE",) and rule is None:
+                    continue  # dense has no vote: identical to the baseline
+                try:
+                    compile_started = time.time()
+                    call(plan, rule, "wgmma", macros)
+                    cupy.cuda.runtime.deviceSynchronize()
+                    compile_s = time.time() - compile_started
+                    ms = timer(lambda: call(plan, rule, "wgmma", macros))
+                except Exception as error:  # one variant failing must not hide the others
+                    record(what=what, impl=label, ms=None, error=str(error)[:300])
+                    continue
+                extra = {}
+                if not macros:
+                    baseline[what] = ms
+                    if rule is not None:
+                        kept = call(plan, rule, "wgmma", (), True)[2]
+                        extra["skipped"] = 1 - float(kept.mean())
+                else:
+                    extra["vs_baseline"] = ms / baseline[what] if what in baseline else None
+                if cudnn_ms:
+                    extra["cudnn_over_ms"] = cudnn_ms / ms
+                record(what=what, impl=label, ms=ms, tflops=tflops(B, H, N, N, D, ms),
+                       first_call_s=compile_s, **extra)
+    else:
+        kernels = [name for name in ("wgmma", "sm90_ws") if name in backend.KERNELS
+                   and backend.kernel_unavailable_reason(name) is None]
+        topk_plan = backend.build_plan(cupy, q, k, TopK(ratio=0.05), "natural", 4, block, scale)
+        cases = [("dense", dense_plan, None), ("TopK(0.05)", topk_plan, None),
+                 ("Blasst(1e-30) peak (skips nothing)", peak_plan, Blasst(1e-30)),
+                 ("Recall(1.0) peak (skips nothing)", peak_plan, Recall(1.0)),
+                 ("Blasst(1e-3) peak", peak_plan, Blasst(1e-3)),
+                 ("Recall(0.95) peak", peak_plan, Recall(0.95)),
+                 ("Cef(-8.5) peak", peak_plan, Cef(-8.5))]
+        reference = {}
+        for kernel in kernels:
+            own_dense = None
+            for what, plan, rule in cases:
+                try:
+                    compile_started = time.time()
+                    out, _, kept, _, _ = call(plan, rule, kernel, (), True)
+                    cupy.cuda.runtime.deviceSynchronize()
+                    compile_s = time.time() - compile_started
+                    ms = timer(lambda: call(plan, rule, kernel))
+                except Exception as error:
+                    record(what=what, impl=kernel, ms=None, error=str(error)[:300])
+                    continue
+                extra = dict(skipped=1 - float(kept.mean()), first_call_s=compile_s)
+                if what == "dense":
+                    own_dense = ms
+                elif own_dense:
+                    extra["speedup_vs_own_dense"] = own_dense / ms
+                if cudnn_ms:
+                    extra["of_cudnn"] = cudnn_ms / ms
+                if kernel == "wgmma":
+                    reference[what] = out
+                elif what in reference:
+                    extra["rel_l2_vs_wgmma"] = rel_l2(cupy, out, reference[what])
+                record(what=what, impl=kernel, ms=ms, tflops=tflops(B, H, N, N, D, ms), **extra)
+
+    print(f"\n{meta['device']}, {stamp}, commit {meta['commit']}, {timing}, "
+          f"{time.time() - started:.0f} s; JSON lines in {path}\n")
+    print("| case | variant | ms | note |\n|---|---|---|---|")
+    for fields in records:
+        ms = "failed" if fields.get("ms") is None else f"{fields['ms']:.3f}"
+        note = ", ".join(f"{key} {value:.3f}" if isinstance(value, float) else f"{key} {value}"
+                         for key, value in fields.items()
+                         if key in ("skipped", "vs_baseline", "cudnn_over_ms", "of_cudnn",
+                                    "speedup_vs_own_dense", "rel_l2_vs_wgmma", "error"))
+        print(f"| {fields['what']} | {fields['impl']} | {ms} | {note} |")
+
+
+if __name__ == "__main__":
+    main()
