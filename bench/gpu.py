@@ -516,7 +516,6 @@ def step_backward(log, records, quick):
         ms = time_ms(cupy, cudnn_backward, reps=reps)
         _record(records, dict(what="backward dense", shape=shape, impl="torch sdpa cudnn",
                               ms=ms[0], tflops=dense_flops / (ms[0] * 1e-3) / 1e12))
-        del tout
     except Exception as error:  # torch is optional: our numbers still stand alone
         log(f"backward: no cuDNN baseline ({type(error).__name__}: {error})")
     for label, block, selector in (("dense", (128, 64), None),

@@ -394,14 +394,18 @@ def test_unsupported_cases_raise_value_error():
                                    lse=cupy.zeros((1, 2, 100), dtype=cupy.float32))
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["list_kernel", "array_fallback"])
 @pytest.mark.parametrize("nq,nk", [(3, 5), (40, 7), (1, 1), (70, 33)])
-def test_device_lists_equal_the_plan_of_the_kept_set(nq, nk):
-    """The backward's list kernel gives Plan.from_kept's rows and their key-major transpose,
-    with -1 past the end, empty rows and columns included."""
+def test_device_lists_equal_the_plan_of_the_kept_set(nq, nk, kernel, monkeypatch):
+    """The backward's list kernel (and its fallback for tile counts past its shared memory)
+    gives Plan.from_kept's rows and their key-major transpose, with -1 past the end, empty rows
+    and columns included."""
     import cupy
 
     from pysparse_attn.backends import cupy as backend
 
+    if not kernel:
+        monkeypatch.setattr(backend, "_MAX_LIST_SHARED", 0)
     rng = _fresh_rng()
     B, H = 2, 3
     kept = rng.random((B, H, nq, nk)) < 0.3

@@ -596,9 +596,12 @@ def test_gpu_sla_vjp_gives_dw_db_on_the_device_and_honours_kept():
     _, stats = psa.sla_attention(q, k, v, return_stats=True, **common)
     replayed = psa.sla_vjp(q, k, v, do, kept=stats.kept, **common)
     recomputed = psa.sla_vjp(q, k, v, do, **common)
-    for a, b in zip(replayed, recomputed):
+    for name, a, b in zip(("dq", "dk", "dv", "dW", "db"), replayed, recomputed):
         assert isinstance(a, cupy.ndarray)
-        np.testing.assert_array_equal(cupy.asnumpy(a), cupy.asnumpy(b))
+        if name == "dq":  # the GPU backward adds dQ by fp32 atomics, in arrival order
+            np.testing.assert_allclose(cupy.asnumpy(a), cupy.asnumpy(b), rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(cupy.asnumpy(a), cupy.asnumpy(b), err_msg=name)
     marginal = cupy.asnumpy(cupy.asarray(stats.marginal))
     # precision="bf16" computes on bfloat16-rounded q, k, v: the reference sees the same inputs.
     q64, k64, v64 = (x.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
