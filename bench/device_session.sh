@@ -25,5 +25,9 @@ fi
 if [ "${BENCH:-1}" = 1 ]; then
   timeout "${BENCH_S:-200}" python3 bench/public_call.py --out "$RES" 2>&1 | tail -40
 fi
+if [ "${SLA_BACKWARD:-1}" = 1 ]; then  # sla_vjp whole and its pieces at the Wan shape
+  timeout "${SLA_BACKWARD_S:-240}" python3 bench/sla_backward_timing.py 2>&1 \
+    | tee "$RES/sla_backward.txt" | tail -16
+fi
 cp "$RES/gpu-tests.log" "$OUT/" 2>/dev/null
 tar czf "$OUT/results.tgz" -C "$RES" .
