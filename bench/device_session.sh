@@ -67,6 +67,11 @@ if want train; then
   [ -f bench/finetune_sla.py ] && timeout "${FT_S:-260}" python3 bench/finetune_sla.py \
     --device cuda --out "$RES" > "$RES/finetune.log" 2>&1; tail -25 "$RES/finetune.log" 2>/dev/null
 fi
+if want sla_backward && [ -f bench/sla_backward_timing.py ]; then
+  stamp sla_backward
+  timeout "${SLA_BACKWARD_S:-240}" python3 bench/sla_backward_timing.py > "$RES/sla_backward.log" 2>&1
+  tail -16 "$RES/sla_backward.log"
+fi
 stamp done
 cp "$RES"/*.log "$OUT/" 2>/dev/null
 tar czf "$OUT/results.tgz" -C "$RES" .

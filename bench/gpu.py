@@ -275,6 +275,16 @@ def sanitize_target():
                     psa.sla_attention(q, k, k, critical=0.3, negligible=0.3, linear=linear,
                                       feature_map=feature_map, proj_weight=w, proj_bias=w[0],
                                       block=(64, 64))
+            # The linear side of the SLA backward (its row stages and GEMMs), both tile sizes.
+            do = cupy.asarray(rng.standard_normal(q.shape).astype(np.float32)).astype(dtype)
+            for block in ((64, 64), (128, 64)):
+                nq, nk = -(-150 // block[0]), -(-201 // block[1])
+                marginal = cupy.asarray(rng.random((1, 2, nq, nk)) < 0.5)
+                for linear in ("marginal", "complement", "global"):
+                    flags = cupy.ones_like(marginal) if linear == "global" else marginal
+                    for feature_map in ("softmax", "elu1", "relu"):
+                        backend.sla_linear_vjp(q, k, k, do, flags, block, feature_map, 0.1, w,
+                                               w[0], q, mode=linear)
             kept = cupy.zeros((1, 2, 3, 4), dtype=bool)
             kept[0, 0, 1, 2] = True  # every other row empty: O = 0, LSE = -inf written
             plan = psa.Plan.from_kept(kept, block=(64, 64), shape=(1, 2, 150, 201))
@@ -300,8 +310,10 @@ def sanitize_target():
                                                deterministic=deterministic,
                                                grad_dtype=grad_dtype)
     cupy.cuda.runtime.deviceSynchronize()
-    print(f"sanitize target: all instances of {kernels} ran, the plan kernels, SLA and the "
-          "backward")
+    print(f"sanitize target: all instances of {kernels} ran, the plan kernels, SLA (forward and "
+          "the linear side of the backward) and the backward")
+
+
 
 
 def step_time(log, records, quick, part="all"):

@@ -1205,7 +1205,7 @@ def _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand):
     return dq, dk, dv[:, :, :Nk]
 
 
-def _operand_copy(cupy, x32, operand, op_dtype):
+def _operand_copy(x32, operand, op_dtype):
     """A float32 GEMM operand in the operand type (itself when that is float32)."""
     return x32 if operand == "float32" else x32.astype(op_dtype)
 
@@ -1228,7 +1228,7 @@ def linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear, mode=N
     o_linear = cupy.empty((q.shape[0], q.shape[1], rows_q, q.shape[3]), dtype=cupy.float32)
     _state_product(parts, parts["phi_q"], o_linear)
     g = _row_padded(cupy, d_linear, rows_q, cupy.float32)
-    g_operand = _operand_copy(cupy, g, parts["operand"], parts["phi_q"].dtype)
+    g_operand = _operand_copy(g, parts["operand"], parts["phi_q"].dtype)
     return _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand)
 
 
