@@ -255,6 +255,19 @@ def sanitize_target():
                                   D ** -0.5)
         backend.forward(q, k, v, plan, rule, D ** -0.5, True, kernel=kernel)
         cupy.cuda.runtime.deviceSynchronize()
+    # Rings reused many times over (1000 keys = 16 tiles, past every pipeline's depth), with a
+    # rule that skips (the sm90_ws kernel's vote and V-for-kept-tiles handshakes).
+    for kernel in kernels:
+        for D, bq in ((128, 128), (64, 64), (128, 64)):
+            q = cupy.asarray(rng.standard_normal((1, 2, 150, D)).astype(np.float32)).astype(
+                np.float16)
+            k = cupy.asarray(rng.standard_normal((1, 1, 1000, D)).astype(np.float32) * 2).astype(
+                np.float16)
+            for rule in (None, Blasst(0.05), Recall(0.8)):
+                plan = backend.build_plan(cupy, q, k, None, "peak" if rule else "natural", 4,
+                                          (bq, 64), D ** -0.5)
+                backend.forward(q, k, k, plan, rule, D ** -0.5, True, kernel=kernel)
+    cupy.cuda.runtime.deviceSynchronize()
     for dtype in (_bf16(), np.float16):  # plan kernels: 65 key tiles (a partial score block)
         for D in (64, 128):
             q = cupy.asarray(rng.standard_normal((1, 2, 150, D)).astype(np.float32)).astype(dtype)

@@ -36,20 +36,10 @@
 #include "skip_rules.cuh"
 #include "tile_masking.cuh"
 #include "tile_traits_sm90.cuh"
+#include "warp_specialization.cuh"
 #include "warpgroup_mma.cuh"
 
 namespace psa {
-
-#ifdef PSA_ABLATE_WARPGROUP_VOTE
-// AND of `predicate` over the 128 threads of warpgroup `group` (named barrier 1 + group).
-__device__ __forceinline__ bool warpgroup_all(bool predicate, int group) {
-    unsigned result;
-    asm volatile("{ .reg .pred p, q; setp.ne.u32 p, %1, 0;\n"
-                 "bar.red.and.pred q, %2, 128, p;\n selp.u32 %0, 1, 0, q; }"
-                 : "=r"(result) : "r"((unsigned)predicate), "r"(1 + group) : "memory");
-    return result != 0;
-}
-#endif
 
 template <class Element, int HEAD_DIM, int BLOCK_Q, class Rule>
 __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 || HEAD_DIM == 64 ? 2 : 1)
@@ -241,7 +231,7 @@ __global__ void __launch_bounds__(BLOCK_Q * 2, BLOCK_Q == 64 || HEAD_DIM == 64 ?
             skip = false;
 #elif defined(PSA_ABLATE_WARPGROUP_VOTE)
             skip = warpgroup_all(rows_may_skip(rule, state, tile_max2, added, row_valid),
-                                 warp >> 2);
+                                 1 + (warp >> 2));
 #else
             skip = __syncthreads_and(rows_may_skip(rule, state, tile_max2, added, row_valid));
 #endif

@@ -50,3 +50,36 @@ struct WarpgroupTileTraits {
 };
 
 }  // namespace psa
+
+namespace psa {
+
+// The warp-specialised forward (attention_forward_sm90_ws.cu): one producer warpgroup and
+// BLOCK_Q / 64 consumer warpgroups; a ring of K_STAGES K tiles and, apart, V_STAGES V tiles
+// (V is loaded only for kept tiles); the mbarriers and votes after the tiles. The stage counts
+// come from the host's table (pysparse_attn/backends/cupy.py, SM90_WS_CONFIGS), which also
+// computes kSharedBytes' value for the launch; the kernel traps if it got less.
+template <int HEAD_DIM, int BLOCK_Q, int K_STAGES, int V_STAGES>
+struct WarpSpecializedTraits : WarpgroupTileTraits<HEAD_DIM, BLOCK_Q, 64> {
+    using Base = WarpgroupTileTraits<HEAD_DIM, BLOCK_Q, 64>;
+    static_assert(K_STAGES >= 2 && V_STAGES >= 2, "two stages at least per pipeline");
+    static constexpr int kKStages = K_STAGES;
+    static constexpr int kVStages = V_STAGES;
+    static constexpr int kConsumers = BLOCK_Q / 64;  // consumer warpgroups
+    static constexpr int kThreads = 128 * (1 + kConsumers);
+    static constexpr int kPanels = HEAD_DIM / 64;     // 64-column (128-byte) panels a row
+
+    // Byte offsets from a 1024-aligned base.
+    static constexpr unsigned kQBytes = 2u * BLOCK_Q * HEAD_DIM;
+    static constexpr unsigned kKvBytes = 2u * 64 * HEAD_DIM;
+    static constexpr unsigned kKOffset = kQBytes;
+    static constexpr unsigned kVOffset = kKOffset + K_STAGES * kKvBytes;
+    static constexpr unsigned kBarrierOffset = kVOffset + V_STAGES * kKvBytes;
+    // Barriers, 8 bytes each: q_full, then per K stage k_full, k_empty, decided, then per V
+    // stage v_full, v_empty.
+    static constexpr int kBarriers = 1 + 3 * K_STAGES + 2 * V_STAGES;
+    static constexpr unsigned kVoteOffset = kBarrierOffset + 8 * kBarriers;
+    static constexpr unsigned kLayoutBytes = kVoteOffset + 4 * K_STAGES * kConsumers;
+    static constexpr unsigned kSharedBytes = kLayoutBytes + Base::kAlignment;
+};
+
+}  // namespace psa

@@ -75,10 +75,10 @@ GPU_RULES = {
 
 
 def _kernel_params():
-    """Both forward families where the device runs them (wgmma: Hopper only)."""
+    """Every forward family where the device runs it (wgmma, sm90_ws: Hopper only)."""
     reason = BACKENDS["cupy"].unavailable_reason()
     params = []
-    for name in ("wgmma", "mma_sync"):
+    for name in ("wgmma", "sm90_ws", "mma_sync"):
         why = reason
         if why is None:
             from pysparse_attn.backends import cupy as backend

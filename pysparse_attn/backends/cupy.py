@@ -55,8 +55,13 @@ __all__ = [
     "fused_block_scores",
     "FORWARD_INSTANCES",
     "FORWARD_SM90_INSTANCES",
+<<<<<<< HEAD
     "BACKWARD_INSTANCES",
     "BACKWARD_WARPS",
+=======
+    "FORWARD_SM90_WS_INSTANCES",
+    "SM90_WS_CONFIGS",
+>>>>>>> h/fwd
     "KERNELS",
     "default_kernel",
     "kernel_unavailable_reason",
@@ -106,8 +111,46 @@ FORWARD_SM90_INSTANCES = {
     for functor in ALL_FUNCTORS
 }
 
+#: The warp-specialised forward (``gpu/attention_forward_sm90_ws.cu``): (head dim, Bq) ->
+#: (K stages, V stages). The one table its instances, launch (threads, shared memory) and
+#: compile check derive from; the kernel traps if the shared memory it gets is smaller than its
+#: own layout (gpu/tile_traits_sm90.cuh, WarpSpecializedTraits).
+SM90_WS_CONFIGS = {(128, 128): (4, 4), (128, 64): (4, 4), (64, 128): (4, 4), (64, 64): (4, 4)}
+
+
+def _forward_sm90_ws_name(element: str, head_dim: int, block_q: int, rule: str) -> str:
+    k_stages, v_stages = SM90_WS_CONFIGS[(head_dim, block_q)]
+    return (f"psa::attention_forward_sm90_ws<{element}, {head_dim}, {block_q}, {k_stages}, "
+            f"{v_stages}, {rule}>")
+
+
+#: The warp-specialised forward's instances, same keys as :data:`FORWARD_INSTANCES`.
+FORWARD_SM90_WS_INSTANCES = {
+    (dtype, d, bq, bk, functor): _forward_sm90_ws_name(element, d, bq, functor)
+    for dtype, element in _ELEMENTS.items()
+    for d in _HEAD_DIMS
+    for bq, bk in _BLOCKS
+    for functor in ALL_FUNCTORS
+}
+
+
+def _ws_threads(block_q):
+    """One producer warpgroup and one consumer warpgroup per 64 query rows."""
+    return 128 * (1 + block_q // 64)
+
+
+def _shared_bytes_sm90_ws(head_dim, block_q, block_k=64):
+    """Shared memory of one warp-specialised CTA, as WarpSpecializedTraits lays it out: Q, the
+    K and V rings, the mbarriers (q_full; k_full, k_empty, decided per K stage; v_full,
+    v_empty per V stage), the vote slots, and 1024 bytes to align the swizzle atoms."""
+    k_stages, v_stages = SM90_WS_CONFIGS[(head_dim, block_q)]
+    tiles = 2 * (block_q * head_dim + (k_stages + v_stages) * block_k * head_dim)
+    return tiles + 8 * (1 + 3 * k_stages + 2 * v_stages) + 4 * k_stages * (block_q // 64) + 1024
+
+
 #: Forward kernels by name, with the compute capabilities (major, minor) each runs on.
-KERNELS = {"wgmma": ((9, 0),), "mma_sync": None}  # None: any capability >= 8.0
+#: ``sm90_ws`` is opt-in (``kernel="sm90_ws"``) until measured on the device.
+KERNELS = {"wgmma": ((9, 0),), "mma_sync": None, "sm90_ws": ((9, 0),)}  # None: any >= 8.0
 
 #: Plan-stage instances: tile means per (dtype name, head dim), and the tile selector.
 _MEAN_ROW_GROUPS = {64: 16, 128: 8}  # (D / 8) * groups = 128 threads
@@ -222,6 +265,13 @@ def _forward_sm90_module(dtype_name: str, head_dim: int, block_q: int, ablation:
                        tuple(f"-D{macro}" for macro in ablation))
 
 
+def _forward_sm90_ws_module(dtype_name: str, head_dim: int, block_q: int):
+    """The sm_90a module of the warp-specialised forward: one instance a functor."""
+    names = tuple(_forward_sm90_ws_name(_ELEMENTS[dtype_name], head_dim, block_q, functor)
+                  for functor in ALL_FUNCTORS)
+    return _raw_module("attention_forward_sm90_ws.cu", names, "sm_90a")
+
+
 def _device_id() -> int:
     import cupy
 
@@ -270,6 +320,10 @@ def _forward_kernel(device, kernel, dtype_name, head_dim, block_q, functor, warp
         function = _forward_sm90_module(dtype_name, head_dim, block_q, ablation,
                                         functor).get_function(name)
         shared, threads = _shared_bytes_sm90(head_dim, block_q), 2 * block_q
+    elif kernel == "sm90_ws":
+        name = _forward_sm90_ws_name(_ELEMENTS[dtype_name], head_dim, block_q, functor)
+        function = _forward_sm90_ws_module(dtype_name, head_dim, block_q).get_function(name)
+        shared, threads = _shared_bytes_sm90_ws(head_dim, block_q), _ws_threads(block_q)
     else:
         name = _forward_name(_ELEMENTS[dtype_name], head_dim, block_q, warps, functor)
         function = _forward_module(dtype_name, head_dim, block_q, warps).get_function(name)
@@ -312,6 +366,107 @@ _PARAMS_DTYPE = np.dtype(
     + [(name, np.int32) for name in ("n_queries", "n_keys", "head_group", "capacity")]
     + [("scale_log2", np.float32), ("want_stats", np.int32), ("out_float32", np.int32)],
     align=True)
+
+
+_TENSOR_MAP_DTYPE = np.dtype((np.uint64, 16))  # CUtensorMap: 128 opaque bytes
+
+
+def _ws_params_dtype():
+    """The host image of ``psa::WarpSpecializedParams``: three tensor maps, then
+    ``ForwardParams``, the whole padded to the struct's 64-byte alignment."""
+    base = 3 * _TENSOR_MAP_DTYPE.itemsize
+    size = base + _PARAMS_DTYPE.itemsize
+    return np.dtype({"names": ["q_map", "k_map", "v_map", "base"],
+                     "formats": [_TENSOR_MAP_DTYPE] * 3 + [_PARAMS_DTYPE],
+                     "offsets": [0, 128, 256, base], "itemsize": -(-size // 64) * 64})
+
+
+_WS_PARAMS_DTYPE = _ws_params_dtype()
+
+# CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion values (cuda.h).
+_TMA_DATA_TYPES = {"float16": 6, "bfloat16": 9}
+_TMA_SWIZZLE_128B = 3
+_TMA_L2_PROMOTION_128B = 2
+
+
+def _encode_with_cuda_bindings(dtype_code, address, dims, strides, box):
+    from cuda.bindings import driver
+
+    error, tensor_map = driver.cuTensorMapEncodeTiled(
+        driver.CUtensorMapDataType(dtype_code), 4, address,
+        [driver.cuuint64_t(d) for d in dims], [driver.cuuint64_t(s) for s in strides],
+        [driver.cuuint32_t(b) for b in box], [driver.cuuint32_t(1)] * 4,
+        driver.CUtensorMapInterleave(0), driver.CUtensorMapSwizzle(_TMA_SWIZZLE_128B),
+        driver.CUtensorMapL2promotion(_TMA_L2_PROMOTION_128B),
+        driver.CUtensorMapFloatOOBfill(0))
+    if int(error) != 0:
+        return None, f"cuTensorMapEncodeTiled returned {error}"
+    import ctypes
+
+    return np.frombuffer(ctypes.string_at(tensor_map.getPtr(), 128), dtype=np.uint64), None
+
+
+@functools.lru_cache(maxsize=1)
+def _libcuda_encode():
+    import ctypes
+
+    function = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+    u64p, u32p = ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32)
+    function.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p,
+                         u64p, u32p, u32p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                         ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _encode_with_libcuda(dtype_code, address, dims, strides, box):
+    import ctypes
+
+    buffer = ctypes.create_string_buffer(128 + 64)  # the map must sit on 64 bytes
+    aligned = -(-ctypes.addressof(buffer) // 64) * 64
+    error = _libcuda_encode()(
+        ctypes.c_void_p(aligned), dtype_code, 4, ctypes.c_void_p(address),
+        (ctypes.c_uint64 * 4)(*dims), (ctypes.c_uint64 * 3)(*strides),
+        (ctypes.c_uint32 * 4)(*box), (ctypes.c_uint32 * 4)(1, 1, 1, 1), 0, _TMA_SWIZZLE_128B,
+        _TMA_L2_PROMOTION_128B, 0)
+    if error != 0:
+        return None, f"cuTensorMapEncodeTiled returned CUresult {error}"
+    return np.frombuffer(ctypes.string_at(aligned, 128), dtype=np.uint64), None
+
+
+@functools.lru_cache(maxsize=256)
+def _tensor_map(dtype_name, address, shape, strides, box_rows):
+    """The TMA descriptor of a (B, H, N, D) tensor (element strides), read in boxes of 64
+    columns x ``box_rows`` rows with the 128-byte swizzle, rows past N zero-filled: 16 uint64,
+    or None with the reason when the driver rejects it. Cached per tensor (address, shape,
+    strides): equal keys always encode to the same descriptor."""
+    B, H, N, D = shape
+    item = 2
+    dims = (D, N, H, B)
+    byte_strides = tuple(int(s) * item for s in (strides[2], strides[1], strides[0]))
+    box = (64, box_rows, 1, 1)
+    code = _TMA_DATA_TYPES[dtype_name]
+    try:
+        return _encode_with_cuda_bindings(code, address, dims, byte_strides, box)
+    except Exception:  # cuda-bindings absent, or a version whose call differs: libcuda itself
+        return _encode_with_libcuda(code, address, dims, byte_strides, box)
+
+
+def _tma_ready(cupy, x, box_rows):
+    """``(x, descriptor)``: ``x`` itself when the driver encodes its strides, else a contiguous
+    copy (a stride the TMA unit cannot express, e.g. 0 for a broadcast head)."""
+    key = (_dtype_name(x), int(x.data.ptr), tuple(x.shape),
+           tuple(s // x.itemsize for s in x.strides), box_rows)
+    descriptor, reason = _tensor_map(*key)
+    if descriptor is None and not x.flags.c_contiguous:
+        x = cupy.ascontiguousarray(x)
+        key = (key[0], int(x.data.ptr), tuple(x.shape),
+               tuple(s // x.itemsize for s in x.strides), box_rows)
+        descriptor, reason = _tensor_map(*key)
+    if descriptor is None:
+        raise ValueError(f"the sm90_ws kernel cannot describe an input of shape {x.shape} and "
+                         f"strides {x.strides} to the TMA unit: {reason}")
+    return x, descriptor
 
 
 def _dtype_name(x) -> str:
@@ -367,8 +522,9 @@ def forward(q, k, v, plan, rule, scale, want_stats, out_dtype=None, warps=None, 
     warps : int, optional
         Warps per CTA of the mma.sync kernel, overriding :data:`WARPS` (for benchmarks; 4 or
         ``Bq / 16``).
-    kernel : {"wgmma", "mma_sync"}, optional
-        Forward family (:data:`KERNELS`); :func:`default_kernel` when None.
+    kernel : {"wgmma", "sm90_ws", "mma_sync"}, optional
+        Forward family (:data:`KERNELS`); :func:`default_kernel` when None. ``"sm90_ws"`` is
+        the warp-specialised TMA kernel (opt-in).
     _ablation : tuple of str, private
         Timing-only ``PSA_ABLATE_*`` variants of the wgmma kernel (bench/forward_ablation.py);
         their results are wrong by design. Not reachable from the public API.
@@ -415,6 +571,10 @@ def forward(q, k, v, plan, rule, scale, want_stats, out_dtype=None, warps=None, 
                                                 warps, tuple(_ablation))
 
     q, k, v = (_kernel_ready(cupy, x) for x in (q, k, v))
+    if kernel == "sm90_ws":  # TMA descriptors (a copy where the driver rejects the strides)
+        (q, q_map), (k, k_map), (v, v_map) = (
+            _tma_ready(cupy, x, rows) for x, rows in ((q, block[0]), (k, block[1]), (v, block[1])))
+        maps = (q_map, k_map, v_map)
     nq, nk = tile_count(Nq, block[0]), tile_count(Nk, block[1])
     offsets = _device_int32(cupy, "row_offsets", plan.row_offsets, (B, Hq, nq + 1))
     capacity = int(plan.row_indices.shape[-1])
@@ -444,7 +604,13 @@ def forward(q, k, v, plan, rule, scale, want_stats, out_dtype=None, warps=None, 
     params["scale_log2"] = scale * LOG2E
     params["want_stats"] = bool(want_stats)
     params["out_float32"] = out.dtype == np.float32
-    function((nq, Hq, B), (threads,), (params[()],), shared_mem=shared)
+    if kernel == "sm90_ws":
+        ws_params = np.zeros((), dtype=_WS_PARAMS_DTYPE)
+        ws_params["q_map"], ws_params["k_map"], ws_params["v_map"] = maps
+        ws_params["base"] = params
+        function((nq, Hq, B), (threads,), (ws_params[()],), shared_mem=shared)
+    else:
+        function((nq, Hq, B), (threads,), (params[()],), shared_mem=shared)
     if not want_stats:
         return out, lse, None, None, None
     return out, lse, kept, visited, bound

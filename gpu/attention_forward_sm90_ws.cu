@@ -1,0 +1,337 @@
+// Warp-specialised fused sparse attention forward for Hopper (sm_90a), DESIGN.md sections 4-5.
+//
+// Same contract, ForwardParams, plan row, skip rules, vote semantics and epilogue as
+// attention_forward_sm90.cu (forward_common.cuh, online_softmax.cuh); what changes is who
+// moves the data and how the warps meet. One CTA per (query tile, head, batch):
+//
+// - warpgroup 0 produces: its warp 0 loads Q once and then every visited K tile, K_STAGES
+//   ahead, with TMA bulk tensor copies completing on mbarriers; its warp 1 loads V, into a
+//   separate V_STAGES ring, for kept tiles only. With a skip rule, warp 1 waits for the
+//   consumers' vote on each tile before fetching its V (and records the statistics bitmaps),
+//   so a skipped tile costs its K load and Q.K^T and nothing else. The producer gives its
+//   registers to the consumers (setmaxnreg).
+// - warpgroups 1 .. BLOCK_Q / 64 consume, 64 query rows each, with no CTA-wide barrier in the
+//   loop: per tile, wait for K, issue S = Q.K^T (wgmma), issue the previous kept tile's P.V
+//   (it runs while this tile's softmax is computed), vote, softmax, release the stages.
+//
+// The skip vote stays per query tile (a tile is skipped only when every valid row of the CTA
+// may skip it): each consumer warpgroup reduces its rows with a named barrier of its own 128
+// threads and posts its vote to a per-stage slot and mbarrier. A warpgroup whose rows keep the
+// tile knows the CTA keeps it and goes on at once; only one that would skip waits for the
+// others' votes.
+//
+// Stage protocol, stage s of round r (r-th use of s): k_full[s] phase r completes when the K
+// bytes land; k_empty[s] when every consumer warp finished its Q.K^T (and, with a skip rule,
+// the V producer read the decision): only then is the stage refilled, which also makes the vote
+// slots of s free again. v_full / v_empty likewise, counted in kept tiles. Every wait is
+// bounded (mbarrier.cuh).
+//
+// Template instances are listed by pysparse_attn/backends/cupy.py (FORWARD_SM90_WS_INSTANCES,
+// from SM90_WS_CONFIGS) and compiled by pysparse_attn/backends/compile_check.py.
+
+#include "element_types.cuh"
+#include "forward_common.cuh"
+#include "forward_params.cuh"
+#include "mbarrier.cuh"
+#include "online_softmax.cuh"
+#include "ptx.cuh"
+#include "skip_rules.cuh"
+#include "tile_masking.cuh"
+#include "tile_traits_sm90.cuh"
+#include "tma.cuh"
+#include "warp_specialization.cuh"
+#include "warpgroup_mma.cuh"
+
+namespace psa {
+
+// The kernel's one parameter: the three tensor maps, then the common forward parameters. The
+// host image is cupy.py's _WS_PARAMS_DTYPE (same fields, same offsets, padded to 64 bytes).
+struct alignas(64) WarpSpecializedParams {
+    TensorMap q_map;  // box 64 x BLOCK_Q
+    TensorMap k_map;  // box 64 x 64
+    TensorMap v_map;  // box 64 x 64
+    ForwardParams base;
+};
+
+// Registers per thread once the producer hands its share to the consumers. 128-row tiles: the
+// launch bound (384 threads, one CTA an SM) starts every thread at 168; the producer keeps 24,
+// each consumer thread gets 240 (24 + 2 x 240 = 3 x 168). 64-row tiles (256 threads) start at
+// the 255 maximum, so there is nothing to move: kSplit is false. (Two 64-row CTAs an SM, 128
+// registers each, spilled 200-400 bytes a thread even with 232 for the consumer.)
+template <int BLOCK_Q>
+struct RegisterSplit {
+    static constexpr bool kSplit = BLOCK_Q == 128;
+    static constexpr int kProducer = 24;
+    static constexpr int kConsumer = 240;
+};
+
+template <class Element, int HEAD_DIM, int BLOCK_Q, int K_STAGES, int V_STAGES, class Rule>
+__global__ void __launch_bounds__(128 * (1 + BLOCK_Q / 64), 1)
+    attention_forward_sm90_ws(const __grid_constant__ WarpSpecializedParams params) {
+    using Traits = WarpSpecializedTraits<HEAD_DIM, BLOCK_Q, K_STAGES, V_STAGES>;
+    constexpr int kConsumers = Traits::kConsumers;
+    constexpr int kKeyBlocks = Traits::kKeyBlocks;
+    constexpr int kDimBlocks = Traits::kDimBlocks;
+    constexpr int kBlockK = Traits::kBlockK;
+    // Consumer warps arrive on k_empty; with a skip rule, so does the V producer (decision
+    // read), which keeps a stage's vote slots and `decided` phase from being reused early.
+    constexpr unsigned kKEmptyArrivals = 4 * kConsumers + (Rule::kCanSkip ? 1 : 0);
+
+    extern __shared__ unsigned char shared_raw[];
+    const unsigned raw_address = shared_address(shared_raw);
+    const unsigned padding = (Traits::kAlignment - (raw_address & (Traits::kAlignment - 1))) &
+                             (Traits::kAlignment - 1);
+    unsigned char* shared = shared_raw + padding;
+    const unsigned base = raw_address + padding;
+    const unsigned q_tile = base;
+    const unsigned k_tiles = base + Traits::kKOffset;
+    const unsigned v_tiles = base + Traits::kVOffset;
+    const unsigned barriers = base + Traits::kBarrierOffset;
+    const unsigned q_full = barriers;
+    auto k_full = [&](int stage) { return barriers + 8u * (1 + stage); };
+    auto k_empty = [&](int stage) { return barriers + 8u * (1 + K_STAGES + stage); };
+    auto decided = [&](int stage) { return barriers + 8u * (1 + 2 * K_STAGES + stage); };
+    auto v_full = [&](int stage) { return barriers + 8u * (1 + 3 * K_STAGES + stage); };
+    auto v_empty = [&](int stage) {
+        return barriers + 8u * (1 + 3 * K_STAGES + V_STAGES + stage);
+    };
+    // votes[stage * kConsumers + consumer]: 1 when all of that warpgroup's rows may skip.
+    volatile int* votes = reinterpret_cast<volatile int*>(shared + Traits::kVoteOffset);
+
+    const ForwardParams& common = params.base;
+    const int query_tile = blockIdx.x;
+    const int head = blockIdx.y;
+    const int batch = blockIdx.z;
+    const int kv_head = head / common.head_group;
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int n_keys = common.n_keys;
+    const int n_key_tiles = (n_keys + kBlockK - 1) / kBlockK;
+    const PlanRow plan = plan_row(common, batch, head, query_tile, gridDim.y, gridDim.x,
+                                  n_key_tiles);
+    const int n_visit = plan.count;
+    const int first_query = query_tile * BLOCK_Q;
+
+    if (threadIdx.x == 0) {
+        // The host computed the layout's size from the same table; a mismatch must not
+        // silently overrun shared memory.
+        if (dynamic_shared_bytes() < Traits::kSharedBytes) __trap();
+        mbarrier_init(q_full, 1);
+        for (int s = 0; s < K_STAGES; ++s) {
+            mbarrier_init(k_full(s), 1);
+            mbarrier_init(k_empty(s), kKEmptyArrivals);
+            mbarrier_init(decided(s), kConsumers);
+        }
+        for (int s = 0; s < V_STAGES; ++s) {
+            mbarrier_init(v_full(s), 1);
+            mbarrier_init(v_empty(s), 4 * kConsumers);
+        }
+        mbarrier_init_fence();
+    }
+    __syncthreads();  // the only CTA-wide barrier: barriers initialised before any use
+
+    if (warp < 4) {
+        // ---------------- producer warpgroup ----------------
+        if (RegisterSplit<BLOCK_Q>::kSplit)
+            warpgroup_release_registers<RegisterSplit<BLOCK_Q>::kProducer>();
+        if (warp == 0 && lane == 0 && n_visit > 0) {
+            tensor_map_prefetch(params.q_map);
+            tensor_map_prefetch(params.k_map);
+            mbarrier_arrive_expect_bytes(q_full, Traits::kQBytes);
+#pragma unroll
+            for (int panel = 0; panel < Traits::kPanels; ++panel)
+                tma_load_4d(q_tile + panel * Traits::kQPanelBytes, params.q_map, q_full,
+                            64 * panel, first_query, head, batch);
+            for (int step = 0; step < n_visit; ++step) {
+                const int stage = step % K_STAGES, round = step / K_STAGES;
+                if (round > 0) mbarrier_wait(k_empty(stage), (round - 1) & 1);
+                const unsigned destination = k_tiles + stage * Traits::kKvBytes;
+                mbarrier_arrive_expect_bytes(k_full(stage), Traits::kKvBytes);
+                const int key_row = plan.tiles[step] * kBlockK;
+#pragma unroll
+                for (int panel = 0; panel < Traits::kPanels; ++panel)
+                    tma_load_4d(destination + panel * Traits::kKvPanelBytes, params.k_map,
+                                k_full(stage), 64 * panel, key_row, kv_head, batch);
+            }
+        } else if (warp == 1 && lane == 0 && n_visit > 0) {
+            tensor_map_prefetch(params.v_map);
+            int kept_count = 0;
+            for (int step = 0; step < n_visit; ++step) {
+                const int stage = step % K_STAGES, round = step / K_STAGES;
+                const int key_tile = plan.tiles[step];
+                bool keep = true;
+                if (Rule::kCanSkip) {
+                    mbarrier_wait(decided(stage), round & 1);
+                    bool all_skip = step > 0;
+#pragma unroll
+                    for (int c = 0; c < kConsumers; ++c)
+                        all_skip &= votes[stage * kConsumers + c] != 0;
+                    keep = !all_skip;
+                    mbarrier_arrive(k_empty(stage));
+                }
+                if (common.want_stats) {
+                    common.visited[plan.stats_row + key_tile] = 1;
+                    if (keep) common.kept[plan.stats_row + key_tile] = 1;
+                }
+                if (!keep) continue;
+                const int v_stage = kept_count % V_STAGES, v_round = kept_count / V_STAGES;
+                ++kept_count;
+                if (v_round > 0) mbarrier_wait(v_empty(v_stage), (v_round - 1) & 1);
+                const unsigned destination = v_tiles + v_stage * Traits::kKvBytes;
+                mbarrier_arrive_expect_bytes(v_full(v_stage), Traits::kKvBytes);
+#pragma unroll
+                for (int panel = 0; panel < Traits::kPanels; ++panel)
+                    tma_load_4d(destination + panel * Traits::kKvPanelBytes, params.v_map,
+                                v_full(v_stage), 64 * panel, key_tile * kBlockK, kv_head, batch);
+            }
+        }
+        return;
+    }
+
+    // ---------------- consumer warpgroups ----------------
+    if (RegisterSplit<BLOCK_Q>::kSplit)
+        warpgroup_claim_registers<RegisterSplit<BLOCK_Q>::kConsumer>();
+    const int consumer = warp / 4 - 1;
+    const int warp_row = 64 * consumer + 16 * (warp & 3);  // this warp's 16 rows in the tile
+    const BoundRule<Rule, Log2Units, float> rule(common.rule_params, head);
+    const float scale_log2 = common.scale_log2;
+
+    bool row_valid[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+        row_valid[r] = first_query + warp_row + (lane >> 2) + 8 * r < common.n_queries;
+
+    float o[kDimBlocks][4];
+#pragma unroll
+    for (int db = 0; db < kDimBlocks; ++db)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[db][e] = 0.f;
+    RowState state;
+    state.init();
+    unsigned p[Traits::kKeySteps][4];
+    // Q is read from shared memory by every Q.K^T: keeping it in registers (as the sm90
+    // kernel does at D = 128) spilled 32 bytes a thread at 240 registers.
+    constexpr bool kQInRegisters = false;
+    unsigned q_fragments[kQInRegisters ? Traits::kDimSteps : 1][4];
+    const unsigned q_base = q_tile + consumer * 64 * 128;
+    bool pv_pending = false;  // CTA-uniform: the decision is the CTA's
+    int pv_stage = 0, pv_round = 0, kept_count = 0;
+
+    auto issue_pv = [&]() {
+        mbarrier_wait(v_full(pv_stage), pv_round & 1);
+        const unsigned v_stage = v_tiles + pv_stage * Traits::kKvBytes;
+        warpgroup_fence();
+#pragma unroll
+        for (int kstep = 0; kstep < Traits::kKeySteps; ++kstep)
+            Warpgroup<Element, HEAD_DIM>::rs_transposed_b(
+                o, p[kstep], sw128_descriptor(v_stage + kstep * 16 * 128, Traits::kKvPanelBytes));
+    };
+    auto release = [&](unsigned barrier) {
+        __syncwarp();
+        if (lane == 0) mbarrier_arrive(barrier);
+    };
+
+    if (n_visit > 0) {
+        mbarrier_wait(q_full, 0);
+        if (kQInRegisters) {
+#pragma unroll
+            for (int ks = 0; ks < Traits::kDimSteps; ++ks)
+                load_matrix_x4(q_fragments[kQInRegisters ? ks : 0],
+                               q_tile + 2 * Traits::template tile_offset<BLOCK_Q>(
+                                            warp_row + (lane & 15), ks * 2 + (lane >> 4)));
+        }
+    }
+
+    for (int step = 0; step < n_visit; ++step) {
+        const int key_tile = plan.tiles[step];
+        const int stage = step % K_STAGES, round = step / K_STAGES;
+        mbarrier_wait(k_full(stage), round & 1);
+
+        float s[kKeyBlocks][4];
+        const unsigned k_stage = k_tiles + stage * Traits::kKvBytes;
+        warpgroup_fence();
+        pin_accumulator(s);
+        pin_accumulator(o);
+#pragma unroll
+        for (int ks = 0; ks < Traits::kDimSteps; ++ks) {
+            const unsigned panel = ks >> 2, within = (ks & 3) * 32;
+            const unsigned long long k_descriptor =
+                sw128_descriptor(k_stage + panel * Traits::kKvPanelBytes + within, 16);
+            if (kQInRegisters)
+                Warpgroup<Element, kBlockK>::rs(s, q_fragments[kQInRegisters ? ks : 0],
+                                                k_descriptor, ks > 0);
+            else
+                Warpgroup<Element, kBlockK>::ss(
+                    s, sw128_descriptor(q_base + panel * Traits::kQPanelBytes + within, 16),
+                    k_descriptor, ks > 0);
+        }
+        warpgroup_commit();
+        // The previous kept tile's P.V runs on the tensor cores during this tile's softmax.
+        const bool pv_issued = __all_sync(0xffffffffu, pv_pending);
+        if (pv_issued) issue_pv();
+        warpgroup_commit();
+        warpgroup_wait<1>();
+        pin_accumulator(s);
+
+        const int valid_keys = min(kBlockK, n_keys - key_tile * kBlockK);
+        if (valid_keys < kBlockK) mask_padded_keys(s, valid_keys, lane);
+        float tile_max2[2];
+        tile_row_max(s, tile_max2);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) tile_max2[r] *= scale_log2;  // scale > 0: max commutes
+
+        bool skip = false;
+        if (Rule::kCanSkip) {
+            float added[2];
+            tile_skipped_mass<Rule>(s, tile_max2, scale_log2, state, valid_keys, added);
+            const bool rows_skip = step > 0 && warpgroup_all(
+                rows_may_skip(rule, state, tile_max2, added, row_valid), 1 + consumer);
+            if ((threadIdx.x & 127) == 0) {
+                votes[stage * kConsumers + consumer] = rows_skip;
+                mbarrier_arrive(decided(stage));
+            }
+            skip = rows_skip;
+            if (kConsumers > 1 && rows_skip) {
+                mbarrier_wait(decided(stage), round & 1);
+#pragma unroll
+                for (int c = 0; c < kConsumers; ++c) skip &= votes[stage * kConsumers + c] != 0;
+            }
+            if (skip) add_skipped_mass(state, added);
+        }
+        // Q.K^T has read this K stage (wait<1> above) and the decision is known.
+        release(k_empty(stage));
+
+        float alpha[2];
+        if (!skip) softmax_tile<Rule::kNeedsRowSum>(s, tile_max2, scale_log2, state, alpha);
+        // The previous P.V has to finish before O is rescaled and p is overwritten.
+        warpgroup_wait<0>();
+        pin_accumulator(o);
+        if (pv_issued) release(v_empty(pv_stage));
+        pv_pending = !skip;
+        if (skip) continue;
+        rescale_output(o, alpha);
+        pv_stage = kept_count % V_STAGES;
+        pv_round = kept_count / V_STAGES;
+        ++kept_count;
+#pragma unroll
+        for (int kstep = 0; kstep < Traits::kKeySteps; ++kstep) {
+            p[kstep][0] = Element::pack(s[2 * kstep][0], s[2 * kstep][1]);
+            p[kstep][1] = Element::pack(s[2 * kstep][2], s[2 * kstep][3]);
+            p[kstep][2] = Element::pack(s[2 * kstep + 1][0], s[2 * kstep + 1][1]);
+            p[kstep][3] = Element::pack(s[2 * kstep + 1][2], s[2 * kstep + 1][3]);
+        }
+    }
+    if (__all_sync(0xffffffffu, pv_pending)) {
+        pin_accumulator(o);
+        issue_pv();
+        warpgroup_commit();
+        warpgroup_wait<0>();
+        pin_accumulator(o);
+    }
+
+    store_rows<Element, Rule::kNeedsRowSum>(common, o, state, row_valid,
+                                            first_query + warp_row + (lane >> 2), batch, head,
+                                            gridDim.y, n_visit == 0, lane);
+}
+
+}  // namespace psa
