@@ -55,13 +55,10 @@ __all__ = [
     "fused_block_scores",
     "FORWARD_INSTANCES",
     "FORWARD_SM90_INSTANCES",
-<<<<<<< HEAD
     "BACKWARD_INSTANCES",
     "BACKWARD_WARPS",
-=======
     "FORWARD_SM90_WS_INSTANCES",
     "SM90_WS_CONFIGS",
->>>>>>> h/fwd
     "KERNELS",
     "default_kernel",
     "kernel_unavailable_reason",
