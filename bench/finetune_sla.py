@@ -228,7 +228,7 @@ def run(args, clock):
 
     config = dict(PRESETS["smoke" if args.smoke else "gpu"])
     for name in ("frames", "height", "width", "steps_dense", "steps_finetune", "time_budget",
-                 "layers", "batch"):
+                 "layers", "batch", "lr_finetune"):
         value = getattr(args, name)
         if value is not None:
             config[name] = value
@@ -350,6 +350,7 @@ def main(argv=None):
     parser.add_argument("--width", type=int, help="latent width (even)")
     parser.add_argument("--layers", type=int, help="transformer blocks")
     parser.add_argument("--batch", type=int, help="clips per training step")
+    parser.add_argument("--lr-finetune", type=float, help="peak learning rate of the fine-tune")
     parser.add_argument("--critical", type=float, default=0.05,
                         help="SLA share of key tiles computed exactly (0.05: 95%% sparsity)")
     parser.add_argument("--negligible", type=float, default=0.10,
