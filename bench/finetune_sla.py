@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 # host fallback (the fine-tune stops at --time-budget); the smoke one runs on a CPU in seconds.
 PRESETS = {
     "gpu": dict(frames=16, height=32, width=32, layers=4, heads=4, head_dim=64, ffn=512,
-                batch=4, steps_dense=400, steps_finetune=300, lr=1e-3, lr_finetune=1e-3,
+                batch=4, steps_dense=400, steps_finetune=600, lr=1e-3, lr_finetune=2e-3,
                 block=(64, 64), time_budget=150.0, eval_batch=8),
     "smoke": dict(frames=4, height=16, width=16, layers=2, heads=2, head_dim=16, ffn=64,
                   batch=2, steps_dense=60, steps_finetune=30, lr=2e-3, lr_finetune=1e-3,
@@ -272,13 +272,15 @@ def run(args, clock):
     after, _ = evaluate(task, model, dense_out)
     stats = sparse.stats()
     sparsity = [s.sparsity for s in stats.values() if s.sparsity is not None]
-    weight_norm = sum(float(p.sparse_linear.weight.detach().norm()) for p in sparse.processors.values())
+    weight_norm = sum(float(p.sparse_linear.weight.detach().norm())
+                      for p in sparse.processors.values())
     clock.say(f"SLA after fine-tuning ({steps_run} steps): loss {after['loss']:.4f}, rel. L2 "
               f"vs dense {after['rel_l2_vs_dense']:.4f}")
 
     return dict(
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()},
-        objective=args.objective, tokens=tokens, key_tiles=nk, critical=args.critical, negligible=args.negligible,
+        objective=args.objective, tokens=tokens, key_tiles=nk, critical=args.critical,
+        negligible=args.negligible,
         tile_sparsity=1 - critical_tiles / nk,
         measured_sparsity=sum(sparsity) / len(sparsity) if sparsity else None,
         parameters=parameters, precision=options.get("precision"),

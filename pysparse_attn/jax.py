@@ -227,9 +227,14 @@ def _in_place(run, platform):
             return
         import cupy
 
-        arrays = [cupy.from_dlpack(a) for a in args]
-        device = arrays[0].device
-        with device, cupy.cuda.ExternalStream(ctx.stream, device.id) as stream:
+        try:
+            device_id = int(args[0].__dlpack_device__()[1])
+        except (AttributeError, TypeError, IndexError):
+            device_id = cupy.cuda.Device().id
+        with cupy.cuda.Device(device_id), \
+                cupy.cuda.ExternalStream(ctx.stream, device_id) as stream:
+            # Imported on XLA's stream: DLPack's producer orders its buffers on it.
+            arrays = [cupy.from_dlpack(a) for a in args]
             results = run(cupy, *arrays)
             for out, result in zip(outs, results):
                 target = cupy.from_dlpack(out)
