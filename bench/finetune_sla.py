@@ -156,8 +156,9 @@ class Task:
 def train(task, model, steps, lr, clock, label, time_budget=None, sync=None, teacher=None):
     """AdamW on the denoising loss, or on the distance to ``teacher``'s prediction.
 
-    The learning rate decays on a cosine to zero over the run, measured by steps or by the
-    time budget, whichever is spent faster (so a run stopped by its budget ends decayed too).
+    The learning rate warms up linearly, then decays on a cosine to zero over the run,
+    measured by steps or by the time budget, whichever is spent faster (so a run stopped by its
+    budget ends decayed too).
     Returns (losses, step times in s, steps run).
     """
     torch = task.torch
@@ -173,8 +174,11 @@ def train(task, model, steps, lr, clock, label, time_budget=None, sync=None, tea
         spent = step / steps
         if time_budget:
             spent = max(spent, (time.perf_counter() - started) / time_budget)
+        # A linear warm-up over the first 5% of the steps: Adam's first updates move every
+        # parameter by about the full rate, which would knock a trained model off at once.
+        warm = min(1.0, (step + 1) / max(1, steps // 20))
         for group in optimizer.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(spent, 1.0)))
+            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * min(spent, 1.0)))
         batch = task.batch(task.config["batch"])
         tic = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
