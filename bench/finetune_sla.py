@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 # host fallback (the fine-tune stops at --time-budget); the smoke one runs on a CPU in seconds.
 PRESETS = {
     "gpu": dict(frames=16, height=32, width=32, layers=4, heads=4, head_dim=64, ffn=512,
-                batch=4, steps_dense=400, steps_finetune=300, lr=1e-3, lr_finetune=1e-3,
+                batch=4, steps_dense=400, steps_finetune=600, lr=1e-3, lr_finetune=2e-3,
                 block=(64, 64), time_budget=150.0, eval_batch=8),
     "smoke": dict(frames=4, height=16, width=16, layers=2, heads=2, head_dim=16, ffn=64,
                   batch=2, steps_dense=60, steps_finetune=30, lr=2e-3, lr_finetune=1e-3,
@@ -156,8 +156,9 @@ class Task:
 def train(task, model, steps, lr, clock, label, time_budget=None, sync=None, teacher=None):
     """AdamW on the denoising loss, or on the distance to ``teacher``'s prediction.
 
-    The learning rate decays on a cosine to zero over the run, measured by steps or by the
-    time budget, whichever is spent faster (so a run stopped by its budget ends decayed too).
+    The learning rate warms up linearly, then decays on a cosine to zero over the run,
+    measured by steps or by the time budget, whichever is spent faster (so a run stopped by its
+    budget ends decayed too).
     Returns (losses, step times in s, steps run).
     """
     torch = task.torch
@@ -173,8 +174,11 @@ def train(task, model, steps, lr, clock, label, time_budget=None, sync=None, tea
         spent = step / steps
         if time_budget:
             spent = max(spent, (time.perf_counter() - started) / time_budget)
+        # A linear warm-up over the first 5% of the steps: Adam's first updates move every
+        # parameter by about the full rate, which would knock a trained model off at once.
+        warm = min(1.0, (step + 1) / max(1, steps // 20))
         for group in optimizer.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(spent, 1.0)))
+            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * min(spent, 1.0)))
         batch = task.batch(task.config["batch"])
         tic = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -210,14 +214,21 @@ def median_ms(times, skip=3):
     return 1e3 * kept[len(kept) // 2] if kept else None
 
 
-def _gpu_backward_kind():
-    """How the cupy backend differentiates the sparse branch: its docstring says (read only)."""
+def gpu_backward_kind():
+    """Where the cupy backend computes the sparse backward: "host fallback" or "device kernel".
+
+    Read from its source (the host fallback calls the cpu backend), so records say which one
+    their step times include.
+    """
+    import inspect
+
     try:
         from pysparse_attn.backends import cupy as gpu
-    except ImportError:
+
+        source = inspect.getsource(gpu.attention_backward)
+    except (ImportError, OSError, TypeError):
         return "unknown"
-    doc = (gpu.attention_backward.__doc__ or "").lower()
-    return "host fallback (cpu backend)" if "host" in doc else "device kernel"
+    return "host fallback" if "cpu.attention_backward(" in source else "device kernel"
 
 
 def run(args, clock):
@@ -228,7 +239,7 @@ def run(args, clock):
 
     config = dict(PRESETS["smoke" if args.smoke else "gpu"])
     for name in ("frames", "height", "width", "steps_dense", "steps_finetune", "time_budget",
-                 "layers", "batch"):
+                 "layers", "batch", "lr_finetune"):
         value = getattr(args, name)
         if value is not None:
             config[name] = value
@@ -272,17 +283,19 @@ def run(args, clock):
     after, _ = evaluate(task, model, dense_out)
     stats = sparse.stats()
     sparsity = [s.sparsity for s in stats.values() if s.sparsity is not None]
-    weight_norm = sum(float(p.sparse_linear.weight.detach().norm()) for p in sparse.processors.values())
+    weight_norm = sum(float(p.sparse_linear.weight.detach().norm())
+                      for p in sparse.processors.values())
     clock.say(f"SLA after fine-tuning ({steps_run} steps): loss {after['loss']:.4f}, rel. L2 "
               f"vs dense {after['rel_l2_vs_dense']:.4f}")
 
     return dict(
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()},
-        objective=args.objective, tokens=tokens, key_tiles=nk, critical=args.critical, negligible=args.negligible,
+        objective=args.objective, tokens=tokens, key_tiles=nk, critical=args.critical,
+        negligible=args.negligible,
         tile_sparsity=1 - critical_tiles / nk,
         measured_sparsity=sum(sparsity) / len(sparsity) if sparsity else None,
         parameters=parameters, precision=options.get("precision"),
-        gpu_backward=_gpu_backward_kind() if device.type == "cuda" else None,
+        gpu_backward=gpu_backward_kind() if device.type == "cuda" else None,
         dense=dict(train_loss_last=dense_losses[-1], eval_loss=dense_eval["loss"],
                    step_ms=median_ms(dense_times), steps=len(dense_losses)),
         sla_before=before, sla_after=after,
@@ -350,6 +363,7 @@ def main(argv=None):
     parser.add_argument("--width", type=int, help="latent width (even)")
     parser.add_argument("--layers", type=int, help="transformer blocks")
     parser.add_argument("--batch", type=int, help="clips per training step")
+    parser.add_argument("--lr-finetune", type=float, help="peak learning rate of the fine-tune")
     parser.add_argument("--critical", type=float, default=0.05,
                         help="SLA share of key tiles computed exactly (0.05: 95%% sparsity)")
     parser.add_argument("--negligible", type=float, default=0.10,

@@ -17,15 +17,17 @@ into the batch axis (one core call: attention is independent per batch element);
 core once per mapped element, because ``W`` and ``b`` (and their gradients) may differ per
 element.
 
-**Where it runs, and the GPU.** ``pure_callback`` hands the callback host (NumPy) arrays, so the
-core runs on the ``cpu`` backend. Under a GPU JAX backend the same code is correct but XLA
-copies every operand to the host and every result back, and the call runs on the CPU. Keeping
-GPU arrays on the device needs ``jax.ffi``: an XLA FFI handler (``jax.ffi.register_ffi_target``
-with a small C++ shim exposing the CUDA kernels) receives the device buffers and XLA's CUDA
-stream, and the kernels run on that stream with no copy; :func:`jax.ffi.ffi_call` replaces
-``pure_callback`` in the two ``_call_*`` functions below and nothing else changes. That path is
-not implemented or measured here. What is measured (CPU, see ``docs/interop.rst``): the cost of
-the callback round trip over a direct core call at a small shape.
+**Where it runs, and the GPU.** Host arrays go through ``jax.pure_callback``: the callback
+receives NumPy arrays and the core runs on the ``cpu`` backend. GPU arrays, where
+:func:`device_route` says ``"buffer_callback"`` (``jax.experimental.buffer_callback`` present,
+as in JAX 0.7 and later, a GPU backend, CuPy importable), stay on the device: the call is staged
+into the compiled computation as a ``buffer_callback`` that runs on XLA's own CUDA stream
+(``ctx.stream``, entered as a CuPy ``ExternalStream``), imports the input buffers with
+``cupy.from_dlpack`` (zero copy), runs the core's ``cupy`` backend and copies each result into
+its output buffer on that stream. Which route a call takes is decided per lowering platform
+(``jax.lax.platform_dependent``), so one jitted function serves CPU and GPU arrays. The sparse
+backward of the ``cupy`` backend may itself still run on the host (see
+:mod:`pysparse_attn.backends.cupy`); the route adds no copy of its own.
 
 **Options.** Non-array options (selector, rule, scalars) are static: they are encoded once per
 call into a hashable :class:`pysparse_attn._adapters.Options` passed as a non-differentiable
@@ -225,9 +227,14 @@ def _in_place(run, platform):
             return
         import cupy
 
-        arrays = [cupy.from_dlpack(a) for a in args]
-        device = arrays[0].device
-        with device, cupy.cuda.ExternalStream(ctx.stream, device.id) as stream:
+        try:
+            device_id = int(args[0].__dlpack_device__()[1])
+        except (AttributeError, TypeError, IndexError):
+            device_id = cupy.cuda.Device().id
+        with cupy.cuda.Device(device_id), \
+                cupy.cuda.ExternalStream(ctx.stream, device_id) as stream:
+            # Imported on XLA's stream: DLPack's producer orders its buffers on it.
+            arrays = [cupy.from_dlpack(a) for a in args]
             results = run(cupy, *arrays)
             for out, result in zip(outs, results):
                 target = cupy.from_dlpack(out)

@@ -6,6 +6,7 @@ nothing is downloaded.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install .[torch])")
@@ -180,3 +181,48 @@ def test_bad_configuration():
 
 def test_interop_page_diffusers_snippet_runs():
     run_interop_snippets("diffusers")
+
+
+# ---------------------------------------------------------------------------------------------
+# A real WanPipeline (needs transformers, which WanPipeline imports for its text encoder; the
+# prompt embeddings are given, so no tokenizer or text encoder is built or downloaded).
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_wan_pipeline_runs_sparse_after_its_dense_steps_through_the_step_callback(device):
+    pytest.importorskip("transformers", reason="WanPipeline needs transformers (not installed)")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    # On the GPU: bf16 and 64-wide heads and tiles (what the GPU backend serves).
+    dtype, head_dim, block = ((torch.bfloat16, 64, (64, 64)) if device == "cuda"
+                              else (torch.float32, 16, BLOCK))
+    torch.manual_seed(9)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim, in_channels=4,
+        out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+        rope_max_seq_len=32).to(device, dtype)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
+                           temperal_downsample=[False], latents_mean=[0.0] * 4,
+                           latents_std=[1.0] * 4, scale_factor_temporal=1,
+                           scale_factor_spatial=2).to(device)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+    sparse = apply_sparse_attention(transformer, select=psa.TopK(ratio=0.25), block=block,
+                                    dense_steps=2)
+    generator = torch.Generator().manual_seed(10)
+    embeds = [torch.randn(1, 8, 16, generator=generator).to(device, dtype) for _ in range(2)]
+    sparse.reset()
+    # WanPipeline makes num_frames // 1 * 1 + 1 = 5 frames (the VAE's temporal factor is 1),
+    # latents of 5 x 16 x 16: 5 x 8 x 8 = 320 video tokens.
+    video = pipe(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], height=32, width=32,
+                 num_frames=4, num_inference_steps=5, guidance_scale=2.0, output_type="np",
+                 callback_on_step_end=sparse.callback_on_step_end).frames
+    assert video.shape[:2] == (1, 5) and np.isfinite(video).all()
+    key_tiles = -(-320 // block[1])
+    sparsity = 1 - max(1, int(0.25 * key_tiles)) / key_tiles
+    for name, stats in sparse.stats().items():
+        # Guidance: two transformer calls per step; 2 dense steps, then 3 sparse ones.
+        assert (stats.dense_calls, stats.sparse_calls) == (4, 6), (name, stats)
+        assert stats.sparsity == pytest.approx(sparsity), name
+    sparse.remove()

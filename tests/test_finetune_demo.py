@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -31,11 +30,10 @@ def demo():
 
 def test_smoke_preset_trains_dense_then_fine_tunes_sla_and_writes_its_record(demo, tmp_path,
                                                                            capsys):
-    started = time.perf_counter()
+    # Sized for well under 30 s on two idle cores; no wall-clock assertion (a shared machine
+    # can be many times slower), the record carries the time taken.
     record = demo.main(["--smoke", "--out", str(tmp_path)])
-    elapsed = time.perf_counter() - started
-    # Sized for under 30 s; twice that allowed for a loaded CI machine.
-    assert elapsed < 60, f"the smoke preset took {elapsed:.0f} s"
+    assert record["wall_s"] > 0
     written = sorted(p.suffix for p in tmp_path.iterdir())
     assert written == [".json", ".md"], written
     saved = json.loads(next(tmp_path.glob("*.json")).read_text())

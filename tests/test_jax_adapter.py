@@ -7,8 +7,14 @@ differentiable as a whole (a fixed tile mask).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+
+# A GPU JAX would otherwise take 75% of the device's memory at its first use, from under the
+# torch and CuPy tests of the other test processes.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 jax = pytest.importorskip("jax", reason="JAX is not installed (pip install .[jax])")
 jax.config.update("jax_enable_x64", True)  # float64 checks against the float64 reference

@@ -415,7 +415,8 @@ BF16_OUT = dict(rtol=2e-2, atol=2e-2)
 def _close_to_scale(actual, expected, share, what):
     scale = float(expected.abs().max())
     error = float((actual.double().cpu() - expected).abs().max())
-    assert error <= share * scale, f"{what}: max error {error:.3g} > {share} x max |ref| {scale:.3g}"
+    assert error <= share * scale, (f"{what}: max error {error:.3g} > {share} x max |ref| "
+                                    f"{scale:.3g}")
 
 
 @pytest.mark.gpu
