@@ -1,4 +1,4 @@
-// The SLA linear branch and its gradient (DESIGN.md section 6):
+// The SLA linear branch and its gradient (docs/design.rst section 6):
 // O_l,i = phi(q_i) H_I / (phi(q_i) . Z_I + eps), H_I = sum_{J marginal} phi(K_J)^T V_J,
 // Z_I = sum_{J marginal} phi(K_J)^T 1.
 //

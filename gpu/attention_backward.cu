@@ -1,4 +1,4 @@
-// Attention backward on mma.sync (FlashAttention-2 style), DESIGN.md section 7: the gradients of
+// Attention backward on mma.sync (FlashAttention-2 style), docs/design.rst section 7: the gradients of
 // attention restricted to a fixed kept-tile set, which the forward's plan lists.
 //
 // Four kernels, queued on one stream with no host read between them:

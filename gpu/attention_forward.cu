@@ -1,4 +1,4 @@
-// Fused sparse attention forward (FlashAttention-2 style on mma.sync), DESIGN.md sections 4-5.
+// Fused sparse attention forward (FlashAttention-2 style on mma.sync), docs/design.rst sections 4-5.
 //
 // One CTA of WARPS warps per (query tile, head, batch); each warp owns BLOCK_Q / WARPS rows.
 // The CTA walks its plan entry (an ordered list of key tiles), streaming K and V through

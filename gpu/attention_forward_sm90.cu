@@ -1,4 +1,4 @@
-// Fused sparse attention forward on Hopper warpgroup MMA (wgmma, sm_90a), DESIGN.md sections 4-5.
+// Fused sparse attention forward on Hopper warpgroup MMA (wgmma, sm_90a), docs/design.rst sections 4-5.
 //
 // Same contract, ForwardParams and skip logic as attention_forward.cu (the sm_80 mma.sync
 // kernel; the plan row, vote and epilogue are both kernels' forward_common.cuh); what changes

@@ -1,4 +1,4 @@
-// Warp-specialised fused sparse attention forward for Hopper (sm_90a), DESIGN.md sections 4-5.
+// Warp-specialised fused sparse attention forward for Hopper (sm_90a), docs/design.rst sections 4-5.
 //
 // Same contract, ForwardParams, plan row, skip rules, vote semantics and epilogue as
 // attention_forward_sm90.cu (forward_common.cuh, online_softmax.cuh); what changes is who

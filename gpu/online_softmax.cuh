@@ -21,7 +21,7 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // Per-row running state of the two rows a lane owns. `max2` is in log2 units (scaled logits),
 // `sum` = sum over kept keys of exp2(s2 - max2), `skipped` the bound on skipped mass in the same
-// frame as `sum` (DESIGN.md section 5).
+// frame as `sum` (docs/design.rst section 5).
 struct RowState {
     float max2[2];
     float sum[2];

@@ -1,4 +1,4 @@
-// Plan stage on the GPU (DESIGN.md sections 3-4): tile means for the block scores, and per
+// Plan stage on the GPU (docs/design.rst sections 3-4): tile means for the block scores, and per
 // query tile the ordered visit list of TopK / TopP / dense-by-score, with no host round trip.
 //
 //   tile_means:   mean of each tile's valid rows, fp32, times a factor (the logit scale for q).

@@ -1,4 +1,4 @@
-// The in-loop skip rules of DESIGN.md section 5, one functor type per rule, shared by the CPU
+// The in-loop skip rules of docs/design.rst section 5, one functor type per rule, shared by the CPU
 // (cpu/forward.cpp, through cpu/skip_rules.hpp) and the CUDA kernels. The Python side names
 // each functor (pysparse_attn/_rules.py: `SkipRule.functor`) and passes one float parameter per
 // query head in natural-log units (`SkipRule.kernel_params`).

@@ -7,7 +7,7 @@ change of the core's signatures is absorbed here once. They fix what the adapter
 framework's abstract (fake / shape) evaluation, whatever the backend returns:
 
 * every output is a fresh C-contiguous array (``out`` in the input dtype, canonical layout);
-* ``lse`` is float64 for float64 inputs and float32 otherwise (DESIGN.md section 2);
+* ``lse`` is float64 for float64 inputs and float32 otherwise (docs/design.rst section 2);
 * ``kept`` and ``marginal`` are bool ``(B, H, nq, nk)``;
 * ``dq``, ``dk``, ``dv`` have the dtype and shape of ``q``, ``k``, ``v``; ``dW``/``db`` are
   float64 for float64 inputs and float32 otherwise.

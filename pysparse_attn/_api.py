@@ -227,7 +227,7 @@ def plan(q, k, *, select=None, order=None, peak=4, block=(64, 64), scale=None, l
     k : array ``(B, Hkv, Nk, D)``
         Keys.
     select : None, BlockMask, TopK or TopP
-        The selection method (DESIGN.md section 4); every tile when None.
+        The selection method (docs/design.rst section 4); every tile when None.
     order : {"natural", "score", "peak"} or None
         Visit order of the kept tiles; None means ``"natural"`` (pass ``"peak"`` for a plan
         meant for a skip rule, which is what :func:`attention` picks with ``skip``).
@@ -746,7 +746,7 @@ def sla_vjp(q, k, v, do, *, critical=None, negligible=None, linear="marginal",
 def block_scores(q, k, *, block=(64, 64), scale=None, layout="bhnd"):
     """Block scores: mean-pooled query tiles against centred mean-pooled key tiles.
 
-    ``S_IJ = scale * qbar_I . (kbar_J - mean_J kbar_J)`` (DESIGN.md section 3).
+    ``S_IJ = scale * qbar_I . (kbar_J - mean_J kbar_J)`` (docs/design.rst section 3).
 
     Parameters
     ----------

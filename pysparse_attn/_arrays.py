@@ -1,6 +1,6 @@
 """Arrays in, arrays out: namespaces, devices, dtypes, layouts and argument checks.
 
-Every error of DESIGN.md section 10 that concerns an array is raised here, naming the argument.
+Every error of docs/design.rst section 10 that concerns an array is raised here, naming the argument.
 """
 
 from __future__ import annotations

@@ -438,7 +438,7 @@ def _validate(plan):
 
 
 # ---------------------------------------------------------------------------------------------
-# Block scores and the selection methods (DESIGN.md sections 3 and 4).
+# Block scores and the selection methods (docs/design.rst sections 3 and 4).
 
 
 def pool_tiles(xp, x, b):
@@ -459,7 +459,7 @@ def pool_tiles(xp, x, b):
 
 
 def block_scores(xp, q, k, block, scale):
-    """Block scores ``S_IJ = scale * qbar_I . (kbar_J - mean_J kbar_J)`` of DESIGN.md section 3.
+    """Block scores ``S_IJ = scale * qbar_I . (kbar_J - mean_J kbar_J)`` of docs/design.rst section 3.
 
     ``q (B, Hq, Nq, D)`` and ``k (B, Hkv, Nk, D)`` are floating arrays of namespace ``xp``;
     the result has shape ``(B, Hq, nq, nk)``, float64 for float64 inputs, float32 otherwise.
@@ -484,7 +484,7 @@ def _descending_rank(xp, scores):
 
 
 def _positions(xp, keep, rank, order, peak):
-    """Each kept tile's position in its row's visit list (DESIGN.md section 4 orders)."""
+    """Each kept tile's position in its row's visit list (docs/design.rst section 4 orders)."""
     if order == "natural":
         return xp.cumsum(keep, axis=-1, dtype=xp.int64) - 1
     # Rank among the kept tiles only (a mask may keep tiles of any rank).

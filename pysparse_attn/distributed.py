@@ -19,7 +19,7 @@ contiguous *sequence shard* of q, k and v (``(B, H, n_r, D)``, ranks in sequence
   block scores, exchanged first, say its mass is negligible.
 
 Gradients: :func:`ulysses_attention_vjp` and :func:`ring_attention_vjp`, each with the forward's
-kept set replayed (DESIGN.md section 7).
+kept set replayed (docs/design.rst section 7).
 
 Communicators (:class:`Communicator`) wrap an existing engine, never a home-made transport:
 a caller's ``torch.distributed`` process group (:class:`TorchCommunicator`), a
@@ -860,7 +860,7 @@ def merge_recall(lse, bound):
     ``R = L / (L + U)``.
 
     **Claim.** If every shard certifies ``u_s <= c l_s`` with ``c = (1 - R*)/R*`` (the invariant
-    the ``Recall(R*)`` rule keeps, DESIGN.md section 5), the merged row keeps at least ``R*`` of
+    the ``Recall(R*)`` rule keeps, docs/design.rst section 5), the merged row keeps at least ``R*`` of
     its visited mass.
 
     **Proof.** Multiplying by ``e^{m_s} > 0`` gives ``U_s <= c L_s`` for every shard; summing,
@@ -1097,7 +1097,7 @@ def _ring_mask(xp, mask, shape):
 def _drop_by_mass(xp, qbar, kbar_all, keep, k_tiles, scale, drop_mass):
     """Drop the shards whose estimated mass is below ``drop_mass`` for every row of this rank.
 
-    The estimate is the block-score softmax ``Ŝ`` (DESIGN.md section 3) summed over a shard's
+    The estimate is the block-score softmax ``Ŝ`` (docs/design.rst section 3) summed over a shard's
     kept tiles. A shard holding some row's best kept tile is never dropped, so every row keeps
     a tile.
     """

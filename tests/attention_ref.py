@@ -1,6 +1,6 @@
 """A small, readable float64 oracle written independently of the library.
 
-Nothing here imports ``pysparse_attn``: these functions restate DESIGN.md in the plainest NumPy
+Nothing here imports ``pysparse_attn``: these functions restate docs/design.rst in the plainest NumPy
 so that the library's reference can be checked against something it does not share code with.
 Everything works on canonical ``(B, H, N, D)`` arrays; key/value heads are repeated for GQA.
 """
@@ -86,7 +86,7 @@ def mass_share(q, k, part, whole, block, scale=None):
 
 
 def block_scores_ref(q, k, block, scale=None):
-    """DESIGN.md section 3, tile by tile: ``scale * qbar_I . (kbar_J - mean_J kbar_J)``."""
+    """docs/design.rst section 3, tile by tile: ``scale * qbar_I . (kbar_J - mean_J kbar_J)``."""
     q = np.asarray(q, dtype=np.float64)
     k = expand_kv(k, q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -104,7 +104,7 @@ def descending(scores_row):
 
 
 def visit_order_ref(scores_row, kept_tiles, order, peak=4):
-    """DESIGN.md section 4's visit order of the tiles ``kept_tiles`` of one query tile."""
+    """docs/design.rst section 4's visit order of the tiles ``kept_tiles`` of one query tile."""
     kept_tiles = set(int(j) for j in kept_tiles)
     if order == "natural":
         return sorted(kept_tiles)
@@ -224,7 +224,7 @@ def feature_map_ref(x, name):
 
 
 def linear_branch_ref(q, k, v, marginal, block, feature_map="softmax", eps=0.0):
-    """``O_l`` of DESIGN.md section 6 by the direct sum over each query tile's marginal keys.
+    """``O_l`` of docs/design.rst section 6 by the direct sum over each query tile's marginal keys.
 
     For query tile I: ``H = phi(K_M)^T V_M`` and ``Z = phi(K_M)^T 1`` over the keys ``M`` of its
     marginal tiles; ``O_l,i = phi(q_i) H / (phi(q_i) . Z + eps)``; rows are zero when the tile

@@ -1,4 +1,4 @@
-"""The backend contract of DESIGN.md section 8, checked the same way for every backend.
+"""The backend contract of docs/design.rst section 8, checked the same way for every backend.
 
 A backend's forward is judged against the float64 reference in two parts: (a) its output and
 LSE equal exact attention restricted to the kept set the backend itself reports

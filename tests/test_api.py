@@ -317,7 +317,7 @@ def relative_l2(actual, expected):
 # Loose on purpose: these tests check namespaces and dtypes; the GPU kernels' accuracy is
 # test_gpu_backend.py's subject. Relative L2 bounds: fp32 accumulation, and P rounded to the
 # 16-bit input type before P.V (bf16: 8 significant bits). float32 inputs must keep float32
-# precision (DESIGN.md section 10: nothing is silently cast to a lower precision), so 1e-3.
+# precision (docs/design.rst section 10: nothing is silently cast to a lower precision), so 1e-3.
 # float32 inputs on the GPU run on bf16 tensor cores only with precision="bf16" (issue 9), so
 # float32 gets the bfloat16 bound.
 GPU_RELATIVE_L2 = {"float32": 3e-2, "float16": 5e-3, "bfloat16": 3e-2}

@@ -1,4 +1,4 @@
-"""One backend contract (DESIGN.md section 8) for ``reference``, ``cpu`` and ``cupy``.
+"""One backend contract (docs/design.rst section 8) for ``reference``, ``cpu`` and ``cupy``.
 
 Every case goes through :func:`contract.check_forward`: output and LSE vs exact attention on
 the backend's own kept set, every decision vs the rule within a margin, and the structural

@@ -481,7 +481,7 @@ def test_two_processes_over_gloo(tmp_path):
     options = {"block": BLOCK, "backend": "cpu", "threads": 1}
     dense = psa.attention(q, k, v, **options)
     _assert_close(_join([p["ulysses"] for p in parts]), dense, 1e-12, "ulysses over gloo")
-    # Recall(0.9) per row: |O - O_hat| <= 2 (1 - R) max_j |v_j| (DESIGN.md section 5).
+    # Recall(0.9) per row: |O - O_hat| <= 2 (1 - R) max_j |v_j| (docs/design.rst section 5).
     allowed = 2 * (1 - 0.9) * float(np.linalg.norm(v, axis=-1).max())
     _assert_close(_join([p["ring"] for p in parts]), dense, allowed, "ring (Recall) over gloo")
     expected = psa.attention_vjp(q, k, v, np.ones_like(q), **options)

@@ -1,4 +1,4 @@
-"""Every error of DESIGN.md section 10: the exception type, and a message naming the argument."""
+"""Every error of docs/design.rst section 10: the exception type, and a message naming the argument."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The public plan: builder semantics (DESIGN.md section 4), CSR invariants, the key-major
+"""The public plan: builder semantics (docs/design.rst section 4), CSR invariants, the key-major
 transpose, from_kept, validation of user plans, plan reuse in attention, empty rows."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _clustered_inputs(seed):
 
 
 def _kept_tiles_ref(scores_row, selector):
-    """DESIGN.md section 4's kept set of one query tile, from float64 block scores."""
+    """docs/design.rst section 4's kept set of one query tile, from float64 block scores."""
     nk = len(scores_row)
     by_score = descending(scores_row)
     if selector is None:
@@ -80,7 +80,7 @@ def _check_csr(plan, offsets, indices, n_lists, n_targets):
 @pytest.mark.parametrize("order", ["natural", "score", "peak"])
 @pytest.mark.parametrize("block", [(16, 16), (32, 16), (20, 40)])
 def test_builder_follows_the_selector_definition(selector, order, block):
-    """Every row: the kept set and visit order of DESIGN.md sections 3-4 (partial tiles)."""
+    """Every row: the kept set and visit order of docs/design.rst sections 3-4 (partial tiles)."""
     q, k, _ = _inputs(1)
     select = SELECTORS[selector]
     plan = psa.plan(q, k, select=select, order=order, peak=2, block=block)

@@ -1,4 +1,4 @@
-"""Properties of ``attention`` on the float64 reference backend (DESIGN.md sections 2, 4, 5).
+"""Properties of ``attention`` on the float64 reference backend (docs/design.rst sections 2, 4, 5).
 
 Every test draws fresh random problems (odd lengths, so partial tiles are the rule) and
 compares the library with the independent oracle of ``attention_ref.py``.

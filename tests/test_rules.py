@@ -1,7 +1,7 @@
 """Skip rules (``pysparse_attn/_rules.py``): every rule's decision and guarantee tests.
 
 Validation of scalar and per-head parameters, the kernel parameters and functor names the
-backends receive, the reference margins against DESIGN.md section 5's predicates written out
+backends receive, the reference margins against docs/design.rst section 5's predicates written out
 independently (``attention_ref``), every decision of the reference replayed by that oracle,
 Recall's certificate, and, on every backend, that rules skip on peaked data, that Recall's
 bound is certified and that a per-head rule computes what per-head scalar runs compute.
@@ -38,7 +38,7 @@ PARAMETER = {Blasst: "lam", Cef: "lam", Recall: "target"}
 
 
 def natural_units(rule_type, value):
-    """DESIGN.md section 5's contract parameter, written out: ln lam, lam, (1 - R) / R."""
+    """docs/design.rst section 5's contract parameter, written out: ln lam, lam, (1 - R) / R."""
     if rule_type is Blasst:
         return math.log(value)
     if rule_type is Cef:
@@ -181,7 +181,7 @@ def test_cef_from_mass_is_log_share_of_a_uniform_tile():
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference margins against DESIGN.md section 5's predicates
+# Reference margins against docs/design.rst section 5's predicates
 
 MARGIN_RULES = {
     "blasst": (Blasst, st.floats(1e-8, 1.0)),
@@ -191,7 +191,7 @@ MARGIN_RULES = {
 
 
 def design_predicate(name, threshold, tile_max, m, l, u, n_keys):
-    """DESIGN.md section 5, row ``i`` may skip tile ``J`` when ..., transcribed literally."""
+    """docs/design.rst section 5, row ``i`` may skip tile ``J`` when ..., transcribed literally."""
     if name == "blasst":
         return tile_max - m < math.log(threshold)
     if name == "cef":
@@ -303,7 +303,7 @@ def test_recall_oracle_is_the_kept_share_of_each_softmax_row(problem, density):
 
 @given(problems(sharp=True), st.floats(0.5, 0.999), st.integers(1, 3))
 def test_recall_with_selector_bounds_the_visited_share(problem, recall_target, top):
-    """With a plan, the guarantee covers the visited tiles only (DESIGN.md section 5)."""
+    """With a plan, the guarantee covers the visited tiles only (docs/design.rst section 5)."""
     out, stats = run(problem, select=psa.TopK(k=top), skip=psa.Recall(recall_target))
     assert stats.bounded == (top >= problem.n_tiles[1])  # full rows only if TopK kept all
     share = mass_share(problem.q, problem.k, stats.kept, stats.visited, problem.block,

@@ -1,4 +1,4 @@
-"""Block scores and the plan-stage selectors ``TopK`` and ``TopP`` (DESIGN.md sections 3, 4)."""
+"""Block scores and the plan-stage selectors ``TopK`` and ``TopP`` (docs/design.rst sections 3, 4)."""
 
 from __future__ import annotations
 
@@ -167,6 +167,6 @@ def test_dense_result_does_not_depend_on_the_order(order):
 
 @pytest.mark.parametrize("p, block_k, n_keys", [(0.1, 64, 32760), (1.0, 64, 64), (0.5, 16, 17)])
 def test_cef_from_mass_is_the_log_of_a_uniform_share(p, block_k, n_keys):
-    """``Cef.from_mass(p, Bk, Nk)`` is ``Cef(ln p + ln(Bk / Nk))`` (DESIGN.md section 5)."""
+    """``Cef.from_mass(p, Bk, Nk)`` is ``Cef(ln p + ln(Bk / Nk))`` (docs/design.rst section 5)."""
     assert psa.Cef.from_mass(p, block_k, n_keys).lam == pytest.approx(
         math.log(p) + math.log(block_k / n_keys), rel=1e-15, abs=1e-15)

@@ -1,4 +1,4 @@
-"""SLA: the three-way split, the sparse branch and the linear branch (DESIGN.md section 6).
+"""SLA: the three-way split, the sparse branch and the linear branch (docs/design.rst section 6).
 
 The branch layer (``pysparse_attn.branches``) is checked function by function against the
 float64 oracle; GPU tests (marked ``gpu``) check the cupy backend's linear branch, merge and
@@ -55,7 +55,7 @@ def descending_rank(scores):
 
 
 def expected_split(problem, critical, negligible, linear):
-    """``(critical tiles, marginal tiles)`` from the block scores, as DESIGN.md section 4 says."""
+    """``(critical tiles, marginal tiles)`` from the block scores, as docs/design.rst section 4 says."""
     nk = problem.n_tiles[1]
     scores = block_scores_ref(problem.q, problem.k, problem.block, problem.scale)
     rank = descending_rank(scores)
@@ -142,7 +142,7 @@ def test_identity_projection_adds_exactly_the_linear_branch(problem, split, feat
 @given(problems(), st.floats(0.0, 1.0), st.sampled_from(FEATURE_MAPS),
        st.floats(0.0, 1.0))
 def test_total_minus_rest_equals_the_direct_sum(problem, density, feature_map, eps):
-    """Both ways of forming H and Z (DESIGN.md section 6) agree with the direct sum."""
+    """Both ways of forming H and Z (docs/design.rst section 6) agree with the direct sum."""
     nq, nk = problem.n_tiles
     marginal = problem.rng(2).random(problem.q.shape[:2] + (nq, nk)) < density
     direct = linear_branch_ref(problem.q, problem.k, problem.v, marginal, problem.block,

@@ -1,7 +1,7 @@
 """Gradients: ``attention_vjp`` and ``sla_vjp`` against central finite differences (float64).
 
 The function differentiated is the one the forward computed: its plan and kept set are held
-fixed (DESIGN.md section 7). Each check compares the vjp with a central difference along a
+fixed (docs/design.rst section 7). Each check compares the vjp with a central difference along a
 fresh random direction per argument, which tests every entry of the gradient at once.
 """
 

@@ -208,7 +208,7 @@ def _check_feature_map(feature_map, eps):
 
 
 def linear_branch(q, k, v, marginal, block, feature_map, eps, threads=None, mode=None):
-    """SLA linear branch ``O_l = phi(q) H_I / (phi(q) . Z_I + eps)`` (DESIGN.md section 6).
+    """SLA linear branch ``O_l = phi(q) H_I / (phi(q) . Z_I + eps)`` (docs/design.rst section 6).
 
     Parameters
     ----------

@@ -642,7 +642,7 @@ def _tile_means(cupy, x, tile, factor):
 
 
 def fused_block_scores(q, k, block, scale):
-    """Block scores of DESIGN.md section 3 for 16-bit CuPy inputs: float32 ``(B, Hq, nq, nk)``.
+    """Block scores of docs/design.rst section 3 for 16-bit CuPy inputs: float32 ``(B, Hq, nq, nk)``.
 
     Two kernels: the tile means of q and of k (one pass over each), then the centred products
     (``block_scores`` in ``gpu/plan_select.cu``).

@@ -1,6 +1,6 @@
 """SLA's linear branch, its merge with the sparse output, and the projection's gradients.
 
-The math (DESIGN.md section 6), per (batch, query head) and query tile ``I``::
+The math (docs/design.rst section 6), per (batch, query head) and query tile ``I``::
 
     H_J = phi(K_J)^T V_J,  Z_J = phi(K_J)^T 1                   per key tile J
     H_I = sum_{J marginal for I} H_J,  Z_I = sum ... Z_J        one GEMM of the 0/1 marginal
