@@ -25,8 +25,8 @@ into the compiled computation as a ``buffer_callback`` that runs on XLA's own CU
 (``ctx.stream``, entered as a CuPy ``ExternalStream``), imports the input buffers with
 ``cupy.from_dlpack`` (zero copy), runs the core's ``cupy`` backend and copies each result into
 its output buffer on that stream. Which route a call takes is decided per lowering platform
-(``jax.lax.platform_dependent``), so one jitted function serves CPU and GPU arrays. The sparse
-backward of the ``cupy`` backend may itself still run on the host (see
+(``jax.lax.platform_dependent``), so one jitted function serves CPU and GPU arrays. The ``cupy``
+backend's backward runs on the device too (its own kernels, see
 :mod:`pysparse_attn.backends.cupy`); the route adds no copy of its own.
 
 **Options.** Non-array options (selector, rule, scalars) are static: they are encoded once per
