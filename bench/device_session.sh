@@ -7,8 +7,10 @@
 #   public     bench/public_call.py: the public calls beside the kernels and the anchors
 #   backward   bench/gpu.py --steps backward: the backward kernels beside cuDNN / SLA
 #   ablation   bench/forward_ablation.py: leave-one-out variants of the Hopper forward
+#   compare    bench/forward_ablation.py --mode compare: the sm90_ws kernel against wgmma
 #   workloads  bench/gpu_workloads.sh: plan reuse over a trajectory, the method sweep
 #   train      bench/train_step.py and bench/finetune_sla.py
+#   sla_backward  bench/sla_backward_timing.py: sla_vjp whole and its pieces
 # Needs the wheels carried in .whl/ (array-api-compat; diffusers for the adapters), and .peers/.
 # Writes logs under $OUT and everything else in $OUT/results.tgz.
 set -u
@@ -49,6 +51,11 @@ if want ablation && [ -f bench/forward_ablation.py ]; then
   stamp ablation
   timeout "${ABL_S:-120}" python3 bench/forward_ablation.py --out "$RES" > "$RES/ablation.log" 2>&1
   tail -30 "$RES/ablation.log"
+fi
+if want compare && [ -f bench/forward_ablation.py ]; then
+  stamp compare
+  timeout "${CMP_S:-150}" python3 bench/forward_ablation.py --mode compare --out "$RES" > "$RES/compare.log" 2>&1
+  tail -30 "$RES/compare.log"
 fi
 if want public; then
   stamp public
