@@ -42,6 +42,7 @@ from . import torch as psa_torch
 from ._select import BlockMask
 
 __all__ = ["apply_sparse_attention", "SparseWanAttnProcessor", "WanSparseAttention",
+           "self_attention_qkv",
            "LayerStats"]
 
 
@@ -163,6 +164,24 @@ def _rotate(x, freqs_cos, freqs_sin):
     return rotated.flatten(-2).to(x.dtype)
 
 
+def self_attention_qkv(attn, hidden_states, rotary_emb=None):
+    """The query, key and value a ``WanAttention`` self-attention layer attends, (B, N, H, D).
+
+    Wan's projections, RMS norms and rotary embedding, as diffusers' ``WanAttnProcessor``
+    applies them; the layout is pysparse_attn's ``"bnhd"``.
+    """
+    if getattr(attn, "fused_projections", False):
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query, key, value = (attn.to_q(hidden_states), attn.to_k(hidden_states),
+                             attn.to_v(hidden_states))
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+    if rotary_emb is not None:
+        query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
+    return query, key, value
+
+
 class SparseWanAttnProcessor(torch.nn.Module):
     """A ``WanAttention`` processor running self-attention through pysparse_attn.
 
@@ -227,16 +246,7 @@ class SparseWanAttnProcessor(torch.nn.Module):
         if getattr(self.stock, "_parallel_config", None) is not None:
             raise ValueError("context parallelism is not supported by pysparse_attn's Wan "
                              "processor")
-        if getattr(attn, "fused_projections", False):
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = (attn.to_q(hidden_states), attn.to_k(hidden_states),
-                                 attn.to_v(hidden_states))
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        # (B, N, H, D): pysparse_attn's "bnhd" layout.
-        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-        if rotary_emb is not None:
-            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
+        query, key, value = self_attention_qkv(attn, hidden_states, rotary_emb)
         out, stats = self._attend(query, key, value)
         self._record(query, key, stats.kept)
         out = out.flatten(2, 3).type_as(query)
