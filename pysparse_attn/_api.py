@@ -10,8 +10,8 @@ import numpy as np
 
 from . import backends
 from ._arrays import (LAYOUTS, Canonical, _check_finite, _check_rank_and_dtype,
-                      as_backend_array, canonicalize, check_block, check_scale, check_tile_mask,
-                      float_dtype_name, namespace_of, on_caller_stream, on_cuda)
+                      as_backend_array, canonicalize, check_array, check_block, check_scale,
+                      check_tile_mask, float_dtype_name, namespace_of, on_caller_stream, on_cuda)
 from ._plan import ORDERS, Plan, build_plan, tile_count
 from .branches import linear as _linear
 from .branches.feature_maps import FEATURE_MAPS
@@ -525,10 +525,7 @@ def _grad_dtype(call: _Call):
 def _check_saved_array(call: _Call, name, x):
     """``x`` on the backend's device, checked to come from the namespace and device of q."""
     a = call.arrays
-    if not (isinstance(x, np.ndarray) or hasattr(x, "__dlpack__")
-            or hasattr(x, "__cuda_array_interface__")):
-        raise TypeError(f"{name} must be an array (NumPy, CuPy or a DLPack producer), "
-                        f"got {type(x).__name__}")
+    check_array(name, x)
     if on_cuda(x) != a.inputs_on_gpu:
         raise ValueError(f"{name} must live on the device of q (the forward's saved tensor)")
     if a.namespace and namespace_of(x) != a.namespace:

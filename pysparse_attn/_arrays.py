@@ -168,6 +168,15 @@ def _to_backend_array(name, x, on_gpu):
                         "NumPy array with ml_dtypes.bfloat16") from error
 
 
+def check_array(name, x):
+    """A ``TypeError`` naming ``name`` unless ``x`` is an array this library reads: NumPy, or any
+    object exporting DLPack or the CUDA array interface."""
+    if not (isinstance(x, np.ndarray) or hasattr(x, "__dlpack__")
+            or hasattr(x, "__cuda_array_interface__")):
+        raise TypeError(f"{name} must be an array (NumPy, CuPy or a DLPack producer), "
+                        f"got {type(x).__name__}")
+
+
 def as_backend_array(name, x, on_gpu):
     """Any array-like as a NumPy (host) or CuPy (GPU) array, moving it between devices if needed.
 
@@ -250,10 +259,7 @@ class Canonical:
 
     def like_q(self, name, x):
         """Validate an array shaped like ``q`` (a cotangent) and give its canonical view."""
-        if not (isinstance(x, np.ndarray) or hasattr(x, "__dlpack__")
-                or hasattr(x, "__cuda_array_interface__")):
-            raise TypeError(f"{name} must be an array (NumPy, CuPy or a DLPack producer), "
-                            f"got {type(x).__name__}")
+        check_array(name, x)
         if on_cuda(x) != self.inputs_on_gpu:
             raise ValueError(f"{name} must live on the device of q")
         x = as_backend_array(name, x, self.on_gpu)
@@ -321,10 +327,7 @@ def canonicalize(arrays: dict, *, layout: str, device: str = "auto",
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     names = list(arrays)
     for name, x in arrays.items():
-        if not (isinstance(x, np.ndarray) or hasattr(x, "__dlpack__")
-                or hasattr(x, "__cuda_array_interface__")):
-            raise TypeError(f"{name} must be an array (NumPy, CuPy or a DLPack producer), "
-                            f"got {type(x).__name__}")
+        check_array(name, x)
     first = arrays[names[0]]
     kinds = {name: ("gpu" if on_cuda(x) else "host") for name, x in arrays.items()}
     if len(set(kinds.values())) > 1:
