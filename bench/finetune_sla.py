@@ -36,13 +36,13 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from pysparse_attn.bench.results import git_commit  # noqa: E402
 
 # Presets: the GPU one sizes N = 16 x 16 x 16 = 4096 tokens (64 key tiles of 64: 95% sparsity
 # keeps 3 of them per query tile) and stays within 4 minutes even when the GPU backward is the
@@ -68,14 +68,6 @@ def _needs(module, package):
     except ImportError as error:
         sys.exit(f"finetune_sla.py needs the Python package '{package}' ({error}); install it "
                  f"(pip install {package}) or carry its wheel (bench/wheels.txt lists them)")
-
-
-def _commit():
-    def run(*command):
-        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    sha = run("git", "rev-parse", "--short", "HEAD") or "unknown"
-    return sha + ("+uncommitted" if run("git", "status", "--porcelain") else "")
 
 
 class Clock:
@@ -390,7 +382,7 @@ def main(argv=None):
     device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
                    else f"CPU ({os.cpu_count()} cores)")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    record = dict(device_name=device_name, date=stamp, commit=_commit(),
+    record = dict(device_name=device_name, date=stamp, commit=git_commit(),
                   command=" ".join(["bench/finetune_sla.py"] + (argv if argv is not None
                                                                 else sys.argv[1:])),
                   wall_s=clock.elapsed(), **record)

@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / ".peers"))
+from pysparse_attn.bench.results import git_commit  # noqa: E402
 
 #: label -> macros (without the -D) of gpu/attention_forward_sm90.cu's timing variants.
 VARIANTS = {
@@ -45,12 +45,6 @@ VARIANTS = {
     "no vote (rule evaluated)": ("PSA_ABLATE_NO_VOTE",),
     "warpgroup vote": ("PSA_ABLATE_WARPGROUP_VOTE",),
 }
-
-
-def _commit():
-    run = lambda *a: subprocess.run(a, cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    sha = run("git", "rev-parse", "--short", "HEAD") or "unknown"
-    return sha + ("+uncommitted" if run("git", "status", "--porcelain") else "")
 
 
 def _timer(cupy):
@@ -93,7 +87,7 @@ def main():
     timer, timing = _timer(cupy)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
     meta = dict(device=cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(), date=stamp,
-                commit=_commit(), command=" ".join(sys.argv), shape=[B, H, N, D],
+                commit=git_commit(), command=" ".join(sys.argv), shape=[B, H, N, D],
                 block=list(block), dtype="bfloat16", timing=timing)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -39,19 +39,7 @@ sys.path.insert(0, str(ROOT))
 from pysparse_attn._plan import tile_count  # noqa: E402
 from pysparse_attn._rules import Blasst, Cef, Recall  # noqa: E402
 from pysparse_attn._select import TopK, TopP  # noqa: E402
-
-
-def _commit():
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
-                               text=True).stdout.strip()
-    except OSError:
-        return "uncommitted"
-    if not sha:
-        return "uncommitted"
-    return sha + ("+uncommitted" if dirty else "")
+from pysparse_attn.bench.results import git_commit  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,7 +616,7 @@ def main():
     except Exception as error:
         device = f"no GPU ({error})"
     stamp = datetime.datetime.now(datetime.timezone.utc)
-    meta = dict(device=device, date=stamp.isoformat(timespec="seconds"), commit=_commit(),
+    meta = dict(device=device, date=stamp.isoformat(timespec="seconds"), commit=git_commit(),
                 command=" ".join([Path(sys.executable).name] + sys.argv), host=platform.node())
     log(f"device: {device}; commit {meta['commit']}; {meta['date']}")
     status = 0

@@ -19,19 +19,13 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / ".peers"))
-
-
-def _commit():
-    run = lambda *a: subprocess.run(a, cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    sha = run("git", "rev-parse", "--short", "HEAD") or "unknown"
-    return sha + ("+uncommitted" if run("git", "status", "--porcelain") else "")
+from pysparse_attn.bench.results import git_commit  # noqa: E402
 
 
 def main():
@@ -59,7 +53,7 @@ def main():
     scale = D ** -0.5
     device = torch.cuda.get_device_name()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    meta = dict(device=device, date=stamp, commit=_commit(), command=" ".join(sys.argv),
+    meta = dict(device=device, date=stamp, commit=git_commit(), command=" ".join(sys.argv),
                 shape=[B, H, N, D], block=list(block), dtype="bfloat16")
     records = []
 

@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,20 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, ".peers")
+from pysparse_attn.bench.results import git_commit  # noqa: E402
 
 SHAPE = (1, 12, 32760, 128)
 SMALL_N = 4096
 # A call slower than this is not given to do_bench (which would repeat it for seconds):
 # it is timed by CUDA events over a few repetitions instead.
 SLOW_MS = 500.0
-
-
-def _commit():
-    def run(*command):
-        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    sha = run("git", "rev-parse", "--short", "HEAD") or "unknown"
-    return sha + ("+uncommitted" if run("git", "status", "--porcelain") else "")
 
 
 class Recorder:
@@ -246,7 +238,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("train_step.py needs a CUDA GPU (torch sees none)")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    meta = dict(device=torch.cuda.get_device_name(), date=stamp, commit=_commit(),
+    meta = dict(device=torch.cuda.get_device_name(), date=stamp, commit=git_commit(),
                 command=" ".join(["bench/train_step.py"]
                                  + (argv if argv is not None else sys.argv[1:])),
                 shape=list(SHAPE), dtype="bfloat16", critical=args.critical,

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections import defaultdict
 from pathlib import Path
 
 __all__ = ["RESULT_FORMAT", "RESULT_FIELDS", "DOCS_GRID", "method_label", "export_sweep",
-           "write_results", "read_results", "render_method_tables"]
+           "write_results", "read_results", "render_method_tables", "git_commit"]
 
 RESULT_FORMAT = "pysparse_attn.result/1"
 
@@ -241,3 +242,19 @@ def render_method_tables(results, kinds=(("gpu", "GPU"), ("cpu", "CPU"))):
                               f"     - {r['recall_min']:.3f} / {r['recall_mean']:.3f}"]
                 lines.append("")
     return "\n".join(lines)
+
+
+def git_commit() -> str:
+    """The short commit of the code measured, ``+dirty`` when tracked files have local changes
+    (``"uncommitted"`` outside a git checkout): the ``commit`` field of every record."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                                capture_output=True, timeout=10)
+        if commit.returncode != 0:
+            return "uncommitted"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, text=True, capture_output=True, timeout=10)
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "uncommitted"

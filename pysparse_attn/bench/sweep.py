@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import numpy as np
 
 from .. import workloads as _workloads
 from .methods import METHODS
+from .results import git_commit
 from .timing import time_rounds
 from .metrics import (dense_reference, error_metrics, recall_from_tile_mass, recall_metrics,
                       sample_rows, sampled_reference)
@@ -253,20 +253,6 @@ def parse_workload(text: str, *, dtype="float32", block=(64, 64), seed=0) -> Wor
                      f"'video:TxHxW:HEADS:HEAD_DIM:KINDS[:SHARPNESS]', got {text!r}")
 
 
-def _git_commit() -> str:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
-                                capture_output=True, timeout=10)
-        if commit.returncode != 0:
-            return "uncommitted"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, text=True, capture_output=True, timeout=10)
-        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "uncommitted"
-
-
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -298,7 +284,7 @@ def environment(backend: str, argv=None) -> dict:
     return {
         "type": "environment",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "command": " ".join(sys.argv if argv is None else argv),
         "pysparse_attn": __version__,
         "python": platform.python_version(),
