@@ -18,8 +18,7 @@ reaching ``W``, ``b`` and the model) and how much of the loss and of the deviati
 model a short fine-tune recovers at 95% sparsity. It is small and synthetic: a few million
 parameters, a few thousand tokens, blobs instead of video latents, minutes of training. It says
 nothing about the quality of a fine-tuned Wan2.1 on real videos, and its step times are those of
-a small model (attention is a small share of them, and the GPU backward may still be the host
-fallback; see the record's ``gpu_backward`` field).
+a small model (attention is a small share of them).
 
     python3 bench/finetune_sla.py --device cuda --out DIR      # GPU preset, <= 4 minutes
     python3 bench/finetune_sla.py --smoke                      # CPU, seconds (CI runs this)
@@ -45,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 from pysparse_attn.bench.results import git_commit  # noqa: E402
 
 # Presets: the GPU one sizes N = 16 x 16 x 16 = 4096 tokens (64 key tiles of 64: 95% sparsity
-# keeps 3 of them per query tile) and stays within 4 minutes even when the GPU backward is the
-# host fallback (the fine-tune stops at --time-budget); the smoke one runs on a CPU in seconds.
+# keeps 3 of them per query tile) and stays within 4 minutes (the fine-tune stops at
+# --time-budget); the smoke one runs on a CPU in seconds.
 PRESETS = {
     "gpu": dict(frames=16, height=32, width=32, layers=4, heads=4, head_dim=64, ffn=512,
                 batch=4, steps_dense=400, steps_finetune=600, lr=1e-3, lr_finetune=2e-3,
@@ -206,23 +205,6 @@ def median_ms(times, skip=3):
     return 1e3 * kept[len(kept) // 2] if kept else None
 
 
-def gpu_backward_kind():
-    """Where the cupy backend computes the sparse backward: "host fallback" or "device kernel".
-
-    Read from its source (the host fallback calls the cpu backend), so records say which one
-    their step times include.
-    """
-    import inspect
-
-    try:
-        from pysparse_attn.backends import cupy as gpu
-
-        source = inspect.getsource(gpu.attention_backward)
-    except (ImportError, OSError, TypeError):
-        return "unknown"
-    return "host fallback" if "cpu.attention_backward(" in source else "device kernel"
-
-
 def run(args, clock):
     torch = _needs("torch", "torch")
     _needs("diffusers", "diffusers")
@@ -287,7 +269,6 @@ def run(args, clock):
         tile_sparsity=1 - critical_tiles / nk,
         measured_sparsity=sum(sparsity) / len(sparsity) if sparsity else None,
         parameters=parameters, precision=options.get("precision"),
-        gpu_backward=gpu_backward_kind() if device.type == "cuda" else None,
         dense=dict(train_loss_last=dense_losses[-1], eval_loss=dense_eval["loss"],
                    step_ms=median_ms(dense_times), steps=len(dense_losses)),
         sla_before=before, sla_after=after,
@@ -329,8 +310,7 @@ def summary(record):
         "",
         f"Error after / before: {ratio:.3f} (target <= 0.5: {target})." if ratio is not None
         else "Error after / before: undefined (zero error before).",
-        f"Step time: dense {r['dense']['step_ms']:.1f} ms, SLA {r['finetune']['step_ms']:.1f} ms"
-        + (f" (GPU backward: {r['gpu_backward']})" if r["gpu_backward"] else "") + ".",
+        f"Step time: dense {r['dense']['step_ms']:.1f} ms, SLA {r['finetune']['step_ms']:.1f} ms.",
         f"Fine-tuning ran {r['finetune']['steps_run']} of {r['finetune']['steps_asked']} steps "
         f"(time budget {r['config']['time_budget']:.0f} s); measured SLA sparsity "
         f"{r['measured_sparsity']:.1%}." if r["measured_sparsity"] is not None else "",

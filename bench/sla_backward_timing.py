@@ -4,15 +4,13 @@ bf16, B=1, H=12, N=32,760, D=128, 128x64 tiles, ``critical=0.05``, ``negligible=
 share ~50%), with W and b; the forward's saved out/lse and kept set are given, as an autograd
 bridge gives them. Every piece is queued on the GPU with no host read; timed with
 ``triton.testing.do_bench`` (median) when Triton is importable, else CUDA events (median of
-runs after warm-up). When the sparse backward is still the host fallback of the cupy backend,
-only the GPU pieces (linear side, dW/db) are timed and the table says so.
+runs after warm-up).
 
     python bench/sla_backward_timing.py [--n 32760] [--heads 12] [--linear marginal]
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 
 import ml_dtypes
 import numpy as np
@@ -46,13 +44,6 @@ def timer():
         return events, "CUDA events (median)"
     return (lambda f: float(do_bench(f, warmup=25, rep=200, return_mode="median")),
             "triton.testing.do_bench (median)")
-
-
-def sparse_backward_is_host_fallback() -> bool:
-    try:
-        return "cpu.attention_backward(" in inspect.getsource(backend.attention_backward)
-    except (OSError, TypeError):
-        return False
 
 
 def main():
@@ -92,25 +83,20 @@ def main():
     def row(name, function, note=""):
         rows.append((name, time(function), note))
 
-    fallback = sparse_backward_is_host_fallback()
-    if fallback:
-        print("NOTE: the cupy backend's attention_backward is still the host fallback (cpu "
-              "backend on the host): sla_vjp whole and the sparse backward are NOT timed")
-    else:
-        row("sla_vjp whole (saved out, lse, kept, plan)",
-            lambda: psa.sla_vjp(q, k, v, do, plan=plan, kept=kept, out=out, lse=lse, **options))
-        row("sla_vjp whole, deterministic=True",
-            lambda: psa.sla_vjp(q, k, v, do, plan=plan, kept=kept, out=out, lse=lse,
-                                deterministic=True, **options))
-        row("sla_vjp whole (kept only: sparse backward recomputes O_s, LSE)",
-            lambda: psa.sla_vjp(q, k, v, do, plan=plan, kept=kept, **options))
-        o_sparse = backend.sla_linear_vjp(q, k, v, do, marginal, block, "softmax", eps, weight,
-                                          bias, out, mode=args.linear)[3]
-        lse_c = cupy.ascontiguousarray(cupy.asarray(lse), dtype=cupy.float32)
-        kept_c = cupy.asarray(kept)
-        row("  sparse backward (attention_backward, saved O_s, LSE)",
-            lambda: backend.attention_backward(q, k, v, do, kept_c, block, scale, out=o_sparse,
-                                               lse=lse_c, grad_dtype=None))
+    row("sla_vjp whole (saved out, lse, kept, plan)",
+        lambda: psa.sla_vjp(q, k, v, do, plan=plan, kept=kept, out=out, lse=lse, **options))
+    row("sla_vjp whole, deterministic=True",
+        lambda: psa.sla_vjp(q, k, v, do, plan=plan, kept=kept, out=out, lse=lse,
+                            deterministic=True, **options))
+    row("sla_vjp whole (kept only: sparse backward recomputes O_s, LSE)",
+        lambda: psa.sla_vjp(q, k, v, do, plan=plan, kept=kept, **options))
+    o_sparse = backend.sla_linear_vjp(q, k, v, do, marginal, block, "softmax", eps, weight,
+                                      bias, out, mode=args.linear)[3]
+    lse_c = cupy.ascontiguousarray(cupy.asarray(lse), dtype=cupy.float32)
+    kept_c = cupy.asarray(kept)
+    row("  sparse backward (attention_backward, saved O_s, LSE)",
+        lambda: backend.attention_backward(q, k, v, do, kept_c, block, scale, out=o_sparse,
+                                           lse=lse_c, grad_dtype=None))
     row("  linear side whole (sla_linear_vjp, with O_s)",
         lambda: backend.sla_linear_vjp(q, k, v, do, marginal, block, "softmax", eps, weight,
                                        bias, out, mode=args.linear))
@@ -149,8 +135,7 @@ def main():
     print(f"{'piece'.ljust(width)}  {'ms':>8}")
     for name, ms, note in rows:
         print(f"{name.ljust(width)}  {ms:8.3f}  {note}")
-    if not fallback:
-        print("target: sla_vjp whole <= 3.5 ms (issue 10)")
+    print("target: sla_vjp whole <= 3.5 ms (issue 10)")
 
 
 if __name__ == "__main__":
