@@ -3,6 +3,8 @@
 # Usage there: [STAGES=tests,sanitize,public,...] bash bench/device_session.sh [pytest -k expr]
 # Stages (comma list, default "tests,sanitize,public"):
 #   tests      pytest -m gpu (TEST_S seconds; TEST_FILES to narrow)
+#   ws         the sm90_ws forward alone: a smoke run under a short timeout, then its tests and
+#              sanitizers (narrow the others with "not sm90_ws" and PSA_SANITIZE_KERNELS)
 #   sanitize   compute-sanitizer memcheck + racecheck on every kernel instance (bench/gpu.py)
 #   public     bench/public_call.py: the public calls beside the kernels and the anchors
 #   backward   bench/gpu.py --steps backward: the backward kernels beside cuDNN / SLA
@@ -36,6 +38,23 @@ if want tests; then
   echo "gpu tests rc=$?: $(grep -E '(passed|failed|error)' "$RES/gpu-tests.log" | tail -1)"
   grep -E "^(FAILED|ERROR)" "$RES/gpu-tests.log" | cut -c1-240 | head -40
   cp "$RES/gpu-tests.log" "$OUT/" 2>/dev/null
+fi
+if want ws; then
+  # The warp-specialised forward on its own: a hang in its mbarrier handshakes must not stall
+  # the other stages, so a smoke run under a short timeout gates its tests and sanitizers.
+  stamp ws
+  timeout "${WS_SMOKE_S:-60}" python3 bench/forward_ablation.py --mode smoke > "$RES/ws-smoke.log" 2>&1
+  rc=$?; echo "sm90_ws smoke rc=$rc"; tail -8 "$RES/ws-smoke.log"
+  if [ $rc -eq 0 ]; then
+    timeout "${WS_TEST_S:-120}" python3 -m pytest -q -m gpu -n "${TEST_N:-8}" -p no:cacheprovider \
+      -k sm90_ws tests > "$RES/ws-tests.log" 2>&1
+    echo "sm90_ws tests rc=$?: $(grep -E '(passed|failed|error)' "$RES/ws-tests.log" | tail -1)"
+    grep -E "^(FAILED|ERROR)" "$RES/ws-tests.log" | cut -c1-240 | head -20
+    mkdir -p "$RES/ws-sanitize"
+    PSA_SANITIZE_KERNELS=sm90_ws timeout "${WS_SAN_S:-120}" python3 bench/gpu.py --steps sanitize \
+      --out "$RES/ws-sanitize" > "$RES/ws-sanitize.log" 2>&1
+    tail -3 "$RES/ws-sanitize.log"
+  fi
 fi
 if want sanitize; then
   stamp sanitize

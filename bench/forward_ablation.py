@@ -65,9 +65,37 @@ def _timer(cupy):
         return timer, "CUDA events median of 7"
 
 
+def smoke(cupy, backend):
+    """sm90_ws against wgmma on small odd shapes, each call synchronised (a hang stops here)."""
+    import numpy as np
+
+    from gpu import rel_l2
+    from pysparse_attn._rules import Blasst, Recall
+
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for D, bq in ((128, 128), (64, 64), (128, 64)):
+        q, k, v = (cupy.asarray(rng.standard_normal((1, 2, n, D)).astype(np.float32) * 2
+                                ).astype(np.float16) for n in (300, 1000, 1000))
+        for rule, order in ((None, "natural"), (Blasst(0.05), "peak"), (Recall(0.8), "peak")):
+            plan = backend.build_plan(cupy, q, k, None, order, 4, (bq, 64), D ** -0.5)
+            started = time.time()
+            got = backend.forward(q, k, v, plan, rule, D ** -0.5, True, kernel="sm90_ws")
+            cupy.cuda.runtime.deviceSynchronize()
+            want = backend.forward(q, k, v, plan, rule, D ** -0.5, True, kernel="wgmma")
+            error = rel_l2(cupy, got[0], want[0])
+            same_kept = bool((got[2] == want[2]).all())
+            worst = max(worst, error)
+            print(f"D={D} bq={bq} rule={rule!r}: rel_l2 {error:.2e}, kept equal {same_kept}, "
+                  f"{time.time() - started:.1f} s", flush=True)
+    return 0 if worst < 2e-2 else 1
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("ablation", "compare"), default="ablation")
+    parser.add_argument("--mode", choices=("ablation", "compare", "smoke"), default="ablation",
+                        help="ablation: leave-one-out variants; compare: sm90 vs sm90_ws; smoke: "
+                             "sm90_ws once on small shapes against wgmma (exit 1 if they differ)")
     parser.add_argument("--quick", action="store_true", help="N = 8192 instead of 32,760")
     parser.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench" / "results")),
                         help="folder for the JSON lines")
@@ -81,6 +109,8 @@ def main():
     from pysparse_attn._select import TopK
     from pysparse_attn.backends import cupy as backend
 
+    if args.mode == "smoke":
+        sys.exit(smoke(cupy, backend))
     B, H, N, D = 1, 12, 8192 if args.quick else 32760, 128
     block, scale = (128, 64), D ** -0.5
     q, k, v = video_like(cupy, B, H, N, D, strength=1.0, seed=0)

@@ -229,7 +229,11 @@ def sanitize_target():
 
     cupy.cuda.set_allocator(None)  # plain cudaMalloc: out-of-bounds accesses are visible
     rng = np.random.default_rng(0)
-    kernels = [name for name in backend.KERNELS if backend.kernel_unavailable_reason(name) is None]
+    # PSA_SANITIZE_KERNELS (comma list) narrows the families, so that one not yet proven on the
+    # device (a hang under the sanitizer stalls everything after it) gets its own call.
+    chosen = os.environ.get("PSA_SANITIZE_KERNELS")
+    kernels = [name for name in backend.KERNELS if backend.kernel_unavailable_reason(name) is None
+               and (not chosen or name in chosen.split(","))]
     rules = {rule.functor: rule for rule in (Blasst(0.5), Cef(-1.0), Recall(0.5),
                                              Recall(0.5, exact=True))}
     for kernel, (dtype, D, bq, bk, functor) in ((kernel, key) for kernel in kernels
