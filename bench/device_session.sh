@@ -51,7 +51,7 @@ if want ws; then
     echo "sm90_ws tests rc=$?: $(grep -E '(passed|failed|error)' "$RES/ws-tests.log" | tail -1)"
     grep -E "^(FAILED|ERROR)" "$RES/ws-tests.log" | cut -c1-240 | head -20
     mkdir -p "$RES/ws-sanitize"
-    PSA_SANITIZE_KERNELS=sm90_ws timeout "${WS_SAN_S:-120}" python3 bench/gpu.py --steps sanitize \
+    PSA_SANITIZE_KERNELS=sm90_ws PSA_SANITIZE_FORWARD_ONLY=1 timeout "${WS_SAN_S:-120}" python3 bench/gpu.py --steps sanitize \
       --out "$RES/ws-sanitize" > "$RES/ws-sanitize.log" 2>&1
     tail -3 "$RES/ws-sanitize.log"
   fi
@@ -88,7 +88,7 @@ if want workloads && [ -f bench/gpu_workloads.sh ]; then
 fi
 if want train; then
   stamp train
-  [ -f bench/train_step.py ] && timeout "${TRAIN_S:-120}" python3 bench/train_step.py \
+  [ -f bench/train_step.py ] && [ "${TRAIN_S:-120}" -gt 0 ] && timeout "${TRAIN_S:-120}" python3 bench/train_step.py \
     --out "$RES" > "$RES/train_step.log" 2>&1; tail -20 "$RES/train_step.log" 2>/dev/null
   [ -f bench/finetune_sla.py ] && timeout "${FT_S:-260}" python3 bench/finetune_sla.py \
     --device cuda --out "$RES" > "$RES/finetune.log" 2>&1; tail -25 "$RES/finetune.log" 2>/dev/null
