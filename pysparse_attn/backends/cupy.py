@@ -146,7 +146,8 @@ def _shared_bytes_sm90_ws(head_dim, block_q, block_k=64):
 
 
 #: Forward kernels by name, with the compute capabilities (major, minor) each runs on.
-#: ``sm90_ws`` is opt-in (``kernel="sm90_ws"``) until measured on the device.
+#: :func:`default_kernel` picks ``sm90_ws`` on Hopper (measured faster than ``wgmma`` on every
+#: case of bench/results/forward-v2.md), ``mma_sync`` elsewhere.
 KERNELS = {"wgmma": ((9, 0),), "mma_sync": None, "sm90_ws": ((9, 0),)}  # None: any >= 8.0
 
 #: Plan-stage instances: tile means per (dtype name, head dim), and the tile selector.
@@ -295,9 +296,9 @@ def kernel_unavailable_reason(kernel: str):
 
 
 def default_kernel() -> str:
-    """``"wgmma"`` where :data:`KERNELS` says it runs (compute capability 9.0), else
-    ``"mma_sync"``."""
-    return "wgmma" if kernel_unavailable_reason("wgmma") is None else "mma_sync"
+    """``"sm90_ws"`` where :data:`KERNELS` says it runs (compute capability 9.0), else
+    ``"mma_sync"``. ``"wgmma"`` (the single-role warpgroup kernel) stays selectable."""
+    return "sm90_ws" if kernel_unavailable_reason("sm90_ws") is None else "mma_sync"
 
 
 @functools.lru_cache(maxsize=None)
@@ -520,8 +521,8 @@ def forward(q, k, v, plan, rule, scale, want_stats, out_dtype=None, warps=None, 
         Warps per CTA of the mma.sync kernel, overriding :data:`WARPS` (for benchmarks; 4 or
         ``Bq / 16``).
     kernel : {"wgmma", "sm90_ws", "mma_sync"}, optional
-        Forward family (:data:`KERNELS`); :func:`default_kernel` when None. ``"sm90_ws"`` is
-        the warp-specialised TMA kernel (opt-in).
+        Forward family (:data:`KERNELS`); :func:`default_kernel` when None. ``"sm90_ws"``, the
+        warp-specialised TMA kernel, is the default on Hopper.
     _ablation : tuple of str, private
         Timing-only ``PSA_ABLATE_*`` variants of the wgmma kernel (bench/forward_ablation.py);
         their results are wrong by design. Not reachable from the public API.
