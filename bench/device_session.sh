@@ -73,7 +73,7 @@ if want ablation && [ -f bench/forward_ablation.py ]; then
 fi
 if want compare && [ -f bench/forward_ablation.py ]; then
   stamp compare
-  timeout "${CMP_S:-150}" python3 bench/forward_ablation.py --mode compare --out "$RES" > "$RES/compare.log" 2>&1
+  timeout "${CMP_S:-150}" python3 bench/forward_ablation.py --mode compare ${CMP_ARGS:-} --out "$RES" > "$RES/compare.log" 2>&1
   tail -30 "$RES/compare.log"
 fi
 if want public; then

@@ -1,7 +1,7 @@
 """Where the sm90 forward's time goes: leave-one-out variants, and sm90 against sm90_ws.
 
 Two modes, both at B=1, H=12, N=32,760, D=128, bf16, 128x64 tiles, on the video-like heads of
-``bench/gpu.py`` (strength 1.0), beside torch SDPA cuDNN in the same process:
+``bench/gpu.py`` (``--strength``, default 1.0), beside torch SDPA cuDNN in the same process:
 
 ``--mode ablation`` (default): the wgmma kernel (``gpu/attention_forward_sm90.cu``) rebuilt with
 each timing-only ``PSA_ABLATE_*`` macro (the list is in that file's header), timed dense
@@ -97,6 +97,9 @@ def main():
                         help="ablation: leave-one-out variants; compare: sm90 vs sm90_ws; smoke: "
                              "sm90_ws once on small shapes against wgmma (exit 1 if they differ)")
     parser.add_argument("--quick", action="store_true", help="N = 8192 instead of 32,760")
+    parser.add_argument("--strength", type=float, default=1.0,
+                        help="locality of the video-like heads (bench/gpu.py: video_like); 1.0, "
+                             "the default, is diffuse enough that the rules skip almost nothing")
     parser.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench" / "results")),
                         help="folder for the JSON lines")
     args = parser.parse_args()
@@ -113,11 +116,12 @@ def main():
         sys.exit(smoke(cupy, backend))
     B, H, N, D = 1, 12, 8192 if args.quick else 32760, 128
     block, scale = (128, 64), D ** -0.5
-    q, k, v = video_like(cupy, B, H, N, D, strength=1.0, seed=0)
+    q, k, v = video_like(cupy, B, H, N, D, strength=args.strength, seed=0)
     timer, timing = _timer(cupy)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
     meta = dict(device=cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(), date=stamp,
                 commit=git_commit(), command=" ".join(sys.argv), shape=[B, H, N, D],
+                strength=args.strength,
                 block=list(block), dtype="bfloat16", timing=timing)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
