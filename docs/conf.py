@@ -78,58 +78,64 @@ sphinx_gallery_conf = {
 }
 
 
-class MeasuredMethods(Directive):
-    """``.. measured-methods:: FOLDER``: per-method tables of the result records in the
-    ``*.jsonl`` files of ``FOLDER`` (relative to this folder), rendered by
-    :func:`pysparse_attn.bench.results.render_method_tables`."""
+def _method_tables(folder, paths):
+    from pysparse_attn.bench.results import read_results, render_method_tables
 
-    required_arguments = 1
-
-    def run(self):
-        from pysparse_attn.bench.results import read_results, render_method_tables
-
-        env = self.state.document.settings.env
-        folder = (Path(env.srcdir) / self.arguments[0]).resolve()
-        paths = sorted(folder.glob("*.jsonl"))
-        for path in paths:
-            env.note_dependency(str(path))
-        text = render_method_tables(read_results(paths))
-        container = nodes.container()
-        self.state.nested_parse(StringList(text.splitlines(), source=str(folder)),
-                                self.content_offset, container)
-        return container.children
+    return render_method_tables(read_results(paths))
 
 
-class MeasuredReuse(Directive):
-    """``.. measured-reuse:: FOLDER``: the totals of the plan-reuse runs (``reuse-*.jsonl``)
-    in ``FOLDER``, GPU runs first, rendered by
-    :func:`pysparse_attn.bench.reuse.render_reuse_results`."""
+def _reuse_totals(folder, paths):
+    from pysparse_attn.bench.reuse import render_reuse_results
 
-    required_arguments = 1
+    return render_reuse_results(folder)
 
-    def run(self):
-        from pysparse_attn.bench.reuse import render_reuse_results
 
-        env = self.state.document.settings.env
-        folder = (Path(env.srcdir) / self.arguments[0]).resolve()
-        for path in sorted(folder.glob("reuse-*.jsonl")):
-            env.note_dependency(str(path))
-        container = nodes.container()
-        self.state.nested_parse(StringList(render_reuse_results(folder).splitlines(),
-                                           source=str(folder)), self.content_offset, container)
-        return container.children
+def _finetune_runs(folder, paths):
+    from pysparse_attn.bench.results import render_finetune_results
+
+    return render_finetune_results(folder)
+
+
+#: ``.. measured-KIND:: FOLDER`` (relative to this folder): KIND -> (the result files of FOLDER
+#: it reads, its renderer). methods: per-method tables of the result records; reuse: the totals
+#: of the plan-reuse runs, GPU first; finetune: the fine-tuning demonstration's runs.
+MEASURED = {"methods": ("*.jsonl", _method_tables),
+            "reuse": ("reuse-*.jsonl", _reuse_totals),
+            "finetune": ("**/finetune-sla-*.json", _finetune_runs)}
+
+
+def measured_directive(kind):
+    pattern, render = MEASURED[kind]
+
+    class Measured(Directive):
+        required_arguments = 1
+
+        def run(self):
+            env = self.state.document.settings.env
+            folder = (Path(env.srcdir) / self.arguments[0]).resolve()
+            paths = sorted(folder.glob(pattern))
+            for path in paths:
+                env.note_dependency(str(path))
+            container = nodes.container()
+            self.state.nested_parse(StringList(render(folder, paths).splitlines(),
+                                               source=str(folder)), self.content_offset,
+                                    container)
+            return container.children
+
+    Measured.__name__ = f"Measured_{kind}"
+    return Measured
 
 
 def _reread_measured(app, env, added, changed, removed):
     # A result file added to bench/results/ changes no source file: re-read the pages that
-    # use the directive on every build (one page, cheap) so their tables are never stale.
+    # use a measured directive on every build (few pages, cheap) so their tables are never stale.
     return [name for name in sorted(env.found_docs) if name not in removed
             and any(f".. measured-{kind}::" in Path(env.doc2path(name)).read_text()
-                    for kind in ("methods", "reuse"))]
+                    for kind in MEASURED)]
 
 
 def setup(app):
-    app.add_directive("measured-methods", MeasuredMethods)
-    app.add_directive("measured-reuse", MeasuredReuse)
+    for kind in MEASURED:
+        app.add_directive(f"measured-{kind}", measured_directive(kind))
     app.connect("env-get-outdated", _reread_measured)
     return {"parallel_read_safe": True}

@@ -487,3 +487,30 @@ def test_packaging_metadata_reads_without_deprecation_warnings():
                             capture_output=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("pysparse_attn")
     assert "Deprecat" not in result.stderr, result.stderr
+
+
+def _finetune_record(device, date, before, after, steps):
+    return {"device_name": device, "date": date, "commit": "abc1234", "tokens": 512,
+            "config": {"layers": 2, "heads": 2, "head_dim": 16, "lr_finetune": 2e-3},
+            "measured_sparsity": 0.969, "dense": {"step_ms": 20.0},
+            "sla_before": {"rel_l2_vs_dense": before}, "sla_after": {"rel_l2_vs_dense": after},
+            "finetune": {"steps_run": steps, "step_ms": 30.0}}
+
+
+def test_finetune_runs_render_gpu_first_with_their_error_ratio(tmp_path):
+    (tmp_path / "cpu-run").mkdir()
+    (tmp_path / "cpu-run" / "finetune-sla-1.json").write_text(
+        json.dumps(_finetune_record("CPU (2 cores)", "20261201T000000", 0.2, 0.1, 1500)))
+    (tmp_path / "finetune-sla-2.json").write_text(
+        json.dumps(_finetune_record("NVIDIA H200", "20261202T071400", 0.17, 0.119, 600)))
+    (tmp_path / "unrelated.json").write_text("{}")
+    runs = bench_results.read_finetune_runs(tmp_path)
+    assert [run["device_name"] for run in runs] == ["NVIDIA H200", "CPU (2 cores)"]
+    assert runs[1]["path"] == str(Path("cpu-run") / "finetune-sla-1.json")
+    text = bench_results.render_finetune_results(tmp_path)
+    rows = text.split("   * - ")[2:]
+    assert rows[0].startswith("NVIDIA H200, 2026-12-02") and "0.700" in rows[0]
+    assert "600, 0.002" in rows[0] and "0.1700 / 0.1190" in rows[0]
+    assert rows[1].startswith("CPU (2 cores), 2026-12-01") and "0.500" in rows[1]
+    assert "No fine-tuning runs" in bench_results.render_finetune_results(tmp_path / "cpu-run"
+                                                                          / "none")

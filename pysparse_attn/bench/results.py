@@ -20,7 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 
 __all__ = ["RESULT_FORMAT", "RESULT_FIELDS", "DOCS_GRID", "method_label", "export_sweep",
-           "write_results", "read_results", "render_method_tables", "git_commit"]
+           "write_results", "read_results", "render_method_tables", "read_finetune_runs",
+           "render_finetune_results", "git_commit"]
 
 RESULT_FORMAT = "pysparse_attn.result/1"
 
@@ -242,6 +243,47 @@ def render_method_tables(results, kinds=(("gpu", "GPU"), ("cpu", "CPU"))):
                               f"     - {r['recall_min']:.3f} / {r['recall_mean']:.3f}"]
                 lines.append("")
     return "\n".join(lines)
+
+
+def read_finetune_runs(folder):
+    """The records of ``bench/finetune_sla.py`` (``finetune-sla-*.json``) under ``folder``, at
+    any depth, GPU runs first, then by date."""
+    records = []
+    for path in sorted(Path(folder).rglob("finetune-sla-*.json")):
+        record = json.loads(path.read_text())
+        record["path"] = str(path.relative_to(folder))
+        records.append(record)
+    return sorted(records, key=lambda r: ("cpu" in r.get("device_name", "cpu").lower(),
+                                          r.get("date", "")))
+
+
+def render_finetune_results(folder):
+    """reStructuredText: one row per fine-tuning run of ``folder`` (device, date, size, steps
+    and peak learning rate, the output error vs the dense model before and after, their
+    ratio, step times)."""
+    runs = read_finetune_runs(folder)
+    if not runs:
+        return "No fine-tuning runs are recorded yet (``bench/finetune_sla.py --out DIR``)."
+    header = ["device, date, commit", "tokens, layers x heads x dim", "sparsity",
+              "fine-tune steps, peak lr", "rel. L2 vs dense: before / after", "after / before",
+              "step ms: dense / SLA", "record"]
+    lines = [".. list-table::", "   :header-rows: 1", ""]
+    lines += ["   * - " + header[0]] + [f"     - {cell}" for cell in header[1:]]
+    for run in runs:
+        config, finetune = run["config"], run["finetune"]
+        before, after = run["sla_before"]["rel_l2_vs_dense"], run["sla_after"]["rel_l2_vs_dense"]
+        date = run["date"]
+        when = f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) >= 8 else date
+        lines += [f"   * - {run['device_name']}, {when}, ``{run['commit']}``",
+                  f"     - {run['tokens']}, {config['layers']} x {config['heads']} x "
+                  f"{config['head_dim']}",
+                  f"     - {run['measured_sparsity']:.1%}",
+                  f"     - {finetune['steps_run']}, {config['lr_finetune']:g}",
+                  f"     - {before:.4f} / {after:.4f}",
+                  f"     - {after / before:.3f}",
+                  f"     - {run['dense']['step_ms']:.1f} / {finetune['step_ms']:.1f}",
+                  f"     - ``{run['path']}``"]
+    return "\n".join(lines) + "\n"
 
 
 def git_commit() -> str:
