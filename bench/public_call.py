@@ -111,7 +111,8 @@ def main():
             for _ in range(2):
                 psa.attention(tq, tk, tv, select=topk, block=block)
         torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(graph):
+        # relaxed: the CuPy pool may allocate on the capture stream (docs/interop.rst)
+        with torch.cuda.graph(graph, capture_error_mode="relaxed"):
             captured = psa.attention(tq, tk, tv, select=topk, block=block)
         graph.replay()
         torch.cuda.synchronize()

@@ -90,6 +90,12 @@ def _reuse_totals(folder, paths):
     return render_reuse_results(folder)
 
 
+def _forward_comparisons(folder, paths):
+    from pysparse_attn.bench.results import render_forward_comparisons
+
+    return render_forward_comparisons(folder)
+
+
 def _finetune_runs(folder, paths):
     from pysparse_attn.bench.results import render_finetune_results
 
@@ -98,10 +104,12 @@ def _finetune_runs(folder, paths):
 
 #: ``.. measured-KIND:: FOLDER`` (relative to this folder): KIND -> (the result files of FOLDER
 #: it reads, its renderer). methods: per-method tables of the result records; reuse: the totals
-#: of the plan-reuse runs, GPU first; finetune: the fine-tuning demonstration's runs.
+#: of the plan-reuse runs, GPU first; finetune: the fine-tuning demonstration's runs; forward:
+#: the Hopper forward kernels side by side.
 MEASURED = {"methods": ("*.jsonl", _method_tables),
             "reuse": ("reuse-*.jsonl", _reuse_totals),
-            "finetune": ("**/finetune-sla-*.json", _finetune_runs)}
+            "finetune": ("**/finetune-sla-*.json", _finetune_runs),
+            "forward": ("**/forward-compare-*.jsonl", _forward_comparisons)}
 
 
 def measured_directive(kind):

@@ -514,3 +514,28 @@ def test_finetune_runs_render_gpu_first_with_their_error_ratio(tmp_path):
     assert rows[1].startswith("CPU (2 cores), 2026-12-01") and "0.500" in rows[1]
     assert "No fine-tuning runs" in bench_results.render_finetune_results(tmp_path / "cpu-run"
                                                                           / "none")
+
+
+def test_forward_comparisons_render_one_table_per_run_newest_first(tmp_path):
+    meta = {"device": "NVIDIA H200", "commit": "abc1234", "shape": [1, 12, 32760, 128],
+            "block": [128, 64], "dtype": "bfloat16", "timing": "do_bench median"}
+    runs = {"20261201T000000": [("dense", "torch sdpa cudnn", 11.0, {}),
+                                ("dense", "wgmma", 15.0, {"skipped": 0.0, "of_cudnn": 0.733})],
+            "20261202T000000": [("dense", "wgmma", 14.0, {"skipped": 0.0}),
+                                ("dense", "sm90_ws", 12.0, {"skipped": 0.0}),
+                                ("TopK(0.05)", "wgmma", 0.8, {"skipped": 0.95,
+                                                             "speedup_vs_own_dense": 17.5}),
+                                ("TopK(0.05)", "sm90_ws", None, {"error": "boom"})]}
+    (tmp_path / "nested").mkdir()
+    for date, rows in runs.items():
+        lines = [json.dumps({**meta, "date": date, "what": what, "impl": impl, "ms": ms, **extra})
+                 for what, impl, ms, extra in rows]
+        (tmp_path / "nested" / f"forward-compare-{date}.jsonl").write_text("\n".join(lines))
+    text = bench_results.render_forward_comparisons(tmp_path)
+    newest, oldest = text.split("**NVIDIA H200**")[1:]
+    assert newest.startswith(", 2026-12-02") and oldest.startswith(", 2026-12-01")
+    assert "cuDNN 11.00 ms" in oldest and "cuDNN" not in newest.split("list-table")[0]
+    assert "``sm90_ws``" in newest and "``sm90_ws``" not in oldest
+    assert "   * - TopK(0.05)\n     - 95.0%\n     - 0.800 (17.50x)\n     - failed" in newest
+    assert "     - 15.000 (73%)" in oldest
+    assert "No forward comparisons" in bench_results.render_forward_comparisons(tmp_path / "x")

@@ -190,6 +190,32 @@ def linear_gradient_scale(q, k, v, marginal, block, feature_map, eps, d_linear):
     return float((size[usable] / den[usable]).max(initial=0.0))
 
 
+def softmax_gradient_scale(q, k, v, do, kept, block, scale):
+    """Magnitude of the terms that cancel in the softmax branch's dq and dk.
+
+    dS = P o (dP - delta) with dP_ij = dO_i.v_j and delta_i = dO_i.o_i: both are O(|dO||v|) and
+    cancel exactly when, e.g., a row sees a single key (o = v, dS = 0, zero gradients). float32
+    rounds each of them, so the error is bounded by scale * sum P (|dP| + |delta|) |q| (dk) or
+    |k| (dq), not by the size of the result. float64 inputs, ``kept`` the tiles that entered P.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale  # the library's default
+    group = q.shape[1] // k.shape[1]
+    k, v = (np.repeat(x, group, axis=1) for x in (k, v))
+    Nq, Nk = q.shape[2], k.shape[2]
+    tokens = np.repeat(np.repeat(kept, block[0], axis=2), block[1], axis=3)[:, :, :Nq, :Nk]
+    logits = np.where(tokens, scale * q @ np.swapaxes(k, -1, -2), -np.inf)
+    peak = logits.max(axis=-1, keepdims=True)
+    weights = np.exp(logits - np.where(np.isfinite(peak), peak, 0.0))
+    total = weights.sum(axis=-1, keepdims=True)
+    p = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
+    d_p = do @ np.swapaxes(v, -1, -2)
+    delta = (do * (p @ v)).sum(axis=-1, keepdims=True)
+    terms = p * (np.abs(d_p) + np.abs(delta))
+    dq_size = np.abs(scale) * terms @ np.abs(k)
+    dk_size = np.abs(scale) * np.swapaxes(terms, -1, -2) @ np.abs(q)
+    return float(max(dq_size.max(initial=0.0), dk_size.max(initial=0.0)))
+
+
 def test_every_output_element_is_written():
     """Outputs prefilled with NaN come back finite (the extension writes each element)."""
     from pysparse_attn import _cpu
@@ -298,6 +324,8 @@ def test_public_sla_and_vjps_with_backend_cpu(problem, critical, negligible, fea
     q64, k64, v64 = (exact(x) for x in (q, k, v))
     term_scale = linear_gradient_scale(q64, k64, v64, stats.marginal, problem.block,
                                        feature_map, 0.0, exact(do) @ weight)
+    term_scale += softmax_gradient_scale(q64, k64, v64, exact(do), np.asarray(stats.kept),
+                                         problem.block, problem.scale)
     assert_grads_close(grads[:3], [exact(g) for g in ref_grads[:3]], "float32", "sla_vjp",
                        term_scale)
     for got, want in zip(grads[3:], ref_grads[3:]):
@@ -306,7 +334,10 @@ def test_public_sla_and_vjps_with_backend_cpu(problem, critical, negligible, fea
                             backend="cpu")
     ref_att = psa.attention_vjp(q, k, v, do, block=problem.block, scale=problem.scale,
                                 backend="reference")
-    assert_grads_close(att, [exact(g) for g in ref_att], "float32", "attention_vjp")
+    every_tile = np.ones(stats.kept.shape, bool)
+    assert_grads_close(att, [exact(g) for g in ref_att], "float32", "attention_vjp",
+                       softmax_gradient_scale(q64, k64, v64, exact(do), every_tile,
+                                              problem.block, problem.scale))
 
 
 def test_bad_arguments_name_the_argument():

@@ -31,8 +31,9 @@ def demo():
 def test_smoke_preset_trains_dense_then_fine_tunes_sla_and_writes_its_record(demo, tmp_path,
                                                                            capsys):
     # Sized for well under 30 s on two idle cores; no wall-clock assertion (a shared machine
-    # can be many times slower), the record carries the time taken.
-    record = demo.main(["--smoke", "--out", str(tmp_path)])
+    # can be many times slower), the record carries the time taken. The preset's time budget
+    # is lifted so that a loaded machine still runs every step the assertions below count.
+    record = demo.main(["--smoke", "--time-budget", "3600", "--out", str(tmp_path)])
     assert record["wall_s"] > 0
     written = sorted(p.suffix for p in tmp_path.iterdir())
     assert written == [".json", ".md"], written

@@ -21,7 +21,7 @@ from pathlib import Path
 
 __all__ = ["RESULT_FORMAT", "RESULT_FIELDS", "DOCS_GRID", "method_label", "export_sweep",
            "write_results", "read_results", "render_method_tables", "read_finetune_runs",
-           "render_finetune_results", "git_commit"]
+           "render_finetune_results", "render_forward_comparisons", "git_commit"]
 
 RESULT_FORMAT = "pysparse_attn.result/1"
 
@@ -284,6 +284,57 @@ def render_finetune_results(folder):
                   f"     - {run['dense']['step_ms']:.1f} / {finetune['step_ms']:.1f}",
                   f"     - ``{run['path']}``"]
     return "\n".join(lines) + "\n"
+
+
+def render_forward_comparisons(folder):
+    """reStructuredText: one table per run of ``bench/forward_ablation.py --mode compare``
+    (``forward-compare-*.jsonl`` at any depth of ``folder``), newest first: each case's time
+    per forward kernel, with the share of tiles skipped, the speedup over that kernel's own
+    dense time and its rate as a share of cuDNN's in the same process."""
+    paths = sorted(Path(folder).rglob("forward-compare-*.jsonl"), key=lambda p: p.name,
+                   reverse=True)
+    if not paths:
+        return ("No forward comparisons are recorded yet "
+                "(``bench/forward_ablation.py --mode compare``).")
+    blocks = []
+    for path in paths:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not records:
+            continue
+        first = records[0]
+        kernels = list(dict.fromkeys(r["impl"] for r in records if r["impl"] != "torch sdpa cudnn"))
+        cudnn = [r["ms"] for r in records if r["impl"] == "torch sdpa cudnn" and r.get("ms")]
+        date = first["date"]
+        B, H, N, D = first["shape"]
+        blocks += [f"**{first['device']}**, {date[:4]}-{date[4:6]}-{date[6:8]}, commit "
+                   f"``{first['commit']}``, {first['dtype']}, B={B} H={H} N={N:,} D={D}, tiles "
+                   f"{first['block'][0]}x{first['block'][1]}, {first['timing']}"
+                   + (f"; torch SDPA cuDNN {cudnn[0]:.2f} ms in the same process" if cudnn
+                      else "") + f" (``{path.relative_to(folder)}``).", "",
+                   ".. list-table::", "   :header-rows: 1", "",
+                   "   * - case", "     - skipped"]
+        blocks += [f"     - ``{kernel}``: ms (speedup over its own dense; dense-equivalent "
+                   "rate as a share of cuDNN's)" for kernel in kernels]
+        by_case = defaultdict(dict)
+        for r in records:
+            by_case[r["what"]][r["impl"]] = r
+        for case, row in by_case.items():
+            if not any(kernel in row for kernel in kernels):
+                continue
+            skipped = next((row[k].get("skipped") for k in kernels if k in row), None)
+            blocks += [f"   * - {case}",
+                       f"     - {'' if skipped is None else f'{skipped:.1%}'}"]
+            for kernel in kernels:
+                r = row.get(kernel, {})
+                if r.get("ms") is None:
+                    blocks.append("     - failed" if r else "     -")
+                    continue
+                notes = [f"{r[key]:.2f}x" if key == "speedup_vs_own_dense" else f"{r[key]:.0%}"
+                         for key in ("speedup_vs_own_dense", "of_cudnn") if r.get(key)]
+                blocks.append(f"     - {r['ms']:.3f}" + (f" ({', '.join(notes)})" if notes
+                                                        else ""))
+        blocks.append("")
+    return "\n".join(blocks)
 
 
 def git_commit() -> str:
