@@ -19,15 +19,17 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .cupy import (BACKWARD_INSTANCES, FORWARD_INSTANCES, FORWARD_SM90_INSTANCES,
+from .cupy import (BACKWARD_KERNELS, FORWARD_INSTANCES, FORWARD_SM90_INSTANCES,
                    FORWARD_SM90_WS_INSTANCES, PLAN_INSTANCES, _source_dirs)
 
 __all__ = ["families", "compile_family", "main"]
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
-#: Families bound to one architecture (wgmma exists only on sm_90a).
+#: Families bound to one architecture (wgmma exists only on sm_90a); the backward's from the
+#: architecture of its BACKWARD_KERNELS entry.
 FIXED_ARCHS = {"attention_forward_sm90.cu": ("sm_90a",),
-               "attention_forward_sm90_ws.cu": ("sm_90a",)}
+               "attention_forward_sm90_ws.cu": ("sm_90a",),
+               **{source: (arch,) for _, source, arch, _, _ in BACKWARD_KERNELS.values() if arch}}
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
@@ -39,7 +41,8 @@ def families():
             "attention_forward_sm90.cu": sorted(set(FORWARD_SM90_INSTANCES.values())),
             "attention_forward_sm90_ws.cu": sorted(set(FORWARD_SM90_WS_INSTANCES.values())),
             "plan_select.cu": sorted(set(PLAN_INSTANCES.values())),
-            "attention_backward.cu": sorted(set(BACKWARD_INSTANCES.values()))}
+            **{source: sorted(set(instances.values()))
+               for _, source, _, instances, _ in BACKWARD_KERNELS.values()}}
 
 
 def _arch_flag(arch: str) -> str:

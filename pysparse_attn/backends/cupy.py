@@ -24,7 +24,9 @@ function, its shared-memory size and attributes are cached per instance. Plans a
 upstream (``pysparse_attn.Plan``), never here.
 
 :func:`attention_backward` runs the backward kernels of ``gpu/attention_backward.cu``
-(:data:`BACKWARD_INSTANCES`) with the kept set held fixed, on the device, with no host read.
+(:data:`BACKWARD_INSTANCES`) with the kept set held fixed, on the device, with no host read; its
+dK/dV pass is one of :data:`BACKWARD_KERNELS`: ``"mma_sync"`` (that file, the default) or
+``"sm90"`` (``gpu/attention_backward_sm90.cu``, wgmma, sm_90a, :data:`BACKWARD_SM90_INSTANCES`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,10 @@ __all__ = [
     "FORWARD_INSTANCES",
     "FORWARD_SM90_INSTANCES",
     "BACKWARD_INSTANCES",
+    "BACKWARD_SM90_INSTANCES",
+    "BACKWARD_KERNELS",
     "BACKWARD_WARPS",
+    "backward_kernel_unavailable_reason",
     "FORWARD_SM90_WS_INSTANCES",
     "SM90_WS_CONFIGS",
     "KERNELS",
@@ -287,8 +292,11 @@ def kernel_unavailable_reason(kernel: str):
     """Why forward family ``kernel`` cannot run on the current device, or ``None``."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
+    return _capability_reason(kernel, KERNELS[kernel])
+
+
+def _capability_reason(kernel, runs_on):
     capability = _capability(_device_id())
-    runs_on = KERNELS[kernel]
     if runs_on is not None and capability not in runs_on:
         return (f"kernel {kernel!r} needs compute capability {runs_on}; this device has "
                 f"{capability}")
@@ -1048,6 +1056,7 @@ _PREPROCESS_THREADS = 128
 
 
 def _backward_names(element: str, head_dim: int) -> dict:
+    """The stages of ``gpu/attention_backward.cu``, the mma_sync family."""
     warps = BACKWARD_WARPS[head_dim]
     return {
         "preprocess": f"psa::attention_backward_preprocess<{element}, {head_dim}>",
@@ -1071,9 +1080,50 @@ BACKWARD_INSTANCES = {
 BACKWARD_INSTANCES[("lists", None, None)] = "psa::attention_backward_lists"
 
 
-def _backward_shared_bytes(stage: str, head_dim: int) -> int:
-    """Dynamic shared memory of a backward CTA (``BackwardTraits`` in gpu/backward_tiles.cuh)."""
+def _backward_sm90_names(element: str, head_dim: int) -> dict:
+    """The dK/dV stages of ``gpu/attention_backward_sm90.cu`` (wgmma, one warpgroup of 64 keys)."""
+    return {
+        "dkdv_atomic_dq": f"psa::attention_backward_dkdv_sm90<{element}, {head_dim}, true>",
+        "dkdv": f"psa::attention_backward_dkdv_sm90<{element}, {head_dim}, false>",
+    }
+
+
+#: The wgmma dK/dV pass's instances, keyed like :data:`BACKWARD_INSTANCES` (its two dkdv stages
+#: only: the lists, preprocess and dq stages are always the mma_sync family's).
+BACKWARD_SM90_INSTANCES = {
+    (stage, dtype, d): name
+    for dtype, element in _ELEMENTS.items()
+    for d in _HEAD_DIMS
+    for stage, name in _backward_sm90_names(element, d).items()
+}
+
+#: Backward dK/dV families by name: (compute capabilities it runs on, None for any >= 8.0;
+#: source file; NVRTC architecture, None for the device's own; its instance table; names of a
+#: (element, head dim)). The one table the launch, the compile check and bench/gpu.py's
+#: sanitize step derive from. ``"mma_sync"`` stays the default until ``"sm90"`` is validated
+#: on the device (bench/backward_sm90_check.py).
+BACKWARD_KERNELS = {
+    "mma_sync": (None, "attention_backward.cu", None, BACKWARD_INSTANCES, _backward_names),
+    "sm90": (((9, 0),), "attention_backward_sm90.cu", "sm_90a", BACKWARD_SM90_INSTANCES,
+             _backward_sm90_names),
+}
+_BACKWARD_SM90_THREADS = 128  # one warpgroup (BackwardWarpgroupTraits)
+
+
+def backward_kernel_unavailable_reason(kernel: str):
+    """Why backward family ``kernel`` cannot run on the current device, or ``None``."""
+    if kernel not in BACKWARD_KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(BACKWARD_KERNELS)}, got {kernel!r}")
+    return _capability_reason(kernel, BACKWARD_KERNELS[kernel][0])
+
+
+def _backward_shared_bytes(stage: str, head_dim: int, kernel: str = "mma_sync") -> int:
+    """Dynamic shared memory of a backward CTA (``BackwardTraits`` in gpu/backward_tiles.cuh,
+    ``BackwardWarpgroupTraits`` in gpu/backward_tiles_sm90.cuh for the sm90 dK/dV pass)."""
     tile = 64 * head_dim
+    if stage.startswith("dkdv") and kernel == "sm90":
+        # K, V, 2 Q, 2 dO, dS^T; 2 x (LSE, delta) floats; 1024 to align the swizzle atoms.
+        return 2 * (6 * tile + 64 * 64) + 2 * 2 * 64 * 4 + 1024
     if stage.startswith("dkdv"):  # K, V, 2 Q, 2 dO, dS^T (64 x 64); 2 x (LSE, delta) floats
         return 2 * (6 * tile + 64 * 64) + 2 * 2 * 64 * 4
     if stage == "dq":  # Q, dO, 2 K, 2 V
@@ -1082,16 +1132,21 @@ def _backward_shared_bytes(stage: str, head_dim: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_kernel(device, stage, dtype_name, head_dim):
+def _backward_kernel(device, stage, dtype_name, head_dim, kernel="mma_sync"):
     """The compiled backward instance on ``device`` and its dynamic shared-memory size; one
-    NVRTC module per (dtype, head dim) holds its four stages."""
+    NVRTC module per (family, dtype, head dim) holds the family's stages. Only the dK/dV
+    stages differ between families; the others always come from the mma_sync module."""
+    if not stage.startswith("dkdv"):
+        kernel = "mma_sync"
     if stage == "lists":  # untemplated: compiled with the first module asked for
         dtype_name, head_dim = next(iter(_ELEMENTS)), _HEAD_DIMS[0]
-    names = _backward_names(_ELEMENTS[dtype_name], head_dim)
-    names["lists"] = BACKWARD_INSTANCES[("lists", None, None)]
-    module = _raw_module("attention_backward.cu", tuple(names.values()))
+    _, source, arch, _, names_of = BACKWARD_KERNELS[kernel]
+    names = names_of(_ELEMENTS[dtype_name], head_dim)
+    if kernel == "mma_sync":
+        names["lists"] = BACKWARD_INSTANCES[("lists", None, None)]
+    module = _raw_module(source, tuple(names.values()), arch)
     function = module.get_function(names[stage])
-    shared = _backward_shared_bytes(stage, head_dim)
+    shared = _backward_shared_bytes(stage, head_dim, kernel)
     if shared > 48 * 1024 and function.max_dynamic_shared_size_bytes < shared:
         function.max_dynamic_shared_size_bytes = shared
     return function, shared
@@ -1149,7 +1204,7 @@ def _kept_lists(cupy, kept, block, shape):
 
 
 def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
-                       deterministic=False, grad_dtype=None, threads=None):
+                       deterministic=False, grad_dtype=None, threads=None, kernel=None):
     """(dq, dk, dv) of attention restricted to `kept`, on the GPU, no host synchronisation.
 
     Parameters
@@ -1175,6 +1230,9 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
         Gradient dtype: None (float32), float32, or the input dtype.
     threads : ignored
         (an option of the cpu backend).
+    kernel : {"mma_sync", "sm90"}, optional
+        The dK/dV pass (:data:`BACKWARD_KERNELS`); None is ``"mma_sync"``. ``"sm90"`` (wgmma,
+        compute capability 9.0 only) takes the same lists, preprocess, dQ modes and contract.
 
     Returns
     -------
@@ -1185,6 +1243,10 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
     import cupy
 
     del threads
+    kernel = "mma_sync" if kernel is None else kernel
+    reason = backward_kernel_unavailable_reason(kernel)
+    if reason is not None:
+        raise ValueError(reason)
     dtype_name = _dtype_name(q)
     for name, x in (("k", k), ("v", v), ("do", do)):
         if _dtype_name(x) != dtype_name:
@@ -1276,8 +1338,9 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
     function, _ = _backward_kernel(device, "preprocess", dtype_name, D)
     function((rows_padded // rows_per_cta, Hq, B), (_PREPROCESS_THREADS,), args)
     stage = "dkdv" if deterministic else "dkdv_atomic_dq"
-    function, shared = _backward_kernel(device, stage, dtype_name, D)
-    function((nk, Hkv, B), (threads_per_cta,), args, shared_mem=shared)
+    function, shared = _backward_kernel(device, stage, dtype_name, D, kernel)
+    dkdv_threads = _BACKWARD_SM90_THREADS if kernel == "sm90" else threads_per_cta
+    function((nk, Hkv, B), (dkdv_threads,), args, shared_mem=shared)
     if deterministic:
         function, shared = _backward_kernel(device, "dq", dtype_name, D)
         function((rows_padded // 64, Hq, B), (threads_per_cta,), args, shared_mem=shared)
