@@ -4,6 +4,9 @@ Run on an H200 (or any compute capability 9.0 device) in one call of under four 
 
     python3 bench/backward_sm90_check.py
 
+Two wgmma families are checked: ``sm90`` (two warpgroups, 128 keys a CTA) and ``sm90_k64`` (one
+warpgroup, 64 keys), each against the mma.sync kernel (``mma_sync``, the validated default).
+
 1. ``registers``: each sm90 instance's registers and local memory (CuPy function attributes);
    a compile failure prints the NVRTC log and the script moves on.
 2. ``vs fp64``: for bf16 and fp16, D 64 and 128, tiles (64, 64) and (128, 64), atomic and
@@ -56,7 +59,8 @@ from pysparse_attn._select import TopK  # noqa: E402
 DTYPES = ("bfloat16", "float16")
 HEAD_DIMS = (64, 128)
 BLOCKS = ((64, 64), (128, 64))
-KERNELS = ("mma_sync", "sm90")
+FAST = ("sm90", "sm90_k64")  # 128 and 64 keys a CTA (backends.cupy.BACKWARD_KERNELS)
+KERNELS = ("mma_sync",) + FAST
 #: As tests/test_gpu_backward.py: bf16 keeps 8 significant bits (P, dS rounded: relative L2
 #: ~1e-2 over long sums), fp16 11 bits (~8x smaller).
 GRAD_TOLERANCE = {"bfloat16": 3e-2, "float16": 5e-3}
@@ -132,17 +136,18 @@ def rel_l2(a, b):
 
 def step_registers(cupy, backend):
     device = cupy.cuda.runtime.getDevice()
-    for dtype_name in DTYPES:
-        for D in HEAD_DIMS:
-            for stage in ("dkdv_atomic_dq", "dkdv"):
-                label = f"compile sm90 {stage} {dtype_name} D={D}"
+    for name in FAST:
+        for dtype_name in DTYPES:
+            for D in HEAD_DIMS:
+                for stage in ("dkdv_atomic_dq", "dkdv"):
+                    label = f"compile {name} {stage} {dtype_name} D={D}"
 
-                def one():
-                    function, shared = backend._backward_kernel(device, stage, dtype_name, D,
-                                                                "sm90")
-                    say(f"{label}: {function.num_regs} regs, local {function.local_size_bytes} B,"
-                        f" shared {shared} B")
-                guarded(label)(one)
+                    def one():
+                        function, shared = backend._backward_kernel(device, stage, dtype_name,
+                                                                    D, name)
+                        say(f"{label}: {function.num_regs} regs, local "
+                            f"{function.local_size_bytes} B, shared {shared} B")
+                    guarded(label)(one)
 
 
 def step_vs_fp64(cupy, backend, rng):
@@ -168,22 +173,23 @@ def _vs_fp64_case(cupy, backend, rng, label, dtype_name, D, block, deterministic
                                               deterministic=deterministic, kernel=name)
              for name in KERNELS}
     cupy.cuda.runtime.deviceSynchronize()
-    ok, parts = True, []
-    for index, grad in enumerate(("dq", "dk", "dv")):
-        want = reference[index]
-        base, fast = (host64(cupy, grads[name][index]) for name in KERNELS)
-        finite = bool(np.isfinite(fast).all())
-        base_error, fast_error = rel_l2(base, want), rel_l2(fast, want)
-        bound = min(2 * base_error + ERROR_FLOOR, GRAD_TOLERANCE[dtype_name])
-        good = finite and fast_error <= bound
-        if grad != "dq":  # key tile 2 kept by nobody: exact zeros
-            good = good and bool((fast[:, :, 2 * 64:3 * 64] == 0).all())
-        ok = ok and good
-        parts.append(f"{grad} err {fast_error:.2e} (mma_sync {base_error:.2e}, bound "
-                     f"{bound:.2e}, max|d| {np.abs(fast - want).max():.2e})")
-    if not ok:
-        FAILURES.append(label)
-    say(f"{label}: {'PASS' if ok else 'FAIL'}: " + "; ".join(parts))
+    for name in FAST:
+        ok, parts = True, []
+        for index, grad in enumerate(("dq", "dk", "dv")):
+            want = reference[index]
+            base, fast = (host64(cupy, grads[which][index]) for which in ("mma_sync", name))
+            finite = bool(np.isfinite(fast).all())
+            base_error, fast_error = rel_l2(base, want), rel_l2(fast, want)
+            bound = min(2 * base_error + ERROR_FLOOR, GRAD_TOLERANCE[dtype_name])
+            good = finite and fast_error <= bound
+            if grad != "dq":  # key tile 2 kept by nobody: exact zeros
+                good = good and bool((fast[:, :, 2 * 64:3 * 64] == 0).all())
+            ok = ok and good
+            parts.append(f"{grad} err {fast_error:.2e} (mma_sync {base_error:.2e}, bound "
+                         f"{bound:.2e}, max|d| {np.abs(fast - want).max():.2e})")
+        if not ok:
+            FAILURES.append(f"{label} {name}")
+        say(f"{label} {name}: {'PASS' if ok else 'FAIL'}: " + "; ".join(parts))
 
 
 def step_vs_mma_sync(cupy, backend, rng):
@@ -201,24 +207,26 @@ def _vs_mma_sync_case(cupy, backend, rng, label, dtype_name, D, block, B, Hq, Hk
     nq, nk = tile_count(Nq, block[0]), tile_count(Nk, 64)
     kept = cupy.asarray(kept_set(rng, B, Hq, nq, nk, 0.3, sink=1, empty=5))
     scale = D ** -0.5
-    ok, parts = True, []
-    for deterministic in (False, True):
-        base, fast = (backend.attention_backward(q, k, v, do, kept, block, scale,
-                                                 deterministic=deterministic, kernel=name)
-                      for name in KERNELS)
-        for grad, a, b in zip(("dq", "dk", "dv"), fast, base):
-            a, b = host64(cupy, a), host64(cupy, b)
-            difference = rel_l2(a, b)
-            good = bool(np.isfinite(a).all()) and difference <= GRAD_TOLERANCE[dtype_name]
-            if grad != "dq":
-                good = good and bool((a[:, :, 5 * 64:6 * 64] == 0).all())
-            if deterministic and grad == "dq":
-                good = good and bool((a == b).all())
-            ok = ok and good
-            parts.append(f"{'det' if deterministic else 'atomic'} {grad} {difference:.2e}")
-    if not ok:
-        FAILURES.append(label)
-    say(f"{label}: {'PASS' if ok else 'FAIL'}: rel-L2 vs mma_sync " + ", ".join(parts))
+    for name in FAST:
+        ok, parts = True, []
+        for deterministic in (False, True):
+            base, fast = (backend.attention_backward(q, k, v, do, kept, block, scale,
+                                                     deterministic=deterministic, kernel=which)
+                          for which in ("mma_sync", name))
+            for grad, a, b in zip(("dq", "dk", "dv"), fast, base):
+                a, b = host64(cupy, a), host64(cupy, b)
+                difference = rel_l2(a, b)
+                good = bool(np.isfinite(a).all()) and difference <= GRAD_TOLERANCE[dtype_name]
+                if grad != "dq":
+                    good = good and bool((a[:, :, 5 * 64:6 * 64] == 0).all())
+                if deterministic and grad == "dq":
+                    good = good and bool((a == b).all())
+                ok = ok and good
+                parts.append(f"{'det' if deterministic else 'atomic'} {grad} {difference:.2e}")
+        if not ok:
+            FAILURES.append(f"{label} {name}")
+        say(f"{label} {name}: {'PASS' if ok else 'FAIL'}: rel-L2 vs mma_sync " +
+            ", ".join(parts))
 
 
 def step_timing(cupy, backend, rows, reps):
@@ -255,7 +263,7 @@ def step_timing(cupy, backend, rows, reps):
                         note = ""
                         if name == "mma_sync":
                             reference[deterministic] = grads
-                        elif deterministic in reference:
+                        elif deterministic in reference:  # the mma_sync gradients
                             wide = [[x.astype(cupy.float32) for x in pair]
                                     for pair in zip(grads, reference[deterministic])]
                             diffs = [float(cupy.linalg.norm(a - b) / cupy.linalg.norm(b))

@@ -317,7 +317,7 @@ def sanitize_target():
     # float32 gradients.
     for backward_kernel, dtype_name, D in sorted(
             {(name, key[1], key[2]) for name in backward_kernels
-             for key in backend.BACKWARD_KERNELS[name][3]
+             for key in backend.backward_instances(name)
              if key[1] is not None}):  # the untemplated lists kernel
         dtype = _bf16() if dtype_name == "bfloat16" else np.float16
         q, do = (cupy.asarray(rng.standard_normal((1, 4, 150, D)).astype(np.float32))

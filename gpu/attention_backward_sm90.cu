@@ -3,25 +3,28 @@
 // attention_backward.cu, whose lists, preprocess, deterministic dQ pass and postprocess it is
 // used with (they are launched from that module; only this pass changes engine).
 //
-// One CTA of one warpgroup per (64-key tile, kv head, batch): K and V resident in shared
-// memory, dK and dV in fp32 registers (warp w owns keys 16w..16w+15, the wgmma accumulator
-// layout). It walks the key-major list of every query head of the GQA group (QueryWalk, so
-// dK/dV need no atomics) in 64-row steps, Q, dO and the row statistics double-buffered by
-// cp.async. Per step, in the transposed frame (keys as rows, M = 64 of wgmma):
+// One CTA per (KEY_TILES forward key tiles, kv head, batch), one warpgroup per 64-key tile:
+// K and V resident in shared memory, dK and dV in fp32 registers (warp w owns the CTA's keys
+// 16w..16w+15, the wgmma accumulator layout). It walks the key-major lists of every query
+// head of the GQA group (so dK/dV need no atomics), for two tiles their union
+// (MergedQueryWalk; a warpgroup whose tile did not keep the step masks its P to 0), in 64-row
+// steps, Q, dO and the row statistics double-buffered by cp.async and shared by the
+// warpgroups. Per step, in the transposed frame (keys as rows, M = 64 of wgmma):
 //   S^T = K Q^T and dP^T = V dO^T    two ss chains over D, both operands K-major; the
 //                                    exponentials of P^T run while dP^T is still in flight,
 //   P^T = exp2(S^T scale_log2 - lse_log2), dS^T = P^T (dP^T - delta),
 //   dV += P^T dO and dK += dS^T Q    register-A wgmma (the accumulators repacked as A
 //                                    fragments), dO and Q read MN-major,
 //   with ACCUMULATE_DQ: dS^T to shared memory as produced (keys x queries), then
-//   dQ = dS K in 64-dim halves       ss with both operands MN-major (tnspA, tnspB), added to
-//                                    the fp32 accumulator scaled (red.global.add.v2.f32).
+//   dQ = dS K in 64-dim halves       ss with both operands MN-major (tnspA, tnspB) over all
+//                                    the CTA's keys, half h by warpgroup h % KEY_TILES, added
+//                                    to the fp32 accumulator scaled (red.global.add.v2.f32).
 // Padded keys get P = 0 by a mask, padded rows by lse_log2 = +inf and zero-filled dO, so
 // partial tiles contribute exactly nothing; an empty walk writes exact zeros.
 //
 // Registers: dK and dV take 2 x HEAD_DIM / 2 floats a thread, S^T and dP^T 64 more; dQ is done
-// in 64-dim halves after S^T and dP^T are dead so that D = 128 stays under the 255 of two CTAs
-// an SM (the shared memory of D = 128 also allows two).
+// in 64-dim halves after S^T and dP^T are dead so that D = 128 stays under 255 (two CTAs an SM
+// for one tile; one of 8 warps for two, whose D = 128 shared memory allows no second).
 //
 // Template instances are listed by pysparse_attn/backends/cupy.py (BACKWARD_SM90_INSTANCES)
 // and compiled by pysparse_attn/backends/compile_check.py (nvcc, sm_90a).
@@ -38,20 +41,21 @@ namespace psa {
 
 // The 64-row step of `walk` into buffer `buffer`: Q, dO, and the rows' lse_log2 and delta
 // (the first warp, 32 copies of 16 bytes). Commits nothing.
-template <class Traits>
+template <class Traits, class Walk>
 __device__ __forceinline__ void load_query_step_sm90(const BackwardParams& params,
-                                                     const QueryWalk& walk, int batch,
+                                                     const Walk& walk, int batch,
                                                      int kv_head, int buffer,
                                                      unsigned char* base) {
     const int head = walk.head(params, kv_head);
     const int first_row = walk.first_row(params);
     load_tile_async<Traits, 64>(
-        reinterpret_cast<unsigned short*>(base + Traits::kQOffset + buffer * Traits::kTileBytes),
+        reinterpret_cast<unsigned short*>(base + Traits::kQOffset +
+                                          buffer * Traits::kQueryTileBytes),
         params.q + batch * params.q_batch_stride + head * params.q_head_stride,
         params.q_row_stride, first_row, params.n_queries);
     load_tile_async<Traits, 64>(
         reinterpret_cast<unsigned short*>(base + Traits::kDOutOffset +
-                                          buffer * Traits::kTileBytes),
+                                          buffer * Traits::kQueryTileBytes),
         params.d_out + batch * params.d_out_batch_stride + head * params.d_out_head_stride,
         params.d_out_row_stride, first_row, params.n_queries);
     if (threadIdx.x < 32) {
@@ -75,16 +79,31 @@ __device__ __forceinline__ void pin_fragments(unsigned (&a)[STEPS][4]) {
         for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[s][e]) :: "memory");
 }
 
-template <class Element, int HEAD_DIM, bool ACCUMULATE_DQ>
-__global__ void __launch_bounds__(128, 2)
+// The walk of a CTA of KEY_TILES key tiles, and which of them kept its current step.
+template <int KEY_TILES>
+struct WalkOf {
+    using Type = MergedQueryWalk<KEY_TILES>;
+    __device__ static __forceinline__ unsigned kept(const Type& walk) { return walk.kept; }
+};
+template <>
+struct WalkOf<1> {
+    using Type = QueryWalk;
+    __device__ static __forceinline__ unsigned kept(const Type&) { return 1u; }
+};
+
+template <class Element, int HEAD_DIM, int KEY_TILES, bool ACCUMULATE_DQ>
+__global__ void __launch_bounds__(128 * KEY_TILES, KEY_TILES == 1 ? 2 : 1)
     attention_backward_dkdv_sm90(const __grid_constant__ BackwardParams params) {
-    using Traits = BackwardWarpgroupTraits<HEAD_DIM>;
+    using Traits = BackwardWarpgroupTraits<HEAD_DIM, KEY_TILES>;
+    using Walk = typename WalkOf<KEY_TILES>::Type;
+    constexpr int kKeys = Traits::kKeys;
     constexpr int kDimBlocks = HEAD_DIM / 8;   // n8 blocks of dK, dV
     constexpr int kDimSteps = HEAD_DIM / 16;   // k16 steps of S^T, dP^T
     constexpr int kQueryBlocks = 8;            // n8 blocks of S^T over a 64-row step
     constexpr int kQuerySteps = 4;             // k16 steps of dV, dK over a 64-row step
-    constexpr int kKeySteps = 4;               // k16 steps of dQ over the 64 keys
-    constexpr unsigned kPanel = Traits::kPanelBytes;
+    constexpr int kKeySteps = kKeys / 16;      // k16 steps of dQ over the CTA's keys
+    constexpr unsigned kKeyPanel = Traits::kKeyPanelBytes;
+    constexpr unsigned kQueryPanel = Traits::kQueryPanelBytes;
     constexpr unsigned kK16Rows = 16 * 128;    // 16 rows of a panel: one k16 step, MN-major
 
     extern __shared__ unsigned char shared_raw[];
@@ -100,24 +119,26 @@ __global__ void __launch_bounds__(128, 2)
     unsigned short* ds_tile = reinterpret_cast<unsigned short*>(base + Traits::kDsOffset);
     const float* row_stats = reinterpret_cast<const float*>(base + Traits::kRowStatsOffset);
 
-    const int key_tile = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
-    const int n_key_tiles = gridDim.x;
+    const int kv_head = blockIdx.y, batch = blockIdx.z;
+    const int key_tile = blockIdx.x * KEY_TILES;  // the CTA's first
+    const int n_key_tiles = KEY_TILES == 1 ? gridDim.x : (params.n_keys + 63) / 64;
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
+    const int group = KEY_TILES == 1 ? 0 : threadIdx.x >> 7;  // warpgroup: key tile of the CTA
     const int first_key = key_tile * 64;
-    const int warp_key = warp * 16;
-    const int valid_keys = min(64, params.n_keys - first_key);
+    const int warp_key = warp * 16;  // = 64 group + 16 (warp % 4)
+    const int valid_keys = min(kKeys, params.n_keys - first_key);
     const float scale_log2 = params.scale_log2;
 
-    load_tile_async<Traits, 64>(reinterpret_cast<unsigned short*>(base + Traits::kKOffset),
+    load_tile_async<Traits, kKeys>(reinterpret_cast<unsigned short*>(base + Traits::kKOffset),
                                 params.k + batch * params.k_batch_stride +
                                     kv_head * params.k_head_stride,
                                 params.k_row_stride, first_key, params.n_keys);
-    load_tile_async<Traits, 64>(reinterpret_cast<unsigned short*>(base + Traits::kVOffset),
+    load_tile_async<Traits, kKeys>(reinterpret_cast<unsigned short*>(base + Traits::kVOffset),
                                 params.v + batch * params.v_batch_stride +
                                     kv_head * params.v_head_stride,
                                 params.v_row_stride, first_key, params.n_keys);
-    QueryWalk walk;
+    Walk walk;
     walk.member = 0;
     walk.open(params, batch, kv_head, key_tile, n_key_tiles);
     if (walk.valid(params))
@@ -142,7 +163,7 @@ __global__ void __launch_bounds__(128, 2)
         const int buffer = step & 1;
         const int head = walk.head(params, kv_head);
         const int first_row = walk.first_row(params);
-        QueryWalk next = walk;
+        Walk next = walk;
         next.advance(params, batch, kv_head, key_tile, n_key_tiles);
         copy_async_wait<0>();
         fence_generic_to_async_shared();
@@ -153,28 +174,35 @@ __global__ void __launch_bounds__(128, 2)
             load_query_step_sm90<Traits>(params, next, batch, kv_head, buffer ^ 1, base);
         copy_async_commit();
 
-        const unsigned q_address = base_address + Traits::kQOffset + buffer * Traits::kTileBytes;
+        const unsigned q_address =
+            base_address + Traits::kQOffset + buffer * Traits::kQueryTileBytes;
         const unsigned d_out_address =
-            base_address + Traits::kDOutOffset + buffer * Traits::kTileBytes;
+            base_address + Traits::kDOutOffset + buffer * Traits::kQueryTileBytes;
+        // This warpgroup's key tile did not keep the step: P = 0 (nothing of it counts).
+        const bool group_kept = (WalkOf<KEY_TILES>::kept(walk) >> group) & 1u;
         const float* lse_step = row_stats + buffer * 128;
         const float* delta_step = lse_step + 64;
 
         // S^T = K Q^T, then dP^T = V dO^T in a second group: K-major operands, one k16 step
-        // per 32 bytes of a 128-byte panel row.
+        // per 32 bytes of a 128-byte panel row; this warpgroup's 64 keys start 64 rows (8192
+        // bytes) into each K/V panel per group.
         float s[kQueryBlocks][4], dp[kQueryBlocks][4];
+        const unsigned group_rows = group * 64 * 128;
         warpgroup_fence();
 #pragma unroll
         for (int ks = 0; ks < kDimSteps; ++ks) {
-            const unsigned offset = (ks >> 2) * kPanel + (ks & 3) * 32;
-            Warpgroup<Element, 64>::ss(s, sw128_descriptor(k_address + offset, 16),
-                                       sw128_descriptor(q_address + offset, 16), ks > 0);
+            const unsigned within = (ks & 3) * 32;
+            Warpgroup<Element, 64>::ss(
+                s, sw128_descriptor(k_address + group_rows + (ks >> 2) * kKeyPanel + within, 16),
+                sw128_descriptor(q_address + (ks >> 2) * kQueryPanel + within, 16), ks > 0);
         }
         warpgroup_commit();
 #pragma unroll
         for (int ks = 0; ks < kDimSteps; ++ks) {
-            const unsigned offset = (ks >> 2) * kPanel + (ks & 3) * 32;
-            Warpgroup<Element, 64>::ss(dp, sw128_descriptor(v_address + offset, 16),
-                                       sw128_descriptor(d_out_address + offset, 16), ks > 0);
+            const unsigned within = (ks & 3) * 32;
+            Warpgroup<Element, 64>::ss(
+                dp, sw128_descriptor(v_address + group_rows + (ks >> 2) * kKeyPanel + within, 16),
+                sw128_descriptor(d_out_address + (ks >> 2) * kQueryPanel + within, 16), ks > 0);
         }
         warpgroup_commit();
         warpgroup_wait<1>();
@@ -186,7 +214,7 @@ __global__ void __launch_bounds__(128, 2)
             const float2 lse = *reinterpret_cast<const float2*>(lse_step + nb * 8 + 2 * (lane & 3));
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-                s[nb][e] = key_valid[e >> 1]
+                s[nb][e] = key_valid[e >> 1] && group_kept
                                ? fast_exp2(fmaf(s[nb][e], scale_log2, (e & 1) ? -lse.y : -lse.x))
                                : 0.f;
         }
@@ -228,22 +256,22 @@ __global__ void __launch_bounds__(128, 2)
                 for (int j = 0; j < 4; ++j) {
                     const int key = warp_key + (lane >> 2) + 8 * (j & 1);
                     *reinterpret_cast<unsigned*>(
-                        ds_tile + Traits::template tile_offset<64>(key, 2 * kstep + (j >> 1)) +
+                        ds_tile + Traits::template tile_offset<kKeys>(key, 2 * kstep + (j >> 1)) +
                         2 * (lane & 3)) = ds[kstep][j];
                 }
         }
 
         // dV += P^T dO and dK += dS^T Q: dO and Q rows are the K dimension here, read MN-major
-        // (16 rows of a panel per k16 step, the 64-dim panels kPanel apart).
+        // (16 rows of a panel per k16 step, the 64-dim panels kQueryPanel apart).
         warpgroup_fence();
 #pragma unroll
         for (int kstep = 0; kstep < kQuerySteps; ++kstep)
             Warpgroup<Element, HEAD_DIM>::rs_transposed_b(
-                dv, p[kstep], sw128_descriptor(d_out_address + kstep * kK16Rows, kPanel));
+                dv, p[kstep], sw128_descriptor(d_out_address + kstep * kK16Rows, kQueryPanel));
 #pragma unroll
         for (int kstep = 0; kstep < kQuerySteps; ++kstep)
             Warpgroup<Element, HEAD_DIM>::rs_transposed_b(
-                dk, ds[kstep], sw128_descriptor(q_address + kstep * kK16Rows, kPanel));
+                dk, ds[kstep], sw128_descriptor(q_address + kstep * kK16Rows, kQueryPanel));
         warpgroup_commit();
 
         if (ACCUMULATE_DQ) {
@@ -253,17 +281,21 @@ __global__ void __launch_bounds__(128, 2)
             const long long slab = (long long)batch * params.n_heads + head;
             int rows[2];
 #pragma unroll
-            for (int r = 0; r < 2; ++r) rows[r] = first_row + warp * 16 + (lane >> 2) + 8 * r;
+            for (int r = 0; r < 2; ++r)
+                rows[r] = first_row + warp_key - 64 * group + (lane >> 2) + 8 * r;
 #pragma unroll
             for (int half = 0; half < HEAD_DIM / 64; ++half) {
+                // The vote keeps the warpgroup's branch visibly warp-uniform (C7520).
+                if (KEY_TILES > 1 && !__all_sync(0xffffffffu, half % KEY_TILES == group)) continue;
                 // dQ (64 queries x 64 dims) = dS K: A = dS^T and B = K, both key-major.
                 float dq[8][4];
                 warpgroup_fence();  // dq's registers were read by the atomics of the last half
 #pragma unroll
                 for (int kstep = 0; kstep < kKeySteps; ++kstep)
                     Warpgroup<Element, 64>::ss_transposed(
-                        dq, sw128_descriptor(ds_address + kstep * kK16Rows, kPanel),
-                        sw128_descriptor(k_address + half * kPanel + kstep * kK16Rows, kPanel),
+                        dq, sw128_descriptor(ds_address + kstep * kK16Rows, kKeyPanel),
+                        sw128_descriptor(k_address + half * kKeyPanel + kstep * kK16Rows,
+                                         kKeyPanel),
                         kstep > 0);
                 warpgroup_commit();
                 warpgroup_wait<0>();

@@ -592,13 +592,16 @@ def test_sm90_ws_host_table_matches_the_kernel_layout(tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH: the layout "
                     "check compiles the kernel's traits for the host")
 def test_sm90_backward_host_sizes_match_the_kernel_layout(tmp_path):
-    """The shared memory the host passes to the wgmma dK/dV pass (_backward_shared_bytes) is
-    BackwardWarpgroupTraits::kSharedBytes, for both head dims."""
+    """The shared memory the host passes to the wgmma dK/dV passes (_backward_shared_bytes) is
+    BackwardWarpgroupTraits::kSharedBytes, for every sm90 family and head dim."""
     from pysparse_attn.backends import cupy as backend
 
     lines = ['#include <cstdio>', '#include "backward_tiles_sm90.cuh"', 'int main() {']
-    lines += [f'  std::printf("%u\\n", psa::BackwardWarpgroupTraits<{d}>::kSharedBytes);'
-              for d in backend.supported_head_dims()]
+    families = [name for name, family in sorted(backend.BACKWARD_KERNELS.items())
+                if family.source == "attention_backward_sm90.cu"]
+    lines += [f'  std::printf("%u\\n", psa::BackwardWarpgroupTraits<{d}, '
+              f'{backend.BACKWARD_KERNELS[name].key_tiles}>::kSharedBytes);'
+              for name in families for d in backend.supported_head_dims()]
     lines.append("}")
     source = tmp_path / "layout.cu"
     source.write_text("\n".join(lines) + "\n")
@@ -608,8 +611,9 @@ def test_sm90_backward_host_sizes_match_the_kernel_layout(tmp_path):
     assert build.returncode == 0, build.stderr[-2000:]
     printed = subprocess.run([str(tmp_path / "layout")], capture_output=True,
                              text=True).stdout.split()
-    assert [int(x) for x in printed] == [backend._backward_shared_bytes("dkdv", d, "sm90")
-                                         for d in backend.supported_head_dims()]
+    assert families and [int(x) for x in printed] == [
+        backend._backward_shared_bytes("dkdv", d, name)
+        for name in families for d in backend.supported_head_dims()]
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """The GPU backward kernels (``gpu/attention_backward.cu`` through
 ``backends.cupy.attention_backward``) against the float64 reference gradients on the same kept
 set, for every dK/dV family of ``backends.cupy.BACKWARD_KERNELS`` (the ``kernel`` fixture:
-``mma_sync``, and ``sm90``, wgmma, skipped off compute capability 9.0).
+``mma_sync``, and ``sm90`` / ``sm90_k64``, wgmma, skipped off compute capability 9.0).
 
 Every test is marked ``gpu`` and skipped, with the reason, without CuPy or a CUDA device. The
 oracle is ``_reference.attention_backward`` (the reference backend's vjp) on the exact float64
@@ -206,9 +206,10 @@ def test_backward_matches_reference(dtype, D, block, layout, deterministic, kern
         assert (column == 0).all(), f"{name}: key tile kept by nobody is not exactly zero"
 
 
+@pytest.mark.parametrize("fast", ["sm90", "sm90_k64"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("block", [(64, 64), (128, 64)])
-def test_sm90_agrees_with_mma_sync(D, block):
+def test_sm90_agrees_with_mma_sync(D, block, fast):
     """The wgmma dK/dV pass against the mma.sync one on the same kept set and inputs: both
     round P and dS to bf16, so they differ by rounding order only (dK/dV at the bf16 level of
     a few elements, dQ by atomics order too)."""
@@ -216,7 +217,7 @@ def test_sm90_agrees_with_mma_sync(D, block):
 
     from pysparse_attn.backends import cupy as backend
 
-    reason = backend.backward_kernel_unavailable_reason("sm90")
+    reason = backend.backward_kernel_unavailable_reason(fast)
     if reason is not None:
         pytest.skip(reason)
     rng = _fresh_rng()
@@ -227,7 +228,7 @@ def test_sm90_agrees_with_mma_sync(D, block):
     for deterministic in (False, True):
         base, fast = (backend.attention_backward(q, k, v, do, kept, block, D ** -0.5,
                                                  deterministic=deterministic, kernel=name)
-                      for name in ("mma_sync", "sm90"))
+                      for name in ("mma_sync", fast))
         for name, a, b in zip(("dq", "dk", "dv"), fast, base):
             assert _rel_l2(_host64(a), _host64(b)) <= 2e-2, name
         if deterministic:  # the same dQ pass on the same lists

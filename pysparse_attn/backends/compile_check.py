@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .cupy import (BACKWARD_KERNELS, FORWARD_INSTANCES, FORWARD_SM90_INSTANCES,
-                   FORWARD_SM90_WS_INSTANCES, PLAN_INSTANCES, _source_dirs)
+                   FORWARD_SM90_WS_INSTANCES, PLAN_INSTANCES, _source_dirs, backward_instances)
 
 __all__ = ["families", "compile_family", "main"]
 
@@ -29,7 +29,8 @@ DEFAULT_ARCHS = ("sm_80", "sm_90")
 #: architecture of its BACKWARD_KERNELS entry.
 FIXED_ARCHS = {"attention_forward_sm90.cu": ("sm_90a",),
                "attention_forward_sm90_ws.cu": ("sm_90a",),
-               **{source: (arch,) for _, source, arch, _, _ in BACKWARD_KERNELS.values() if arch}}
+               **{family.source: (family.arch,) for family in BACKWARD_KERNELS.values()
+                  if family.arch}}
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
@@ -37,12 +38,14 @@ _REGS = re.compile(r"Used (\d+) registers")
 
 def families():
     """``{source file: [template instance names]}`` of every kernel family."""
+    backward = {}
+    for name, family in BACKWARD_KERNELS.items():  # the sm90 families share one source
+        backward.setdefault(family.source, set()).update(backward_instances(name).values())
     return {"attention_forward.cu": sorted(set(FORWARD_INSTANCES.values())),
             "attention_forward_sm90.cu": sorted(set(FORWARD_SM90_INSTANCES.values())),
             "attention_forward_sm90_ws.cu": sorted(set(FORWARD_SM90_WS_INSTANCES.values())),
             "plan_select.cu": sorted(set(PLAN_INSTANCES.values())),
-            **{source: sorted(set(instances.values()))
-               for _, source, _, instances, _ in BACKWARD_KERNELS.values()}}
+            **{source: sorted(names) for source, names in backward.items()}}
 
 
 def _arch_flag(arch: str) -> str:
