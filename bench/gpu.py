@@ -240,6 +240,12 @@ def sanitize_target():
     chosen = os.environ.get("PSA_SANITIZE_KERNELS")
     kernels = [name for name in backend.KERNELS if backend.kernel_unavailable_reason(name) is None
                and (not chosen or name in chosen.split(","))]
+    # Backward dK/dV families (BACKWARD_KERNELS) by the same list; a list naming none of them
+    # (a forward family alone) keeps the default mma_sync backward, as before they existed.
+    backward_kernels = [
+        name for name in backend.BACKWARD_KERNELS
+        if backend.backward_kernel_unavailable_reason(name) is None
+        and (not chosen or name in chosen.split(","))] or ["mma_sync"]
     rules = {rule.functor: rule for rule in (Blasst(0.5), Cef(-1.0), Recall(0.5),
                                              Recall(0.5, exact=True))}
     for kernel, (dtype, D, bq, bk, functor) in ((kernel, key) for kernel in kernels
@@ -306,10 +312,13 @@ def sanitize_target():
                 backend.forward(q, k, k, plan, None, D ** -0.5, True, out_dtype=np.float32,
                                 kernel=kernel)
     cupy.cuda.runtime.deviceSynchronize()
-    # Backward: every instance (both dQ modes, both forward tiles) on odd sizes with GQA, an
-    # empty query tile (LSE = -inf) and an empty key tile, 16-bit and float32 gradients.
-    for dtype_name, D in sorted({(key[1], key[2]) for key in backend.BACKWARD_INSTANCES
-                                 if key[1] is not None}):  # the untemplated lists kernel
+    # Backward: every instance of every chosen family (both dQ modes, both forward tiles) on
+    # odd sizes with GQA, an empty query tile (LSE = -inf) and an empty key tile, 16-bit and
+    # float32 gradients.
+    for backward_kernel, dtype_name, D in sorted(
+            {(name, key[1], key[2]) for name in backward_kernels
+             for key in backend.backward_instances(name)
+             if key[1] is not None}):  # the untemplated lists kernel
         dtype = _bf16() if dtype_name == "bfloat16" else np.float16
         q, do = (cupy.asarray(rng.standard_normal((1, 4, 150, D)).astype(np.float32))
                  .astype(dtype) for _ in range(2))
@@ -323,10 +332,10 @@ def sanitize_target():
                 for grad_dtype in (None, q.dtype):
                     backend.attention_backward(q, k, v, do, kept, block, D ** -0.5,
                                                deterministic=deterministic,
-                                               grad_dtype=grad_dtype)
+                                               grad_dtype=grad_dtype, kernel=backward_kernel)
     cupy.cuda.runtime.deviceSynchronize()
     print(f"sanitize target: all instances of {kernels} ran, the plan kernels, SLA (forward and "
-          "the linear side of the backward) and the backward")
+          f"the linear side of the backward) and the backward ({backward_kernels})")
 
 
 
@@ -511,6 +520,38 @@ def _record(records, fields):
     print(_markdown([fields]).splitlines()[-1], flush=True)
 
 
+def backward_inputs(cupy, B, H, N, D):
+    """The backward targets' inputs: video-like q, k, v (strength 1) and a random dO, bf16."""
+    q, k, v = video_like(cupy, B, H, N, D, 1.0, seed=3)
+    do = random_inputs(cupy, B, H, N, D, seed=4)[0]
+    return q, k, v, do
+
+
+def cudnn_backward_ms(cupy, q, k, v, do, reps):
+    """(median, min, max) ms of torch SDPA's cuDNN backward on the same tensors (dense, no
+    mask); raises where torch or its cuDNN attention is missing."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    tq, tk, tv = (torch.from_dlpack(x).detach().requires_grad_() for x in (q, k, v))
+    tdo = torch.from_dlpack(do)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        tout = F.scaled_dot_product_attention(tq, tk, tv)
+
+    def cudnn_backward():
+        torch.autograd.grad(tout, (tq, tk, tv), tdo, retain_graph=True)
+
+    return time_ms(cupy, cudnn_backward, reps=reps)
+
+
+def forward_kept_set(cupy, backend, q, k, v, block, selector, scale):
+    """(out, lse, kept) of the default forward on the plan of ``selector`` (None: dense),
+    natural order: the kept set a backward replays and the forward statistics it is given."""
+    plan = backend.build_plan(cupy, q, k, selector, "natural", 4, block, scale)
+    return backend.forward(q, k, v, plan, None, scale, True)[:3]
+
+
 def step_backward(log, records, quick):
     """The backward targets: dense (every tile kept) and kept-set replay at 5% of 128x64 tiles
     (TopK(0.05) on video-like heads), dQ by atomics and deterministic, beside torch SDPA's
@@ -525,22 +566,9 @@ def step_backward(log, records, quick):
     reps = 5 if quick else 10
     scale = D ** -0.5
     dense_flops = 2.5 * 4.0 * B * H * N * N * D  # backward = 2.5x forward FLOPs (5 GEMMs vs 2)
-    q, k, v = video_like(cupy, B, H, N, D, 1.0, seed=3)
-    do = random_inputs(cupy, B, H, N, D, seed=4)[0]
+    q, k, v, do = backward_inputs(cupy, B, H, N, D)
     try:
-        import torch
-        import torch.nn.functional as F
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        tq, tk, tv = (torch.from_dlpack(x).detach().requires_grad_() for x in (q, k, v))
-        tdo = torch.from_dlpack(do)
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            tout = F.scaled_dot_product_attention(tq, tk, tv)
-
-        def cudnn_backward():
-            torch.autograd.grad(tout, (tq, tk, tv), tdo, retain_graph=True)
-
-        ms = time_ms(cupy, cudnn_backward, reps=reps)
+        ms = cudnn_backward_ms(cupy, q, k, v, do, reps)
         _record(records, dict(what="backward dense", shape=shape, impl="torch sdpa cudnn",
                               ms=ms[0], tflops=dense_flops / (ms[0] * 1e-3) / 1e12))
     except Exception as error:  # torch is optional: our numbers still stand alone
@@ -549,8 +577,7 @@ def step_backward(log, records, quick):
                                    ("dense", (64, 64), None),
                                    ("TopK(0.05) replay", (128, 64), TopK(ratio=0.05)),
                                    ("TopK(0.05) replay", (64, 64), TopK(ratio=0.05))):
-        plan = backend.build_plan(cupy, q, k, selector, "natural", 4, block, scale)
-        out, lse, kept = backend.forward(q, k, v, plan, None, scale, True)[:3]
+        out, lse, kept = forward_kept_set(cupy, backend, q, k, v, block, selector, scale)
         density = float(kept.mean())
         flops = dense_flops * density
         lists_ms = time_ms(cupy, lambda: backend._kept_lists(cupy, kept, block, (B, H, N, N)),

@@ -87,6 +87,90 @@ struct QueryWalk {
     }
 };
 
+// The walk of a CTA over TILES adjacent key tiles (first_tile, first_tile + 1, ...): for each
+// query head of the group, the union of their key-major lists (each ascending), merged in
+// ascending order, each query tile in 64-row steps. `kept` has bit t set when key tile
+// first_tile + t kept the current query tile; the others must contribute nothing to it. Key
+// tiles past the last one have empty lists. With TILES = 1 it visits what QueryWalk visits.
+template <int TILES>
+struct MergedQueryWalk {
+    int member;        // query head within the group; head_group when the walk is over
+    int half;          // 64-row step within the forward query tile
+    int tile;          // current query tile
+    unsigned kept;
+    int position[TILES], count[TILES];
+    const int* tiles[TILES];
+
+    __device__ __forceinline__ bool valid(const BackwardParams& params) const {
+        return member < params.head_group;
+    }
+    __device__ __forceinline__ int head(const BackwardParams& params, int kv_head) const {
+        return kv_head * params.head_group + member;
+    }
+    __device__ __forceinline__ int first_row(const BackwardParams& params) const {
+        return tile * params.block_q + half * 64;
+    }
+
+    // The smallest query tile still ahead in any list, and which lists hold it.
+    __device__ __forceinline__ void pick() {
+        tile = 0x7fffffff;
+#pragma unroll
+        for (int t = 0; t < TILES; ++t)
+            if (position[t] < count[t]) tile = min(tile, tiles[t][position[t]]);
+        kept = 0;
+#pragma unroll
+        for (int t = 0; t < TILES; ++t)
+            if (position[t] < count[t] && tiles[t][position[t]] == tile) kept |= 1u << t;
+    }
+
+    // Open the lists of `member`, or of the next member with a non-empty union.
+    __device__ __forceinline__ void open(const BackwardParams& params, int batch, int kv_head,
+                                         int first_tile, int n_key_tiles) {
+        half = 0;
+        for (; member < params.head_group; ++member) {
+            const long long slab = (long long)batch * params.n_heads + kv_head * params.head_group
+                                   + member;
+            int total = 0;
+#pragma unroll
+            for (int t = 0; t < TILES; ++t) {
+                const int key_tile = first_tile + t;
+                position[t] = 0;
+                count[t] = 0;
+                tiles[t] = params.col_indices;
+                if (key_tile < n_key_tiles) {
+                    const int* offsets = params.col_offsets + slab * (n_key_tiles + 1) + key_tile;
+                    const int start = offsets[0];
+                    count[t] = offsets[1] - start;
+                    tiles[t] = params.col_indices + slab * params.col_capacity + start;
+                }
+                total += count[t];
+            }
+            if (total > 0) {
+                pick();
+                break;
+            }
+        }
+    }
+
+    __device__ __forceinline__ void advance(const BackwardParams& params, int batch, int kv_head,
+                                            int first_tile, int n_key_tiles) {
+        if (++half < params.block_q / 64) return;
+        half = 0;
+        bool more = false;
+#pragma unroll
+        for (int t = 0; t < TILES; ++t) {
+            position[t] += (kept >> t) & 1u;
+            more = more || position[t] < count[t];
+        }
+        if (more) {
+            pick();
+            return;
+        }
+        ++member;
+        open(params, batch, kv_head, first_tile, n_key_tiles);
+    }
+};
+
 // Two gradient values of adjacent dims, stored as float32 or as the 16-bit element type.
 template <class Element>
 __device__ __forceinline__ void store_gradient_pair(void* base, long long offset, float lo,

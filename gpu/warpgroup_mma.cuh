@@ -54,6 +54,8 @@ __device__ __forceinline__ void fence_generic_to_async_shared() {
 // D (64 x N, fp32) (+)= A (64 x 16) * B (16 x N). `ss`: A and B K-major in shared memory.
 // `rs`: A from registers (the mma.sync A-fragment layout), B K-major in shared memory.
 // `rs_transposed_b`: A from registers, B MN-major in shared memory; always accumulates.
+// `ss_transposed` (N = 64 only): A and B both MN-major in shared memory, the backward's
+// dQ = dS K with dS^T and K stored key-major as they were produced (16-bit types only).
 template <class Element, int N>
 struct Warpgroup;
 
@@ -66,6 +68,16 @@ struct Warpgroup<ELEMENT, 64> { \
             "{ .reg .pred p; setp.ne.b32 p, %34, 0;\n" \
             "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX_TYPE "." PTX_TYPE " " \
             "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0; }\n" \
+            : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]) \
+            : "l"(a), "l"(b), "r"(accumulate)); \
+    } \
+    __device__ static __forceinline__ void ss_transposed(float (&d)[8][4], unsigned long long a, \
+                                                         unsigned long long b, \
+                                                         int accumulate) { \
+        asm volatile( \
+            "{ .reg .pred p; setp.ne.b32 p, %34, 0;\n" \
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX_TYPE "." PTX_TYPE " " \
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 1, 1; }\n" \
             : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]) \
             : "l"(a), "l"(b), "r"(accumulate)); \
     } \

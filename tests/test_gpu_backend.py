@@ -589,6 +589,48 @@ def test_sm90_ws_host_table_matches_the_kernel_layout(tmp_path):
                                              for (d, bq), _ in configs]
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH: the layout "
+                    "check compiles the kernel's traits for the host")
+def test_sm90_backward_host_sizes_match_the_kernel_layout(tmp_path):
+    """The shared memory the host passes to the wgmma dK/dV passes (_backward_shared_bytes) is
+    BackwardWarpgroupTraits::kSharedBytes, for every sm90 family and head dim."""
+    from pysparse_attn.backends import cupy as backend
+
+    lines = ['#include <cstdio>', '#include "backward_tiles_sm90.cuh"', 'int main() {']
+    families = [name for name, family in sorted(backend.BACKWARD_KERNELS.items())
+                if family.source == "attention_backward_sm90.cu"]
+    lines += [f'  std::printf("%u\\n", psa::BackwardWarpgroupTraits<{d}, '
+              f'{backend.BACKWARD_KERNELS[name].key_tiles}>::kSharedBytes);'
+              for name in families for d in backend.supported_head_dims()]
+    lines.append("}")
+    source = tmp_path / "layout.cu"
+    source.write_text("\n".join(lines) + "\n")
+    gpu_dir = Path(backend.__file__).resolve().parents[2] / "gpu"
+    build = subprocess.run([shutil.which("nvcc"), "-std=c++17", f"-I{gpu_dir}", str(source), "-o",
+                            str(tmp_path / "layout")], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    printed = subprocess.run([str(tmp_path / "layout")], capture_output=True,
+                             text=True).stdout.split()
+    assert families and [int(x) for x in printed] == [
+        backend._backward_shared_bytes("dkdv", d, name)
+        for name in families for d in backend.supported_head_dims()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH: the kernel "
+                    "compile check needs the CUDA toolkit")
+def test_every_sm90_backward_instance_compiles_without_spills():
+    from pysparse_attn.backends.compile_check import compile_family
+    from pysparse_attn.backends.cupy import BACKWARD_SM90_INSTANCES
+
+    instances = sorted(set(BACKWARD_SM90_INSTANCES.values()))
+    ok, rows, log = compile_family(shutil.which("nvcc"), "attention_backward_sm90.cu", instances,
+                                   "sm_90a")
+    assert ok, log
+    assert len(rows) == len(instances), log
+    assert not any(stores or loads for _, _, _, stores, loads, _ in rows), "register spills"
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("kernel", WS)

@@ -1,6 +1,7 @@
 """The GPU backward kernels (``gpu/attention_backward.cu`` through
 ``backends.cupy.attention_backward``) against the float64 reference gradients on the same kept
-set.
+set, for every dK/dV family of ``backends.cupy.BACKWARD_KERNELS`` (the ``kernel`` fixture:
+``mma_sync``, and ``sm90`` / ``sm90_k64``, wgmma, skipped off compute capability 9.0).
 
 Every test is marked ``gpu`` and skipped, with the reason, without CuPy or a CUDA device. The
 oracle is ``_reference.attention_backward`` (the reference backend's vjp) on the exact float64
@@ -31,6 +32,25 @@ _REASON = _gpu_skip_reason()
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(_REASON is not None, reason=f"GPU backward tests need CuPy and "
                                  f"a CUDA device of compute capability >= 8.0: {_REASON}")]
+
+
+def _backward_families():
+    try:
+        from pysparse_attn.backends import cupy as backend
+    except Exception:  # reported by _REASON; collection must not break
+        return ["mma_sync"]
+    return sorted(backend.BACKWARD_KERNELS)
+
+
+@pytest.fixture(params=_backward_families())
+def kernel(request):
+    """A dK/dV family of BACKWARD_KERNELS, skipped where this device cannot run it."""
+    from pysparse_attn.backends import cupy as backend
+
+    reason = backend.backward_kernel_unavailable_reason(request.param)
+    if reason is not None:
+        pytest.skip(reason)
+    return request.param
 
 #: Floor of the relative L2 error: fp32 accumulation in another order than float64 (atomics
 #: add dQ contributions in arrival order) plus exp2.approx, well below the 16-bit rounding.
@@ -162,7 +182,7 @@ CASES = [(dtype, D, block, layout)
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("dtype,D,block,layout", CASES)
-def test_backward_matches_reference(dtype, D, block, layout, deterministic):
+def test_backward_matches_reference(dtype, D, block, layout, deterministic, kernel):
     """Odd sizes (partial query and key tiles), cross-attention, GQA, a sink key tile, a key
     tile nobody keeps (exact zero dK/dV), outputs over poisoned memory."""
     import cupy
@@ -177,7 +197,7 @@ def test_backward_matches_reference(dtype, D, block, layout, deterministic):
     scale = D ** -0.5
     _poison_pool((B, Hq, Nq, D), np.float32)
     grads = backend.attention_backward(q, k, v, do, cupy.asarray(kept), block, scale,
-                                       deterministic=deterministic)
+                                       deterministic=deterministic, kernel=kernel)
     for g, shape in zip(grads, ((B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, D))):
         assert g.dtype == np.float32 and g.shape == shape and g.flags.c_contiguous
     _check_grads(grads, exact, kept, block, scale, dtype)
@@ -186,8 +206,37 @@ def test_backward_matches_reference(dtype, D, block, layout, deterministic):
         assert (column == 0).all(), f"{name}: key tile kept by nobody is not exactly zero"
 
 
+@pytest.mark.parametrize("fast", ["sm90", "sm90_k64"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("block", [(64, 64), (128, 64)])
+def test_sm90_agrees_with_mma_sync(D, block, fast):
+    """The wgmma dK/dV pass against the mma.sync one on the same kept set and inputs: both
+    round P and dS to bf16, so they differ by rounding order only (dK/dV at the bf16 level of
+    a few elements, dQ by atomics order too)."""
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    reason = backend.backward_kernel_unavailable_reason(fast)
+    if reason is not None:
+        pytest.skip(reason)
+    rng = _fresh_rng()
+    B, Hq, Hkv, Nq, Nk = 1, 4, 2, 333, 290
+    (q, k, v, do), _ = _problem(rng, "bfloat16", B, Hq, Hkv, Nq, Nk, D)
+    kept = cupy.asarray(_kept(rng, B, Hq, tile_count(Nq, block[0]), tile_count(Nk, 64),
+                              sink=1, empty_column=3))
+    for deterministic in (False, True):
+        base, fast = (backend.attention_backward(q, k, v, do, kept, block, D ** -0.5,
+                                                 deterministic=deterministic, kernel=name)
+                      for name in ("mma_sync", fast))
+        for name, a, b in zip(("dq", "dk", "dv"), fast, base):
+            assert _rel_l2(_host64(a), _host64(b)) <= 2e-2, name
+        if deterministic:  # the same dQ pass on the same lists
+            cupy.testing.assert_array_equal(fast[0], base[0], err_msg="dq")
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_grad_dtype_rounds_the_float32_gradients(dtype):
+def test_grad_dtype_rounds_the_float32_gradients(dtype, kernel):
     import cupy
 
     from pysparse_attn.backends import cupy as backend
@@ -198,16 +247,17 @@ def test_grad_dtype_rounds_the_float32_gradients(dtype):
     kept = cupy.asarray(_kept(rng, B, H, 3, 3))
     for deterministic in (False, True):
         wide = backend.attention_backward(q, k, v, do, kept, block, D ** -0.5,
-                                          deterministic=deterministic)
+                                          deterministic=deterministic, kernel=kernel)
         narrow = backend.attention_backward(q, k, v, do, kept, block, D ** -0.5,
-                                            deterministic=deterministic, grad_dtype=q.dtype)
+                                            deterministic=deterministic, grad_dtype=q.dtype,
+                                            kernel=kernel)
         for name, w, n in zip(("dq", "dk", "dv"), wide, narrow):
             assert n.dtype == q.dtype and n.flags.c_contiguous, name
             np.testing.assert_allclose(_host64(n), _host64(w), rtol=2e-2 if dtype == "bfloat16"
                                        else 2e-3, atol=1e-3, err_msg=name)
 
 
-def test_rows_with_no_kept_tile_get_zero_dq_and_contribute_nothing():
+def test_rows_with_no_kept_tile_get_zero_dq_and_contribute_nothing(kernel):
     """A query tile that keeps nothing (LSE = -inf) must not produce NaN anywhere."""
     import cupy
 
@@ -220,7 +270,8 @@ def test_rows_with_no_kept_tile_get_zero_dq_and_contribute_nothing():
     kept[:, :, 1] = False  # query tile 1 (rows 64..127, a full tile) keeps nothing
     for deterministic in (False, True):
         dq, dk, dv = backend.attention_backward(q, k, v, do, cupy.asarray(kept), block,
-                                                D ** -0.5, deterministic=deterministic)
+                                                D ** -0.5, deterministic=deterministic,
+                                                kernel=kernel)
         assert (cupy.asnumpy(dq[:, :, 64:128]) == 0).all(), "dq of rows with no kept tile"
         # The reference on the problem without that tile (its rows contribute nothing).
         rows = np.r_[0:64, 128:Nq]
@@ -233,7 +284,7 @@ def test_rows_with_no_kept_tile_get_zero_dq_and_contribute_nothing():
             assert _rel_l2(g, want) <= GRAD_TOLERANCE[dtype], name
 
 
-def test_long_key_major_list_and_wide_gqa_group():
+def test_long_key_major_list_and_wide_gqa_group(kernel):
     """A sink key tile kept by every query tile of every query head of a group of 4: one
     dK/dV CTA walks 4 x 48 x 2 steps (128-row tiles in 64-row halves)."""
     import cupy
@@ -246,13 +297,13 @@ def test_long_key_major_list_and_wide_gqa_group():
     kept = _kept(rng, B, Hq, 48, tile_count(Nk, 64), density=0.1, sink=3)
     for deterministic in (False, True):
         grads = backend.attention_backward(q, k, v, do, cupy.asarray(kept), block, D ** -0.5,
-                                           deterministic=deterministic)
+                                           deterministic=deterministic, kernel=kernel)
         _check_grads(grads, exact, kept, block, D ** -0.5, dtype,
                      label=f"deterministic={deterministic}: ")
 
 
 @pytest.mark.parametrize("block", [(64, 64), (128, 64)])
-def test_deterministic_mode_is_bitwise_stable(block):
+def test_deterministic_mode_is_bitwise_stable(block, kernel):
     import cupy
 
     from pysparse_attn.backends import cupy as backend
@@ -262,7 +313,8 @@ def test_deterministic_mode_is_bitwise_stable(block):
     (q, k, v, do), _ = _problem(rng, "bfloat16", B, Hq, Hkv, Nq, Nk, D)
     kept = cupy.asarray(_kept(rng, B, Hq, tile_count(Nq, block[0]), tile_count(Nk, 64),
                               density=0.6))
-    runs = [backend.attention_backward(q, k, v, do, kept, block, D ** -0.5, deterministic=True)
+    runs = [backend.attention_backward(q, k, v, do, kept, block, D ** -0.5, deterministic=True,
+                                       kernel=kernel)
             for _ in range(3)]
     for name, first, again, third in zip(("dq", "dk", "dv"), *runs):
         cupy.testing.assert_array_equal(first.view(cupy.uint32), again.view(cupy.uint32),
@@ -272,7 +324,7 @@ def test_deterministic_mode_is_bitwise_stable(block):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_given_out_and_lse_agree_with_recomputed(dtype):
+def test_given_out_and_lse_agree_with_recomputed(dtype, kernel):
     """The forward's float32 (out, lse) give the very bytes of the recomputation (it runs the
     same forward); a 16-bit out agrees within the rounding of O in delta."""
     import cupy
@@ -286,18 +338,20 @@ def test_given_out_and_lse_agree_with_recomputed(dtype):
     kept = cupy.asarray(kept_host)
     plan = Plan.from_kept(kept, block=block, shape=(B, Hq, Nq, Nk))
     scale = D ** -0.5
-    recomputed = backend.attention_backward(q, k, v, do, kept, block, scale, deterministic=True)
+    recomputed = backend.attention_backward(q, k, v, do, kept, block, scale, deterministic=True,
+                                            kernel=kernel)
     out32, lse = backend.forward(q, k, v, plan, None, scale, False, out_dtype=np.float32)[:2]
     given = backend.attention_backward(q, k, v, do, kept, block, scale, out=out32, lse=lse,
-                                       deterministic=True)
+                                       deterministic=True, kernel=kernel)
     for name, a, b in zip(("dq", "dk", "dv"), recomputed, given):
         cupy.testing.assert_array_equal(a, b, err_msg=name)
     out16 = backend.forward(q, k, v, plan, None, scale, False)[0]
-    rounded = backend.attention_backward(q, k, v, do, kept, block, scale, out=out16, lse=lse)
+    rounded = backend.attention_backward(q, k, v, do, kept, block, scale, out=out16, lse=lse,
+                                         kernel=kernel)
     _check_grads(rounded, exact, kept_host, block, scale, dtype, label="16-bit out: ")
 
 
-def test_outputs_do_not_depend_on_prior_memory():
+def test_outputs_do_not_depend_on_prior_memory(kernel):
     """Two calls over differently poisoned pools give the same deterministic bytes."""
     import cupy
 
@@ -317,7 +371,7 @@ def test_outputs_do_not_depend_on_prior_memory():
                 for grad_dtype in (None, q.dtype):
                     results.append(backend.attention_backward(
                         q, k, v, do, kept, block, D ** -0.5, deterministic=deterministic,
-                        grad_dtype=grad_dtype))
+                        grad_dtype=grad_dtype, kernel=kernel))
     half = len(results) // 2
     for index in (2, 3):  # the deterministic ones: bitwise equal whatever the pool held
         for name, a, b in zip(("dq", "dk", "dv"), results[index], results[index + half]):
@@ -329,7 +383,7 @@ def test_outputs_do_not_depend_on_prior_memory():
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_backward_is_graph_capturable(deterministic):
+def test_backward_is_graph_capturable(deterministic, kernel):
     """No host synchronisation: the whole call (lists, forward recompute, kernels) records into
     a CUDA graph whose replay reproduces the eager result."""
     import cupy
@@ -343,7 +397,8 @@ def test_backward_is_graph_capturable(deterministic):
 
     def call():
         return backend.attention_backward(q, k, v, do, kept, block, D ** -0.5,
-                                          deterministic=deterministic, grad_dtype=q.dtype)
+                                          deterministic=deterministic, grad_dtype=q.dtype,
+                                          kernel=kernel)
 
     eager = call()
     pool = cupy.cuda.MemoryPool()
@@ -392,6 +447,8 @@ def test_unsupported_cases_raise_value_error():
     with pytest.raises(ValueError, match="lse"):
         backend.attention_backward(q, k, v, do, kept, (64, 64), 0.125, out=q,
                                    lse=cupy.zeros((1, 2, 100), dtype=cupy.float32))
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        backend.attention_backward(q, k, v, do, kept, (64, 64), 0.125, kernel="wgmma")
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["list_kernel", "array_fallback"])

@@ -19,15 +19,18 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .cupy import (BACKWARD_INSTANCES, FORWARD_INSTANCES, FORWARD_SM90_INSTANCES,
-                   FORWARD_SM90_WS_INSTANCES, PLAN_INSTANCES, _source_dirs)
+from .cupy import (BACKWARD_KERNELS, FORWARD_INSTANCES, FORWARD_SM90_INSTANCES,
+                   FORWARD_SM90_WS_INSTANCES, PLAN_INSTANCES, _source_dirs, backward_instances)
 
 __all__ = ["families", "compile_family", "main"]
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
-#: Families bound to one architecture (wgmma exists only on sm_90a).
+#: Families bound to one architecture (wgmma exists only on sm_90a); the backward's from the
+#: architecture of its BACKWARD_KERNELS entry.
 FIXED_ARCHS = {"attention_forward_sm90.cu": ("sm_90a",),
-               "attention_forward_sm90_ws.cu": ("sm_90a",)}
+               "attention_forward_sm90_ws.cu": ("sm_90a",),
+               **{family.source: (family.arch,) for family in BACKWARD_KERNELS.values()
+                  if family.arch}}
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
@@ -35,11 +38,14 @@ _REGS = re.compile(r"Used (\d+) registers")
 
 def families():
     """``{source file: [template instance names]}`` of every kernel family."""
+    backward = {}
+    for name, family in BACKWARD_KERNELS.items():  # the sm90 families share one source
+        backward.setdefault(family.source, set()).update(backward_instances(name).values())
     return {"attention_forward.cu": sorted(set(FORWARD_INSTANCES.values())),
             "attention_forward_sm90.cu": sorted(set(FORWARD_SM90_INSTANCES.values())),
             "attention_forward_sm90_ws.cu": sorted(set(FORWARD_SM90_WS_INSTANCES.values())),
             "plan_select.cu": sorted(set(PLAN_INSTANCES.values())),
-            "attention_backward.cu": sorted(set(BACKWARD_INSTANCES.values()))}
+            **{source: sorted(names) for source, names in backward.items()}}
 
 
 def _arch_flag(arch: str) -> str:

@@ -24,7 +24,10 @@ function, its shared-memory size and attributes are cached per instance. Plans a
 upstream (``pysparse_attn.Plan``), never here.
 
 :func:`attention_backward` runs the backward kernels of ``gpu/attention_backward.cu``
-(:data:`BACKWARD_INSTANCES`) with the kept set held fixed, on the device, with no host read.
+(:data:`BACKWARD_INSTANCES`) with the kept set held fixed, on the device, with no host read; its
+dK/dV pass is one of :data:`BACKWARD_KERNELS`: ``"mma_sync"`` (that file, the default) or
+``"sm90"`` / ``"sm90_k64"`` (``gpu/attention_backward_sm90.cu``, wgmma, sm_90a, 128 or 64 keys a
+CTA, :data:`BACKWARD_SM90_INSTANCES`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -56,7 +60,12 @@ __all__ = [
     "FORWARD_INSTANCES",
     "FORWARD_SM90_INSTANCES",
     "BACKWARD_INSTANCES",
+    "BACKWARD_SM90_INSTANCES",
+    "BACKWARD_KERNELS",
+    "BackwardFamily",
+    "backward_instances",
     "BACKWARD_WARPS",
+    "backward_kernel_unavailable_reason",
     "FORWARD_SM90_WS_INSTANCES",
     "SM90_WS_CONFIGS",
     "KERNELS",
@@ -287,8 +296,11 @@ def kernel_unavailable_reason(kernel: str):
     """Why forward family ``kernel`` cannot run on the current device, or ``None``."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
+    return _capability_reason(kernel, KERNELS[kernel])
+
+
+def _capability_reason(kernel, runs_on):
     capability = _capability(_device_id())
-    runs_on = KERNELS[kernel]
     if runs_on is not None and capability not in runs_on:
         return (f"kernel {kernel!r} needs compute capability {runs_on}; this device has "
                 f"{capability}")
@@ -1048,6 +1060,7 @@ _PREPROCESS_THREADS = 128
 
 
 def _backward_names(element: str, head_dim: int) -> dict:
+    """The stages of ``gpu/attention_backward.cu``, the mma_sync family."""
     warps = BACKWARD_WARPS[head_dim]
     return {
         "preprocess": f"psa::attention_backward_preprocess<{element}, {head_dim}>",
@@ -1071,9 +1084,81 @@ BACKWARD_INSTANCES = {
 BACKWARD_INSTANCES[("lists", None, None)] = "psa::attention_backward_lists"
 
 
-def _backward_shared_bytes(stage: str, head_dim: int) -> int:
-    """Dynamic shared memory of a backward CTA (``BackwardTraits`` in gpu/backward_tiles.cuh)."""
+def _backward_sm90_names(element: str, head_dim: int, key_tiles: int) -> dict:
+    """The dK/dV stages of ``gpu/attention_backward_sm90.cu`` (wgmma, one warpgroup per 64-key
+    tile, ``key_tiles`` tiles a CTA)."""
+    return {
+        "dkdv_atomic_dq":
+            f"psa::attention_backward_dkdv_sm90<{element}, {head_dim}, {key_tiles}, true>",
+        "dkdv": f"psa::attention_backward_dkdv_sm90<{element}, {head_dim}, {key_tiles}, false>",
+    }
+
+
+class BackwardFamily(NamedTuple):
+    """One dK/dV pass: where it runs, what compiles it and how it is launched."""
+
+    runs_on: Optional[tuple]   # compute capabilities (major, minor); None: any >= 8.0
+    source: str                # gpu/ file
+    arch: Optional[str]        # NVRTC architecture; None: the device's own sm_XY
+    key_tiles: int             # 64-key forward tiles a CTA covers (grid.x = ceil(nk / this))
+    threads: int               # per CTA
+    names: Callable            # (element, head dim) -> {stage: template instance}
+
+
+#: Backward dK/dV families by name: the one table the launch, the instance tables, the compile
+#: check and bench/gpu.py's sanitize step derive from. The lists, preprocess, deterministic dQ
+#: pass and postprocess are the mma_sync module's whatever the family. ``"sm90"``: wgmma, two
+#: warpgroups and 128 keys a CTA (FlashAttention-3's shape: half the dQ atomics of 64 keys);
+#: ``"sm90_k64"``: the same kernel with one warpgroup and 64 keys (two CTAs an SM). ``"mma_sync"``
+#: stays the default until the sm90 families are validated on the device
+#: (bench/backward_sm90_check.py).
+BACKWARD_KERNELS = {
+    # mma_sync's threads: BACKWARD_WARPS (per head dim) at the launch.
+    "mma_sync": BackwardFamily(None, "attention_backward.cu", None, 1, 0, _backward_names),
+    "sm90": BackwardFamily(((9, 0),), "attention_backward_sm90.cu", "sm_90a", 2, 256,
+                           functools.partial(_backward_sm90_names, key_tiles=2)),
+    "sm90_k64": BackwardFamily(((9, 0),), "attention_backward_sm90.cu", "sm_90a", 1, 128,
+                               functools.partial(_backward_sm90_names, key_tiles=1)),
+}
+
+
+def backward_instances(kernel: str) -> dict:
+    """Every instance of backward family ``kernel``, keyed (stage, dtype name, head dim); the
+    mma_sync family's is :data:`BACKWARD_INSTANCES` (with its untemplated lists kernel)."""
+    if kernel == "mma_sync":
+        return dict(BACKWARD_INSTANCES)
+    names = BACKWARD_KERNELS[kernel].names
+    return {(stage, dtype, d): name
+            for dtype, element in _ELEMENTS.items()
+            for d in _HEAD_DIMS
+            for stage, name in names(element, d).items()}
+
+
+#: The wgmma dK/dV families' instances, keyed (family, stage, dtype name, head dim): their two
+#: dkdv stages only (the other stages are always the mma_sync family's).
+BACKWARD_SM90_INSTANCES = {
+    (kernel, *key): name
+    for kernel, family in BACKWARD_KERNELS.items() if family.source != "attention_backward.cu"
+    for key, name in backward_instances(kernel).items()
+}
+
+
+def backward_kernel_unavailable_reason(kernel: str):
+    """Why backward family ``kernel`` cannot run on the current device, or ``None``."""
+    if kernel not in BACKWARD_KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(BACKWARD_KERNELS)}, got {kernel!r}")
+    return _capability_reason(kernel, BACKWARD_KERNELS[kernel].runs_on)
+
+
+def _backward_shared_bytes(stage: str, head_dim: int, kernel: str = "mma_sync") -> int:
+    """Dynamic shared memory of a backward CTA (``BackwardTraits`` in gpu/backward_tiles.cuh,
+    ``BackwardWarpgroupTraits`` in gpu/backward_tiles_sm90.cuh for the sm90 dK/dV passes)."""
     tile = 64 * head_dim
+    if stage.startswith("dkdv") and kernel != "mma_sync":
+        # K and V of the CTA's keys, 2 Q, 2 dO, dS^T (keys x 64); 2 x (LSE, delta) floats;
+        # 1024 to align the swizzle atoms.
+        keys = 64 * BACKWARD_KERNELS[kernel].key_tiles
+        return 2 * (2 * keys * head_dim + 4 * tile + keys * 64) + 2 * 2 * 64 * 4 + 1024
     if stage.startswith("dkdv"):  # K, V, 2 Q, 2 dO, dS^T (64 x 64); 2 x (LSE, delta) floats
         return 2 * (6 * tile + 64 * 64) + 2 * 2 * 64 * 4
     if stage == "dq":  # Q, dO, 2 K, 2 V
@@ -1082,16 +1167,21 @@ def _backward_shared_bytes(stage: str, head_dim: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_kernel(device, stage, dtype_name, head_dim):
+def _backward_kernel(device, stage, dtype_name, head_dim, kernel="mma_sync"):
     """The compiled backward instance on ``device`` and its dynamic shared-memory size; one
-    NVRTC module per (dtype, head dim) holds its four stages."""
+    NVRTC module per (family, dtype, head dim) holds the family's stages. Only the dK/dV
+    stages differ between families; the others always come from the mma_sync module."""
+    if not stage.startswith("dkdv"):
+        kernel = "mma_sync"
     if stage == "lists":  # untemplated: compiled with the first module asked for
         dtype_name, head_dim = next(iter(_ELEMENTS)), _HEAD_DIMS[0]
-    names = _backward_names(_ELEMENTS[dtype_name], head_dim)
-    names["lists"] = BACKWARD_INSTANCES[("lists", None, None)]
-    module = _raw_module("attention_backward.cu", tuple(names.values()))
+    family = BACKWARD_KERNELS[kernel]
+    names = family.names(_ELEMENTS[dtype_name], head_dim)
+    if kernel == "mma_sync":
+        names["lists"] = BACKWARD_INSTANCES[("lists", None, None)]
+    module = _raw_module(family.source, tuple(names.values()), family.arch)
     function = module.get_function(names[stage])
-    shared = _backward_shared_bytes(stage, head_dim)
+    shared = _backward_shared_bytes(stage, head_dim, kernel)
     if shared > 48 * 1024 and function.max_dynamic_shared_size_bytes < shared:
         function.max_dynamic_shared_size_bytes = shared
     return function, shared
@@ -1149,7 +1239,7 @@ def _kept_lists(cupy, kept, block, shape):
 
 
 def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
-                       deterministic=False, grad_dtype=None, threads=None):
+                       deterministic=False, grad_dtype=None, threads=None, kernel=None):
     """(dq, dk, dv) of attention restricted to `kept`, on the GPU, no host synchronisation.
 
     Parameters
@@ -1175,6 +1265,10 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
         Gradient dtype: None (float32), float32, or the input dtype.
     threads : ignored
         (an option of the cpu backend).
+    kernel : {"mma_sync", "sm90", "sm90_k64"}, optional
+        The dK/dV pass (:data:`BACKWARD_KERNELS`); None is ``"mma_sync"``. The sm90 families
+        (wgmma, compute capability 9.0 only) take the same lists, preprocess, dQ modes and
+        contract.
 
     Returns
     -------
@@ -1185,6 +1279,10 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
     import cupy
 
     del threads
+    kernel = "mma_sync" if kernel is None else kernel
+    reason = backward_kernel_unavailable_reason(kernel)
+    if reason is not None:
+        raise ValueError(reason)
     dtype_name = _dtype_name(q)
     for name, x in (("k", k), ("v", v), ("do", do)):
         if _dtype_name(x) != dtype_name:
@@ -1276,8 +1374,10 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
     function, _ = _backward_kernel(device, "preprocess", dtype_name, D)
     function((rows_padded // rows_per_cta, Hq, B), (_PREPROCESS_THREADS,), args)
     stage = "dkdv" if deterministic else "dkdv_atomic_dq"
-    function, shared = _backward_kernel(device, stage, dtype_name, D)
-    function((nk, Hkv, B), (threads_per_cta,), args, shared_mem=shared)
+    function, shared = _backward_kernel(device, stage, dtype_name, D, kernel)
+    family = BACKWARD_KERNELS[kernel]
+    dkdv_threads = threads_per_cta if kernel == "mma_sync" else family.threads
+    function((-(-nk // family.key_tiles), Hkv, B), (dkdv_threads,), args, shared_mem=shared)
     if deterministic:
         function, shared = _backward_kernel(device, "dq", dtype_name, D)
         function((rows_padded // 64, Hq, B), (threads_per_cta,), args, shared_mem=shared)
