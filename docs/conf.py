@@ -90,6 +90,14 @@ def _reuse_totals(folder, paths):
     return render_reuse_results(folder)
 
 
+def _reuse_model_totals(folder, paths):
+    from pysparse_attn.bench.reuse import render_reuse_results
+
+    return render_reuse_results(folder, MEASURED["reuse-model"][0],
+                                title="Plan reuse on the trained model's attention",
+                                command="python bench/reuse_on_model.py --out DIR")
+
+
 def _finetune_runs(folder, paths):
     from pysparse_attn.bench.results import render_finetune_results
 
@@ -98,9 +106,11 @@ def _finetune_runs(folder, paths):
 
 #: ``.. measured-KIND:: FOLDER`` (relative to this folder): KIND -> (the result files of FOLDER
 #: it reads, its renderer). methods: per-method tables of the result records; reuse: the totals
-#: of the plan-reuse runs, GPU first; finetune: the fine-tuning demonstration's runs.
+#: of the plan-reuse runs, GPU first; reuse-model: those of bench/reuse_on_model.py, one folder
+#: per run; finetune: the fine-tuning demonstration's runs.
 MEASURED = {"methods": ("*.jsonl", _method_tables),
             "reuse": ("reuse-*.jsonl", _reuse_totals),
+            "reuse-model": ("reuse-model-*/reuse-model-*.jsonl", _reuse_model_totals),
             "finetune": ("**/finetune-sla-*.json", _finetune_runs)}
 
 
