@@ -189,6 +189,24 @@ def train(task, model, steps, lr, clock, label, time_budget=None, sync=None, tea
     return losses, times, len(losses)
 
 
+def train_dense(torch, config, device, seed, clock, sync=None):
+    """The demonstration's dense model: the task of ``config`` and a model trained on it.
+
+    Builds the :class:`Task` and the model (:func:`build_model`, seeded by ``seed``) and trains
+    the model with dense attention for ``config["steps_dense"]`` steps at ``config["lr"]``.
+    Returns ``(task, model, losses, step times in s)``; ``bench/reuse_on_model.py`` trains its
+    model with this too.
+    """
+    task = Task(torch, config, device, seed)
+    model = build_model(torch, config, device, seed)
+    parameters = sum(p.numel() for p in model.parameters())
+    clock.say(f"model: {parameters / 1e6:.2f} M parameters; dense training "
+              f"{config['steps_dense']} steps")
+    losses, times, _ = train(task, model, config["steps_dense"], config["lr"], clock, "dense",
+                             sync=sync)
+    return task, model, losses, times
+
+
 def evaluate(task, model, reference=None):
     """Held-out denoising loss, and the output (kept for the error against the dense model)."""
     torch = task.torch
@@ -232,13 +250,9 @@ def run(args, clock):
               f"critical per query tile = {1 - critical_tiles / nk:.1%} sparsity), "
               f"{config['layers']} layers x {config['heads']} heads x {config['head_dim']}")
 
-    task = Task(torch, config, device, args.seed)
-    model = build_model(torch, config, device, args.seed)
+    task, model, dense_losses, dense_times = train_dense(torch, config, device, args.seed,
+                                                         clock, sync=sync)
     parameters = sum(p.numel() for p in model.parameters())
-    clock.say(f"model: {parameters / 1e6:.2f} M parameters; dense training "
-              f"{config['steps_dense']} steps")
-    dense_losses, dense_times, _ = train(task, model, config["steps_dense"], config["lr"], clock,
-                                         "dense", sync=sync)
     dense_model = copy.deepcopy(model).eval()
     dense_eval, dense_out = evaluate(task, dense_model)
     clock.say(f"dense model: held-out loss {dense_eval['loss']:.4f}")

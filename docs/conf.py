@@ -96,6 +96,14 @@ def _forward_comparisons(folder, paths):
     return render_forward_comparisons(folder)
 
 
+def _reuse_model_totals(folder, paths):
+    from pysparse_attn.bench.reuse import render_reuse_results
+
+    return render_reuse_results(folder, MEASURED["reuse-model"][0],
+                                title="Plan reuse on the trained model's attention",
+                                command="python bench/reuse_on_model.py --out DIR")
+
+
 def _finetune_runs(folder, paths):
     from pysparse_attn.bench.results import render_finetune_results
 
@@ -104,10 +112,12 @@ def _finetune_runs(folder, paths):
 
 #: ``.. measured-KIND:: FOLDER`` (relative to this folder): KIND -> (the result files of FOLDER
 #: it reads, its renderer). methods: per-method tables of the result records; reuse: the totals
-#: of the plan-reuse runs, GPU first; finetune: the fine-tuning demonstration's runs; forward:
-#: the Hopper forward kernels side by side.
+#: of the plan-reuse runs, GPU first; reuse-model: those of bench/reuse_on_model.py, one folder
+#: per run; finetune: the fine-tuning demonstration's runs; forward: the Hopper forward kernels
+#: side by side.
 MEASURED = {"methods": ("*.jsonl", _method_tables),
             "reuse": ("reuse-*.jsonl", _reuse_totals),
+            "reuse-model": ("reuse-model-*/reuse-model-*.jsonl", _reuse_model_totals),
             "finetune": ("**/finetune-sla-*.json", _finetune_runs),
             "forward": ("**/forward-compare-*.jsonl", _forward_comparisons)}
 

@@ -827,8 +827,11 @@ def load_trajectory(path, *, layout: str = "bhnd", mmap: bool = False, grid=None
     ``path`` is a directory with one entry per step, in natural order of the names (``step_2``
     before ``step_10``): each entry a file or directory :func:`load_qkv` reads (``.npz`` with
     ``q``, ``k``, ``v``; a stacked ``.npy``; a directory of ``q.npy``, ``k.npy``, ``v.npy``).
-    Other files (a ``README``, a ``sigmas.npy``) are ignored; save from a sampler with, e.g.,
-    ``np.savez(f"capture/step_{s:03d}.npz", q=q, k=k, v=v)``.
+    Other files (a ``README``) are ignored, except two optional ones: ``grid.npy`` (the token
+    grid ``(T, H, W)``) and ``sigmas.npy`` (one noise level per step), read when ``grid`` or
+    ``sigmas`` is not given. Save from a sampler with, e.g.,
+    ``np.savez(f"capture/step_{s:03d}.npz", q=q, k=k, v=v)`` (``bench/reuse_on_model.py``
+    writes such a capture of a trained model's layer).
 
     Parameters
     ----------
@@ -840,9 +843,10 @@ def load_trajectory(path, *, layout: str = "bhnd", mmap: bool = False, grid=None
         Memory-map ``.npy`` files.
     grid : (int, int, int), optional
         The token grid ``(T, H, W)`` of the capture, when known (lets plan reuse dilate in
-        the grid); its product must equal the sequence length.
+        the grid); its product must equal the sequence length. Default: ``path/grid.npy``
+        when it exists, else None.
     sigmas : sequence of float, optional
-        Noise level of each step.
+        Noise level of each step. Default: ``path/sigmas.npy`` when it exists, else None.
 
     Returns
     -------
@@ -884,8 +888,12 @@ def load_trajectory(path, *, layout: str = "bhnd", mmap: bool = False, grid=None
     if not entries:
         raise ValueError(f"path {root} holds no per-step capture (.npz, stacked .npy, or a "
                          "directory with q.npy, k.npy, v.npy)")
+    if grid is None and (root / "grid.npy").is_file():
+        grid = tuple(int(x) for x in np.load(root / "grid.npy").reshape(-1))
     if grid is not None:
         grid = _check_grid(grid)
+    if sigmas is None and (root / "sigmas.npy").is_file():
+        sigmas = np.load(root / "sigmas.npy")
     if sigmas is not None:
         sigmas = np.asarray(sigmas, dtype=np.float64)
         if sigmas.shape != (len(entries),):

@@ -367,6 +367,24 @@ def test_load_trajectory_round_trip(tmp_path):
             np.testing.assert_array_equal(x, y)
 
 
+def test_load_trajectory_reads_grid_and_sigmas_files_unless_given(tmp_path):
+    trajectory = _trajectory(steps=2)
+    for step, (q, k, v) in enumerate(trajectory):
+        np.savez(tmp_path / f"step_{step:03d}.npz", q=q, k=k, v=v)
+    np.save(tmp_path / "grid.npy", np.array(GRID))
+    np.save(tmp_path / "sigmas.npy", np.array([1.0, 0.5]))
+    loaded = load_trajectory(tmp_path)
+    assert len(loaded) == 2 and loaded.grid == GRID
+    assert loaded.description["grid"] == list(GRID)
+    np.testing.assert_array_equal(loaded.sigmas, [1.0, 0.5])
+    given = load_trajectory(tmp_path, grid=(1, 1, 288), sigmas=[0.9, 0.1])
+    assert given.grid == (1, 1, 288)
+    np.testing.assert_array_equal(given.sigmas, [0.9, 0.1])
+    np.save(tmp_path / "sigmas.npy", np.array([1.0]))
+    with pytest.raises(ValueError, match="sigmas"):
+        load_trajectory(tmp_path)
+
+
 def test_load_trajectory_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_trajectory(tmp_path / "missing")

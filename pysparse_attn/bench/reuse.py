@@ -303,6 +303,10 @@ def run(args, argv=None):
     description = dict(trajectory.description)
     if "dtype" in description:
         description["dtype"] = args.dtype
+    if "heads" not in description:  # a capture: its shape from the first step
+        q0 = trajectory[0][0]
+        description.update(batch=int(q0.shape[0]), heads=int(q0.shape[1]),
+                           tokens=int(q0.shape[2]), head_dim=int(q0.shape[3]))
     base_header = environment(args.backend, argv)
     base_header.update(trajectory=description, dtype=args.dtype, block=list(block),
                        repeat=args.repeat,
@@ -546,11 +550,11 @@ def markdown_variants(records_by_label) -> str:
     return "\n".join(lines)
 
 
-def read_reuse_runs(folder):
-    """``[(header, summary, path)]`` of the reuse result files (``reuse-*.jsonl``) in
-    ``folder``, newest first, GPU runs before CPU ones."""
+def read_reuse_runs(folder, pattern="reuse-*.jsonl"):
+    """``[(header, summary, path)]`` of the reuse result files (``pattern``, default
+    ``reuse-*.jsonl``) in ``folder``, newest first, GPU runs before CPU ones."""
     runs = []
-    for path in sorted(Path(folder).glob("reuse-*.jsonl")):
+    for path in sorted(Path(folder).glob(pattern)):
         records = []
         for line in path.read_text().splitlines():
             try:
@@ -566,14 +570,16 @@ def read_reuse_runs(folder):
     return runs
 
 
-def render_reuse_results(folder) -> str:
-    """reST: one table of the reuse runs in ``folder`` (GPU first), each with its device,
-    date, variant and settings; a sentence when there are none."""
-    runs = read_reuse_runs(folder)
+def render_reuse_results(folder, pattern="reuse-*.jsonl",
+                         title="Plan reuse along the synthetic trajectory",
+                         command="python -m pysparse_attn.bench reuse") -> str:
+    """reST: one table of the reuse runs in ``folder`` (``pattern``; GPU first), each with its
+    device, date, variant and settings; a sentence naming ``command`` when there are none."""
+    runs = read_reuse_runs(folder, pattern)
     if not runs:
-        return ("No plan-reuse results are in ``bench/results/`` yet: "
-                "``python -m pysparse_attn.bench reuse`` writes them.\n")
-    lines = [".. list-table:: Plan reuse along the synthetic trajectory (totals over the steps)",
+        return (f"No plan-reuse results are in ``bench/results/`` yet: "
+                f"``{command}`` writes them.\n")
+    lines = [f".. list-table:: {title} (totals over the steps)",
              "   :header-rows: 1", "",
              "   * - device, date", "     - run", "     - shape (B, H, N, D), dtype, tiles",
              "     - steps", "     - speedup vs dense", "     - rule alone vs dense",
@@ -587,7 +593,8 @@ def render_reuse_results(folder) -> str:
                  f"{trajectory.get('head_dim', '?')}), {header.get('dtype')}, "
                  f"{'x'.join(map(str, header.get('block', [])))}")
         lines += [f"   * - {header['device']}, {header['date'][:10]}",
-                  f"     - ``{path.stem}``: ``{header.get('reuse', '')}``",
+                  f"     - ``{path.relative_to(folder).with_suffix('')}``: "
+                  f"``{header.get('reuse', '')}``",
                   f"     - {shape}", f"     - {s['steps']}",
                   f"     - {s['speedup_vs_dense']:.2f}x",
                   f"     - {s['speedup_rule_vs_dense']:.2f}x",
