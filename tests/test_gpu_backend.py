@@ -620,6 +620,10 @@ def test_sm90_backward_host_sizes_match_the_kernel_layout(tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH: the kernel "
                     "compile check needs the CUDA toolkit")
 def test_every_sm90_backward_instance_compiles_without_spills():
+    """No sm90 backward instance spills, but one known case: the 128-key CTA at D=128 with dQ by
+    atomics sits at 255 registers and spills 28-36 bytes (ptxas, CUDA 13); it still measured the
+    fastest dense backward on an H200 (bench/results/backward-v2.md). The bound keeps it from
+    growing unnoticed; every other instance must stay spill-free."""
     from pysparse_attn.backends.compile_check import compile_family
     from pysparse_attn.backends.cupy import BACKWARD_SM90_INSTANCES
 
@@ -628,7 +632,12 @@ def test_every_sm90_backward_instance_compiles_without_spills():
                                    "sm_90a")
     assert ok, log
     assert len(rows) == len(instances), log
-    assert not any(stores or loads for _, _, _, stores, loads, _ in rows), "register spills"
+    known_spill_bytes = 40
+    for row in rows:
+        name, stores, loads = row[0], row[3], row[4]
+        is_known = ", 128, 2, true>(" in name
+        limit = known_spill_bytes if is_known else 0
+        assert stores <= limit and loads <= limit, f"{name}: spills {stores} / {loads} bytes"
 
 
 @pytest.mark.gpu

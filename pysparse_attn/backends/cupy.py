@@ -70,6 +70,7 @@ __all__ = [
     "SM90_WS_CONFIGS",
     "KERNELS",
     "default_kernel",
+    "default_backward_kernel",
     "kernel_unavailable_reason",
     "PLAN_INSTANCES",
     "LINEAR_INSTANCES",
@@ -1143,6 +1144,14 @@ BACKWARD_SM90_INSTANCES = {
 }
 
 
+def default_backward_kernel() -> str:
+    """``"sm90"`` (wgmma, 128 keys a CTA) where it runs (compute capability 9.0), else
+    ``"mma_sync"``: on an H200 it ran the dense backward in 43.1 ms against mma_sync's 78.0
+    (bench/results/backward-v2.md). ``"sm90_k64"`` stays selectable (the faster replay of very
+    sparse kept sets)."""
+    return "sm90" if backward_kernel_unavailable_reason("sm90") is None else "mma_sync"
+
+
 def backward_kernel_unavailable_reason(kernel: str):
     """Why backward family ``kernel`` cannot run on the current device, or ``None``."""
     if kernel not in BACKWARD_KERNELS:
@@ -1279,7 +1288,7 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
     import cupy
 
     del threads
-    kernel = "mma_sync" if kernel is None else kernel
+    kernel = default_backward_kernel() if kernel is None else kernel
     reason = backward_kernel_unavailable_reason(kernel)
     if reason is not None:
         raise ValueError(reason)
