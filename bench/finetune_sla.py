@@ -337,6 +337,19 @@ def summary(record):
     return "\n".join(lines) + "\n"
 
 
+def check_sizes(parser, args, counts):
+    """``parser.error`` naming the option unless --height/--width are even (the model's 2x2
+    patches) and every option of ``counts`` (attribute names) is at least 1; unset ones pass."""
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value < 2 or value % 2):
+            parser.error(f"--{name} must be an even number >= 2 (patches of 2x2), got {value}")
+    for name in counts:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
@@ -363,14 +376,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.environ.get("OUT"),
                         help="folder for the JSON record and the markdown summary")
     args = parser.parse_args(argv)
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value < 2 or value % 2):
-            parser.error(f"--{name} must be an even number >= 2 (patches of 2x2), got {value}")
-    for name in ("steps_dense", "steps_finetune", "frames", "layers", "batch"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    check_sizes(parser, args, ("steps_dense", "steps_finetune", "frames", "layers", "batch"))
 
     clock = Clock()
     record = run(args, clock)

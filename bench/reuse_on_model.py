@@ -405,14 +405,8 @@ def main(argv=None):
     parser.add_argument("--out", default=os.environ.get("OUT") or "reuse-on-model-out",
                         help="folder for the records and tables")
     args = parser.parse_args(argv)
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value < 2 or value % 2):
-            parser.error(f"--{name} must be an even number >= 2 (patches of 2x2), got {value}")
-    for name in ("sampler_steps", "steps_dense", "frames", "layers", "repeat"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    finetune_sla.check_sizes(parser, args,
+                             ("sampler_steps", "steps_dense", "frames", "layers", "repeat"))
     if args.block is not None:
         parts = args.block.split("x")
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):

@@ -575,18 +575,26 @@ def test_sm90_ws_host_table_matches_the_kernel_layout(tmp_path):
         lines.append(f'  std::printf("%u\\n", psa::WarpSpecializedTraits<{d}, {bq}, {ks}, '
                      f'{vs}>::kSharedBytes);')
     lines.append("}")
+    printed = _host_program_output(tmp_path, lines)
+    dtype = backend._WS_PARAMS_DTYPE
+    assert [int(printed[0]), int(printed[1])] == [dtype.itemsize, dtype.fields["base"][1]]
+    assert [int(x) for x in printed[2:]] == [backend._shared_bytes_sm90_ws(d, bq)
+                                             for (d, bq), _ in configs]
+
+
+def _host_program_output(tmp_path, lines):
+    """What the C++ program ``lines`` (which may include gpu/ headers) prints, split on blanks:
+    built with nvcc for the host and run."""
+    from pysparse_attn.backends import cupy as backend
+
     source = tmp_path / "layout.cu"
     source.write_text("\n".join(lines) + "\n")
     gpu_dir = Path(backend.__file__).resolve().parents[2] / "gpu"
     build = subprocess.run([shutil.which("nvcc"), "-std=c++17", f"-I{gpu_dir}", str(source), "-o",
                             str(tmp_path / "layout")], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-2000:]
-    printed = subprocess.run([str(tmp_path / "layout")], capture_output=True,
-                             text=True).stdout.split()
-    dtype = backend._WS_PARAMS_DTYPE
-    assert [int(printed[0]), int(printed[1])] == [dtype.itemsize, dtype.fields["base"][1]]
-    assert [int(x) for x in printed[2:]] == [backend._shared_bytes_sm90_ws(d, bq)
-                                             for (d, bq), _ in configs]
+    return subprocess.run([str(tmp_path / "layout")], capture_output=True,
+                          text=True).stdout.split()
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH: the layout "
@@ -603,14 +611,7 @@ def test_sm90_backward_host_sizes_match_the_kernel_layout(tmp_path):
               f'{backend.BACKWARD_KERNELS[name].key_tiles}>::kSharedBytes);'
               for name in families for d in backend.supported_head_dims()]
     lines.append("}")
-    source = tmp_path / "layout.cu"
-    source.write_text("\n".join(lines) + "\n")
-    gpu_dir = Path(backend.__file__).resolve().parents[2] / "gpu"
-    build = subprocess.run([shutil.which("nvcc"), "-std=c++17", f"-I{gpu_dir}", str(source), "-o",
-                            str(tmp_path / "layout")], capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr[-2000:]
-    printed = subprocess.run([str(tmp_path / "layout")], capture_output=True,
-                             text=True).stdout.split()
+    printed = _host_program_output(tmp_path, lines)
     assert families and [int(x) for x in printed] == [
         backend._backward_shared_bytes("dkdv", d, name)
         for name in families for d in backend.supported_head_dims()]
