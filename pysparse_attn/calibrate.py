@@ -768,14 +768,23 @@ def _blasst_budget(q, k, v, budget, per_head, *, order, peak, block, scale, layo
     B, H, Nq, _ = q.shape
     plan = build_plan(np, q, k, None, order, peak, block, scale)
     stat = _dense_pass(q, k, None, plan, scale, block, want_mass=False).stat
-    skippable = stat[np.isfinite(stat) & (stat < 0.0)]
-    # Log-thresholds just above statistic quantiles: each grid point skips a definite set.
-    # The first point skips nothing (below every statistic).
-    lowest = float(skippable.min()) if skippable.size else -1.0
-    quantiles = np.quantile(skippable, np.linspace(0.0, 1.0, grid_points - 1)) \
-        if skippable.size else np.empty(0)
-    log_grid = np.unique(np.minimum(np.concatenate([[max(lowest - 1.0, -700.0)],
-                                                    np.nextafter(quantiles, np.inf)]), 0.0))
+    skippable = np.sort(stat[np.isfinite(stat) & (stat < 0.0)])
+    # Thresholds at statistic quantiles (so consecutive points skip about equally many more
+    # tiles), each halfway to the next larger distinct statistic so that it skips a definite
+    # set; the first point skips nothing. The curves are evaluated at log(lam) as the rule
+    # computes it from lam: exp then log can move a value by an ulp, enough to flip a tile
+    # that sits next to the threshold.
+    if skippable.size:
+        distinct = np.unique(skippable)
+        picks = skippable[np.unique(np.round(
+            np.linspace(0, skippable.size - 1, grid_points - 1)).astype(int))]
+        above = np.append(distinct, 0.0)[np.searchsorted(distinct, picks, side="right")]
+        points = np.concatenate([[max(float(distinct[0]) - 1.0, -700.0)],
+                                 0.5 * (picks + above)])
+    else:
+        points = np.array([-1.0])
+    lam_grid = np.unique(np.exp(points))
+    log_grid = Blasst(lam_grid).kernel_params(lam_grid.size)
     dense = _dense_pass(q, k, v, plan, scale, block, want_mass=True,
                         log_grid=log_grid if v is not None else None)
     skipped = np.empty((H, log_grid.size))
@@ -791,7 +800,6 @@ def _blasst_budget(q, k, v, budget, per_head, *, order, peak, block, scale, layo
                      dense_sq=(dense.out ** 2).sum(axis=(0, 2, 3)) if v is not None
                      else np.ones(H))
     family = _Family("calibrate_blasst", lambda lam: Blasst(lam))
-    lam_grid = np.exp(log_grid)
     cost, allowance = _costs(curves, budget)
     if per_head:
         choice, met = _allocate(cost, skipped, allowance)

@@ -383,10 +383,14 @@ BACKENDS = backend_params()
 def peaked(seed, backend, heads=4):
     """Peaked logits: a direction shared by the queries and, with a random signed weight per
     key tile, by that tile's keys, and key tiles of very different gains, so most tiles hold
-    little mass. GPU: head dim 64 and 16 key tiles of 64 (the sizes it supports)."""
+    little mass. GPU: head dim 64 and 16 key tiles of 64 (the sizes it supports).
+
+    ``focus=4`` shifts tile J's logits by about ``16 c_J``: with ten key tiles per head the
+    skippable share stays above 27% on every one of 400 seeds for each rule and order (at
+    ``focus=3`` about one seed in a hundred fell below the 20% the vacuity guard asks)."""
     rng = np.random.default_rng(seed)
     n, dim, block = (1000, 64, (64, 64)) if backend.gpu else (300, 32, (32, 32))
-    q, k, v = random_qkv(rng, 1, heads, heads // 2, n, n, dim, 3.0, 1.5, block[1], focus=3.0)
+    q, k, v = random_qkv(rng, 1, heads, heads // 2, n, n, dim, 3.0, 1.5, block[1], focus=4.0)
     return (q, k, v), block
 
 
