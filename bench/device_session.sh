@@ -11,7 +11,8 @@
 #   ablation   bench/forward_ablation.py: leave-one-out variants of the Hopper forward
 #   compare    bench/forward_ablation.py --mode compare: the sm90_ws kernel against wgmma
 #   workloads  bench/gpu_workloads.sh: plan reuse over a trajectory, the method sweep
-#   train      bench/train_step.py and bench/finetune_sla.py
+#   train      bench/train_step.py and bench/finetune_sla.py (TRAIN_S=0 / FT_S=0 leave one out;
+#              FT_ARGS adds options to the fine-tune)
 #   sla_backward  bench/sla_backward_timing.py: sla_vjp whole and its pieces
 # Needs the wheels carried in .whl/ (array-api-compat; diffusers for the adapters), and .peers/.
 # Writes logs under $OUT and everything else in $OUT/results.tgz.
@@ -90,8 +91,8 @@ if want train; then
   stamp train
   [ -f bench/train_step.py ] && [ "${TRAIN_S:-120}" -gt 0 ] && timeout "${TRAIN_S:-120}" python3 bench/train_step.py \
     --out "$RES" > "$RES/train_step.log" 2>&1; tail -20 "$RES/train_step.log" 2>/dev/null
-  [ -f bench/finetune_sla.py ] && timeout "${FT_S:-260}" python3 bench/finetune_sla.py \
-    --device cuda --out "$RES" > "$RES/finetune.log" 2>&1; tail -25 "$RES/finetune.log" 2>/dev/null
+  [ -f bench/finetune_sla.py ] && [ "${FT_S:-260}" -gt 0 ] && timeout "${FT_S:-260}" python3 bench/finetune_sla.py \
+    --device cuda ${FT_ARGS:-} --out "$RES" > "$RES/finetune.log" 2>&1; tail -25 "$RES/finetune.log" 2>/dev/null
 fi
 if want sla_backward && [ -f bench/sla_backward_timing.py ]; then
   stamp sla_backward
