@@ -14,6 +14,7 @@
 #   train      bench/train_step.py and bench/finetune_sla.py (TRAIN_S=0 / FT_S=0 leave one out;
 #              FT_ARGS adds options to the fine-tune)
 #   sla_backward  bench/sla_backward_timing.py: sla_vjp whole and its pieces
+#   profile    bench/profile_sla_step.py: kernel-by-kernel time of the SLA step and of sla_vjp
 # Needs the wheels carried in .whl/ (array-api-compat; diffusers for the adapters), and .peers/.
 # Writes logs under $OUT and everything else in $OUT/results.tgz.
 set -u
@@ -97,7 +98,12 @@ fi
 if want sla_backward && [ -f bench/sla_backward_timing.py ]; then
   stamp sla_backward
   timeout "${SLA_BACKWARD_S:-240}" python3 bench/sla_backward_timing.py > "$RES/sla_backward.log" 2>&1
-  tail -16 "$RES/sla_backward.log"
+  tail -24 "$RES/sla_backward.log"
+fi
+if want profile && [ -f bench/profile_sla_step.py ]; then
+  stamp profile
+  timeout "${PROFILE_S:-120}" python3 bench/profile_sla_step.py > "$RES/profile.log" 2>&1
+  tail -110 "$RES/profile.log"
 fi
 stamp done
 cp "$RES"/*.log "$OUT/" 2>/dev/null

@@ -314,7 +314,8 @@ def sanitize_target():
     cupy.cuda.runtime.deviceSynchronize()
     # Backward: every instance of every chosen family (both dQ modes, both forward tiles) on
     # odd sizes with GQA, an empty query tile (LSE = -inf) and an empty key tile, 16-bit and
-    # float32 gradients.
+    # float32 gradients, without and with an addend (dv's a view of a row-padded buffer, as
+    # the SLA linear side hands it over).
     for backward_kernel, dtype_name, D in sorted(
             {(name, key[1], key[2]) for name in backward_kernels
              for key in backend.backward_instances(name)
@@ -324,15 +325,19 @@ def sanitize_target():
                  .astype(dtype) for _ in range(2))
         k, v = (cupy.asarray(rng.standard_normal((1, 2, 201, D)).astype(np.float32))
                 .astype(dtype) for _ in range(2))
+        addend = (cupy.ones((1, 4, 150, D), dtype=cupy.float32),
+                  cupy.ones((1, 2, 201, D), dtype=cupy.float32),
+                  cupy.ones((1, 2, 256, D), dtype=cupy.float32)[:, :, :201])
         for block in ((64, 64), (128, 64)):
             kept = cupy.asarray(rng.random((1, 4, tile_count(150, block[0]), 4)) < 0.6)
             kept[:, :, 0] = False
             kept[:, :, :, 1] = False
             for deterministic in (False, True):
-                for grad_dtype in (None, q.dtype):
+                for grad_dtype, extra in ((None, None), (q.dtype, None), (q.dtype, addend)):
                     backend.attention_backward(q, k, v, do, kept, block, D ** -0.5,
                                                deterministic=deterministic,
-                                               grad_dtype=grad_dtype, kernel=backward_kernel)
+                                               grad_dtype=grad_dtype, kernel=backward_kernel,
+                                               addend=extra)
     cupy.cuda.runtime.deviceSynchronize()
     print(f"sanitize target: all instances of {kernels} ran, the plan kernels, SLA (forward and "
           f"the linear side of the backward) and the backward ({backward_kernels})")
@@ -582,20 +587,37 @@ def step_backward(log, records, quick):
         flops = dense_flops * density
         lists_ms = time_ms(cupy, lambda: backend._kept_lists(cupy, kept, block, (B, H, N, N)),
                            reps=reps)
-        for deterministic in (False, True):
+        # The density bound a public call hands over (a plan's capacity: here the selector's).
+        nk = tile_count(N, block[1])
+        bound = None if selector is None else selector.count(nk) / nk
+        families = [None] + ([name for name in backend.BACKWARD_KERNELS
+                              if backend.backward_kernel_unavailable_reason(name) is None]
+                             if selector is not None else [])
+        for kernel, deterministic in ((f, d) for f in families for d in (False, True)):
             def run(recompute=False):
                 return backend.attention_backward(
                     q, k, v, do, kept, block, scale, out=None if recompute else out,
                     lse=None if recompute else lse, deterministic=deterministic,
-                    grad_dtype=q.dtype)
+                    grad_dtype=q.dtype, density=bound, kernel=kernel)
             ms = time_ms(cupy, run, reps=reps)
             recompute_ms = time_ms(cupy, lambda: run(True), reps=reps)
+            chosen = kernel or backend.default_backward_kernel(bound)
             _record(records, dict(what=f"backward {label}", shape=shape,
-                                  impl=f"ours {block[0]}x{block[1]}"
+                                  impl=f"ours {block[0]}x{block[1]} {chosen}"
+                                  f"{' (default)' if kernel is None else ''}"
                                   f"{' deterministic' if deterministic else ' atomic dQ'}",
                                   ms=ms[0], tflops=flops / (ms[0] * 1e-3) / 1e12,
                                   density=density, lists_ms=lists_ms[0],
                                   with_forward_ms=recompute_ms[0]))
+        if selector is not None:  # the public call, as an autograd bridge makes it
+            import pysparse_attn as psa
+
+            ms = time_ms(cupy, lambda: psa.attention_vjp(
+                q, k, v, do, select=selector, kept=kept, out=out, lse=lse, block=block),
+                reps=reps)
+            _record(records, dict(what=f"backward {label}", shape=shape,
+                                  impl=f"psa.attention_vjp {block[0]}x{block[1]} (kept, out, "
+                                  f"lse given)", ms=ms[0], density=density))
 
 
 class _Records(list):

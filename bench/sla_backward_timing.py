@@ -88,6 +88,9 @@ def main():
     row("sla_vjp whole, deterministic=True",
         lambda: psa.sla_vjp(q, k, v, do, plan=plan, kept=kept, out=out, lse=lse,
                             deterministic=True, **options))
+    row("sla_vjp whole (saved out, lse, kept, marginal: no plan rebuilt)",
+        lambda: psa.sla_vjp(q, k, v, do, kept=kept, out=out, lse=lse, marginal=marginal,
+                            critical=args.critical, negligible=args.negligible, **options))
     row("sla_vjp whole (kept only: sparse backward recomputes O_s, LSE)",
         lambda: psa.sla_vjp(q, k, v, do, plan=plan, kept=kept, **options))
     o_sparse = backend.sla_linear_vjp(q, k, v, do, marginal, block, "softmax", eps, weight,
@@ -97,6 +100,24 @@ def main():
     row("  sparse backward (attention_backward, saved O_s, LSE)",
         lambda: backend.attention_backward(q, k, v, do, kept_c, block, scale, out=o_sparse,
                                            lse=lse_c, grad_dtype=None))
+    for kernel in backend.BACKWARD_KERNELS:
+        if backend.backward_kernel_unavailable_reason(kernel) is not None:
+            continue
+        for grad_dtype in (None, q.dtype):
+            row(f"    kernel={kernel}, grads {np.dtype(grad_dtype or np.float32).name}",
+                lambda kernel=kernel, grad_dtype=grad_dtype: backend.attention_backward(
+                    q, k, v, do, kept_c, block, scale, out=o_sparse, lse=lse_c,
+                    grad_dtype=grad_dtype, kernel=kernel))
+    linear_grads = backend.sla_linear_vjp(q, k, v, do, marginal, block, "softmax", eps, weight,
+                                          bias, out, mode=args.linear)[0]
+    row("    default kernel, bf16 grads with the linear side's as addend (sla_vjp's call)",
+        lambda: backend.attention_backward(q, k, v, do, kept_c, block, scale, out=o_sparse,
+                                           lse=lse_c, grad_dtype=q.dtype, addend=linear_grads,
+                                           density=args.critical))
+    o_sparse16 = o_sparse.astype(q.dtype)
+    row("    default kernel, O_s in bf16, grads bf16",
+        lambda: backend.attention_backward(q, k, v, do, kept_c, block, scale, out=o_sparse16,
+                                           lse=lse_c, grad_dtype=q.dtype))
     row("  linear side whole (sla_linear_vjp, with O_s)",
         lambda: backend.sla_linear_vjp(q, k, v, do, marginal, block, "softmax", eps, weight,
                                        bias, out, mode=args.linear))

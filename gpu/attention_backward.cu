@@ -5,7 +5,8 @@
 //   attention_backward_lists       the kept bitmap as CSR lists, query-major (the forward's
 //                                  plan) and key-major (what the dK/dV pass walks).
 //   attention_backward_preprocess  per row: delta = rowsum(dO * O), the LSE in log2 units
-//                                  (+inf where P is exactly 0), and the zeroed dQ accumulator.
+//                                  (+inf where P is exactly 0), and the dQ accumulator started
+//                                  at zero (at dq_addend when another branch's dQ is given).
 //   attention_backward_dkdv        one CTA per (key tile, kv head, batch), K and V resident in
 //                                  shared memory, dK and dV in fp32 registers (warp w owns keys
 //                                  16w..16w+15). It walks the key-major list of the query tiles
@@ -23,7 +24,8 @@
 //                                  query-major list (the forward's plan row) with K and V
 //                                  double-buffered, recomputes P and dS and accumulates dQ in
 //                                  registers: bitwise reproducible.
-// A key tile nobody kept gets a CTA with an empty walk, which writes exact zeros. Padded keys
+// A key tile nobody kept gets a CTA with an empty walk, which writes exact zeros (the addend's
+// values, where one is given: every gradient store adds it, see store_gradient_pair). Padded keys
 // are masked (P = 0) and padded rows have lse_log2 = +inf (P = 0) and zero-filled dO, so
 // partial tiles contribute exactly nothing.
 //
@@ -158,8 +160,16 @@ __global__ void __launch_bounds__(128)
     if (params.dq_accumulator != nullptr && valid) {
         float4* accumulator = reinterpret_cast<float4*>(
             params.dq_accumulator + (slab * params.n_queries + row) * HEAD_DIM + chunk * 8);
-        accumulator[0] = make_float4(0.f, 0.f, 0.f, 0.f);
-        accumulator[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        float4 start[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
+        if (params.dq_addend != nullptr) {
+            const float4* addend = reinterpret_cast<const float4*>(
+                params.dq_addend + slab * params.dq_addend_slab + (long long)row * HEAD_DIM +
+                chunk * 8);
+            start[0] = addend[0];
+            start[1] = addend[1];
+        }
+        accumulator[0] = start[0];
+        accumulator[1] = start[1];
     }
 }
 
@@ -405,12 +415,17 @@ __global__ void __launch_bounds__(WARPS * 32, 2)
         const int key = first_key + warp_key + (lane >> 2) + 8 * r;
         if (key >= params.n_keys) continue;
         const long long offset = (kv_slab * params.n_keys + key) * HEAD_DIM + 2 * (lane & 3);
+        const long long in_slab = (long long)key * HEAD_DIM + 2 * (lane & 3);
+        const long long dk_extra = kv_slab * params.dk_addend_slab + in_slab;
+        const long long dv_extra = kv_slab * params.dv_addend_slab + in_slab;
 #pragma unroll
         for (int db = 0; db < kDimBlocks; ++db) {
-            store_gradient_pair<Element>(params.dk, offset + db * 8, dk[db][2 * r] * params.scale,
+            store_gradient_pair<Element>(params.dk, offset + db * 8, params.dk_addend,
+                                         dk_extra + db * 8, dk[db][2 * r] * params.scale,
                                          dk[db][2 * r + 1] * params.scale, params.grad_float32);
-            store_gradient_pair<Element>(params.dv, offset + db * 8, dv[db][2 * r],
-                                         dv[db][2 * r + 1], params.grad_float32);
+            store_gradient_pair<Element>(params.dv, offset + db * 8, params.dv_addend,
+                                         dv_extra + db * 8, dv[db][2 * r], dv[db][2 * r + 1],
+                                         params.grad_float32);
         }
     }
 }
@@ -566,10 +581,13 @@ __global__ void __launch_bounds__(WARPS * 32, 2)
         const int row = first_row + warp_row + (lane >> 2) + 8 * r;
         if (row >= params.n_queries) continue;
         const long long offset = (slab * params.n_queries + row) * HEAD_DIM + 2 * (lane & 3);
+        const long long extra =
+            slab * params.dq_addend_slab + (long long)row * HEAD_DIM + 2 * (lane & 3);
 #pragma unroll
         for (int db = 0; db < kDimBlocks; ++db)
-            store_gradient_pair<Element>(params.dq, offset + db * 8, dq[db][2 * r],
-                                         dq[db][2 * r + 1], params.grad_float32);
+            store_gradient_pair<Element>(params.dq, offset + db * 8, params.dq_addend,
+                                         extra + db * 8, dq[db][2 * r], dq[db][2 * r + 1],
+                                         params.grad_float32);
     }
 }
 

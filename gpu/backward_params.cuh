@@ -27,12 +27,19 @@ struct BackwardParams {
     // exactly 0: rows with no kept tile and padded rows) and delta = rowsum(dO * O) (0 there).
     float* lse_log2;
     float* delta;
-    // dQ accumulator (B, Hq, Nq, D) float32, zeroed by the preprocess, already scaled.
+    // dQ accumulator (B, Hq, Nq, D) float32, already scaled; the preprocess starts it at
+    // dq_addend (zero without one).
     float* dq_accumulator;
     // Gradients, C-contiguous (B, H, N, D), 16-bit (the input type) or float32.
     void* dq;
     void* dk;
     void* dv;
+    // Another branch's float32 gradients (SLA's linear side) added before the one rounding to the
+    // gradient dtype, or null. Rows contiguous; (b, h) slabs `*_addend_slab` elements apart.
+    const float* dq_addend;
+    const float* dk_addend;
+    const float* dv_addend;
+    long long dq_addend_slab, dk_addend_slab, dv_addend_slab;
     // Query-major lists (the forward's plan) and their key-major transpose, CSR per (b, Hq).
     const int* row_offsets;   // (B, Hq, nq + 1)
     const int* row_indices;   // (B, Hq, row_capacity)

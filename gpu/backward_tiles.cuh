@@ -171,10 +171,20 @@ struct MergedQueryWalk {
     }
 };
 
-// Two gradient values of adjacent dims, stored as float32 or as the 16-bit element type.
+// Two gradient values of adjacent dims, stored as float32 or as the 16-bit element type; with
+// an `addend` (another branch's float32 gradient, BackwardParams) its matching pair is added
+// first, so the sum is rounded once.
 template <class Element>
-__device__ __forceinline__ void store_gradient_pair(void* base, long long offset, float lo,
-                                                    float hi, bool float32) {
+__device__ __forceinline__ void store_gradient_pair(void* base, long long offset,
+                                                    const float* addend, long long addend_offset,
+                                                    float lo, float hi, bool float32) {
+    if (addend != nullptr) {
+        // __fadd_rn: never contracted with the caller's scaling into an FMA, so the sum is the
+        // float32 gradient plus the addend, exactly as a separate pass would add them.
+        const float2 extra = *reinterpret_cast<const float2*>(addend + addend_offset);
+        lo = __fadd_rn(lo, extra.x);
+        hi = __fadd_rn(hi, extra.y);
+    }
     if (float32) {
         *reinterpret_cast<float2*>(static_cast<float*>(base) + offset) = make_float2(lo, hi);
     } else {

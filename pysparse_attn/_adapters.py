@@ -304,15 +304,17 @@ def call_sla(q, k, v, weight, bias, options: Options):
             _fresh(stats.marginal))
 
 
-def call_sla_vjp(q, k, v, do, kept, weight, bias, options: Options, out=None, lse=None):
+def call_sla_vjp(q, k, v, do, kept, weight, bias, options: Options, out=None, lse=None,
+                 marginal=None):
     """``(dq, dk, dv, dW, db)`` of :func:`call_sla` with its plan and kept set replayed.
 
     ``out`` (the merged output) and ``lse`` (the sparse branch's) are the forward's saved
     results: the core derives the sparse output from them instead of rerunning the sparse
-    forward.
+    forward. With the forward's ``marginal`` tiles as well no plan is rebuilt.
     """
     dq, dk, dv, dw, db = _api.sla_vjp(q, k, v, do, proj_weight=weight, proj_bias=bias, kept=kept,
-                                      out=out, lse=lse, **options.core_keywords(_api.sla_vjp))
+                                      out=out, lse=lse, marginal=marginal,
+                                      **options.core_keywords(_api.sla_vjp))
     acc = stats_dtype(q.dtype)
     return (_fresh(dq, q.dtype), _fresh(dk, k.dtype), _fresh(dv, v.dtype), _fresh(dw, acc),
             _fresh(db, acc))

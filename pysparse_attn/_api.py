@@ -12,7 +12,7 @@ from . import backends
 from ._arrays import (LAYOUTS, Canonical, _check_finite, _check_rank_and_dtype,
                       as_backend_array, canonicalize, check_array, check_block, check_scale,
                       check_tile_mask, float_dtype_name, namespace_of, on_caller_stream, on_cuda)
-from ._plan import ORDERS, Plan, build_plan, tile_count
+from ._plan import ORDERS, Plan, build_plan, max_visits_of, tile_count
 from .branches import linear as _linear
 from .branches.feature_maps import FEATURE_MAPS
 from ._plan import block_scores as _block_scores
@@ -410,11 +410,13 @@ def _check_sla_options(linear, feature_map, eps):
 
 def _sla_forward(q, k, v, critical, negligible, linear, feature_map, proj_weight, proj_bias,
                  eps, block, skip, order, peak, scale, layout, backend, threads, check_finite,
-                 plan=None, precision=None):
+                 plan=None, precision=None, planned=True):
     """Validate and plan one SLA call; the sparse kernel runs only when asked.
 
     Returns ``(call, plan, weight, bias, eps, sparse)``: ``sparse(want_stats)`` runs the sparse
     forward over the critical tiles and returns ``(out, lse, kept, visited, recall_bound)``.
+    ``planned=False`` (a backward given the forward's kept and marginal tiles) builds no plan:
+    ``plan`` and ``sparse`` are then None.
     With a projection (or a float32 caller of bfloat16 compute) ``out`` comes in float32 (the
     accumulation dtype; float64 on the reference), so the merge never sees O_s rounded to 16 bits.
     """
@@ -424,6 +426,8 @@ def _sla_forward(q, k, v, critical, negligible, linear, feature_map, proj_weight
                     backend=backend, threads=threads, check_finite=check_finite,
                     precision=precision)
     weight, bias = _check_projection(call, proj_weight, proj_bias)
+    if not planned:
+        return call, None, weight, bias, eps, None
     if plan is not None:
         plan = _given_plan(plan, call, None, order, block,
                            extra_selector=critical is not None or negligible is not None)
@@ -510,6 +514,16 @@ def sla_attention(q, k, v, *, critical=None, negligible=None, linear="marginal",
     if not return_stats:
         return result
     return result, _stats(call, plan, lse, kept, visited, bound, marginal=plan.marginal)
+
+
+def _density_bound(plan, select, nq, nk):
+    """A host-known bound on the kept share of tiles (the backward's kernel choice): the plan's
+    list capacity, else the selector's static row bound, else None (unknown)."""
+    if plan is not None:
+        return plan.capacity / (nq * nk)
+    if isinstance(select, (TopK, SlaSplit)):
+        return max_visits_of(select, nk) / nk
+    return None
 
 
 def _grads_out(call: _Call, grads):
@@ -658,7 +672,8 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
                            nonempty=not a.on_gpu)
     grads = call.backend.attention_backward(
         a.q, a.k, a.v, g, kept, call.block, call.scale, out=out, lse=lse,
-        deterministic=deterministic, grad_dtype=np.dtype(_grad_dtype(call)), **call.kwargs())
+        deterministic=deterministic, grad_dtype=np.dtype(_grad_dtype(call)),
+        density=_density_bound(plan, select, nq, nk), **call.kwargs())
     return _grads_out(call, grads)
 
 
@@ -666,15 +681,16 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
 def sla_vjp(q, k, v, do, *, critical=None, negligible=None, linear="marginal",
             feature_map="softmax", proj_weight=None, proj_bias=None, eps=None, block=None,
             skip=None, order=None, peak=4, scale=None, layout="bhnd", backend="auto", kept=None,
-            threads=None, plan=None, precision=None, out=None, lse=None, deterministic=False):
+            threads=None, plan=None, precision=None, out=None, lse=None, deterministic=False,
+            marginal=None):
     """Gradients of :func:`sla_attention`: ``(dq, dk, dv, dW, db)``.
 
     The plan (critical and marginal tiles) and the sparse branch's kept set are held fixed.
     ``dW`` and ``db`` are returned even when ``proj_weight``/``proj_bias`` are None (the
     gradient at zero, what fine-tuning from the zero initialisation needs).
 
-    What is recomputed: the plan, unless ``plan`` is given (it holds the marginal tiles);
-    the linear branch ``O_l`` always (it is needed for ``dW`` anyway). The sparse branch:
+    What is recomputed: the plan, unless ``plan`` is given (it holds the marginal tiles) or
+    ``kept`` and ``marginal`` are (then no plan is needed); the linear branch ``O_l`` always (it is needed for ``dW`` anyway). The sparse branch:
     with ``kept``, ``out`` and ``lse`` no sparse forward runs and its output is derived as
     ``O_s = out - (O_l W^T + b)`` in the accumulation dtype from the ``O_l`` computed here;
     with ``kept`` alone the sparse backward recomputes ``O_s`` and its LSE over the kept
@@ -700,6 +716,9 @@ def sla_vjp(q, k, v, do, *, critical=None, negligible=None, linear="marginal",
         requires ``kept``.
     deterministic : bool
         As in :func:`attention_vjp` (the linear branch's gradients use no atomics anywhere).
+    marginal : bool array, optional
+        That forward's marginal tiles (``stats.marginal``), with ``kept``: the two describe the
+        forward completely, so no plan is rebuilt (``plan`` must then be None).
     block, skip, order, peak, scale, layout, backend, threads, plan, precision
         As in :func:`sla_attention`.
 
@@ -712,30 +731,40 @@ def sla_vjp(q, k, v, do, *, critical=None, negligible=None, linear="marginal",
         namespace.
     """
     deterministic = check_flag("deterministic", deterministic)
+    if marginal is not None and (kept is None or plan is not None):
+        raise ValueError("marginal describes the forward together with its kept set: pass "
+                         "kept=stats.kept with it, and no plan")
     call, plan, weight, bias, eps, sparse = _sla_forward(
         q, k, v, critical, negligible, linear, feature_map, proj_weight, proj_bias, eps, block,
-        skip, order, peak, scale, layout, backend, threads, None, plan, precision)
+        skip, order, peak, scale, layout, backend, threads, None, plan, precision,
+        planned=marginal is None)
     a = call.arrays
     g = a.like_q("do", do)
+    B, H = a.q.shape[:2]
+    nq, nk = tile_count(a.q.shape[2], call.block[0]), tile_count(a.k.shape[2], call.block[1])
     out, lse = _saved_tensors(call, out, lse, kept)
     o_sparse = None
     if kept is None:  # only what is missing: a given kept set costs no forward
         o_sparse, lse, kept, _, _ = sparse(True)
-    kept = check_tile_mask("kept", kept, (a.q.shape[0], a.q.shape[1], plan.nq, plan.nk),
-                           a.on_gpu, nonempty=not a.on_gpu)
+    kept = check_tile_mask("kept", kept, (B, H, nq, nk), a.on_gpu, nonempty=not a.on_gpu)
+    if plan is not None:
+        marginal, density = plan.marginal, plan.capacity / (nq * nk)
+    else:
+        marginal = check_tile_mask("marginal", marginal, (B, H, nq, nk), a.on_gpu)
+        density = (max_visits_of(SlaSplit(critical, negligible), nk) / nk
+                   if critical is not None and negligible is not None else None)
     acc = _linear.accumulator(a.xp, a.q.dtype, exact=call.backend_name == "reference")
     linear_grads, d_weight, d_bias, derived = _linear.linear_vjp(
-        call.backend, a.q, a.k, a.v, g, plan.marginal, call.block, feature_map, eps, weight, acc,
+        call.backend, a.q, a.k, a.v, g, marginal, call.block, feature_map, eps, weight, acc,
         mode=linear, bias=bias, out=out, **call.kwargs())
     if o_sparse is None:
         o_sparse = derived
+    # The linear side's gradients are added inside the sparse backward's stores: one rounding
+    # of the sum, no separate pass over three gradient-sized arrays.
     grads = call.backend.attention_backward(
         a.q, a.k, a.v, g, kept, call.block, call.scale, out=o_sparse, lse=lse,
-        deterministic=deterministic, grad_dtype=None if linear_grads is not None
-        else np.dtype(_grad_dtype(call)), **call.kwargs())
-    if linear_grads is not None:
-        grads = [s.astype(acc, copy=False) + l.astype(acc, copy=False)
-                 for s, l in zip(grads, linear_grads)]
+        deterministic=deterministic, grad_dtype=np.dtype(_grad_dtype(call)),
+        addend=linear_grads, density=density, **call.kwargs())
     return _grads_out(call, grads) + (a.to_caller(d_weight), a.to_caller(d_bias))
 
 

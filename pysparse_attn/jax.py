@@ -179,12 +179,12 @@ def _sla_run(static):
 
 
 def _sla_vjp_run(static):
-    def run(xp, q, k, v, d_out, kept, weight, bias, out, lse):
-        def one(q, k, v, d_out, kept, weight, bias, out, lse):
+    def run(xp, q, k, v, d_out, kept, marginal, weight, bias, out, lse):
+        def one(q, k, v, d_out, kept, marginal, weight, bias, out, lse):
             return _adapters.call_sla_vjp(q, k, v, d_out, kept, weight, bias, static.options,
-                                          out=out, lse=lse)
-        return _per_element(xp, one, (q, k, v, d_out, kept, weight, bias, out, lse),
-                            (4, 4, 4, 4, 4, 2, 1, 4, 3))
+                                          out=out, lse=lse, marginal=marginal)
+        return _per_element(xp, one, (q, k, v, d_out, kept, marginal, weight, bias, out, lse),
+                            (4, 4, 4, 4, 4, 4, 2, 1, 4, 3))
     return run
 
 
@@ -292,13 +292,13 @@ def _call_sla(q, k, v, weight, bias, static):
     return _callback(_sla_run(static), shapes, (q, k, v, weight, bias), "expand_dims")
 
 
-def _call_sla_vjp(q, k, v, d_out, kept, weight, bias, out, lse, static):
+def _call_sla_vjp(q, k, v, d_out, kept, marginal, weight, bias, out, lse, static):
     acc = _adapters.stats_dtype(q.dtype)
     D = q.shape[-1]
     shapes = tuple(_struct(x.shape, x.dtype) for x in (q, k, v)) + (
         _struct((D, D), acc), _struct((D,), acc))
     return _callback(_sla_vjp_run(static), shapes,
-                     (q, k, v, d_out, kept, weight, bias, out, lse), "expand_dims")
+                     (q, k, v, d_out, kept, marginal, weight, bias, out, lse), "expand_dims")
 
 
 def _attention_primal(q, k, v, static):
@@ -325,14 +325,14 @@ def _sla_primal(q, k, v, weight, bias, static):
 
 def _sla_fwd(q, k, v, weight, bias, static):
     results = _call_sla(q, k, v, weight, bias, static)
-    out, lse, kept, _ = results
-    return results, (q, k, v, weight, bias, out, lse, kept)
+    out, lse, kept, marginal = results
+    return results, (q, k, v, weight, bias, out, lse, kept, marginal)
 
 
 def _sla_bwd(static, residuals, cotangents):
-    q, k, v, weight, bias, out, lse, kept = residuals
-    dq, dk, dv, d_weight, d_bias = _call_sla_vjp(q, k, v, cotangents[0], kept, weight, bias,
-                                                 out, lse, static)
+    q, k, v, weight, bias, out, lse, kept, marginal = residuals
+    dq, dk, dv, d_weight, d_bias = _call_sla_vjp(q, k, v, cotangents[0], kept, marginal, weight,
+                                                 bias, out, lse, static)
     return dq, dk, dv, d_weight.astype(weight.dtype), d_bias.astype(bias.dtype)
 
 

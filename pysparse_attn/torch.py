@@ -12,8 +12,8 @@ through four ``torch.library.custom_op`` operators in the ``pysparse_attn`` name
     ``-> (dq, dk, dv)``
 ``torch.ops.pysparse_attn.sla_attention(q, k, v, proj_weight, proj_bias, spec)``
     ``-> (out, lse, kept, marginal)``
-``torch.ops.pysparse_attn.sla_backward(q, k, v, d_out, kept, proj_weight, proj_bias, out, lse,``
-    ``spec) -> (dq, dk, dv, dW, db)``
+``torch.ops.pysparse_attn.sla_backward(q, k, v, d_out, kept, marginal, proj_weight, proj_bias,``
+    ``out, lse, spec) -> (dq, dk, dv, dW, db)``
 
 Each has a fake (meta) implementation with the exact shapes, strides (all outputs contiguous),
 dtypes and device of the real one, so ``torch.compile(fullgraph=True)`` traces them without a
@@ -229,21 +229,21 @@ def _sla_fake(q, k, v, proj_weight, proj_bias, spec):
 
 @torch.library.custom_op("pysparse_attn::sla_backward", mutates_args=())
 def _sla_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d_out: torch.Tensor,
-                     kept: torch.Tensor, proj_weight: Optional[torch.Tensor],
-                     proj_bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-                     spec: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                     kept: torch.Tensor, marginal: torch.Tensor,
+                     proj_weight: Optional[torch.Tensor], proj_bias: Optional[torch.Tensor],
+                     out: torch.Tensor, lse: torch.Tensor, spec: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                          torch.Tensor]:
     options = _adapters.decode(spec)
     with _on_device(q.device):
         grads = _adapters.call_sla_vjp(
             _to_core(q), _to_core(k), _to_core(v), _to_core(d_out), _to_core(kept),
             _optional(proj_weight), _optional(proj_bias), options, out=_to_core(out),
-            lse=_to_core(lse))
+            lse=_to_core(lse), marginal=_to_core(marginal))
         return tuple(_from_core(g) for g in grads)
 
 
 @_sla_backward_op.register_fake
-def _sla_backward_fake(q, k, v, d_out, kept, proj_weight, proj_bias, out, lse, spec):
+def _sla_backward_fake(q, k, v, d_out, kept, marginal, proj_weight, proj_bias, out, lse, spec):
     D = q.shape[-1]
     acc = _stats_dtype(q.dtype)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
@@ -253,15 +253,15 @@ def _sla_backward_fake(q, k, v, d_out, kept, proj_weight, proj_bias, out, lse, s
 def _sla_setup_context(ctx, inputs, output):
     q, k, v, proj_weight, proj_bias, spec = inputs
     out, lse, kept, marginal = output
-    ctx.save_for_backward(q, k, v, proj_weight, proj_bias, out, lse, kept)
+    ctx.save_for_backward(q, k, v, proj_weight, proj_bias, out, lse, kept, marginal)
     ctx.spec = spec
     ctx.mark_non_differentiable(lse, kept, marginal)
 
 
 def _sla_backward(ctx, d_out, d_lse, d_kept, d_marginal):
-    q, k, v, proj_weight, proj_bias, out, lse, kept = ctx.saved_tensors
-    dq, dk, dv, d_weight, d_bias = _sla_backward_op(q, k, v, d_out, kept, proj_weight, proj_bias,
-                                                    out, lse, ctx.spec)
+    q, k, v, proj_weight, proj_bias, out, lse, kept, marginal = ctx.saved_tensors
+    dq, dk, dv, d_weight, d_bias = _sla_backward_op(q, k, v, d_out, kept, marginal, proj_weight,
+                                                    proj_bias, out, lse, ctx.spec)
     d_weight = None if proj_weight is None else d_weight.to(proj_weight.dtype)
     d_bias = None if proj_bias is None else d_bias.to(proj_bias.dtype)
     return dq, dk, dv, d_weight, d_bias, None

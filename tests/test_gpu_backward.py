@@ -477,3 +477,120 @@ def test_device_lists_equal_the_plan_of_the_kept_set(nq, nk, kernel, monkeypatch
                             ("col_offsets", col_offsets, expected.col_offsets),
                             ("col_indices", col_indices, expected.col_indices)):
         np.testing.assert_array_equal(cupy.asnumpy(got), want, err_msg=name)
+
+
+def _addend(cupy, rng, shapes, layout):
+    """float32 addends of ``shapes``: ``"contiguous"``; ``"padded"``: views of row-padded
+    buffers (rows past N hold NaN, which must never be read); ``"strided"``: a transposed
+    copy (rows not contiguous: the backend copies it)."""
+    out = []
+    for B, H, N, D in shapes:
+        x = cupy.asarray(rng.standard_normal((B, H, N, D)).astype(np.float32))
+        if layout == "padded":
+            buffer = cupy.full((B, H, N + 24, D), np.nan, dtype=cupy.float32)
+            buffer[:, :, :N] = x
+            x = buffer[:, :, :N]
+        elif layout == "strided":
+            x = cupy.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+        out.append(x)
+    return tuple(out)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "padded", "strided"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_addend_is_added_before_the_one_rounding(dtype, layout, kernel):
+    """grads(addend=a) is fp32 grads + a, rounded once: in float32 bitwise the gradients plus
+    ``a`` for dK/dV and the deterministic dQ (same fp32 values, one IEEE add); the atomic dQ
+    starts its accumulator at ``a`` (another summation order). In 16 bits that sum within one
+    rounding. A key tile nobody kept gets ``a``; the caller's addend is never written."""
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    B, Hq, Hkv, Nq, Nk, D, block = 1, 4, 2, 190, 130, 64, (64, 64)
+    (q, k, v, do), _ = _problem(rng, dtype, B, Hq, Hkv, Nq, Nk, D)
+    kept = cupy.asarray(_kept(rng, B, Hq, 3, 3, empty_column=1))
+    addend = _addend(cupy, rng, ((B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, D)), layout)
+    before = [a.copy() for a in addend]
+    for deterministic in (False, True):
+        wide = backend.attention_backward(q, k, v, do, kept, block, D ** -0.5,
+                                          deterministic=deterministic, kernel=kernel)
+        for grad_dtype in (None, q.dtype):
+            summed = backend.attention_backward(
+                q, k, v, do, kept, block, D ** -0.5, deterministic=deterministic,
+                grad_dtype=grad_dtype, kernel=kernel, addend=addend)
+            for index, (name, s, w, a) in enumerate(zip(("dq", "dk", "dv"), summed, wide,
+                                                       addend)):
+                expected = w + a
+                assert s.flags.c_contiguous and s.shape == w.shape, name
+                if grad_dtype is None and (index > 0 or deterministic):
+                    assert s.dtype == np.float32, name
+                    cupy.testing.assert_array_equal(s, expected, err_msg=name)
+                else:
+                    assert s.dtype == (np.float32 if grad_dtype is None else q.dtype), name
+                    rounding = 8e-3 if dtype == "bfloat16" and grad_dtype is not None else 2e-3
+                    np.testing.assert_allclose(_host64(s), _host64(expected), rtol=rounding,
+                                               atol=1e-4, err_msg=name)
+            for name, s, a in zip(("dk", "dv"), summed[1:], addend[1:]):
+                # Key tile 1, kept by nobody: the addend alone (rounded once in 16 bits).
+                np.testing.assert_allclose(_host64(s[:, :, 64:128]), _host64(a[:, :, 64:128]),
+                                           rtol=0 if grad_dtype is None else 8e-3, atol=0,
+                                           err_msg=name)
+    for name, a, b in zip(("dq", "dk", "dv"), addend, before):
+        cupy.testing.assert_array_equal(a, b, err_msg=f"addend {name} was written")
+
+
+def test_addend_is_checked():
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    (q, k, v, do), _ = _problem(rng, "bfloat16", 1, 2, 2, 70, 70, 64)
+    kept = cupy.ones((1, 2, 2, 2), dtype=cupy.bool_)
+    good = _addend(cupy, rng, ((1, 2, 70, 64),) * 3, "contiguous")
+    with pytest.raises(TypeError, match="addend"):
+        backend.attention_backward(q, k, v, do, kept, (64, 64), 0.125, addend=good[:2])
+    with pytest.raises(ValueError, match="addend's dk"):
+        backend.attention_backward(q, k, v, do, kept, (64, 64), 0.125,
+                                   addend=(good[0], good[1].astype(cupy.float16), good[2]))
+    with pytest.raises(ValueError, match="addend's dv"):
+        backend.attention_backward(q, k, v, do, kept, (64, 64), 0.125,
+                                   addend=(good[0], good[1], good[2][:, :, :69]))
+
+
+def test_default_kernel_follows_the_density_bound():
+    from pysparse_attn.backends import cupy as backend
+
+    sm90 = backend.backward_kernel_unavailable_reason("sm90") is None
+    sparse = backend.SPARSE_BACKWARD_DENSITY
+    assert backend.default_backward_kernel(None) == ("sm90" if sm90 else "mma_sync")
+    assert backend.default_backward_kernel(1.0) == ("sm90" if sm90 else "mma_sync")
+    assert backend.default_backward_kernel(sparse) == ("sm90_k64" if sm90 else "mma_sync")
+    assert backend.default_backward_kernel(sparse * 1.01) == ("sm90" if sm90 else "mma_sync")
+
+
+@pytest.mark.parametrize("N,rows", [(130, 192), (128, 128), (1, 64)])
+def test_row_padded_copy_equals_the_slice_assignment(N, rows):
+    """The pitched-copy path of ``_row_padded`` (contiguous slabs) and its fallback (other
+    strides, another dtype) give the rows of x, then exact zeros."""
+    import cupy
+    import ml_dtypes
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    x = cupy.asarray(rng.standard_normal((2, 3, N, 16)).astype(np.float32)).astype(
+        ml_dtypes.bfloat16)
+    sources = {"contiguous": x,
+               "slab view": cupy.concatenate([x, x], axis=2)[:, :, :N],
+               "bnhd view": cupy.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)}
+    for label, source in sources.items():
+        for dtype in (source.dtype, np.dtype(np.float32)):
+            padded = backend._row_padded(cupy, source, rows, dtype)
+            assert padded.shape == (2, 3, rows, 16) and padded.dtype == dtype, label
+            assert padded.flags.c_contiguous, label
+            cupy.testing.assert_array_equal(padded[:, :, :N].astype(cupy.float32),
+                                            x.astype(cupy.float32), err_msg=label)
+            assert not bool(padded[:, :, N:].astype(cupy.float32).any()), label

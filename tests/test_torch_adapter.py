@@ -212,9 +212,9 @@ def test_opcheck_backward_ops():
                           (q, k, v, do, kept, None, out, lse, spec))
     sla = pt.spec("sla", critical=0.4, negligible=0.3, block=BLOCK)
     weight, bias = torch.randn(8, 8, dtype=F64), torch.randn(8, dtype=F64)
-    out, lse, kept, _ = torch.ops.pysparse_attn.sla_attention(q, k, v, weight, bias, sla)
+    out, lse, kept, marginal = torch.ops.pysparse_attn.sla_attention(q, k, v, weight, bias, sla)
     torch.library.opcheck(torch.ops.pysparse_attn.sla_backward.default,
-                          (q, k, v, do, kept, weight, bias, out, lse, sla))
+                          (q, k, v, do, kept, marginal, weight, bias, out, lse, sla))
 
 
 def test_fake_tensors_have_the_real_shapes_strides_and_dtypes():

@@ -323,3 +323,49 @@ def test_deterministic_gradients_are_bitwise_stable(vjp):
     for run in runs[1:]:
         for a, b in zip(run, runs[0]):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("linear", ["marginal", "complement"])
+@pytest.mark.parametrize("backend, dtype", [("cpu", "float32"), ("reference", "float64")])
+def test_sla_vjp_given_kept_and_marginal_builds_no_plan(linear, backend, dtype, monkeypatch):
+    """The forward's kept and marginal tiles describe it: with them sla_vjp equals the call
+    that rebuilds the plan, bitwise, and builds none."""
+    from pysparse_attn import _api
+
+    if backend == "cpu":
+        _cpu_or_skip()
+    q, k, v, do = _saved_problem(dtype, "bhnd", seed=[38, len(linear)])
+    D = q.shape[-1]
+    rng = np.random.default_rng(39)
+    common = dict(critical=0.4, negligible=0.2, linear=linear, block=(16, 32),
+                  proj_weight=rng.standard_normal((D, D)) / 4, proj_bias=rng.standard_normal(D),
+                  backend=backend)
+    out, stats = psa.sla_attention(q, k, v, return_stats=True, **common)
+    saved = dict(kept=stats.kept, out=out, lse=stats.lse)
+    planned = psa.sla_vjp(q, k, v, do, **saved, **common)
+
+    def no_plan(*args, **kwargs):
+        raise AssertionError("sla_vjp built a plan although kept and marginal were given")
+
+    monkeypatch.setattr(_api, "_plan", no_plan)
+    given = psa.sla_vjp(q, k, v, do, marginal=stats.marginal, **saved, **common)
+    for name, a, b in zip(("dq", "dk", "dv", "dW", "db"), given, planned):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_sla_vjp_marginal_needs_kept_and_no_plan():
+    q, k, v, do = _saved_problem("float64", "bhnd", seed=40)
+    common = dict(critical=0.4, negligible=0.2, block=(16, 32), backend="reference")
+    _, stats = psa.sla_attention(q, k, v, return_stats=True, **common)
+    with pytest.raises(ValueError, match="marginal"):
+        psa.sla_vjp(q, k, v, do, marginal=stats.marginal, **common)
+    with pytest.raises(ValueError, match="marginal"):
+        psa.sla_vjp(q, k, v, do, marginal=stats.marginal, kept=stats.kept, plan=stats.plan,
+                    block=(16, 32), backend="reference")
+    with pytest.raises(ValueError, match="marginal"):
+        assert stats.marginal.shape[-1] > 2
+        psa.sla_vjp(q, k, v, do, marginal=stats.marginal[..., :-1], kept=stats.kept,
+                    **common)
+    with pytest.raises(TypeError, match="marginal"):
+        psa.sla_vjp(q, k, v, do, marginal=stats.marginal.astype(np.int8), kept=stats.kept,
+                    **common)

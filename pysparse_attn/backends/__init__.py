@@ -59,3 +59,14 @@ def resolve(name: str, inputs_on_gpu: bool) -> str:
     except ImportError:
         pass
     return "reference"
+
+
+def add_gradients(grads, addend):
+    """``grads + addend`` term by term in the dtype of ``grads`` (``addend`` None: ``grads``).
+
+    The host backends' form of a backward's ``addend`` (another branch's gradients, SLA's
+    linear side); the GPU backend adds it inside its kernels' stores instead.
+    """
+    if addend is None:
+        return tuple(grads)
+    return tuple(g + a.astype(g.dtype, copy=False) for g, a in zip(grads, addend))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import add_gradients
 from .._arrays import check_tile_mask
 from ..branches.feature_maps import FEATURE_MAPS
 from .._rules import NO_SKIP_FUNCTOR, rule_functor
@@ -244,7 +245,8 @@ def linear_branch(q, k, v, marginal, block, feature_map, eps, threads=None, mode
 
 
 def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
-                       deterministic=False, grad_dtype=None, threads=None):
+                       deterministic=False, grad_dtype=None, threads=None, addend=None,
+                       density=None):
     """Gradients of exact attention restricted to the key tiles of ``kept``.
 
     Parameters
@@ -272,6 +274,10 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
         Accepted for the contract; the gradients come in the accumulation dtype.
     threads : int, optional
         OpenMP threads.
+    addend : (dq, dk, dv), optional
+        Another branch's gradients (SLA's linear side), added to the result.
+    density : float, optional
+        Accepted for the contract (the GPU backend's kernel choice).
 
     Returns
     -------
@@ -307,7 +313,7 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
     dv = np.empty((B, Hkv, Nk, D), dtype=acc)
     _cpu.backward(q, k, v, do, flags, block, float(scale), dq, dk, dv, _threads(threads),
                   lse, None if saved_delta is None else np.ascontiguousarray(saved_delta))
-    return dq, dk, dv
+    return add_gradients((dq, dk, dv), addend)
 
 
 def linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear, threads=None,

@@ -25,9 +25,10 @@ upstream (``pysparse_attn.Plan``), never here.
 
 :func:`attention_backward` runs the backward kernels of ``gpu/attention_backward.cu``
 (:data:`BACKWARD_INSTANCES`) with the kept set held fixed, on the device, with no host read; its
-dK/dV pass is one of :data:`BACKWARD_KERNELS`: ``"mma_sync"`` (that file, the default) or
-``"sm90"`` / ``"sm90_k64"`` (``gpu/attention_backward_sm90.cu``, wgmma, sm_90a, 128 or 64 keys a
-CTA, :data:`BACKWARD_SM90_INSTANCES`).
+dK/dV pass is one of :data:`BACKWARD_KERNELS`: ``"mma_sync"`` (that file; the default below
+compute capability 9.0) or ``"sm90"`` / ``"sm90_k64"`` (``gpu/attention_backward_sm90.cu``,
+wgmma, sm_90a, 128 or 64 keys a CTA, :data:`BACKWARD_SM90_INSTANCES`), chosen by
+:func:`default_backward_kernel`.
 """
 
 from __future__ import annotations
@@ -905,10 +906,7 @@ def _linear_states(q, k, v, marginal, block, feature_map, eps, weight=None, mode
     # V in the operand type, contiguous and zero-padded to whole key tiles like phi(K): every
     # per-tile GEMM is then one strided batch (cuBLAS through CuPy has no pointer-array Ex GEMM).
     keys_padded = nk * block_k
-    v_tiles = cupy.empty((B, Hkv, keys_padded, D), dtype=_operand_dtype(dtype_name))
-    v_tiles[:, :, :Nk] = v
-    if keys_padded > Nk:
-        v_tiles[:, :, Nk:] = 0
+    v_tiles = _row_padded(cupy, v, keys_padded, _operand_dtype(dtype_name))
     flags = None
     if mode == "global":
         # One state per kv head over all keys: no tile states at all.
@@ -1110,9 +1108,8 @@ class BackwardFamily(NamedTuple):
 #: check and bench/gpu.py's sanitize step derive from. The lists, preprocess, deterministic dQ
 #: pass and postprocess are the mma_sync module's whatever the family. ``"sm90"``: wgmma, two
 #: warpgroups and 128 keys a CTA (FlashAttention-3's shape: half the dQ atomics of 64 keys);
-#: ``"sm90_k64"``: the same kernel with one warpgroup and 64 keys (two CTAs an SM). ``"mma_sync"``
-#: stays the default until the sm90 families are validated on the device
-#: (bench/backward_sm90_check.py).
+#: ``"sm90_k64"``: the same kernel with one warpgroup and 64 keys (two CTAs an SM). Which one a
+#: call gets: :func:`default_backward_kernel`.
 BACKWARD_KERNELS = {
     # mma_sync's threads: BACKWARD_WARPS (per head dim) at the launch.
     "mma_sync": BackwardFamily(None, "attention_backward.cu", None, 1, 0, _backward_names),
@@ -1144,12 +1141,25 @@ BACKWARD_SM90_INSTANCES = {
 }
 
 
-def default_backward_kernel() -> str:
-    """``"sm90"`` (wgmma, 128 keys a CTA) where it runs (compute capability 9.0), else
-    ``"mma_sync"``: on an H200 it ran the dense backward in 43.1 ms against mma_sync's 78.0
-    (bench/results/backward-v2.md). ``"sm90_k64"`` stays selectable (the faster replay of very
-    sparse kept sets)."""
-    return "sm90" if backward_kernel_unavailable_reason("sm90") is None else "mma_sync"
+#: Up to this share of kept key tiles a query tile (a host-known bound: the plan's capacity over
+#: nk) the 64-key wgmma CTA is the default: twice the CTAs and two an SM balance short, uneven
+#: key-major lists. On an H200 at the Wan shape it ran an SLA kept set (5%) in 3.04 ms against
+#: the 128-key CTA's 4.63 (bench/results/gpu-20261203), while the dense backward took 54.5 ms
+#: against 43.1 (bench/results/backward-v2.md).
+SPARSE_BACKWARD_DENSITY = 0.25
+
+
+def default_backward_kernel(density=None) -> str:
+    """The dK/dV family for a kept set of at most ``density`` (None: unknown, taken as dense).
+
+    ``"sm90_k64"`` up to :data:`SPARSE_BACKWARD_DENSITY`, ``"sm90"`` (wgmma, 128 keys a CTA)
+    above it, where they run (compute capability 9.0); else ``"mma_sync"``: on an H200 the
+    128-key CTA ran the dense backward in 43.1 ms against mma_sync's 78.0
+    (bench/results/backward-v2.md)."""
+    if backward_kernel_unavailable_reason("sm90") is not None:
+        return "mma_sync"
+    sparse = density is not None and density <= SPARSE_BACKWARD_DENSITY
+    return "sm90_k64" if sparse else "sm90"
 
 
 def backward_kernel_unavailable_reason(kernel: str):
@@ -1203,7 +1213,9 @@ _BACKWARD_PARAMS_DTYPE = np.dtype(
     + [(f"{x}_{axis}_stride", np.int64) for x in ("q", "k", "v", "d_out", "out")
        for axis in ("batch", "head", "row")]
     + [(name, np.uint64) for name in ("lse", "lse_log2", "delta", "dq_accumulator", "dq", "dk",
-                                      "dv", "row_offsets", "row_indices", "col_offsets",
+                                      "dv", "dq_addend", "dk_addend", "dv_addend")]
+    + [(f"{name}_addend_slab", np.int64) for name in ("dq", "dk", "dv")]
+    + [(name, np.uint64) for name in ("row_offsets", "row_indices", "col_offsets",
                                       "col_indices")]
     + [(name, np.int32) for name in ("n_queries", "n_keys", "n_rows_padded", "n_heads",
                                      "head_group", "block_q", "row_capacity", "col_capacity")]
@@ -1214,6 +1226,34 @@ _BACKWARD_PARAMS_DTYPE = np.dtype(
 
 _LIST_THREADS = 512  # kListThreads in gpu/attention_backward.cu
 _MAX_LIST_SHARED = 48 * 1024  # one int a list (plus one) in the default shared memory
+
+
+def _backward_addend(cupy, addend, shapes):
+    """``addend`` as ``((array, slab stride in elements), ...)`` the kernels can read, or None.
+
+    Each must be float32 of its shape; one whose rows are not contiguous with evenly spaced,
+    16-byte aligned (b, h) slabs (the preprocess reads it by float4) is copied contiguous.
+    """
+    if addend is None:
+        return None
+    if not isinstance(addend, (tuple, list)) or len(addend) != 3:
+        raise TypeError("addend must be a tuple (dq, dk, dv) of float32 cupy arrays")
+    ready = []
+    for name, x, shape in zip(("dq", "dk", "dv"), addend, shapes):
+        if not isinstance(x, cupy.ndarray) or x.dtype != np.float32 or tuple(x.shape) != shape:
+            raise ValueError(f"addend's {name} must be a float32 cupy array of shape {shape}, "
+                             f"got {type(x).__name__} {getattr(x, 'dtype', None)} "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+        B, H, N, D = shape
+        strides = [s // 4 for s in x.strides]
+        slab = strides[1]
+        if not (strides[3] == 1 and strides[2] == D and slab >= N * D and slab % 4 == 0
+                and (B == 1 or strides[0] == H * slab) and x.data.ptr % 16 == 0
+                and all(s % 4 == 0 for s in x.strides)):
+            x = cupy.ascontiguousarray(x)
+            slab = N * D
+        ready.append((x, slab))
+    return tuple(ready)
 
 
 def _kept_lists(cupy, kept, block, shape):
@@ -1248,7 +1288,8 @@ def _kept_lists(cupy, kept, block, shape):
 
 
 def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
-                       deterministic=False, grad_dtype=None, threads=None, kernel=None):
+                       deterministic=False, grad_dtype=None, threads=None, kernel=None,
+                       addend=None, density=None):
     """(dq, dk, dv) of attention restricted to `kept`, on the GPU, no host synchronisation.
 
     Parameters
@@ -1275,20 +1316,28 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
     threads : ignored
         (an option of the cpu backend).
     kernel : {"mma_sync", "sm90", "sm90_k64"}, optional
-        The dK/dV pass (:data:`BACKWARD_KERNELS`); None is ``"mma_sync"``. The sm90 families
-        (wgmma, compute capability 9.0 only) take the same lists, preprocess, dQ modes and
-        contract.
+        The dK/dV pass (:data:`BACKWARD_KERNELS`); None is :func:`default_backward_kernel` of
+        ``density``. The sm90 families (wgmma, compute capability 9.0 only) take the same
+        lists, preprocess, dQ modes and contract.
+    addend : (dq, dk, dv) of float32 cupy.ndarray, optional
+        Another branch's gradients (SLA's linear side), shaped like the result, unit stride
+        along D and N: added inside the kernels' stores (and as the dQ accumulator's start),
+        so the sum is rounded once to ``grad_dtype`` and no separate pass adds them.
+    density : float, optional
+        An upper bound, known on the host, on the share of key tiles a query tile keeps (a
+        plan's list capacity over ``nk``); it picks the default kernel. None: unknown.
 
     Returns
     -------
     dq, dk, dv : cupy.ndarray
         C-contiguous ``(B, H, N, D)`` in ``grad_dtype`` (float32 when None). Key tiles nobody
-        kept get exact zeros in dk/dv; rows with no kept tile get zero dq.
+        kept get exact zeros in dk/dv; rows with no kept tile get zero dq (the addend's
+        values, with one).
     """
     import cupy
 
     del threads
-    kernel = default_backward_kernel() if kernel is None else kernel
+    kernel = default_backward_kernel(density) if kernel is None else kernel
     reason = backward_kernel_unavailable_reason(kernel)
     if reason is not None:
         raise ValueError(reason)
@@ -1328,6 +1377,7 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
         raise ValueError(f"grad_dtype must be None, float32 or the input dtype ({dtype_name}), "
                          f"got {grad_dtype}")
     grad_dtype = np.dtype(np.float32) if grad_dtype == np.float32 else q.dtype
+    addend = _backward_addend(cupy, addend, ((B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, D)))
 
     kept = cupy.ascontiguousarray(kept)
     plan, col_offsets, col_indices = _kept_lists(cupy, kept, block, (B, Hq, Nq, Nk))
@@ -1366,6 +1416,8 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
     params["dq_accumulator"] = 0 if accumulator is None else accumulator.data.ptr
     params["dq"] = 0 if dq is None else dq.data.ptr
     params["dk"], params["dv"] = dk.data.ptr, dv.data.ptr
+    for name, (x, slab) in zip(("dq", "dk", "dv"), addend or ()):
+        params[f"{name}_addend"], params[f"{name}_addend_slab"] = x.data.ptr, slab
     params["row_offsets"], params["row_indices"] = offsets.data.ptr, indices.data.ptr
     params["col_offsets"], params["col_indices"] = col_offsets.data.ptr, col_indices.data.ptr
     params["n_queries"], params["n_keys"], params["n_rows_padded"] = Nq, Nk, rows_padded
@@ -1397,10 +1449,25 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
 
 def _row_padded(cupy, x, rows, dtype):
     """``x`` ``(B, H, N, D)`` copied into a contiguous ``(B, H, rows, D)`` buffer of ``dtype``
-    whose rows past N are zero (a GEMM operand aligned with the query tiles)."""
+    whose rows past N are zero (a GEMM operand aligned with whole tiles).
+
+    A same-dtype ``x`` whose (B, H) slabs are evenly spaced contiguous (N, D) blocks goes by one
+    pitched copy (``cudaMemcpy2DAsync``, stream-ordered and graph-capturable): CuPy's copy into
+    the strided view ran at a quarter of the bandwidth on an H200 (0.24 ms at the Wan shape).
+    """
     B, H, N, D = x.shape
     padded = cupy.empty((B, H, rows, D), dtype=dtype)
-    padded[:, :, :N] = x
+    item = padded.itemsize
+    slab = x.strides[1]
+    if (x.dtype == padded.dtype and x.strides[3] == item and x.strides[2] == D * item
+            and (B == 1 or x.strides[0] == H * slab) and slab >= N * D * item
+            and N > 0 and B * H > 0):
+        runtime = cupy.cuda.runtime
+        runtime.memcpy2DAsync(padded.data.ptr, rows * D * item, x.data.ptr, slab, N * D * item,
+                              B * H, runtime.memcpyDeviceToDevice,
+                              cupy.cuda.get_current_stream().ptr)
+    else:
+        padded[:, :, :N] = x
     if rows > N:
         padded[:, :, N:] = 0
     return padded

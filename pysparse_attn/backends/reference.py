@@ -1,6 +1,7 @@
 """The float64 reference as a backend (any tile size, host arrays)."""
 
 from .. import _reference
+from . import add_gradients
 
 
 def forward(q, k, v, plan, rule, scale, want_stats=True, out_dtype=None):
@@ -15,15 +16,17 @@ def forward(q, k, v, plan, rule, scale, want_stats=True, out_dtype=None):
 
 
 def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
-                       deterministic=False, grad_dtype=None):
-    """``(dq, dk, dv)`` in float64 (:func:`pysparse_attn._reference.attention_backward`).
+                       deterministic=False, grad_dtype=None, addend=None, density=None):
+    """``(dq, dk, dv)`` in float64 (:func:`pysparse_attn._reference.attention_backward`),
+    plus ``addend`` (another branch's gradients) where given.
 
     The oracle recomputes the output and LSE of the kept set in float64 whatever is given:
     ``out`` and ``lse`` (saved tensors of a lower precision) are accepted and ignored, as are
-    ``deterministic`` (NumPy's float64 products are already reproducible run to run) and
-    ``grad_dtype`` (the API rounds the float64 gradients once).
+    ``deterministic`` (NumPy's float64 products are already reproducible run to run),
+    ``grad_dtype`` (the API rounds the float64 gradients once) and ``density`` (the GPU
+    backend's kernel choice).
     """
-    return _reference.attention_backward(q, k, v, do, kept, block, scale)
+    return add_gradients(_reference.attention_backward(q, k, v, do, kept, block, scale), addend)
 
 
 def linear_branch(q, k, v, marginal, block, feature_map, eps, mode=None, method="direct"):
