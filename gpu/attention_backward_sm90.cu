@@ -324,26 +324,8 @@ __global__ void __launch_bounds__(128 * KEY_TILES, KEY_TILES == 1 ? 2 : 1)
     }
     copy_async_wait<0>();
 
-    // dK = scale * sum dS^T Q and dV, C-contiguous (B, Hkv, Nk, D); rows past Nk unwritten.
-    const long long kv_slab = (long long)batch * gridDim.y + kv_head;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int key = first_key + warp_key + (lane >> 2) + 8 * r;
-        if (key >= params.n_keys) continue;
-        const long long offset = (kv_slab * params.n_keys + key) * HEAD_DIM + 2 * (lane & 3);
-        const long long in_slab = (long long)key * HEAD_DIM + 2 * (lane & 3);
-        const long long dk_extra = kv_slab * params.dk_addend_slab + in_slab;
-        const long long dv_extra = kv_slab * params.dv_addend_slab + in_slab;
-#pragma unroll
-        for (int db = 0; db < kDimBlocks; ++db) {
-            store_gradient_pair<Element>(params.dk, offset + db * 8, params.dk_addend,
-                                         dk_extra + db * 8, dk[db][2 * r] * params.scale,
-                                         dk[db][2 * r + 1] * params.scale, params.grad_float32);
-            store_gradient_pair<Element>(params.dv, offset + db * 8, params.dv_addend,
-                                         dv_extra + db * 8, dv[db][2 * r], dv[db][2 * r + 1],
-                                         params.grad_float32);
-        }
-    }
+    store_key_gradients<Element, HEAD_DIM>(params, (long long)batch * gridDim.y + kv_head,
+                                           first_key + warp_key, lane, dk, dv);
 }
 
 }  // namespace psa

@@ -193,4 +193,32 @@ __device__ __forceinline__ void store_gradient_pair(void* base, long long offset
     }
 }
 
+// The dK/dV epilogue of every dK/dV family: dK = scale * sum dS^T Q and dV, C-contiguous
+// (B, Hkv, Nk, D), from the m16n8 accumulator layout (a warp's 16 keys from `first_key`, lane
+// quad rows, kDimBlocks n8 column blocks); rows past Nk unwritten.
+template <class Element, int HEAD_DIM, int kDimBlocks>
+__device__ __forceinline__ void store_key_gradients(const BackwardParams& params,
+                                                    long long kv_slab, int first_key, int lane,
+                                                    const float (&dk)[kDimBlocks][4],
+                                                    const float (&dv)[kDimBlocks][4]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = first_key + (lane >> 2) + 8 * r;
+        if (key >= params.n_keys) continue;
+        const long long offset = (kv_slab * params.n_keys + key) * HEAD_DIM + 2 * (lane & 3);
+        const long long in_slab = (long long)key * HEAD_DIM + 2 * (lane & 3);
+        const long long dk_extra = kv_slab * params.dk_addend_slab + in_slab;
+        const long long dv_extra = kv_slab * params.dv_addend_slab + in_slab;
+#pragma unroll
+        for (int db = 0; db < kDimBlocks; ++db) {
+            store_gradient_pair<Element>(params.dk, offset + db * 8, params.dk_addend,
+                                         dk_extra + db * 8, dk[db][2 * r] * params.scale,
+                                         dk[db][2 * r + 1] * params.scale, params.grad_float32);
+            store_gradient_pair<Element>(params.dv, offset + db * 8, params.dv_addend,
+                                         dv_extra + db * 8, dv[db][2 * r], dv[db][2 * r + 1],
+                                         params.grad_float32);
+        }
+    }
+}
+
 }  // namespace psa
