@@ -10,6 +10,7 @@
 #   backward   bench/gpu.py --steps backward: the backward kernels beside cuDNN / SLA
 #   ablation   bench/forward_ablation.py: leave-one-out variants of the Hopper forward
 #   compare    bench/forward_ablation.py --mode compare: the sm90_ws kernel against wgmma
+#   schedule   bench/forward_ablation.py --mode schedule: sm90_ws's consumer schedules
 #   workloads  bench/gpu_workloads.sh: plan reuse over a trajectory, the method sweep
 #   train      bench/train_step.py and bench/finetune_sla.py (TRAIN_S=0 / FT_S=0 leave one out;
 #              FT_ARGS adds options to the fine-tune)
@@ -72,6 +73,11 @@ if want ablation && [ -f bench/forward_ablation.py ]; then
   stamp ablation
   timeout "${ABL_S:-120}" python3 bench/forward_ablation.py --out "$RES" > "$RES/ablation.log" 2>&1
   tail -30 "$RES/ablation.log"
+fi
+if want schedule; then
+  stamp schedule
+  timeout "${SCHED_S:-240}" python3 bench/forward_ablation.py --mode schedule ${SCHED_ARGS:-} --out "$RES" > "$RES/schedule.log" 2>&1
+  grep -A60 "^| case" "$RES/schedule.log" || tail -40 "$RES/schedule.log"
 fi
 if want compare && [ -f bench/forward_ablation.py ]; then
   stamp compare

@@ -9,11 +9,17 @@ each timing-only ``PSA_ABLATE_*`` macro (the list is in that file's header), tim
 skips nothing: the rule's bookkeeping alone). Ablated results are wrong by design; only the
 baseline's sparsity is reported.
 
+``--mode schedule``: the warp-specialised kernel under each consumer schedule of
+``gpu/attention_forward_sm90_ws.cu`` (``SCHEDULES``): dense, TopK(0.05), rules that skip
+nothing on the diffuse heads, rules on more local heads (strengths 1.5, 2 and
+``--local-strength``), each schedule's output and kept set checked bitwise against the
+shipped one's.
+
 ``--mode compare``: the ``sm90`` (``"wgmma"``) and warp-specialised ``"sm90_ws"`` kernels on
 dense, ``TopK(0.05)``, and the in-loop rules at the issue's targets (ratios to each kernel's
 own dense, and to cuDNN), with the relative L2 distance of every sm90_ws output to sm90's.
 
-    python3 bench/forward_ablation.py [--mode ablation|compare] [--quick] [--out DIR]
+    python3 bench/forward_ablation.py [--mode ablation|compare|schedule] [--quick] [--out DIR]
 
 Times: ``triton.testing.do_bench`` (median, queued) when importable, else CUDA-event medians.
 Results: one JSON line per figure in ``DIR/forward-<mode>-<stamp>.jsonl``, a table printed last.
@@ -91,11 +97,105 @@ def smoke(cupy, backend):
     return 0 if worst < 2e-2 else 1
 
 
+#: label -> macros of gpu/attention_forward_sm90_ws.cu's consumer schedules.
+SCHEDULES = {"shipped (rules: pipelined scores)": (),
+             "serial scores everywhere": ("PSA_WS_SERIAL_SCORES",)}
+
+
+def compile_variants(cupy, backend, kernel, head_dim, block_q, functors, variants):
+    """Compile every variant (label -> macros) of ``kernel``, for ``functors`` and the no-skip
+    instance, in parallel (NVRTC), so that timing starts warm; prints how long it took."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    device = cupy.cuda.runtime.getDevice()
+
+    def build(macros):
+        with cupy.cuda.Device(device):
+            for functor in sorted(set(functors) | {"psa::NoSkip"}):
+                backend._forward_kernel(device, kernel, "bfloat16", head_dim, block_q, functor,
+                                        4, macros)
+    started = time.time()
+    with ThreadPoolExecutor(len(variants)) as pool:
+        failures = [f for f in (pool.submit(build, m) for m in variants.values())
+                    if f.exception() is not None]
+    print(f"compiled {len(variants)} variants in {time.time() - started:.1f} s"
+          + (f"; failures: {[str(f.exception())[:300] for f in failures]}" if failures else ""),
+          flush=True)
+
+
+def schedules(cupy, backend, record, timer, diffuse, block, scale, args):
+    """sm90_ws under each consumer schedule (:data:`SCHEDULES`): dense, TopK(0.05), rules that
+    skip nothing (diffuse heads), and rules on more local heads where they skip; every output
+    and kept set is compared bitwise with the shipped schedule's (same arithmetic, other
+    order of issue)."""
+    from gpu import video_like
+    from pysparse_attn._rules import Blasst, Cef, Recall, rule_functor
+    from pysparse_attn._select import TopK
+
+    B, H, N, D = (int(x) for x in diffuse[0].shape)
+    workloads = {f"strength {args.strength:g}": diffuse}
+    for strength in (1.5, 2.0, args.local_strength):
+        workloads[f"strength {strength:g}"] = video_like(cupy, B, H, N, D, strength=strength,
+                                                         seed=1)
+    plans = {}
+
+    def plan_of(workload, select, order):
+        key = (workload, repr(select), order)
+        if key not in plans:
+            q, k, _ = workloads[workload]
+            plans[key] = backend.build_plan(cupy, q, k, select, order, 4, block, scale)
+        return plans[key]
+    first, *others = workloads
+    cases = [(first, "dense", None, None), (first, "TopK(0.05)", TopK(ratio=0.05), None),
+             (first, "Blasst(1e-30) (skips nothing)", None, Blasst(1e-30)),
+             (first, "Recall(1.0) (skips nothing)", None, Recall(1.0)),
+             (first, "Cef(-30) (skips nothing)", None, Cef(-30.0))]
+    for other in others:
+        cases += [(other, "dense", None, None), (other, "Blasst(1e-3)", None, Blasst(1e-3)),
+                  (other, "Recall(0.95)", None, Recall(0.95))]
+    functors = {rule_functor(rule) for *_, rule in cases if rule is not None}
+    compile_variants(cupy, backend, "sm90_ws", D, block[0], functors, SCHEDULES)
+    reference, own_dense = {}, {}
+    for workload, what, select, rule in cases:
+        q, k, v = workloads[workload]
+        plan = plan_of(workload, select, "natural" if rule is None else "peak")
+        for label, macros in SCHEDULES.items():
+            def call(want_stats=False):
+                return backend.forward(q, k, v, plan, rule, scale, want_stats, kernel="sm90_ws",
+                                       _ablation=macros)
+            try:
+                out, _, kept, _, _ = call(True)
+                cupy.cuda.runtime.deviceSynchronize()
+                ms = timer(call)
+            except Exception as error:
+                record(what=f"{workload}: {what}", impl=label, ms=None, error=str(error)[:300])
+                continue
+            extra = dict(skipped=1 - float(kept.mean()))
+            key = (workload, what)
+            if key not in reference:
+                reference[key] = (out, kept)
+            else:
+                extra["same_as_first"] = bool((out == reference[key][0]).all()
+                                              and (kept == reference[key][1]).all())
+            if what == "dense":
+                own_dense[(workload, label)] = ms
+            elif (workload, label) in own_dense:
+                extra["speedup_vs_own_dense"] = own_dense[(workload, label)] / ms
+            if args.cudnn_ms:
+                extra["of_cudnn"] = args.cudnn_ms / ms
+            record(what=f"{workload}: {what}", impl=label, ms=ms, **extra)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("ablation", "compare", "smoke"), default="ablation",
-                        help="ablation: leave-one-out variants; compare: sm90 vs sm90_ws; smoke: "
+    parser.add_argument("--mode", choices=("ablation", "compare", "schedule", "smoke"),
+                        default="ablation",
+                        help="ablation: leave-one-out variants; compare: sm90 vs sm90_ws; "
+                             "schedule: sm90_ws's consumer schedules; smoke: "
                              "sm90_ws once on small shapes against wgmma (exit 1 if they differ)")
+    parser.add_argument("--local-strength", type=float, default=3.0,
+                        help="schedule: strength of the most local workload (beside 1.5 and 2), "
+                             "on which the rules skip most (the first is --strength)")
     parser.add_argument("--quick", action="store_true", help="N = 8192 instead of 32,760")
     parser.add_argument("--strength", type=float, default=1.0,
                         help="locality of the video-like heads (bench/gpu.py: video_like); 1.0, "
@@ -161,24 +261,8 @@ def main():
     if args.mode == "ablation":
         cases = [("dense", dense_plan, None), ("Blasst(1e-3) peak", peak_plan, Blasst(1e-3)),
                  ("Blasst(1e-30) peak", peak_plan, Blasst(1e-30))]
-        # Compile every variant first, in parallel (NVRTC), so that timing starts warm.
-        from concurrent.futures import ThreadPoolExecutor
-
-        device = cupy.cuda.runtime.getDevice()
-        functor = rule_functor(Blasst(1e-3))
-
-        def build(macros):
-            with cupy.cuda.Device(device):
-                for name in sorted({functor, "psa::NoSkip"}):
-                    backend._forward_kernel(device, "wgmma", "bfloat16", D, block[0], name, 4,
-                                            macros)
-        compile_started = time.time()
-        with ThreadPoolExecutor(len(VARIANTS)) as pool:
-            failures = [f for f in (pool.submit(build, m) for m in VARIANTS.values())
-                        if f.exception() is not None]
-        print(f"compiled {len(VARIANTS)} variants in {time.time() - compile_started:.1f} s"
-              + (f"; failures: {[str(f.exception())[:200] for f in failures]}" if failures
-                 else ""), flush=True)
+        compile_variants(cupy, backend, "wgmma", D, block[0], {rule_functor(Blasst(1e-3))},
+                         VARIANTS)
         baseline = {}
         for label, macros in VARIANTS.items():
             for what, plan, rule in cases:
@@ -205,6 +289,9 @@ def main():
                     extra["cudnn_over_ms"] = cudnn_ms / ms
                 record(what=what, impl=label, ms=ms, tflops=tflops(B, H, N, N, D, ms),
                        first_call_s=compile_s, **extra)
+    elif args.mode == "schedule":
+        args.cudnn_ms = cudnn_ms
+        schedules(cupy, backend, record, timer, (q, k, v), block, scale, args)
     else:
         kernels = [name for name in ("wgmma", "sm90_ws") if name in backend.KERNELS
                    and backend.kernel_unavailable_reason(name) is None]
@@ -249,7 +336,8 @@ def main():
         note = ", ".join(f"{key} {value:.3f}" if isinstance(value, float) else f"{key} {value}"
                          for key, value in fields.items()
                          if key in ("skipped", "vs_baseline", "cudnn_over_ms", "of_cudnn",
-                                    "speedup_vs_own_dense", "rel_l2_vs_wgmma", "error"))
+                                    "speedup_vs_own_dense", "rel_l2_vs_wgmma", "same_as_first",
+                                    "error"))
         print(f"| {fields['what']} | {fields['impl']} | {ms} | {note} |")
 
 

@@ -96,6 +96,12 @@ def _forward_comparisons(folder, paths):
     return render_forward_comparisons(folder)
 
 
+def _forward_schedules(folder, paths):
+    from pysparse_attn.bench.results import render_forward_comparisons
+
+    return render_forward_comparisons(folder, mode="schedule")
+
+
 def _reuse_model_totals(folder, paths):
     from pysparse_attn.bench.reuse import render_reuse_results
 
@@ -114,12 +120,13 @@ def _finetune_runs(folder, paths):
 #: it reads, its renderer). methods: per-method tables of the result records; reuse: the totals
 #: of the plan-reuse runs, GPU first; reuse-model: those of bench/reuse_on_model.py, one folder
 #: per run; finetune: the fine-tuning demonstration's runs; forward: the Hopper forward kernels
-#: side by side.
+#: side by side; forward-schedule: the warp-specialised kernel's consumer schedules.
 MEASURED = {"methods": ("*.jsonl", _method_tables),
             "reuse": ("reuse-*.jsonl", _reuse_totals),
             "reuse-model": ("reuse-model-*/reuse-model-*.jsonl", _reuse_model_totals),
             "finetune": ("**/finetune-sla-*.json", _finetune_runs),
-            "forward": ("**/forward-compare-*.jsonl", _forward_comparisons)}
+            "forward": ("**/forward-compare-*.jsonl", _forward_comparisons),
+            "forward-schedule": ("**/forward-schedule-*.jsonl", _forward_schedules)}
 
 
 def measured_directive(kind):

@@ -12,7 +12,9 @@
 //   registers to the consumers (setmaxnreg).
 // - warpgroups 1 .. BLOCK_Q / 64 consume, 64 query rows each, with no CTA-wide barrier in the
 //   loop: per tile, wait for K, issue S = Q.K^T (wgmma), issue the previous kept tile's P.V
-//   (it runs while this tile's softmax is computed), vote, softmax, release the stages.
+//   (it runs while this tile's softmax is computed), vote, softmax, release the stages. With a
+//   skip rule (128-row tiles) Q.K^T runs one tile ahead instead: at tile j, S_(j+1) and the
+//   previous P.V are issued before tile j is reduced, voted on and exponentiated.
 //
 // The skip vote stays per query tile (a tile is skipped only when every valid row of the CTA
 // may skip it): each consumer warpgroup reduces its rows with a named barrier of its own 128
@@ -242,36 +244,79 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_Q / 64), 1)
         }
     }
 
-    for (int step = 0; step < n_visit; ++step) {
-        const int key_tile = plan.tiles[step];
-        const int stage = step % K_STAGES, round = step / K_STAGES;
-        mbarrier_wait(k_full(stage), round & 1);
-
-        float s[kKeyBlocks][4];
-        const unsigned k_stage = k_tiles + stage * Traits::kKvBytes;
+    // S = Q.K^T of visit `step` into `scores`, once its K stage has landed (not committed).
+    auto issue_scores = [&](float (&scores)[kKeyBlocks][4], int step) {
+        mbarrier_wait(k_full(step % K_STAGES), (step / K_STAGES) & 1);
+        const unsigned k_stage = k_tiles + (step % K_STAGES) * Traits::kKvBytes;
         warpgroup_fence();
-        pin_accumulator(s);
-        pin_accumulator(o);
+        pin_accumulator(scores);
 #pragma unroll
         for (int ks = 0; ks < Traits::kDimSteps; ++ks) {
             const unsigned panel = ks >> 2, within = (ks & 3) * 32;
             const unsigned long long k_descriptor =
                 sw128_descriptor(k_stage + panel * Traits::kKvPanelBytes + within, 16);
             if (kQInRegisters)
-                Warpgroup<Element, kBlockK>::rs(s, q_fragments[kQInRegisters ? ks : 0],
+                Warpgroup<Element, kBlockK>::rs(scores, q_fragments[kQInRegisters ? ks : 0],
                                                 k_descriptor, ks > 0);
             else
                 Warpgroup<Element, kBlockK>::ss(
-                    s, sw128_descriptor(q_base + panel * Traits::kQPanelBytes + within, 16),
+                    scores, sw128_descriptor(q_base + panel * Traits::kQPanelBytes + within, 16),
                     k_descriptor, ks > 0);
+        }
+    };
+
+    // With a skip rule, Q.K^T runs one visit ahead (kPipelinedScores): tile j + 1's scores are
+    // computed while tile j is reduced, voted on and exponentiated, so a skipped tile's
+    // reduction and vote (its whole cost besides Q.K^T) run under the tensor cores. It needs a
+    // second score buffer's registers, which the 128-row CTA has from setmaxnreg. Measured on an
+    // H200 (bench/results/forward-schedule-20261203): 7-12% faster than the serial schedule at
+    // 90-97% of tiles skipped, 0-5% faster when nothing is skipped, but 2% slower dense and on
+    // TopK plans (its visit is inlined in four copies, see `visit`), so kernels without a rule,
+    // and the 64-row instances (where it compiled to serialised wgmma, ptxas C7520), keep the
+    // serial schedule: Q.K^T of tile j issued at visit j. PSA_WS_SERIAL_SCORES selects the
+    // serial schedule everywhere for same-run comparisons (bench/forward_ablation.py --mode
+    // schedule); both run the same arithmetic.
+#ifdef PSA_WS_SERIAL_SCORES
+    constexpr bool kPipelinedScores = false;
+#else
+    constexpr bool kPipelinedScores = RegisterSplit<BLOCK_Q>::kSplit && Rule::kCanSkip;
+#endif
+    // Two score buffers, alternating every visit (the pipelined loop runs visits in pairs);
+    // copying the next scores into place instead measured no faster where rules skip.
+    float scores_a[kKeyBlocks][4], scores_b[kKeyBlocks][4];
+    if (kPipelinedScores && n_visit > 0) {
+        pin_accumulator(o);
+        issue_scores(scores_a, 0);
+        warpgroup_commit();
+        warpgroup_wait<0>();
+        pin_accumulator(scores_a);
+    }
+
+    // One visit: `s` holds (pipelined) or receives (serial) this tile's scores; with pipelined
+    // scores the next tile's go to `s_next` when `has_next`. `pv_issued`: the previous kept
+    // tile's P.V is issued here. In the pipelined schedule both flags are literals at every call
+    // (visit_either and the loop below), so each inlined copy issues its wgmmas unconditionally
+    // and the run-time branches fall between visits, when no wgmma is in flight: with either
+    // wgmma under a run-time condition, ptxas serialised every wgmma of the kernel (C7515,
+    // nvcc 13.0). The serial schedule's conditional P.V does not trip it.
+    auto visit = [&](float (&s)[kKeyBlocks][4], float (&s_next)[kKeyBlocks][4], int step,
+                     const bool pv_issued, const bool has_next) {
+        const int key_tile = plan.tiles[step];
+        const int stage = step % K_STAGES, round = step / K_STAGES;
+        pin_accumulator(o);
+        if (kPipelinedScores) {
+            if (has_next) issue_scores(s_next, step + 1);
+        } else {
+            issue_scores(s, step);
         }
         warpgroup_commit();
         // The previous kept tile's P.V runs on the tensor cores during this tile's softmax.
-        const bool pv_issued = __all_sync(0xffffffffu, pv_pending);
         if (pv_issued) issue_pv();
         warpgroup_commit();
-        warpgroup_wait<1>();
-        pin_accumulator(s);
+        if (!kPipelinedScores) {
+            warpgroup_wait<1>();  // this tile's scores
+            pin_accumulator(s);
+        }
 
         const int valid_keys = min(kBlockK, n_keys - key_tile * kBlockK);
         if (valid_keys < kBlockK) mask_padded_keys(s, valid_keys, lane);
@@ -298,17 +343,19 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_Q / 64), 1)
             }
             if (skip) add_skipped_mass(state, added);
         }
-        // Q.K^T has read this K stage (wait<1> above) and the decision is known.
+        // This tile's Q.K^T has read its K stage and the decision is known.
         release(k_empty(stage));
 
         float alpha[2];
         if (!skip) softmax_tile<Rule::kNeedsRowSum>(s, tile_max2, scale_log2, state, alpha);
-        // The previous P.V has to finish before O is rescaled and p is overwritten.
+        // The previous P.V has to finish before O is rescaled and p is overwritten (and, with
+        // pipelined scores, the next tile's Q.K^T before its registers are read).
         warpgroup_wait<0>();
         pin_accumulator(o);
+        if (kPipelinedScores) pin_accumulator(s_next);
         if (pv_issued) release(v_empty(pv_stage));
         pv_pending = !skip;
-        if (skip) continue;
+        if (skip) return;
         rescale_output(o, alpha);
         pv_stage = kept_count % V_STAGES;
         pv_round = kept_count / V_STAGES;
@@ -319,6 +366,32 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_Q / 64), 1)
             p[kstep][1] = Element::pack(s[2 * kstep][2], s[2 * kstep][3]);
             p[kstep][2] = Element::pack(s[2 * kstep + 1][0], s[2 * kstep + 1][1]);
             p[kstep][3] = Element::pack(s[2 * kstep + 1][2], s[2 * kstep + 1][3]);
+        }
+    };
+    auto visit_either = [&](float (&s)[kKeyBlocks][4], float (&s_next)[kKeyBlocks][4], int step,
+                            const bool has_next) {
+        if (__all_sync(0xffffffffu, pv_pending))
+            visit(s, s_next, step, true, has_next);
+        else
+            visit(s, s_next, step, false, has_next);
+    };
+    if (!kPipelinedScores) {
+        // The serial schedule: one visit an iteration, the P.V under a run-time condition.
+        for (int step = 0; step < n_visit; ++step)
+            visit(scores_a, scores_a, step, __all_sync(0xffffffffu, pv_pending), false);
+    } else {
+        // Visits in pairs (the score buffers alternate), the last one or two apart (no next
+        // tile).
+        int step = 0;
+        for (; step + 2 < n_visit; step += 2) {
+            visit_either(scores_a, scores_b, step, true);
+            visit_either(scores_b, scores_a, step + 1, true);
+        }
+        if (step + 1 < n_visit) {
+            visit_either(scores_a, scores_b, step, true);
+            visit_either(scores_b, scores_a, step + 1, false);
+        } else if (step < n_visit) {
+            visit_either(scores_a, scores_b, step, false);
         }
     }
     if (__all_sync(0xffffffffu, pv_pending)) {

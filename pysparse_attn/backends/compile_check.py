@@ -34,6 +34,10 @@ FIXED_ARCHS = {"attention_forward_sm90.cu": ("sm_90a",),
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
+# ptxas's notes that it serialised an instance's wgmma pipeline (every wgmma waits for the one
+# before): C7515 (a non-wgmma write to an accumulator in flight), C7520 (a dependence on an
+# arrive it injected in a divergent path). Either costs the overlap the kernels are built on.
+_SERIALISED = re.compile(r"\((C7515|C7520)\).*?function '([^']+)'")
 
 
 def families():
@@ -84,8 +88,10 @@ def _demangle(names):
 def compile_family(nvcc: str, source: str, instances, arch: str):
     """Compile one family for one architecture; returns ``(ok, rows, log)``.
 
-    ``rows`` holds ``(instance, registers, stack bytes, spill stores, spill loads, sass)``;
-    ``sass`` counts matrix and local-memory instructions (None without ``cuobjdump``).
+    ``rows`` holds ``(instance, registers, stack bytes, spill stores, spill loads, sass,
+    serialised)``; ``sass`` counts matrix and local-memory instructions (None without
+    ``cuobjdump``); ``serialised`` names the ptxas notes (C7515, C7520) saying that it
+    serialised the instance's wgmma pipeline (empty when it did not).
     """
     folder = _source_dir()
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,8 +115,12 @@ def compile_family(nvcc: str, source: str, instances, arch: str):
         regs = _REGS.search(line)
         if regs and current is not None:
             current[1] = int(regs.group(1))
+    serialised = {}
+    for code, function in _SERIALISED.findall(log):
+        serialised.setdefault(function, set()).add(code)
     names = _demangle([r[0] for r in rows])
-    rows = [(names[r[0]], *r[1:], sass.get(r[0])) for r in rows]
+    rows = [(names[r[0]], *r[1:], sass.get(r[0]), tuple(sorted(serialised.get(r[0], ()))))
+            for r in rows]
     return run.returncode == 0, rows, log
 
 
@@ -148,7 +158,8 @@ def main(argv=None) -> int:
                         f"default {' '.join(DEFAULT_ARCHS)}; the wgmma family is always "
                         "built for sm_90a")
     parser.add_argument("--fail-on-spill", action="store_true",
-                        help="also fail when an instance spills registers to local memory")
+                        help="also fail when an instance spills registers to local memory or "
+                             "ptxas serialises its wgmma pipeline")
     args = parser.parse_args(argv)
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -171,15 +182,16 @@ def main(argv=None) -> int:
         if len(rows) != len(instances):
             failed += 1
             print(f"   expected {len(instances)} compiled entries, ptxas reported {len(rows)}")
-        for name, regs, stack, stores, loads, sass in sorted(rows, key=lambda row: row[0]):
-            flag = "  SPILLS" if (stores or loads) else ""
-            spilled += bool(stores or loads)
+        for name, regs, stack, stores, loads, sass, serial in sorted(rows, key=lambda r: r[0]):
+            flag = ("  SPILLS" if (stores or loads) else "") + (
+                f"  WGMMA SERIALISED ({', '.join(serial)})" if serial else "")
+            spilled += bool(stores or loads or serial)
             short_name = name.split("(")[0]
             opcodes = ("  sass " + " ".join(f"{k}={v}" for k, v in sass.items())) if sass else ""
             print(f"   {regs:4d} regs  stack {stack:5d} B  spill st/ld {stores}/{loads} B  "
                   f"{short_name}{flag}{opcodes}")
     print(f"compile_check: {len(jobs) - failed}/{len(jobs)} family builds ok, "
-          f"{spilled} instance(s) with spills")
+          f"{spilled} instance(s) with spills or serialised wgmma")
     if failed or (args.fail_on_spill and spilled):
         return 1
     return 0

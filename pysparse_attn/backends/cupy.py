@@ -274,11 +274,19 @@ def _forward_sm90_module(dtype_name: str, head_dim: int, block_q: int, ablation:
                        tuple(f"-D{macro}" for macro in ablation))
 
 
-def _forward_sm90_ws_module(dtype_name: str, head_dim: int, block_q: int):
-    """The sm_90a module of the warp-specialised forward: one instance a functor."""
-    names = tuple(_forward_sm90_ws_name(_ELEMENTS[dtype_name], head_dim, block_q, functor)
-                  for functor in ALL_FUNCTORS)
-    return _raw_module("attention_forward_sm90_ws.cu", names, "sm_90a")
+def _forward_sm90_ws_module(dtype_name: str, head_dim: int, block_q: int, variant: tuple = (),
+                            functor: str = None):
+    """The sm_90a module of the warp-specialised forward: one instance a functor.
+
+    ``variant``: macros of ``gpu/attention_forward_sm90_ws.cu`` that pick a consumer schedule
+    other than the shipped one (``PSA_WS_SERIAL_SCORES``, bench/forward_ablation.py --mode
+    schedule); such a module holds only ``functor`` and the no-skip instance.
+    """
+    functors = tuple(sorted({functor, NO_SKIP_FUNCTOR})) if variant else ALL_FUNCTORS
+    names = tuple(_forward_sm90_ws_name(_ELEMENTS[dtype_name], head_dim, block_q, f)
+                  for f in functors)
+    return _raw_module("attention_forward_sm90_ws.cu", names, "sm_90a",
+                       tuple(f"-D{macro}" for macro in variant))
 
 
 def _device_id() -> int:
@@ -320,13 +328,15 @@ def _forward_kernel(device, kernel, dtype_name, head_dim, block_q, functor, warp
     """The compiled instance on ``device``, its dynamic shared-memory size and thread count.
 
     Cached per instance: the shared-memory attribute is set once, at first use. ``ablation``
-    (wgmma only) names timing-only variants (:func:`_forward_sm90_module`).
+    names timing-only variants of the wgmma kernel (:func:`_forward_sm90_module`) or other
+    schedules of the sm90_ws kernel (:func:`_forward_sm90_ws_module`).
     """
     reason = kernel_unavailable_reason(kernel)
     if reason is not None:
         raise ValueError(reason)
-    if ablation and kernel != "wgmma":
-        raise ValueError(f"ablation variants exist for the wgmma kernel only, not {kernel!r}")
+    if ablation and kernel not in ("wgmma", "sm90_ws"):
+        raise ValueError(f"timing variants exist for the wgmma and sm90_ws kernels only, not "
+                         f"{kernel!r}")
     if kernel == "wgmma":
         name = _forward_sm90_name(_ELEMENTS[dtype_name], head_dim, block_q, functor)
         function = _forward_sm90_module(dtype_name, head_dim, block_q, ablation,
@@ -334,7 +344,8 @@ def _forward_kernel(device, kernel, dtype_name, head_dim, block_q, functor, warp
         shared, threads = _shared_bytes_sm90(head_dim, block_q), 2 * block_q
     elif kernel == "sm90_ws":
         name = _forward_sm90_ws_name(_ELEMENTS[dtype_name], head_dim, block_q, functor)
-        function = _forward_sm90_ws_module(dtype_name, head_dim, block_q).get_function(name)
+        function = _forward_sm90_ws_module(dtype_name, head_dim, block_q, ablation,
+                                           functor).get_function(name)
         shared, threads = _shared_bytes_sm90_ws(head_dim, block_q), _ws_threads(block_q)
     else:
         name = _forward_name(_ELEMENTS[dtype_name], head_dim, block_q, warps, functor)
@@ -538,8 +549,9 @@ def forward(q, k, v, plan, rule, scale, want_stats, out_dtype=None, warps=None, 
         Forward family (:data:`KERNELS`); :func:`default_kernel` when None. ``"sm90_ws"``, the
         warp-specialised TMA kernel, is the default on Hopper.
     _ablation : tuple of str, private
-        Timing-only ``PSA_ABLATE_*`` variants of the wgmma kernel (bench/forward_ablation.py);
-        their results are wrong by design. Not reachable from the public API.
+        Timing-only ``PSA_ABLATE_*`` variants of the wgmma kernel (bench/forward_ablation.py;
+        their results are wrong by design), or ``PSA_WS_SERIAL_SCORES``, the earlier schedule of the sm90_ws
+        kernel (same results, other timing). Not reachable from the public API.
 
     Returns
     -------

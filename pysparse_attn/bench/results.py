@@ -286,16 +286,16 @@ def render_finetune_results(folder):
     return "\n".join(lines) + "\n"
 
 
-def render_forward_comparisons(folder):
-    """reStructuredText: one table per run of ``bench/forward_ablation.py --mode compare``
-    (``forward-compare-*.jsonl`` at any depth of ``folder``), newest first: each case's time
-    per forward kernel, with the share of tiles skipped, the speedup over that kernel's own
-    dense time and its rate as a share of cuDNN's in the same process."""
-    paths = sorted(Path(folder).rglob("forward-compare-*.jsonl"), key=lambda p: p.name,
+def render_forward_comparisons(folder, mode="compare"):
+    """reStructuredText: one table per run of ``bench/forward_ablation.py --mode MODE``
+    (``forward-MODE-*.jsonl`` at any depth of ``folder``; ``compare``: the forward kernels,
+    ``schedule``: the warp-specialised kernel's consumer schedules), newest first: each case's
+    time per kernel or schedule, with the share of tiles skipped, the speedup over that
+    column's own dense time and its rate as a share of cuDNN's in the same process."""
+    paths = sorted(Path(folder).rglob(f"forward-{mode}-*.jsonl"), key=lambda p: p.name,
                    reverse=True)
     if not paths:
-        return ("No forward comparisons are recorded yet "
-                "(``bench/forward_ablation.py --mode compare``).")
+        return (f"No such runs are recorded yet (``bench/forward_ablation.py --mode {mode}``).")
     blocks = []
     for path in paths:
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
