@@ -539,3 +539,16 @@ def test_forward_comparisons_render_one_table_per_run_newest_first(tmp_path):
     assert "   * - TopK(0.05)\n     - 95.0%\n     - 0.800 (17.50x)\n     - failed" in newest
     assert "     - 15.000 (73%)" in oldest
     assert "No forward comparisons" in bench_results.render_forward_comparisons(tmp_path / "x")
+    # --mode schedule runs (the sm90_ws consumer schedules) render the same way, apart.
+    assert "No forward schedule runs" in bench_results.render_forward_comparisons(
+        tmp_path, mode="schedule")
+    rows = [("strength 1: dense", "serial", 12.9, {"skipped": 0.0}),
+            ("strength 3: Blasst(1e-3)", "serial", 10.5, {"skipped": 0.966,
+                                                          "speedup_vs_own_dense": 1.2})]
+    (tmp_path / "forward-schedule-20261203T000000.jsonl").write_text("\n".join(
+        json.dumps({**meta, "date": "20261203T000000", "what": what, "impl": impl, "ms": ms,
+                    **extra}) for what, impl, ms, extra in rows))
+    schedule = bench_results.render_forward_comparisons(tmp_path, mode="schedule")
+    assert schedule.count("**NVIDIA H200**") == 1 and "``serial``" in schedule
+    assert "   * - strength 3: Blasst(1e-3)\n     - 96.6%\n     - 10.500 (1.20x)" in schedule
+    assert "forward-schedule" not in bench_results.render_forward_comparisons(tmp_path)

@@ -295,7 +295,8 @@ def render_forward_comparisons(folder, mode="compare"):
     paths = sorted(Path(folder).rglob(f"forward-{mode}-*.jsonl"), key=lambda p: p.name,
                    reverse=True)
     if not paths:
-        return (f"No such runs are recorded yet (``bench/forward_ablation.py --mode {mode}``).")
+        what = "forward comparisons" if mode == "compare" else f"forward {mode} runs"
+        return f"No {what} are recorded yet (``bench/forward_ablation.py --mode {mode}``)."
     blocks = []
     for path in paths:
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
