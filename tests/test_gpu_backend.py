@@ -630,9 +630,13 @@ def test_every_sm90_backward_instance_compiles_without_spills():
     fastest dense backward on an H200 (bench/results/backward-v2.md). The bound keeps it from
     growing unnoticed; every other instance must stay spill-free."""
     from pysparse_attn.backends.compile_check import compile_family
-    from pysparse_attn.backends.cupy import BACKWARD_SM90_INSTANCES
+    from pysparse_attn.backends.cupy import BACKWARD_SM90_INSTANCES, backward_instances
 
     instances = sorted(set(BACKWARD_SM90_INSTANCES.values()))
+    # The known case, from the family table: the 128-key family's atomic-dQ stage at D = 128.
+    known = {name for (stage, _, d), name in backward_instances("sm90").items()
+             if stage == "dkdv_atomic_dq" and d == 128}
+    assert known, "the known spilling instance is no longer in the tables: update this test"
     ok, rows, log = compile_family(shutil.which("nvcc"), "attention_backward_sm90.cu", instances,
                                    "sm_90a")
     assert ok, log
@@ -640,8 +644,8 @@ def test_every_sm90_backward_instance_compiles_without_spills():
     known_spill_bytes = 40
     for row in rows:
         name, stores, loads = row[0], row[3], row[4]
-        is_known = ", 128, 2, true>(" in name
-        limit = known_spill_bytes if is_known else 0
+        # Rows carry demangled signatures: "void psa::...<...>(psa::BackwardParams)".
+        limit = known_spill_bytes if name.split("(")[0].removeprefix("void ") in known else 0
         assert stores <= limit and loads <= limit, f"{name}: spills {stores} / {loads} bytes"
 
 
