@@ -107,11 +107,13 @@ def compile_variants(cupy, backend, kernel, head_dim, block_q, functors, variant
     instance, in parallel (NVRTC), so that timing starts warm; prints how long it took."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from pysparse_attn._rules import NO_SKIP_FUNCTOR
+
     device = cupy.cuda.runtime.getDevice()
 
     def build(macros):
         with cupy.cuda.Device(device):
-            for functor in sorted(set(functors) | {"psa::NoSkip"}):
+            for functor in sorted(set(functors) | {NO_SKIP_FUNCTOR}):
                 backend._forward_kernel(device, kernel, "bfloat16", head_dim, block_q, functor,
                                         4, macros)
     started = time.time()
@@ -123,7 +125,7 @@ def compile_variants(cupy, backend, kernel, head_dim, block_q, functors, variant
           flush=True)
 
 
-def schedules(cupy, backend, record, timer, diffuse, block, scale, args):
+def schedules(cupy, backend, record, timer, diffuse, block, scale, args, cudnn_ms):
     """sm90_ws under each consumer schedule (:data:`SCHEDULES`): dense, TopK(0.05), rules that
     skip nothing (diffuse heads), and rules on more local heads where they skip; every output
     and kept set is compared bitwise with the shipped schedule's (same arithmetic, other
@@ -181,8 +183,8 @@ def schedules(cupy, backend, record, timer, diffuse, block, scale, args):
                 own_dense[(workload, label)] = ms
             elif (workload, label) in own_dense:
                 extra["speedup_vs_own_dense"] = own_dense[(workload, label)] / ms
-            if args.cudnn_ms:
-                extra["of_cudnn"] = args.cudnn_ms / ms
+            if cudnn_ms:
+                extra["of_cudnn"] = cudnn_ms / ms
             record(what=f"{workload}: {what}", impl=label, ms=ms, **extra)
 
 
@@ -290,8 +292,7 @@ def main():
                 record(what=what, impl=label, ms=ms, tflops=tflops(B, H, N, N, D, ms),
                        first_call_s=compile_s, **extra)
     elif args.mode == "schedule":
-        args.cudnn_ms = cudnn_ms
-        schedules(cupy, backend, record, timer, (q, k, v), block, scale, args)
+        schedules(cupy, backend, record, timer, (q, k, v), block, scale, args, cudnn_ms)
     else:
         kernels = [name for name in ("wgmma", "sm90_ws") if name in backend.KERNELS
                    and backend.kernel_unavailable_reason(name) is None]

@@ -171,7 +171,7 @@ def main(argv=None) -> int:
             for arch in FIXED_ARCHS.get(source, archs)]
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         results = list(pool.map(lambda job: compile_family(nvcc, *job), jobs))
-    failed = spilled = 0
+    failed = flagged = 0
     for (source, instances, arch), (ok, rows, log) in zip(jobs, results):
         print(f"== {source} for {arch}: {len(instances)} instances, "
               f"{'compiled' if ok else 'FAILED'}")
@@ -185,14 +185,14 @@ def main(argv=None) -> int:
         for name, regs, stack, stores, loads, sass, serial in sorted(rows, key=lambda r: r[0]):
             flag = ("  SPILLS" if (stores or loads) else "") + (
                 f"  WGMMA SERIALISED ({', '.join(serial)})" if serial else "")
-            spilled += bool(stores or loads or serial)
+            flagged += bool(stores or loads or serial)
             short_name = name.split("(")[0]
             opcodes = ("  sass " + " ".join(f"{k}={v}" for k, v in sass.items())) if sass else ""
             print(f"   {regs:4d} regs  stack {stack:5d} B  spill st/ld {stores}/{loads} B  "
                   f"{short_name}{flag}{opcodes}")
     print(f"compile_check: {len(jobs) - failed}/{len(jobs)} family builds ok, "
-          f"{spilled} instance(s) with spills or serialised wgmma")
-    if failed or (args.fail_on_spill and spilled):
+          f"{flagged} instance(s) with spills or serialised wgmma")
+    if failed or (args.fail_on_spill and flagged):
         return 1
     return 0
 

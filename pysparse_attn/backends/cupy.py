@@ -260,33 +260,31 @@ def _forward_module(dtype_name: str, head_dim: int, block_q: int, warps: int):
     return _raw_module("attention_forward.cu", names)
 
 
+def _sm90a_forward_module(source: str, name_of, dtype_name: str, head_dim: int, block_q: int,
+                          macros: tuple = (), functor: str = None):
+    """The sm_90a module of one forward family's (element type, head dim, query tile): one
+    instance a functor; built with ``macros`` (timing variants), it holds only ``functor`` and
+    the no-skip instance."""
+    functors = tuple(sorted({functor, NO_SKIP_FUNCTOR})) if macros else ALL_FUNCTORS
+    names = tuple(name_of(_ELEMENTS[dtype_name], head_dim, block_q, f) for f in functors)
+    return _raw_module(source, names, "sm_90a", tuple(f"-D{macro}" for macro in macros))
+
+
 def _forward_sm90_module(dtype_name: str, head_dim: int, block_q: int, ablation: tuple = (),
                          functor: str = None):
-    """The sm_90a module of one (element type, head dim, query tile): one instance a functor.
-
-    ``ablation``: timing-only macros of ``gpu/attention_forward_sm90.cu`` (``PSA_ABLATE_*``,
-    bench/forward_ablation.py); such a module holds only ``functor`` and the no-skip instance.
-    """
-    functors = tuple(sorted({functor, NO_SKIP_FUNCTOR})) if ablation else ALL_FUNCTORS
-    names = tuple(_forward_sm90_name(_ELEMENTS[dtype_name], head_dim, block_q, f)
-                  for f in functors)
-    return _raw_module("attention_forward_sm90.cu", names, "sm_90a",
-                       tuple(f"-D{macro}" for macro in ablation))
+    """The wgmma forward's module. ``ablation``: timing-only macros of
+    ``gpu/attention_forward_sm90.cu`` (``PSA_ABLATE_*``, bench/forward_ablation.py)."""
+    return _sm90a_forward_module("attention_forward_sm90.cu", _forward_sm90_name, dtype_name,
+                                 head_dim, block_q, ablation, functor)
 
 
 def _forward_sm90_ws_module(dtype_name: str, head_dim: int, block_q: int, variant: tuple = (),
                             functor: str = None):
-    """The sm_90a module of the warp-specialised forward: one instance a functor.
-
-    ``variant``: macros of ``gpu/attention_forward_sm90_ws.cu`` that pick a consumer schedule
-    other than the shipped one (``PSA_WS_SERIAL_SCORES``, bench/forward_ablation.py --mode
-    schedule); such a module holds only ``functor`` and the no-skip instance.
-    """
-    functors = tuple(sorted({functor, NO_SKIP_FUNCTOR})) if variant else ALL_FUNCTORS
-    names = tuple(_forward_sm90_ws_name(_ELEMENTS[dtype_name], head_dim, block_q, f)
-                  for f in functors)
-    return _raw_module("attention_forward_sm90_ws.cu", names, "sm_90a",
-                       tuple(f"-D{macro}" for macro in variant))
+    """The warp-specialised forward's module. ``variant``: macros of
+    ``gpu/attention_forward_sm90_ws.cu`` that pick a consumer schedule other than the shipped
+    one (``PSA_WS_SERIAL_SCORES``, bench/forward_ablation.py --mode schedule)."""
+    return _sm90a_forward_module("attention_forward_sm90_ws.cu", _forward_sm90_ws_name,
+                                 dtype_name, head_dim, block_q, variant, functor)
 
 
 def _device_id() -> int:
@@ -550,8 +548,8 @@ def forward(q, k, v, plan, rule, scale, want_stats, out_dtype=None, warps=None, 
         warp-specialised TMA kernel, is the default on Hopper.
     _ablation : tuple of str, private
         Timing-only ``PSA_ABLATE_*`` variants of the wgmma kernel (bench/forward_ablation.py;
-        their results are wrong by design), or ``PSA_WS_SERIAL_SCORES``, the earlier schedule of the sm90_ws
-        kernel (same results, other timing). Not reachable from the public API.
+        their results are wrong by design), or ``PSA_WS_SERIAL_SCORES``, the serial schedule
+        of the sm90_ws kernel (same results, other timing). Not reachable from the public API.
 
     Returns
     -------
