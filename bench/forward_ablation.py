@@ -13,13 +13,14 @@ baseline's sparsity is reported.
 ``gpu/attention_forward_sm90_ws.cu`` (``SCHEDULES``): dense, TopK(0.05), rules that skip
 nothing on the diffuse heads, rules on more local heads (strengths 1.5, 2 and
 ``--local-strength``), each schedule's output and kept set checked bitwise against the
-shipped one's.
+shipped one's; with ``--shapes`` also dense at D = 64 and at H = 40, N = 75,600 beside
+cuDNN and flash.
 
 ``--mode compare``: the ``sm90`` (``"wgmma"``) and warp-specialised ``"sm90_ws"`` kernels on
 dense, ``TopK(0.05)``, and the in-loop rules at the issue's targets (ratios to each kernel's
 own dense, and to cuDNN), with the relative L2 distance of every sm90_ws output to sm90's.
 
-    python3 bench/forward_ablation.py [--mode ablation|compare|schedule] [--quick] [--out DIR]
+    python3 bench/forward_ablation.py [--mode ablation|compare|schedule] [--shapes] [--quick] [--out DIR]
 
 Times: ``triton.testing.do_bench`` (median, queued) when importable, else CUDA-event medians.
 Results: one JSON line per figure in ``DIR/forward-<mode>-<stamp>.jsonl``, a table printed last.
@@ -98,8 +99,13 @@ def smoke(cupy, backend):
 
 
 #: label -> macros of gpu/attention_forward_sm90_ws.cu's consumer schedules.
-SCHEDULES = {"shipped (rules: pipelined scores)": (),
+SCHEDULES = {"shipped (dense, plans: ping-pong; rules: pipelined scores)": (),
+             "no ping-pong": ("PSA_WS_NO_PINGPONG",),
              "serial scores everywhere": ("PSA_WS_SERIAL_SCORES",)}
+
+#: The other shapes issue 12 asks dense figures at: (label, H, N, D, frames_hw of the heads).
+OTHER_SHAPES = (("H=12 N=32760 D=64", 12, 32760, 64, None),
+                ("H=40 N=75600 D=128", 40, 75600, 128, (21, 45, 80)))
 
 
 def compile_variants(cupy, backend, kernel, head_dim, block_q, functors, variants):
@@ -186,6 +192,50 @@ def schedules(cupy, backend, record, timer, diffuse, block, scale, args, cudnn_m
             if cudnn_ms:
                 extra["of_cudnn"] = cudnn_ms / ms
             record(what=f"{workload}: {what}", impl=label, ms=ms, **extra)
+    if args.shapes:
+        other_shapes(cupy, backend, record, timer, block, args)
+
+
+def other_shapes(cupy, backend, record, timer, block, args):
+    """Dense sm90_ws under each schedule at :data:`OTHER_SHAPES`, beside torch SDPA's cuDNN and
+    flash backends on the same tensors (video-like heads at ``--strength``)."""
+    from gpu import tflops, video_like
+
+    for label, H, N, D, frames_hw in OTHER_SHAPES:
+        q, k, v = video_like(cupy, 1, H, N, D, strength=args.strength, seed=5,
+                             frames_hw=frames_hw)
+        anchors = {}
+        try:
+            import torch
+            from anchors import sdpa_forward
+
+            tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+            for which in ("cudnn", "flash"):
+                anchors[which] = sdpa_forward(tq, tk, tv, which)
+                record(what=f"{label}: dense", impl=f"torch sdpa {which}", ms=anchors[which],
+                       tflops=tflops(1, H, N, N, D, anchors[which]))
+        except Exception as error:  # reported: our figures then stand alone
+            record(what=f"{label}: dense", impl="torch sdpa", ms=None, error=str(error)[:200])
+        scale = D ** -0.5
+        plan = backend.build_plan(cupy, q, k, None, "natural", 4, block, scale)
+        compile_variants(cupy, backend, "sm90_ws", D, block[0], (), SCHEDULES)
+        first = None
+        for variant, macros in SCHEDULES.items():
+            def call():
+                return backend.forward(q, k, v, plan, None, scale, False, kernel="sm90_ws",
+                                       _ablation=macros)
+            out = call()[0]
+            ms = timer(call)
+            extra = {}
+            if first is None:
+                first = out
+            else:
+                extra["same_as_first"] = bool((out == first).all())
+            if "cudnn" in anchors:
+                extra["of_cudnn"] = anchors["cudnn"] / ms
+            record(what=f"{label}: dense", impl=variant, ms=ms,
+                   tflops=tflops(1, H, N, N, D, ms), **extra)
+        del q, k, v, plan, out, first
 
 
 def main():
@@ -199,6 +249,9 @@ def main():
                         help="schedule: strength of the most local workload (beside 1.5 and 2), "
                              "on which the rules skip most (the first is --strength)")
     parser.add_argument("--quick", action="store_true", help="N = 8192 instead of 32,760")
+    parser.add_argument("--shapes", action="store_true",
+                        help="schedule: also dense at D = 64 and at H = 40, N = 75,600 "
+                             "(OTHER_SHAPES), beside cuDNN and flash")
     parser.add_argument("--strength", type=float, default=1.0,
                         help="locality of the video-like heads (bench/gpu.py: video_like); 1.0, "
                              "the default, is diffuse enough that the rules skip almost nothing")

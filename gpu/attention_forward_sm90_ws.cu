@@ -14,7 +14,9 @@
 //   loop: per tile, wait for K, issue S = Q.K^T (wgmma), issue the previous kept tile's P.V
 //   (it runs while this tile's softmax is computed), vote, softmax, release the stages. With a
 //   skip rule (128-row tiles) Q.K^T runs one tile ahead instead: at tile j, S_(j+1) and the
-//   previous P.V are issued before tile j is reduced, voted on and exponentiated.
+//   previous P.V are issued before tile j is reduced, voted on and exponentiated. Two
+//   consumers (128-row tiles) take turns issuing their wgmmas (ping-pong, named barriers):
+//   one warpgroup's softmax runs under the other's GEMMs.
 //
 // The skip vote stays per query tile (a tile is skipped only when every valid row of the CTA
 // may skip it): each consumer warpgroup reduces its rows with a named barrier of its own 128
@@ -194,6 +196,9 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_Q / 64), 1)
     if (RegisterSplit<BLOCK_Q>::kSplit)
         warpgroup_claim_registers<RegisterSplit<BLOCK_Q>::kConsumer>();
     const int consumer = warp / 4 - 1;
+    // Named barriers (0 is __syncthreads): 1 + consumer for a warpgroup's vote, kTurnBarrier +
+    // consumer for the ping-pong hand-off to that consumer.
+    constexpr unsigned kTurnBarrier = 1 + kConsumers;
     const int warp_row = 64 * consumer + 16 * (warp & 3);  // this warp's 16 rows in the tile
     const BoundRule<Rule, Log2Units, float> rule(common.rule_params, head);
     const float scale_log2 = common.scale_log2;
@@ -299,10 +304,31 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_Q / 64), 1)
     // and the run-time branches fall between visits, when no wgmma is in flight: with either
     // wgmma under a run-time condition, ptxas serialised every wgmma of the kernel (C7515,
     // nvcc 13.0). The serial schedule's conditional P.V does not trip it.
+    //
+    // Ping-pong (two consumers): left alone, both warpgroups drift into step, exponentiating at
+    // the same time while the tensor cores idle. So they take turns issuing their visit's
+    // wgmmas: turn 2 * step + consumer starts when turn 2 * step + consumer - 1 has issued
+    // (named barrier, both warpgroups' 256 threads: the waiter syncs, the issuer arrives), so
+    // consumer 1 runs half a visit behind consumer 0. Every visit is taken by both consumers
+    // (the skip decision is the CTA's), so turns match. The hand-offs inside the visit are
+    // unconditional: under a run-time condition (first or last turn) ptxas serialised every
+    // wgmma of the kernel (C7520, nvcc 13.0). So consumer 1 hands consumer 0 its first turn
+    // before the loop, and consumer 0 takes the hand-off of consumer 1's last turn after it:
+    // no arrival is left unmatched when the CTA exits. Kernels with a skip rule do not take
+    // turns: a warpgroup voting to skip waits on the other's vote, which ping-pong holds half a
+    // visit back, so where rules skip 90-97% of tiles it measured 3-5% slower (and 2% faster
+    // where they skip nothing; bench/results/forward-pingpong-20261203). PSA_WS_NO_PINGPONG
+    // turns it off everywhere for same-run comparisons.
+#ifdef PSA_WS_NO_PINGPONG
+    constexpr bool kPingPong = false;
+#else
+    constexpr bool kPingPong = kConsumers == 2 && !Rule::kCanSkip;
+#endif
     auto visit = [&](float (&s)[kKeyBlocks][4], float (&s_next)[kKeyBlocks][4], int step,
                      const bool pv_issued, const bool has_next) {
         const int key_tile = plan.tiles[step];
         const int stage = step % K_STAGES, round = step / K_STAGES;
+        if (kPingPong) named_barrier_sync(kTurnBarrier + consumer, 128 * kConsumers);
         pin_accumulator(o);
         if (kPipelinedScores) {
             if (has_next) issue_scores(s_next, step + 1);
@@ -313,6 +339,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_Q / 64), 1)
         // The previous kept tile's P.V runs on the tensor cores during this tile's softmax.
         if (pv_issued) issue_pv();
         warpgroup_commit();
+        if (kPingPong) named_barrier_arrive(kTurnBarrier + (consumer ^ 1), 128 * kConsumers);
         if (!kPipelinedScores) {
             warpgroup_wait<1>();  // this tile's scores
             pin_accumulator(s);
@@ -375,6 +402,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_Q / 64), 1)
         else
             visit(s, s_next, step, false, has_next);
     };
+    if (kPingPong && consumer == 1 && n_visit > 0)
+        named_barrier_arrive(kTurnBarrier, 128 * kConsumers);
     if (!kPipelinedScores) {
         // The serial schedule: one visit an iteration, the P.V under a run-time condition.
         for (int step = 0; step < n_visit; ++step)
@@ -394,6 +423,8 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_Q / 64), 1)
             visit_either(scores_a, scores_b, step, false);
         }
     }
+    if (kPingPong && consumer == 0 && n_visit > 0)
+        named_barrier_sync(kTurnBarrier, 128 * kConsumers);
     if (__all_sync(0xffffffffu, pv_pending)) {
         pin_accumulator(o);
         issue_pv();

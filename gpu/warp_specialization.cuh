@@ -1,5 +1,5 @@
-// Warp specialisation on sm_90: register reallocation between warpgroups and the named-barrier
-// vote of one warpgroup.
+// Warp specialisation on sm_90: register reallocation between warpgroups, the named-barrier
+// vote of one warpgroup and the named-barrier hand-off between two.
 #pragma once
 
 namespace psa {
@@ -24,6 +24,17 @@ __device__ __forceinline__ bool warpgroup_all(bool predicate, unsigned barrier) 
                  "bar.red.and.pred q, %2, 128, p;\n selp.u32 %0, 1, 0, q; }\n"
                  : "=r"(result) : "r"((unsigned)predicate), "r"(barrier) : "memory");
     return result != 0;
+}
+
+// Named-barrier halves of a hand-off between two warpgroups: `threads` counts both sides (256),
+// one side waits (`named_barrier_sync`), the other signals without waiting
+// (`named_barrier_arrive`). Every arrival must be matched by a sync before the CTA exits.
+__device__ __forceinline__ void named_barrier_sync(unsigned barrier, unsigned threads) {
+    asm volatile("bar.sync %0, %1;\n" :: "r"(barrier), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void named_barrier_arrive(unsigned barrier, unsigned threads) {
+    asm volatile("bar.arrive %0, %1;\n" :: "r"(barrier), "r"(threads) : "memory");
 }
 
 // Shared memory bytes this launch really got (the kernel checks its layout fits).
