@@ -139,7 +139,7 @@ def step_registers(cupy, backend):
     for name in FAST:
         for dtype_name in DTYPES:
             for D in HEAD_DIMS:
-                for stage in ("dkdv_atomic_dq", "dkdv"):
+                for stage in ("dkdv_accumulate_dq", "dkdv"):
                     label = f"compile {name} {stage} {dtype_name} D={D}"
 
                     def one():

@@ -24,6 +24,8 @@
 //                                  query-major list (the forward's plan row) with K and V
 //                                  double-buffered, recomputes P and dS and accumulates dQ in
 //                                  registers: bitwise reproducible.
+//   attention_backward_dq_from_tiles  the wgmma families' tiled dQ accumulator (bulk-reduced,
+//                                  DqTileLayout) to dq in the gradient dtype, plus dq_addend.
 // A key tile nobody kept gets a CTA with an empty walk, which writes exact zeros (the addend's
 // values, where one is given: every gradient store adds it, see store_gradient_pair). Padded keys
 // are masked (P = 0) and padded rows have lse_log2 = +inf (P = 0) and zero-filled dO, so
@@ -157,7 +159,13 @@ __global__ void __launch_bounds__(128)
                                     : __int_as_float(0x7f800000);
         params.delta[flat] = valid ? sum : 0.f;
     }
-    if (params.dq_accumulator != nullptr && valid) {
+    if (params.dq_accumulator != nullptr && params.dq_tiles) {
+        // Every row of every step (the tiles' padded rows are reduced into too); the addend
+        // joins in attention_backward_dq_from_tiles. Zero is zero in any layout.
+        float4* accumulator = reinterpret_cast<float4*>(
+            params.dq_accumulator + (slab * params.n_rows_padded + row) * HEAD_DIM + chunk * 8);
+        accumulator[0] = accumulator[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    } else if (params.dq_accumulator != nullptr && valid) {
         float4* accumulator = reinterpret_cast<float4*>(
             params.dq_accumulator + (slab * params.n_queries + row) * HEAD_DIM + chunk * 8);
         float4 start[2] = {make_float4(0.f, 0.f, 0.f, 0.f), make_float4(0.f, 0.f, 0.f, 0.f)};
@@ -171,6 +179,37 @@ __global__ void __launch_bounds__(128)
         accumulator[0] = start[0];
         accumulator[1] = start[1];
     }
+}
+
+// dq from the wgmma families' tiled accumulator (DqTileLayout): one CTA of 128 threads per
+// (64-row step, head, batch), thread t reading its own fragments (coalesced float4s) and
+// writing them in the gradient dtype, C-contiguous (B, Hq, Nq, D), plus dq_addend, rounded once.
+template <class Element, int HEAD_DIM>
+__global__ void __launch_bounds__(128)
+    attention_backward_dq_from_tiles(const __grid_constant__ BackwardParams params) {
+    const int thread = threadIdx.x, head = blockIdx.y, batch = blockIdx.z;
+    const int first_row = blockIdx.x * 64;
+    const long long slab = (long long)batch * params.n_heads + head;
+    const float* tile =
+        params.dq_accumulator + (slab * params.n_rows_padded + first_row) * HEAD_DIM;
+#pragma unroll
+    for (int half = 0; half < HEAD_DIM / 64; ++half)
+#pragma unroll
+        for (int chunk = 0; chunk < 8; ++chunk) {
+            const float4 value = *reinterpret_cast<const float4*>(
+                tile + DqTileLayout::offset(half, chunk, thread));
+            const int column = 64 * half + DqTileLayout::column(thread, chunk);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int row = first_row + DqTileLayout::row(thread, r);
+                if (row >= params.n_queries) continue;
+                store_gradient_pair<Element>(
+                    params.dq, (slab * params.n_queries + row) * HEAD_DIM + column,
+                    params.dq_addend,
+                    slab * params.dq_addend_slab + (long long)row * HEAD_DIM + column,
+                    r ? value.z : value.x, r ? value.w : value.y, params.grad_float32);
+            }
+        }
 }
 
 // The 64-row step of `walk` into buffer `buffer`: Q, dO, and the rows' lse_log2 and delta

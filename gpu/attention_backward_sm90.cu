@@ -17,8 +17,14 @@
 //                                    fragments), dO and Q read MN-major,
 //   with ACCUMULATE_DQ: dS^T to shared memory as produced (keys x queries), then
 //   dQ = dS K in 64-dim halves       ss with both operands MN-major (tnspA, tnspB) over all
-//                                    the CTA's keys, half h by warpgroup h % KEY_TILES, added
-//                                    to the fp32 accumulator scaled (red.global.add.v2.f32).
+//                                    the CTA's keys, half h by warpgroup h % KEY_TILES,
+//   dQ staged scaled in shared memory (DqTileLayout: fragments as the threads hold them) and
+//   added to the tiled fp32 accumulator by one TMA bulk reduction a half (16 KB), issued by
+//   one thread a warpgroup. Per-thread red.global.add took 37% of the pass at 5% kept and 26%
+//   dense, the L2 85% busy with them (H200, bench/results/backward-v3-20261204); the bulk
+//   reductions cost 13% and 17%. Their source is dead once read: a staging buffer of its own,
+//   or (the 64-key CTA at D = 128, two an SM, no room) the step's dO and Q buffers, which the
+//   next prefetch then waits for (issued mid-step, after the reductions' reads).
 // Padded keys get P = 0 by a mask, padded rows by lse_log2 = +inf and zero-filled dO, so
 // partial tiles contribute exactly nothing; an empty walk writes exact zeros.
 //
@@ -28,12 +34,20 @@
 //
 // Template instances are listed by pysparse_attn/backends/cupy.py (BACKWARD_SM90_INSTANCES)
 // and compiled by pysparse_attn/backends/compile_check.py (nvcc, sm_90a).
+//
+// Timing-only variants (bench/backward_ablation.py; their gradients are wrong by design):
+//   PSA_ABLATE_BWD_NO_DQ_REDUCE   dQ computed and staged but not reduced into the accumulator.
+//   PSA_ABLATE_BWD_NO_DQ          no dS^T store, barrier, dQ product, staging or reductions.
+//   PSA_ABLATE_BWD_NO_LOADS       every step reuses the first step's Q, dO and row statistics.
+//   PSA_ABLATE_BWD_CHEAP_EXP      exp2 of P^T replaced by one FMA.
 
 #include "backward_params.cuh"
 #include "backward_tiles.cuh"
 #include "backward_tiles_sm90.cuh"
 #include "element_types.cuh"
 #include "ptx.cuh"
+#include "tma.cuh"
+#include "warp_specialization.cuh"
 #include "tile_masking.cuh"
 #include "warpgroup_mma.cuh"
 
@@ -129,6 +143,15 @@ __global__ void __launch_bounds__(128 * KEY_TILES, KEY_TILES == 1 ? 2 : 1)
     const int warp_key = warp * 16;  // = 64 group + 16 (warp % 4)
     const int valid_keys = min(kKeys, params.n_keys - first_key);
     const float scale_log2 = params.scale_log2;
+#ifdef PSA_ABLATE_BWD_NO_DQ
+    constexpr bool kStoreDs = false;
+#else
+    constexpr bool kStoreDs = ACCUMULATE_DQ;
+#endif
+    // Staging dQ in the step's own Q/dO buffer delays the next prefetch to mid-step.
+    constexpr bool kPrefetchLate = kStoreDs && Traits::kStagesInStepBuffers;
+    // One thread a warpgroup issues (and waits for) its bulk reductions.
+    const bool elected = (threadIdx.x & 127) == 0;
 
     load_tile_async<Traits, kKeys>(reinterpret_cast<unsigned short*>(base + Traits::kKOffset),
                                 params.k + batch * params.k_batch_stride +
@@ -160,7 +183,11 @@ __global__ void __launch_bounds__(128 * KEY_TILES, KEY_TILES == 1 ? 2 : 1)
     // loads; the vote keeps the loop visibly warp-uniform (a wgmma under a condition ptxas
     // thinks divergent gets every wgmma of the kernel serialized, C7520).
     for (int step = 0; __all_sync(0xffffffffu, walk.valid(params)); ++step) {
+#ifdef PSA_ABLATE_BWD_NO_LOADS
+        const int buffer = 0;
+#else
         const int buffer = step & 1;
+#endif
         const int head = walk.head(params, kv_head);
         const int first_row = walk.first_row(params);
         Walk next = walk;
@@ -170,9 +197,16 @@ __global__ void __launch_bounds__(128 * KEY_TILES, KEY_TILES == 1 ? 2 : 1)
         // This step's tiles have landed for every thread; every wgmma of step - 1 (which read
         // the buffer the prefetch overwrites, and dS^T) has been waited for by its warp.
         __syncthreads();
-        if (next.valid(params))
-            load_query_step_sm90<Traits>(params, next, batch, kv_head, buffer ^ 1, base);
-        copy_async_commit();
+        // The prefetch overwrites the buffer step - 1 staged its dQ in: with kPrefetchLate it
+        // waits for that bulk reduction's reads (mid-step, below).
+        const auto prefetch = [&] {
+#ifndef PSA_ABLATE_BWD_NO_LOADS
+            if (next.valid(params))
+                load_query_step_sm90<Traits>(params, next, batch, kv_head, buffer ^ 1, base);
+#endif
+            copy_async_commit();
+        };
+        if (!kPrefetchLate) prefetch();
 
         const unsigned q_address =
             base_address + Traits::kQOffset + buffer * Traits::kQueryTileBytes;
@@ -214,9 +248,15 @@ __global__ void __launch_bounds__(128 * KEY_TILES, KEY_TILES == 1 ? 2 : 1)
             const float2 lse = *reinterpret_cast<const float2*>(lse_step + nb * 8 + 2 * (lane & 3));
 #pragma unroll
             for (int e = 0; e < 4; ++e)
+#ifdef PSA_ABLATE_BWD_CHEAP_EXP
+                s[nb][e] = key_valid[e >> 1] && group_kept
+                               ? fmaf(s[nb][e], scale_log2, (e & 1) ? -lse.y : -lse.x)
+                               : 0.f;
+#else
                 s[nb][e] = key_valid[e >> 1] && group_kept
                                ? fast_exp2(fmaf(s[nb][e], scale_log2, (e & 1) ? -lse.y : -lse.x))
                                : 0.f;
+#endif
         }
         unsigned p[kQuerySteps][4];
 #pragma unroll
@@ -246,7 +286,7 @@ __global__ void __launch_bounds__(128 * KEY_TILES, KEY_TILES == 1 ? 2 : 1)
             ds[kstep][2] = Element::pack(dp[2 * kstep + 1][0], dp[2 * kstep + 1][1]);
             ds[kstep][3] = Element::pack(dp[2 * kstep + 1][2], dp[2 * kstep + 1][3]);
         }
-        if (ACCUMULATE_DQ) {
+        if (kStoreDs) {
             // The A fragments as they are (keys x queries, queries contiguous): fragment j of
             // k16 step ks holds key +8 (j & 1) and queries 16 ks + 8 (j >> 1) + 2 (lane & 3).
             // Eight consecutive keys per store land in eight distinct 16-byte chunks.
@@ -274,22 +314,25 @@ __global__ void __launch_bounds__(128 * KEY_TILES, KEY_TILES == 1 ? 2 : 1)
                 dk, ds[kstep], sw128_descriptor(q_address + kstep * kK16Rows, kQueryPanel));
         warpgroup_commit();
 
-        if (ACCUMULATE_DQ) {
-            // dS^T, written by ordinary stores, is read next by the async proxy, by all warps.
+        if (kStoreDs) {
+            // dS^T, written by ordinary stores, is read next by the async proxy, by all warps;
+            // the bulk reductions that read the buffer this step stages in, or the one the
+            // late prefetch fills, are done reading it.
             fence_generic_to_async_shared();
+            if (elected) bulk_wait_group_read<0>();
             __syncthreads();
-            const long long slab = (long long)batch * params.n_heads + head;
-            int rows[2];
-#pragma unroll
-            for (int r = 0; r < 2; ++r)
-                rows[r] = first_row + warp_key - 64 * group + (lane >> 2) + 8 * r;
+            if (kPrefetchLate) prefetch();
+            float* const step_tile =
+                params.dq_accumulator +
+                (((long long)batch * params.n_heads + head) * params.n_rows_padded + first_row) *
+                    HEAD_DIM;
 #pragma unroll
             for (int half = 0; half < HEAD_DIM / 64; ++half) {
                 // The vote keeps the warpgroup's branch visibly warp-uniform (C7520).
                 if (KEY_TILES > 1 && !__all_sync(0xffffffffu, half % KEY_TILES == group)) continue;
                 // dQ (64 queries x 64 dims) = dS K: A = dS^T and B = K, both key-major.
                 float dq[8][4];
-                warpgroup_fence();  // dq's registers were read by the atomics of the last half
+                warpgroup_fence();  // dq's registers were read by the staging of the last half
 #pragma unroll
                 for (int kstep = 0; kstep < kKeySteps; ++kstep)
                     Warpgroup<Element, 64>::ss_transposed(
@@ -298,19 +341,33 @@ __global__ void __launch_bounds__(128 * KEY_TILES, KEY_TILES == 1 ? 2 : 1)
                                          kKeyPanel),
                         kstep > 0);
                 warpgroup_commit();
+                // Also waits for dV/dK's products: this step's Q and dO are dead after it.
                 warpgroup_wait<0>();
                 pin_accumulator(dq);
+                unsigned char* staging =
+                    Traits::kStagesInStepBuffers
+                        ? base + (half == 0 ? Traits::kDOutOffset : Traits::kQOffset) +
+                              buffer * Traits::kQueryTileBytes
+                        : base + Traits::kStagingOffset + half * DqTileLayout::kHalfBytes;
+                float* const staged = reinterpret_cast<float*>(staging);
+                const int thread = threadIdx.x & 127;
 #pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    if (rows[r] >= params.n_queries) continue;
-                    float* row_accumulator = params.dq_accumulator +
-                                             (slab * params.n_queries + rows[r]) * HEAD_DIM +
-                                             half * 64 + 2 * (lane & 3);
-#pragma unroll
-                    for (int nb = 0; nb < 8; ++nb)
-                        atomic_add_pair(row_accumulator + nb * 8, dq[nb][2 * r] * params.scale,
-                                        dq[nb][2 * r + 1] * params.scale);
+                for (int chunk = 0; chunk < 8; ++chunk)
+                    *reinterpret_cast<float4*>(staged + DqTileLayout::offset(0, chunk, thread)) =
+                        make_float4(dq[chunk][0] * params.scale, dq[chunk][1] * params.scale,
+                                    dq[chunk][2] * params.scale, dq[chunk][3] * params.scale);
+                fence_generic_to_async_shared();
+                if (group == 0)
+                    named_barrier_sync<1>(128);
+                else
+                    named_barrier_sync<2>(128);
+#ifndef PSA_ABLATE_BWD_NO_DQ_REDUCE
+                if (elected) {
+                    bulk_reduce_add_f32(step_tile + DqTileLayout::offset(half, 0, 0),
+                                        shared_address(staging), DqTileLayout::kHalfBytes);
+                    bulk_commit_group();
                 }
+#endif
             }
         }
         // dK/dV's wgmma read p, ds and this step's Q/dO buffer: done before either changes.
@@ -323,6 +380,8 @@ __global__ void __launch_bounds__(128 * KEY_TILES, KEY_TILES == 1 ? 2 : 1)
         walk = next;
     }
     copy_async_wait<0>();
+    // The staging is shared memory: read out before the CTA exits.
+    if (kStoreDs && elected) bulk_wait_group<0>();
 
     store_key_gradients<Element, HEAD_DIM>(params, (long long)batch * gridDim.y + kv_head,
                                            first_key + warp_key, lane, dk, dv);

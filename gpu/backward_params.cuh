@@ -55,6 +55,11 @@ struct BackwardParams {
     float scale_log2;         // scale times log2 e
     int out_float32;
     int grad_float32;
+    // The dQ accumulator's layout: 0 rows (B, Hq, Nq, D), added to by atomics and started at
+    // dq_addend by the preprocess; 1 tiles (DqTileLayout in backward_tiles.cuh, n_rows_padded
+    // rows), added to by bulk reductions, started at zero, and turned into dq (plus
+    // dq_addend) by attention_backward_dq_from_tiles.
+    int dq_tiles;
 };
 
 }  // namespace psa

@@ -11,6 +11,28 @@
 
 namespace psa {
 
+// The dQ accumulator of the wgmma families (BackwardParams::dq_tiles): float32
+// (B, Hq, n_rows_padded, D) like the row layout, but each 64-row step's 64 x D block holds,
+// 64-dim half by half, the m64n64 wgmma accumulator fragments of its 128 threads chunk-major:
+// float4 `chunk` of thread t (its dq[chunk][0..3]) at 512 chunk + 4 t. Neighbouring threads'
+// chunks are neighbours, so staging a half in shared memory is free of bank conflicts and a
+// half is one contiguous 16 KB bulk reduction; attention_backward_dq_from_tiles reads it back.
+struct DqTileLayout {
+    static constexpr int kHalfFloats = 64 * 64;
+    static constexpr unsigned kHalfBytes = kHalfFloats * 4;
+    __host__ __device__ static __forceinline__ int offset(int half, int chunk, int thread) {
+        return half * kHalfFloats + chunk * 512 + thread * 4;
+    }
+    // Row (within the step) and column (within the half) of elements 2 r and 2 r + 1 of a
+    // chunk: the wgmma accumulator layout (warp w: rows 16 w..16 w + 15).
+    __host__ __device__ static __forceinline__ int row(int thread, int r) {
+        return 16 * (thread >> 5) + ((thread & 31) >> 2) + 8 * r;
+    }
+    __host__ __device__ static __forceinline__ int column(int thread, int chunk) {
+        return 8 * chunk + 2 * (thread & 3);
+    }
+};
+
 template <int HEAD_DIM, int WARPS>
 struct BackwardTraits {
     static_assert(WARPS == 4, "four warps of 16 keys (dK/dV) or 16 query rows (dQ)");

@@ -10,6 +10,7 @@
 // dQ = dS K), and the forward's cp.async loader (tile_masking.cuh) fills them.
 #pragma once
 
+#include "backward_tiles.cuh"
 #include "tile_traits_sm90.cuh"
 
 namespace psa {
@@ -26,8 +27,8 @@ struct BackwardWarpgroupTraits : WarpgroupTileTraits<HEAD_DIM, 64 * KEY_TILES, 6
     static constexpr int kStep = 64;  // query rows of one step
 
     // Byte offsets from a 1024-aligned base (the swizzle atom): K and V (kKeys rows each), two
-    // Q and two dO buffers (64 rows), dS^T (kKeys x 64 queries, one panel), then two buffers
-    // of the step's LSE (log2) and delta, 64 floats each.
+    // Q and two dO buffers (64 rows), dS^T (kKeys x 64 queries, one panel), two buffers of the
+    // step's LSE (log2) and delta, 64 floats each, then the dQ staging (below).
     static constexpr unsigned kKeyTileBytes = 2u * kKeys * HEAD_DIM;
     static constexpr unsigned kQueryTileBytes = 2u * 64 * HEAD_DIM;
     static constexpr unsigned kKeyPanelBytes = kKeys * 128;  // a 64-column panel of K or V
@@ -38,7 +39,24 @@ struct BackwardWarpgroupTraits : WarpgroupTileTraits<HEAD_DIM, 64 * KEY_TILES, 6
     static constexpr unsigned kDOutOffset = kQOffset + 2 * kQueryTileBytes;
     static constexpr unsigned kDsOffset = kDOutOffset + 2 * kQueryTileBytes;
     static constexpr unsigned kRowStatsOffset = kDsOffset + 2u * kKeys * 64;
-    static constexpr unsigned kLayoutBytes = kRowStatsOffset + 2 * 2 * 64 * 4;
+    static constexpr unsigned kStagingOffset = kRowStatsOffset + 2 * 2 * 64 * 4;
+    // dQ is staged in shared memory, 64 rows x 64 dims of float32 at a time (DqTileLayout),
+    // for one bulk reduction a half: in a buffer of its own where it fits (a second one, for
+    // the reduction to read during the whole next step, measured no faster on an H200). The
+    // 64-key CTA at D = 128, whose two CTAs an SM leave no room for it, stages in its step's
+    // dO (half 0) and Q (half 1) buffers instead, 16 KB each, dead once the step's dV/dK
+    // products are done.
+    static constexpr unsigned kStagingBytes = (HEAD_DIM / 64) * DqTileLayout::kHalfBytes;
+    static constexpr unsigned kSharedPerSm = 227u * 1024;
+    static constexpr int kCtasPerSm = KEY_TILES == 1 ? 2 : 1;
+    static constexpr bool kStagesInStepBuffers =
+        kCtasPerSm * (kStagingOffset + kStagingBytes + Base::kAlignment) > kSharedPerSm;
+    static_assert(!kStagesInStepBuffers || kQueryTileBytes == DqTileLayout::kHalfBytes,
+                  "a step's Q and dO buffers hold one dQ half each");
+    static constexpr unsigned kLayoutBytes =
+        kStagingOffset + (kStagesInStepBuffers ? 0 : kStagingBytes);
+    static_assert(kCtasPerSm * (kLayoutBytes + Base::kAlignment) <= kSharedPerSm,
+                  "the CTAs an SM the launch bounds ask for fit");
     // What the host passes (pysparse_attn/backends/cupy.py, _backward_shared_bytes): the
     // layout plus the worst-case realignment of the dynamic shared-memory base.
     static constexpr unsigned kSharedBytes = kLayoutBytes + Base::kAlignment;

@@ -33,4 +33,30 @@ __device__ __forceinline__ void tma_load_4d(unsigned destination, const TensorMa
         : "memory");
 }
 
+// Bulk (non-tensor) reduction shared -> global: `bytes` (a multiple of 16, both addresses
+// 16-byte aligned) of float32 added element-wise into global memory by the TMA unit, tracked by
+// the issuing thread's bulk async-group. The source must have been made visible to the async
+// proxy (fence.proxy.async.shared::cta) by the threads that wrote it.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* destination, unsigned source,
+                                                    unsigned bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+                 :: "l"(destination), "r"(source), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void bulk_commit_group() {
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+
+// Until at most PENDING of this thread's bulk groups still read their shared-memory source.
+template <int PENDING>
+__device__ __forceinline__ void bulk_wait_group_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" :: "n"(PENDING) : "memory");
+}
+
+// Until at most PENDING of this thread's bulk groups are incomplete (their writes performed).
+template <int PENDING>
+__device__ __forceinline__ void bulk_wait_group() {
+    asm volatile("cp.async.bulk.wait_group %0;\n" :: "n"(PENDING) : "memory");
+}
+
 }  // namespace psa

@@ -33,6 +33,12 @@ __device__ __forceinline__ void named_barrier_sync(unsigned barrier, unsigned th
     asm volatile("bar.sync %0, %1;\n" :: "r"(barrier), "r"(threads) : "memory");
 }
 
+// The same with the barrier fixed at compile time (a register operand makes ptxas reserve all 16).
+template <unsigned BARRIER>
+__device__ __forceinline__ void named_barrier_sync(unsigned threads) {
+    asm volatile("bar.sync %0, %1;\n" :: "n"(BARRIER), "r"(threads) : "memory");
+}
+
 __device__ __forceinline__ void named_barrier_arrive(unsigned barrier, unsigned threads) {
     asm volatile("bar.arrive %0, %1;\n" :: "r"(barrier), "r"(threads) : "memory");
 }

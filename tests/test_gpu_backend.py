@@ -621,13 +621,59 @@ def test_sm90_backward_host_sizes_match_the_kernel_layout(tmp_path):
         for name in families for d in backend.supported_head_dims()]
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH: the layout "
+                    "check compiles the kernel's headers for the host")
+def test_dq_tile_layout_is_one_to_one(tmp_path):
+    """DqTileLayout (the Hopper dQ accumulator's order) puts every (row, column) of a 64-row x
+    D step at exactly one float of its contiguous 64 x D block, each thread's pair of columns
+    adjacent (the float2 the postprocess stores), for D = 64 and 128."""
+    lines = ['#include <cstdio>', '#include "backward_tiles.cuh"', 'int main() {',
+             '  for (int halves = 1; halves <= 2; ++halves)',
+             '    for (int half = 0; half < halves; ++half)',
+             '      for (int chunk = 0; chunk < 8; ++chunk)',
+             '        for (int t = 0; t < 128; ++t)',
+             '          for (int r = 0; r < 2; ++r)',
+             '            std::printf("%d %d %d %d\\n", halves,',
+             '                        psa::DqTileLayout::offset(half, chunk, t) + 2 * r,',
+             '                        psa::DqTileLayout::row(t, r),',
+             '                        64 * half + psa::DqTileLayout::column(t, chunk));',
+             '}']
+    printed = np.array(_host_program_output(tmp_path, lines), dtype=np.int64).reshape(-1, 4)
+    for halves in (1, 2):
+        offset, row, column = printed[printed[:, 0] == halves, 1:].T
+        D = 64 * halves
+        # Element 2r (the pair's first) of each chunk; its neighbour is the next float.
+        assert offset.min() == 0 and offset.max() == 64 * D - 2
+        assert len(set(offset.tolist())) == len(offset) == 64 * D // 2
+        assert (offset % 2 == 0).all()
+        assert (column % 2 == 0).all() and row.max() == 63 and column.max() == D - 2
+        assert len(set(zip(row.tolist(), column.tolist()))) == len(row)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH: the layout "
+                    "check compiles the kernel's parameter struct for the host")
+def test_backward_params_image_matches_the_struct(tmp_path):
+    """The host's image of BackwardParams (_BACKWARD_PARAMS_DTYPE) has the struct's size and
+    every field at the struct's offset (a field added on one side only shifts the rest)."""
+    from pysparse_attn.backends import cupy as backend
+
+    dtype = backend._BACKWARD_PARAMS_DTYPE
+    lines = ['#include <cstdio>', '#include <cstddef>', '#include "backward_params.cuh"',
+             'int main() {', '  std::printf("%zu\\n", sizeof(psa::BackwardParams));']
+    lines += [f'  std::printf("%zu\\n", offsetof(psa::BackwardParams, {name}));'
+              for name in dtype.names]
+    lines.append("}")
+    printed = [int(x) for x in _host_program_output(tmp_path, lines)]
+    assert printed == [dtype.itemsize] + [dtype.fields[name][1] for name in dtype.names]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH: the kernel "
                     "compile check needs the CUDA toolkit")
 def test_every_sm90_backward_instance_compiles_without_spills():
-    """No sm90 backward instance spills, but one known case: the 128-key CTA at D=128 with dQ by
-    atomics sits at 255 registers and spills 28-36 bytes (ptxas, CUDA 13); it still measured the
-    fastest dense backward on an H200 (bench/results/backward-v2.md). The bound keeps it from
+    """No sm90 backward instance spills, but one known case: the 128-key CTA at D=128 that
+    accumulates dQ sits at 255 registers and spills 28-36 bytes (ptxas, CUDA 13); it still
+    measured the fastest dense backward on an H200 (bench/results/backward-v3-20261204). The bound keeps it from
     growing unnoticed; every other instance must stay spill-free."""
     from pysparse_attn.backends.compile_check import compile_family
     from pysparse_attn.backends.cupy import BACKWARD_SM90_INSTANCES, backward_instances
@@ -635,7 +681,7 @@ def test_every_sm90_backward_instance_compiles_without_spills():
     instances = sorted(set(BACKWARD_SM90_INSTANCES.values()))
     # The known case, from the family table: the 128-key family's atomic-dQ stage at D = 128.
     known = {name for (stage, _, d), name in backward_instances("sm90").items()
-             if stage == "dkdv_atomic_dq" and d == 128}
+             if stage == "dkdv_accumulate_dq" and d == 128}
     assert known, "the known spilling instance is no longer in the tables: update this test"
     ok, rows, log = compile_family(shutil.which("nvcc"), "attention_backward_sm90.cu", instances,
                                    "sm_90a")

@@ -1059,7 +1059,8 @@ def sla_merge(q, k, v, o_sparse, marginal, block, feature_map, eps, weight, bias
 
 # ---------------------------------------------------------------------------------------------
 # Gradients of the sparse branch: gpu/attention_backward.cu (preprocess, dK/dV pass over the
-# key-major lists, dQ by fp32 atomics or by a deterministic query-major pass), all queued on the
+# key-major lists, dQ by fp32 atomics (mma_sync), fp32 bulk reductions of 64-row tiles (the
+# wgmma families) or a deterministic query-major pass), all queued on the
 # current stream with no host read. The linear backward runs float32 CuPy GEMMs
 # (pysparse_attn.branches.linear).
 
@@ -1074,16 +1075,18 @@ def _backward_names(element: str, head_dim: int) -> dict:
     warps = BACKWARD_WARPS[head_dim]
     return {
         "preprocess": f"psa::attention_backward_preprocess<{element}, {head_dim}>",
-        "dkdv_atomic_dq": f"psa::attention_backward_dkdv<{element}, {head_dim}, {warps}, true>",
+        "dkdv_accumulate_dq": f"psa::attention_backward_dkdv<{element}, {head_dim}, {warps}, true>",
         "dkdv": f"psa::attention_backward_dkdv<{element}, {head_dim}, {warps}, false>",
         "dq": f"psa::attention_backward_dq<{element}, {head_dim}, {warps}>",
+        "dq_from_tiles": f"psa::attention_backward_dq_from_tiles<{element}, {head_dim}>",
     }
 
 
 #: Every instance of the backward family, keyed by (stage, dtype name, head dim); stages:
 #: ``"lists"`` (the kept bitmap as CSR lists; one untemplated kernel, key ``("lists", None,
-#: None)``), ``"preprocess"``, ``"dkdv_atomic_dq"`` (dK/dV with dQ by atomics), ``"dkdv"`` (dK/dV alone,
-#: the deterministic mode) and ``"dq"`` (the deterministic dQ pass). The forward tile
+#: None)``), ``"preprocess"``, ``"dkdv_accumulate_dq"`` (dK/dV with dQ added to an fp32 accumulator),
+#: ``"dkdv"`` (dK/dV alone, the deterministic mode), ``"dq"`` (the deterministic dQ pass) and
+#: ``"dq_from_tiles"`` (dq from the wgmma families' tiled accumulator). The forward tile
 #: (64 or 128 query rows) is a launch parameter, not a template argument.
 BACKWARD_INSTANCES = {
     (stage, dtype, d): name
@@ -1098,7 +1101,7 @@ def _backward_sm90_names(element: str, head_dim: int, key_tiles: int) -> dict:
     """The dK/dV stages of ``gpu/attention_backward_sm90.cu`` (wgmma, one warpgroup per 64-key
     tile, ``key_tiles`` tiles a CTA)."""
     return {
-        "dkdv_atomic_dq":
+        "dkdv_accumulate_dq":
             f"psa::attention_backward_dkdv_sm90<{element}, {head_dim}, {key_tiles}, true>",
         "dkdv": f"psa::attention_backward_dkdv_sm90<{element}, {head_dim}, {key_tiles}, false>",
     }
@@ -1113,21 +1116,25 @@ class BackwardFamily(NamedTuple):
     key_tiles: int             # 64-key forward tiles a CTA covers (grid.x = ceil(nk / this))
     threads: int               # per CTA
     names: Callable            # (element, head dim) -> {stage: template instance}
+    dq_tiles: bool = False     # its dQ accumulator: row layout (atomics) or tiles (bulk
+    #                            reductions, BackwardParams::dq_tiles), then dq_from_tiles
 
 
 #: Backward dK/dV families by name: the one table the launch, the instance tables, the compile
 #: check and bench/gpu.py's sanitize step derive from. The lists, preprocess, deterministic dQ
 #: pass and postprocess are the mma_sync module's whatever the family. ``"sm90"``: wgmma, two
-#: warpgroups and 128 keys a CTA (FlashAttention-3's shape: half the dQ atomics of 64 keys);
-#: ``"sm90_k64"``: the same kernel with one warpgroup and 64 keys (two CTAs an SM). Which one a
-#: call gets: :func:`default_backward_kernel`.
+#: warpgroups and 128 keys a CTA (FlashAttention-3's shape: half the dQ reductions of 64 keys);
+#: ``"sm90_k64"``: the same kernel with one warpgroup and 64 keys (two CTAs an SM). Both stage
+#: dQ in shared memory and add it by TMA bulk reductions (one 16 KB a 64-dim half) instead of
+#: per-thread atomics, which took 37% (5% kept) and 26% (dense) of the pass on an H200
+#: (bench/results/backward-v3-20261204). Which one a call gets: :func:`default_backward_kernel`.
 BACKWARD_KERNELS = {
     # mma_sync's threads: BACKWARD_WARPS (per head dim) at the launch.
     "mma_sync": BackwardFamily(None, "attention_backward.cu", None, 1, 0, _backward_names),
     "sm90": BackwardFamily(((9, 0),), "attention_backward_sm90.cu", "sm_90a", 2, 256,
-                           functools.partial(_backward_sm90_names, key_tiles=2)),
+                           functools.partial(_backward_sm90_names, key_tiles=2), True),
     "sm90_k64": BackwardFamily(((9, 0),), "attention_backward_sm90.cu", "sm_90a", 1, 128,
-                               functools.partial(_backward_sm90_names, key_tiles=1)),
+                               functools.partial(_backward_sm90_names, key_tiles=1), True),
 }
 
 
@@ -1180,15 +1187,24 @@ def backward_kernel_unavailable_reason(kernel: str):
     return _capability_reason(kernel, BACKWARD_KERNELS[kernel].runs_on)
 
 
+_SHARED_PER_SM = 227 * 1024  # BackwardWarpgroupTraits::kSharedPerSm
+
+
 def _backward_shared_bytes(stage: str, head_dim: int, kernel: str = "mma_sync") -> int:
     """Dynamic shared memory of a backward CTA (``BackwardTraits`` in gpu/backward_tiles.cuh,
     ``BackwardWarpgroupTraits`` in gpu/backward_tiles_sm90.cuh for the sm90 dK/dV passes)."""
     tile = 64 * head_dim
     if stage.startswith("dkdv") and kernel != "mma_sync":
         # K and V of the CTA's keys, 2 Q, 2 dO, dS^T (keys x 64); 2 x (LSE, delta) floats;
-        # 1024 to align the swizzle atoms.
-        keys = 64 * BACKWARD_KERNELS[kernel].key_tiles
-        return 2 * (2 * keys * head_dim + 4 * tile + keys * 64) + 2 * 2 * 64 * 4 + 1024
+        # the dQ staging (64 rows of float32) unless the CTAs an SM would not fit it (they
+        # then stage in the step's Q and dO); 1024 to align the swizzle atoms.
+        key_tiles = BACKWARD_KERNELS[kernel].key_tiles
+        keys = 64 * key_tiles
+        layout = 2 * (2 * keys * head_dim + 4 * tile + keys * 64) + 2 * 2 * 64 * 4
+        staging = 4 * tile
+        ctas_per_sm = 2 if key_tiles == 1 else 1
+        in_step_buffers = ctas_per_sm * (layout + staging + 1024) > _SHARED_PER_SM
+        return layout + (0 if in_step_buffers else staging) + 1024
     if stage.startswith("dkdv"):  # K, V, 2 Q, 2 dO, dS^T (64 x 64); 2 x (LSE, delta) floats
         return 2 * (6 * tile + 64 * 64) + 2 * 2 * 64 * 4
     if stage == "dq":  # Q, dO, 2 K, 2 V
@@ -1197,19 +1213,24 @@ def _backward_shared_bytes(stage: str, head_dim: int, kernel: str = "mma_sync") 
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_kernel(device, stage, dtype_name, head_dim, kernel="mma_sync"):
+def _backward_kernel(device, stage, dtype_name, head_dim, kernel="mma_sync", ablation=()):
     """The compiled backward instance on ``device`` and its dynamic shared-memory size; one
     NVRTC module per (family, dtype, head dim) holds the family's stages. Only the dK/dV
-    stages differ between families; the others always come from the mma_sync module."""
+    stages differ between families; the others always come from the mma_sync module.
+    ``ablation``: timing-only ``PSA_ABLATE_BWD_*`` macros of the wgmma dK/dV pass
+    (bench/backward_ablation.py)."""
     if not stage.startswith("dkdv"):
-        kernel = "mma_sync"
+        kernel, ablation = "mma_sync", ()
+    if ablation and BACKWARD_KERNELS[kernel].source == "attention_backward.cu":
+        raise ValueError(f"timing variants exist for the wgmma dK/dV passes only, not {kernel!r}")
     if stage == "lists":  # untemplated: compiled with the first module asked for
         dtype_name, head_dim = next(iter(_ELEMENTS)), _HEAD_DIMS[0]
     family = BACKWARD_KERNELS[kernel]
     names = family.names(_ELEMENTS[dtype_name], head_dim)
     if kernel == "mma_sync":
         names["lists"] = BACKWARD_INSTANCES[("lists", None, None)]
-    module = _raw_module(family.source, tuple(names.values()), family.arch)
+    module = _raw_module(family.source, tuple(names.values()), family.arch,
+                         tuple(f"-D{macro}" for macro in ablation))
     function = module.get_function(names[stage])
     shared = _backward_shared_bytes(stage, head_dim, kernel)
     if shared > 48 * 1024 and function.max_dynamic_shared_size_bytes < shared:
@@ -1231,7 +1252,7 @@ _BACKWARD_PARAMS_DTYPE = np.dtype(
     + [(name, np.int32) for name in ("n_queries", "n_keys", "n_rows_padded", "n_heads",
                                      "head_group", "block_q", "row_capacity", "col_capacity")]
     + [("scale", np.float32), ("scale_log2", np.float32), ("out_float32", np.int32),
-       ("grad_float32", np.int32)],
+       ("grad_float32", np.int32), ("dq_tiles", np.int32)],
     align=True)
 
 
@@ -1300,7 +1321,7 @@ def _kept_lists(cupy, kept, block, shape):
 
 def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
                        deterministic=False, grad_dtype=None, threads=None, kernel=None,
-                       addend=None, density=None):
+                       addend=None, density=None, _ablation=()):
     """(dq, dk, dv) of attention restricted to `kept`, on the GPU, no host synchronisation.
 
     Parameters
@@ -1321,7 +1342,8 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
         float32, natural log, -inf for rows with no kept tile) over exactly this kept set.
         When either is None both are recomputed by :func:`forward` on ``Plan.from_kept(kept)``.
     deterministic : bool
-        dQ by a separate pass per query tile (bitwise reproducible) instead of fp32 atomics.
+        dQ by a separate pass per query tile (bitwise reproducible) instead of fp32 reductions
+        into an accumulator (atomics or bulk reductions: order-dependent rounding).
     grad_dtype : dtype, optional
         Gradient dtype: None (float32), float32, or the input dtype.
     threads : ignored
@@ -1337,6 +1359,9 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
     density : float, optional
         An upper bound, known on the host, on the share of key tiles a query tile keeps (a
         plan's list capacity over ``nk``); it picks the default kernel. None: unknown.
+    _ablation : tuple of str, private
+        Timing-only ``PSA_ABLATE_BWD_*`` variants of the wgmma dK/dV pass
+        (bench/backward_ablation.py; their gradients are wrong by design).
 
     Returns
     -------
@@ -1408,8 +1433,13 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
     rows_padded = nq * block[0]
     lse_log2 = cupy.empty((B, Hq, rows_padded), dtype=cupy.float32)
     delta = cupy.empty((B, Hq, rows_padded), dtype=cupy.float32)
+    family = BACKWARD_KERNELS[kernel]
+    dq_tiles = family.dq_tiles and not deterministic
     if deterministic:
         accumulator = None
+        dq = cupy.empty((B, Hq, Nq, D), dtype=grad_dtype)
+    elif dq_tiles:  # bulk-reduced in 64-row tiles of every forward tile's rows
+        accumulator = cupy.empty((B, Hq, rows_padded, D), dtype=cupy.float32)
         dq = cupy.empty((B, Hq, Nq, D), dtype=grad_dtype)
     else:
         accumulator = cupy.empty((B, Hq, Nq, D), dtype=cupy.float32)
@@ -1438,6 +1468,7 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
     params["scale"], params["scale_log2"] = scale, scale * LOG2E
     params["out_float32"] = out.dtype == np.float32
     params["grad_float32"] = grad_dtype == np.float32
+    params["dq_tiles"] = dq_tiles
     args = (params[()],)
 
     device = _device_id()
@@ -1445,14 +1476,16 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
     rows_per_cta = _PREPROCESS_THREADS // (D // 8)
     function, _ = _backward_kernel(device, "preprocess", dtype_name, D)
     function((rows_padded // rows_per_cta, Hq, B), (_PREPROCESS_THREADS,), args)
-    stage = "dkdv" if deterministic else "dkdv_atomic_dq"
-    function, shared = _backward_kernel(device, stage, dtype_name, D, kernel)
-    family = BACKWARD_KERNELS[kernel]
+    stage = "dkdv" if deterministic else "dkdv_accumulate_dq"
+    function, shared = _backward_kernel(device, stage, dtype_name, D, kernel, tuple(_ablation))
     dkdv_threads = threads_per_cta if kernel == "mma_sync" else family.threads
     function((-(-nk // family.key_tiles), Hkv, B), (dkdv_threads,), args, shared_mem=shared)
     if deterministic:
         function, shared = _backward_kernel(device, "dq", dtype_name, D)
         function((rows_padded // 64, Hq, B), (threads_per_cta,), args, shared_mem=shared)
+    elif dq_tiles:  # the tiles (plus the addend) to dq, rounded once
+        function, _ = _backward_kernel(device, "dq_from_tiles", dtype_name, D)
+        function((rows_padded // 64, Hq, B), (128,), args)
     elif dq is None:  # postprocess: the (already scaled) fp32 accumulator to the grad dtype
         dq = accumulator.astype(grad_dtype)
     return dq, dk, dv
