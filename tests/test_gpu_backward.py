@@ -284,15 +284,17 @@ def test_rows_with_no_kept_tile_get_zero_dq_and_contribute_nothing(kernel):
             assert _rel_l2(g, want) <= GRAD_TOLERANCE[dtype], name
 
 
-def test_long_key_major_list_and_wide_gqa_group(kernel):
+@pytest.mark.parametrize("D", [64, 128])
+def test_long_key_major_list_and_wide_gqa_group(D, kernel):
     """A sink key tile kept by every query tile of every query head of a group of 4: one
-    dK/dV CTA walks 4 x 48 x 2 steps (128-row tiles in 64-row halves)."""
+    dK/dV CTA walks 4 x 48 x 2 steps (128-row tiles in 64-row halves). At D = 128 the 64-key
+    wgmma CTA stages dQ in its step's Q and dO buffers, reused by every other step."""
     import cupy
 
     from pysparse_attn.backends import cupy as backend
 
     rng = _fresh_rng()
-    dtype, B, Hq, Hkv, Nq, Nk, D, block = "bfloat16", 1, 4, 1, 48 * 128 - 5, 300, 64, (128, 64)
+    dtype, B, Hq, Hkv, Nq, Nk, block = "bfloat16", 1, 4, 1, 48 * 128 - 5, 300, (128, 64)
     (q, k, v, do), exact = _problem(rng, dtype, B, Hq, Hkv, Nq, Nk, D)
     kept = _kept(rng, B, Hq, 48, tile_count(Nk, 64), density=0.1, sink=3)
     for deterministic in (False, True):

@@ -1162,7 +1162,8 @@ BACKWARD_SM90_INSTANCES = {
 #: Up to this share of kept key tiles a query tile (a host-known bound: the plan's capacity over
 #: nk) the 64-key wgmma CTA is the default: twice the CTAs and two an SM balance short, uneven
 #: key-major lists. On an H200 at the Wan shape it ran an SLA kept set (5%) in 3.04 ms against
-#: the 128-key CTA's 4.63 (bench/results/gpu-20261203), while the dense backward took 54.5 ms
+#: the 128-key CTA's 4.63 (bench/results/gpu-20261203; with the bulk dQ reductions 2.51 against
+#: 4.45, bench/results/backward-v3-20261204/run4), while the dense backward took 54.5 ms
 #: against 43.1 (bench/results/backward-v2.md).
 SPARSE_BACKWARD_DENSITY = 0.25
 
@@ -1173,7 +1174,8 @@ def default_backward_kernel(density=None) -> str:
     ``"sm90_k64"`` up to :data:`SPARSE_BACKWARD_DENSITY`, ``"sm90"`` (wgmma, 128 keys a CTA)
     above it, where they run (compute capability 9.0); else ``"mma_sync"``: on an H200 the
     128-key CTA ran the dense backward in 43.1 ms against mma_sync's 78.0
-    (bench/results/backward-v2.md)."""
+    (bench/results/backward-v2.md; 40.4 ms with the bulk dQ reductions,
+    bench/results/backward-v3-20261204)."""
     if backward_kernel_unavailable_reason("sm90") is not None:
         return "mma_sync"
     sparse = density is not None and density <= SPARSE_BACKWARD_DENSITY
