@@ -8,6 +8,7 @@
 #   sanitize   compute-sanitizer memcheck + racecheck on every kernel instance (bench/gpu.py)
 #   public     bench/public_call.py: the public calls beside the kernels and the anchors
 #   backward   bench/gpu.py --steps backward: the backward kernels beside cuDNN / SLA
+#              (BWD_STEPS=backward,backward_shapes adds 90% sparsity, D = 64, H = 40 N = 75,600)
 #   ablation   bench/forward_ablation.py: leave-one-out variants of the Hopper forward
 #   compare    bench/forward_ablation.py --mode compare: the sm90_ws kernel against wgmma
 #   schedule   bench/forward_ablation.py --mode schedule: sm90_ws's consumer schedules
@@ -66,7 +67,7 @@ if want sanitize; then
 fi
 if want backward && [ -f bench/gpu.py ]; then
   stamp backward
-  timeout "${BWD_S:-150}" python3 bench/gpu.py --steps backward --out "$RES" > "$RES/backward.log" 2>&1
+  timeout "${BWD_S:-150}" python3 bench/gpu.py --steps "${BWD_STEPS:-backward}" --out "$RES" > "$RES/backward.log" 2>&1
   tail -30 "$RES/backward.log"
 fi
 if want ablation && [ -f bench/forward_ablation.py ]; then

@@ -13,7 +13,8 @@ Steps, each logged under ``--out`` (default ``$OUT`` or ``bench/results/``):
 
 Times are CUDA-event medians after warm-up; dense-equivalent TFLOP/s = 4 B H Nq Nk D / t.
 ``backward`` (not in the default steps): the backward targets (dense and 5% kept-set replay
-vs torch SDPA's cuDNN backward). The results go to ``gpu-<date>.jsonl`` (one record per measurement, with device, date, commit
+vs torch SDPA's cuDNN backward); ``backward_shapes`` (nor this one): the same at 90% sparsity,
+D = 64, and N = 75,600 with H = 40 (``BACKWARD_SHAPES``). The results go to ``gpu-<date>.jsonl`` (one record per measurement, with device, date, commit
 and command) and a markdown table printed last.
 """
 
@@ -620,6 +621,66 @@ def step_backward(log, records, quick):
                                   f"lse given)", ms=ms[0], density=density))
 
 
+#: The other shapes and sparsity issue 10 asks to report, beside step_backward's main one:
+#: (label, (B, H, N, D), token grid of the video-like heads, kept-set selectors).
+BACKWARD_SHAPES = (
+    ("Wan2.1-1.3B, 90% sparsity", (1, 12, 32760, 128), (21, 30, 52), (TopK(ratio=0.10),)),
+    ("D = 64", (1, 12, 32760, 64), (21, 30, 52), (None, TopK(ratio=0.05))),
+    ("Wan 720p, H = 40", (1, 40, 75600, 128), (21, 45, 80), (None, TopK(ratio=0.05))),
+)
+
+
+def step_backward_shapes(log, records, quick):
+    """The backward at BACKWARD_SHAPES: dense and kept-set replay through the default kernel
+    (reduced dQ) and ``psa.attention_vjp``, beside torch SDPA's cuDNN backward on the same
+    tensors; the forward's out/lse given, as in :func:`step_backward`."""
+    import cupy
+
+    import pysparse_attn as psa
+    from pysparse_attn.backends import cupy as backend
+
+    reps = 3 if quick else 10
+    block = (128, 64)
+    for label, (B, H, N, D), grid, selectors in BACKWARD_SHAPES:
+        if quick:
+            B, H, N, grid = B, min(H, 4), 8192, (8, 32, 32)
+        shape = f"B{B} H{H} N{N} D{D}"
+        scale = D ** -0.5
+        dense_flops = 2.5 * 4.0 * B * H * N * N * D
+        q, k, v = video_like(cupy, B, H, N, D, 1.0, seed=3, frames_hw=grid)
+        do = random_inputs(cupy, B, H, N, D, seed=4)[0]
+        try:
+            ms = cudnn_backward_ms(cupy, q, k, v, do, reps)
+            _record(records, dict(what=f"backward dense ({label})", shape=shape,
+                                  impl="torch sdpa cudnn", ms=ms[0],
+                                  tflops=dense_flops / (ms[0] * 1e-3) / 1e12))
+        except Exception as error:  # torch is optional: our numbers still stand alone
+            log(f"backward shapes: no cuDNN baseline ({type(error).__name__}: {error})")
+        nk = tile_count(N, block[1])
+        for selector in selectors:
+            out, lse, kept = forward_kept_set(cupy, backend, q, k, v, block, selector, scale)
+            density = float(kept.mean())
+            bound = None if selector is None else selector.count(nk) / nk
+            case = "dense" if selector is None else f"TopK({selector.ratio}) replay"
+            ms = time_ms(cupy, lambda: backend.attention_backward(
+                q, k, v, do, kept, block, scale, out=out, lse=lse, grad_dtype=q.dtype,
+                density=bound), reps=reps)
+            _record(records, dict(what=f"backward {case} ({label})", shape=shape,
+                                  impl=f"ours 128x64 {backend.default_backward_kernel(bound)} "
+                                  f"(default)", ms=ms[0], density=density,
+                                  tflops=dense_flops * density / (ms[0] * 1e-3) / 1e12))
+            if selector is not None:
+                ms = time_ms(cupy, lambda: psa.attention_vjp(
+                    q, k, v, do, select=selector, kept=kept, out=out, lse=lse, block=block),
+                    reps=reps)
+                _record(records, dict(what=f"backward {case} ({label})", shape=shape,
+                                      impl="psa.attention_vjp 128x64 (kept, out, lse given)",
+                                      ms=ms[0], density=density))
+            del out, lse, kept
+        del q, k, v, do
+        cupy.get_default_memory_pool().free_all_blocks()
+
+
 class _Records(list):
     """Measurements, appended to ``path`` (JSONL with ``meta``) as they are taken."""
 
@@ -649,8 +710,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="compile,tests,sanitize,time",
                         help="comma-separated subset of compile,tests,sanitize,time,dense,topk,"
-                        "backward (dense, topk: only those rows of the time step; backward: "
-                        "the backward targets, not in the default)")
+                        "backward,backward_shapes (dense, topk: only those rows of the time "
+                        "step; backward: the backward targets, backward_shapes: the other "
+                        "shapes they are reported at; neither in the default)")
     parser.add_argument("--tests", default=None, metavar="EXPR",
                         help="pytest -k expression selecting a subset of the GPU tests")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and shapes")
@@ -691,11 +753,14 @@ def main():
         codes = step_sanitize(out_dir, log)
         status |= bool(codes and any(codes.values()))
     records = _Records()
-    if "backward" in steps:
+    if "backward" in steps or "backward_shapes" in steps:
         records.path = out_dir / f"gpu-backward-{stamp.strftime('%Y%m%dT%H%M%S')}.jsonl"
         records.meta = meta
         try:
-            step_backward(log, records, args.quick)
+            if "backward" in steps:
+                step_backward(log, records, args.quick)
+            if "backward_shapes" in steps:
+                step_backward_shapes(log, records, args.quick)
         finally:
             (out_dir / "summary-backward.md").write_text(_markdown(records) + "\n")
             print(_markdown(records))

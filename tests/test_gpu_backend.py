@@ -621,6 +621,27 @@ def test_sm90_backward_host_sizes_match_the_kernel_layout(tmp_path):
         for name in families for d in backend.supported_head_dims()]
 
 
+def test_backward_ablation_variants_are_the_kernels_macros():
+    """bench/backward_ablation.py times every PSA_ABLATE_BWD_* macro the wgmma dK/dV source
+    documents and tests, and no other (a renamed macro would silently time the baseline)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("backward_ablation",
+                                                      root / "bench" / "backward_ablation.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(root / "bench"))
+    timed = {macro for macros in module.VARIANTS.values() for macro in macros}
+    source = (root / "gpu" / "attention_backward_sm90.cu").read_text()
+    tested = set(re.findall(r"#if(?:n?def| defined\()\s*(PSA_ABLATE_BWD_\w+)", source))
+    documented = set(re.findall(r"^//\s+(PSA_ABLATE_BWD_\w+)", source, flags=re.M))
+    assert timed and timed == tested == documented, (timed, tested, documented)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH: the layout "
                     "check compiles the kernel's headers for the host")
 def test_dq_tile_layout_is_one_to_one(tmp_path):
