@@ -643,7 +643,8 @@ def attention_vjp(q, k, v, do, *, select=None, skip=None, order=None, peak=4, sc
     deterministic : bool
         Bitwise run-to-run reproducible gradients. The ``cpu`` and ``reference`` backends
         always are (each output row has one owner, no atomics); on the GPU it asks the
-        backward for a dQ without atomic accumulation.
+        backward for a dQ without order-dependent accumulation (atomics, or on Hopper bulk
+        reductions): a separate query-major pass, slower (docs/design.rst section 7).
     select, skip, order, peak, scale, block, layout, backend, threads, precision
         As in :func:`attention`.
 
