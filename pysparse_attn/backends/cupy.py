@@ -1266,7 +1266,8 @@ def _backward_addend(cupy, addend, shapes):
     """``addend`` as ``((array, slab stride in elements), ...)`` the kernels can read, or None.
 
     Each must be float32 of its shape; one whose rows are not contiguous with evenly spaced,
-    16-byte aligned (b, h) slabs (the preprocess reads it by float4) is copied contiguous.
+    16-byte aligned (b, h) slabs (the mma_sync preprocess reads it by float4) is copied
+    contiguous.
     """
     if addend is None:
         return None
