@@ -64,7 +64,7 @@ def main():
     path = out_dir / f"backward-ablation-{stamp}.jsonl"
     meta = dict(device=cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(),
                 date=stamp, commit=git_commit(), timer=how,
-                command="python3 bench/backward_ablation.py" + " ".join(sys.argv[1:]))
+                command=" ".join(["python3", "bench/backward_ablation.py", *sys.argv[1:]]))
     rows = []
 
     def record(**fields):
@@ -117,7 +117,7 @@ def main():
 
             for deterministic in (False, True):
                 table(torch, lambda: call(deterministic=deterministic),
-                      f"{label}, {kernel}, {'deterministic' if deterministic else 'atomic'} dQ",
+                      f"{label}, {kernel}, {'deterministic' if deterministic else 'reduced'} dQ",
                       rows=8)
 
     print(f"\n{meta}\n\n| case | variant | ms | TFLOP/s |\n|---|---|---|---|")

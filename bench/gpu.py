@@ -526,9 +526,10 @@ def _record(records, fields):
     print(_markdown([fields]).splitlines()[-1], flush=True)
 
 
-def backward_inputs(cupy, B, H, N, D):
-    """The backward targets' inputs: video-like q, k, v (strength 1) and a random dO, bf16."""
-    q, k, v = video_like(cupy, B, H, N, D, 1.0, seed=3)
+def backward_inputs(cupy, B, H, N, D, frames_hw=None):
+    """The backward targets' inputs: video-like q, k, v (strength 1, on the token grid
+    ``frames_hw``, as :func:`video_like`) and a random dO, bf16."""
+    q, k, v = video_like(cupy, B, H, N, D, 1.0, seed=3, frames_hw=frames_hw)
     do = random_inputs(cupy, B, H, N, D, seed=4)[0]
     return q, k, v, do
 
@@ -643,12 +644,11 @@ def step_backward_shapes(log, records, quick):
     block = (128, 64)
     for label, (B, H, N, D), grid, selectors in BACKWARD_SHAPES:
         if quick:
-            B, H, N, grid = B, min(H, 4), 8192, (8, 32, 32)
+            H, N, grid = min(H, 4), 8192, (8, 32, 32)
         shape = f"B{B} H{H} N{N} D{D}"
         scale = D ** -0.5
         dense_flops = 2.5 * 4.0 * B * H * N * N * D
-        q, k, v = video_like(cupy, B, H, N, D, 1.0, seed=3, frames_hw=grid)
-        do = random_inputs(cupy, B, H, N, D, seed=4)[0]
+        q, k, v, do = backward_inputs(cupy, B, H, N, D, frames_hw=grid)
         try:
             ms = cudnn_backward_ms(cupy, q, k, v, do, reps)
             _record(records, dict(what=f"backward dense ({label})", shape=shape,
