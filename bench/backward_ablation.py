@@ -1,11 +1,13 @@
-"""Where the wgmma backward's time goes: leave-one-out variants of its dK/dV pass.
+"""Where the wgmma backward's time goes: leave-one-out variants of its dK/dV pass, and its
+schedule variants.
 
 At B=1, H=12, N=32,760, D=128, bf16, 128x64 tiles, on the video-like heads and random dO of
 ``bench/gpu.py``'s backward step, beside torch SDPA's cuDNN backward in the same process: the
 dK/dV pass of ``gpu/attention_backward_sm90.cu`` rebuilt with each timing-only
 ``PSA_ABLATE_BWD_*`` macro (``VARIANTS``; the list is in that file's header), timed on the
 TopK(0.05) kept set (the sparse default, ``sm90_k64``) and dense (``sm90``). Ablated gradients
-are wrong by design. ``--profile`` adds a kernel-by-kernel table (torch.profiler / CUPTI) of
+are wrong by design; the schedule variants (``SCHEDULES``, ``PSA_BWD_*``) are checked against
+the shipped schedule's gradients in the same run. ``--profile`` adds a kernel-by-kernel table (torch.profiler / CUPTI) of
 one call in each dQ mode, so the deterministic mode's two passes are seen apart.
 
     python3 bench/backward_ablation.py [--quick] [--profile] [--once] [--out DIR]
@@ -38,6 +40,21 @@ VARIANTS = {
     "loads off": ("PSA_ABLATE_BWD_NO_LOADS",),
     "exp -> fma": ("PSA_ABLATE_BWD_CHEAP_EXP",),
 }
+
+#: label -> macros of its schedule variants: gradients right (checked against the shipped
+#: schedule's in the same run: dK/dV bitwise, dQ up to the reductions' order).
+SCHEDULES = {
+    "dQ product last": ("PSA_BWD_DQ_LAST",),
+}
+
+
+def _agreement(cupy, base, other):
+    """'dK/dV bitwise, dQ rel. L2 x' of ``other`` against ``base`` (dq, dk, dv)."""
+    from gpu import rel_l2
+
+    same = all(bool(cupy.array_equal(a, b)) for a, b in zip(base[1:], other[1:]))
+    return (f"dK/dV {'bitwise' if same else 'DIFFER'}, dQ rel. L2 "
+            f"{rel_l2(cupy, other[0], base[0]):.1e}"), same
 
 
 def main():
@@ -94,20 +111,37 @@ def main():
             cupy.cuda.runtime.deviceSynchronize()
             continue
         started = time.time()
-        for macros in VARIANTS.values():  # compile before timing
+        for macros in (*VARIANTS.values(), *SCHEDULES.values()):  # compile before timing
             backend._backward_kernel(cupy.cuda.runtime.getDevice(), "dkdv_accumulate_dq",
                                      "bfloat16", D, kernel, macros)
-        print(f"compiled {len(VARIANTS)} variants of {kernel} in {time.time() - started:.1f} s",
-              flush=True)
+        print(f"compiled {len(VARIANTS) + len(SCHEDULES)} variants of {kernel} in "
+              f"{time.time() - started:.1f} s", flush=True)
 
-        def call(macros=(), deterministic=False, chosen=kernel):
+        def call(macros=(), deterministic=False, chosen=kernel, addend=None):
             return backend.attention_backward(
                 q, k, v, do, kept, block, scale, out=out, lse=lse, grad_dtype=q.dtype,
-                deterministic=deterministic, density=bound, kernel=chosen, _ablation=macros)
+                deterministic=deterministic, density=bound, kernel=chosen, _ablation=macros,
+                addend=addend)
         for name, macros in VARIANTS.items():
             ms = timer(lambda: call(macros))
             record(case=label, variant=f"{kernel} reduced dQ: {name}", ms=ms, density=density,
                    tflops=dense_flops * density / (ms * 1e-3) / 1e12)
+        # With another branch's float32 gradients added in the stores, as sla_vjp calls it.
+        rng = cupy.random.default_rng(5)
+        addend = tuple(rng.standard_normal(x.shape, dtype=cupy.float32) * 1e-3
+                       for x in (q, k, v))
+        for extra, suffix in ((None, ""), (addend, " + addend")):
+            ms = timer(lambda: call(addend=extra))
+            record(case=label, variant=f"{kernel} shipped schedule{suffix}", ms=ms,
+                   density=density, tflops=dense_flops * density / (ms * 1e-3) / 1e12)
+            shipped = call(addend=extra)
+            for name, macros in SCHEDULES.items():
+                agreement, same = _agreement(cupy, shipped, call(macros, addend=extra))
+                ms = timer(lambda: call(macros, addend=extra))
+                record(case=label, variant=f"{kernel} schedule: {name}{suffix}", ms=ms,
+                       density=density, tflops=dense_flops * density / (ms * 1e-3) / 1e12,
+                       agreement=agreement, key_gradients_bitwise=same)
+        del addend
         ms = timer(lambda: call(deterministic=True))
         record(case=label, variant=f"{kernel} deterministic dQ", ms=ms, density=density,
                tflops=dense_flops * density / (ms * 1e-3) / 1e12)
@@ -120,11 +154,12 @@ def main():
                       f"{label}, {kernel}, {'deterministic' if deterministic else 'reduced'} dQ",
                       rows=8)
 
-    print(f"\n{meta}\n\n| case | variant | ms | TFLOP/s |\n|---|---|---|---|")
+    print(f"\n{meta}\n\n| case | variant | ms | TFLOP/s | against the shipped schedule |\n"
+          "|---|---|---|---|---|")
     for row in rows:
         tf = row.get("tflops")
         print(f"| {row['case']} | {row['variant']} | {row['ms']:.3f} | "
-              f"{'' if tf is None else f'{tf:.0f}'} |")
+              f"{'' if tf is None else f'{tf:.0f}'} | {row.get('agreement', '')} |")
 
 
 if __name__ == "__main__":

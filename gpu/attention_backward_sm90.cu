@@ -17,7 +17,12 @@
 //                                    fragments), dO and Q read MN-major,
 //   with ACCUMULATE_DQ: dS^T to shared memory as produced (keys x queries), then
 //   dQ = dS K in 64-dim halves       ss with both operands MN-major (tnspA, tnspB) over all
-//                                    the CTA's keys, half h by warpgroup h % KEY_TILES,
+//                                    the CTA's keys, half h by warpgroup h % KEY_TILES;
+//                                    issued before dV/dK's products where each warpgroup has
+//                                    one half and a staging buffer of its own (the 128-key
+//                                    CTA at D = 128, the 64-key CTA at D = 64), so its staging
+//                                    and reduction run under them (dense 38.9 against 40.4 ms),
+//                                    else after them,
 //   dQ staged scaled in shared memory (DqTileLayout: fragments as the threads hold them) and
 //   added to the tiled fp32 accumulator by one TMA bulk reduction a half (16 KB), issued by
 //   one thread a warpgroup. Per-thread red.global.add took 37% of the pass at 5% kept and 26%
@@ -40,6 +45,10 @@
 //   PSA_ABLATE_BWD_NO_DQ          no dS^T store, barrier, dQ product, staging or reductions.
 //   PSA_ABLATE_BWD_NO_LOADS       every step reuses the first step's Q, dO and row statistics.
 //   PSA_ABLATE_BWD_CHEAP_EXP      exp2 of P^T replaced by one FMA.
+// Schedule variant (bench/backward_ablation.py's SCHEDULES; gradients right, checked there):
+//   PSA_BWD_DQ_LAST               dQ's product issued after dV/dK's, as every CTA shape does
+//                                 without a staging buffer per warpgroup (the schedule before
+//                                 2026-12-04: dense 40.35 against 38.89 ms on an H200).
 
 #include "backward_params.cuh"
 #include "backward_tiles.cuh"
@@ -150,6 +159,15 @@ __global__ void __launch_bounds__(128 * KEY_TILES, KEY_TILES == 1 ? 2 : 1)
 #endif
     // Staging dQ in the step's own Q/dO buffer delays the next prefetch to mid-step.
     constexpr bool kPrefetchLate = kStoreDs && Traits::kStagesInStepBuffers;
+    // dQ's product goes first where each warpgroup has exactly one half and its own staging,
+    // so that the staging and reduction run under dV/dK's products (a warpgroup without a
+    // half would put the wgmma under a branch: ptxas serialises them all, C7514).
+#ifdef PSA_BWD_DQ_LAST
+    constexpr bool kDqFirst = false;
+#else
+    constexpr bool kDqFirst =
+        kStoreDs && !Traits::kStagesInStepBuffers && HEAD_DIM / 64 == KEY_TILES;
+#endif
     // One thread a warpgroup issues (and waits for) its bulk reductions.
     const bool elected = (threadIdx.x & 127) == 0;
 
@@ -303,71 +321,97 @@ __global__ void __launch_bounds__(128 * KEY_TILES, KEY_TILES == 1 ? 2 : 1)
 
         // dV += P^T dO and dK += dS^T Q: dO and Q rows are the K dimension here, read MN-major
         // (16 rows of a panel per k16 step, the 64-dim panels kQueryPanel apart).
-        warpgroup_fence();
+        const auto issue_key_gradients = [&] {
+            warpgroup_fence();
 #pragma unroll
-        for (int kstep = 0; kstep < kQuerySteps; ++kstep)
-            Warpgroup<Element, HEAD_DIM>::rs_transposed_b(
-                dv, p[kstep], sw128_descriptor(d_out_address + kstep * kK16Rows, kQueryPanel));
+            for (int kstep = 0; kstep < kQuerySteps; ++kstep)
+                Warpgroup<Element, HEAD_DIM>::rs_transposed_b(
+                    dv, p[kstep], sw128_descriptor(d_out_address + kstep * kK16Rows, kQueryPanel));
 #pragma unroll
-        for (int kstep = 0; kstep < kQuerySteps; ++kstep)
-            Warpgroup<Element, HEAD_DIM>::rs_transposed_b(
-                dk, ds[kstep], sw128_descriptor(q_address + kstep * kK16Rows, kQueryPanel));
-        warpgroup_commit();
-
-        if (kStoreDs) {
-            // dS^T, written by ordinary stores, is read next by the async proxy, by all warps;
-            // the bulk reductions that read the buffer this step stages in, or the one the
-            // late prefetch fills, are done reading it.
+            for (int kstep = 0; kstep < kQuerySteps; ++kstep)
+                Warpgroup<Element, HEAD_DIM>::rs_transposed_b(
+                    dk, ds[kstep], sw128_descriptor(q_address + kstep * kK16Rows, kQueryPanel));
+            warpgroup_commit();
+        };
+        // dS^T, written by ordinary stores, is read next by the async proxy, by all warps; the
+        // bulk reductions that read the buffer this step stages in, or the one the late
+        // prefetch fills, are done reading it.
+        const auto sync_for_dq = [&] {
             fence_generic_to_async_shared();
             if (elected) bulk_wait_group_read<0>();
             __syncthreads();
             if (kPrefetchLate) prefetch();
-            float* const step_tile =
-                params.dq_accumulator +
-                (((long long)batch * params.n_heads + head) * params.n_rows_padded + first_row) *
-                    HEAD_DIM;
+        };
+        // dQ (64 queries x 64 dims) = dS K for one 64-dim half: A = dS^T and B = K, both
+        // key-major.
+        const auto issue_dq = [&](float (&dq)[8][4], int half) {
+            warpgroup_fence();  // dq's registers were read by the staging of the last half
 #pragma unroll
-            for (int half = 0; half < HEAD_DIM / 64; ++half) {
-                // The vote keeps the warpgroup's branch visibly warp-uniform (C7520).
-                if (KEY_TILES > 1 && !__all_sync(0xffffffffu, half % KEY_TILES == group)) continue;
-                // dQ (64 queries x 64 dims) = dS K: A = dS^T and B = K, both key-major.
-                float dq[8][4];
-                warpgroup_fence();  // dq's registers were read by the staging of the last half
+            for (int kstep = 0; kstep < kKeySteps; ++kstep)
+                Warpgroup<Element, 64>::ss_transposed(
+                    dq, sw128_descriptor(ds_address + kstep * kK16Rows, kKeyPanel),
+                    sw128_descriptor(k_address + half * kKeyPanel + kstep * kK16Rows, kKeyPanel),
+                    kstep > 0);
+            warpgroup_commit();
+        };
+        // The finished half, scaled, staged (DqTileLayout) and added by one bulk reduction.
+        const auto stage_and_reduce = [&](const float (&dq)[8][4], int half) {
+            unsigned char* staging =
+                Traits::kStagesInStepBuffers
+                    ? base + (half == 0 ? Traits::kDOutOffset : Traits::kQOffset) +
+                          buffer * Traits::kQueryTileBytes
+                    : base + Traits::kStagingOffset + half * DqTileLayout::kHalfBytes;
+            float* const staged = reinterpret_cast<float*>(staging);
+            const int thread = threadIdx.x & 127;
 #pragma unroll
-                for (int kstep = 0; kstep < kKeySteps; ++kstep)
-                    Warpgroup<Element, 64>::ss_transposed(
-                        dq, sw128_descriptor(ds_address + kstep * kK16Rows, kKeyPanel),
-                        sw128_descriptor(k_address + half * kKeyPanel + kstep * kK16Rows,
-                                         kKeyPanel),
-                        kstep > 0);
-                warpgroup_commit();
-                // Also waits for dV/dK's products: this step's Q and dO are dead after it.
-                warpgroup_wait<0>();
-                pin_accumulator(dq);
-                unsigned char* staging =
-                    Traits::kStagesInStepBuffers
-                        ? base + (half == 0 ? Traits::kDOutOffset : Traits::kQOffset) +
-                              buffer * Traits::kQueryTileBytes
-                        : base + Traits::kStagingOffset + half * DqTileLayout::kHalfBytes;
-                float* const staged = reinterpret_cast<float*>(staging);
-                const int thread = threadIdx.x & 127;
-#pragma unroll
-                for (int chunk = 0; chunk < 8; ++chunk)
-                    *reinterpret_cast<float4*>(staged + DqTileLayout::offset(0, chunk, thread)) =
-                        make_float4(dq[chunk][0] * params.scale, dq[chunk][1] * params.scale,
-                                    dq[chunk][2] * params.scale, dq[chunk][3] * params.scale);
-                fence_generic_to_async_shared();
-                if (group == 0)
-                    named_barrier_sync<1>(128);
-                else
-                    named_barrier_sync<2>(128);
+            for (int chunk = 0; chunk < 8; ++chunk)
+                *reinterpret_cast<float4*>(staged + DqTileLayout::offset(0, chunk, thread)) =
+                    make_float4(dq[chunk][0] * params.scale, dq[chunk][1] * params.scale,
+                                dq[chunk][2] * params.scale, dq[chunk][3] * params.scale);
+            fence_generic_to_async_shared();
+            if (group == 0)
+                named_barrier_sync<1>(128);
+            else
+                named_barrier_sync<2>(128);
 #ifndef PSA_ABLATE_BWD_NO_DQ_REDUCE
-                if (elected) {
-                    bulk_reduce_add_f32(step_tile + DqTileLayout::offset(half, 0, 0),
-                                        shared_address(staging), DqTileLayout::kHalfBytes);
-                    bulk_commit_group();
-                }
+            if (elected) {
+                float* const step_tile =
+                    params.dq_accumulator +
+                    (((long long)batch * params.n_heads + head) * params.n_rows_padded +
+                     first_row) * HEAD_DIM;
+                bulk_reduce_add_f32(step_tile + DqTileLayout::offset(half, 0, 0),
+                                    shared_address(staging), DqTileLayout::kHalfBytes);
+                bulk_commit_group();
+            }
 #endif
+        };
+
+        if (kDqFirst) {
+            // One half a warpgroup (half `group`), staged in a buffer of its own: its product
+            // goes first, so that its staging and reduction run under dV/dK's.
+            sync_for_dq();
+            float dq[8][4];
+            issue_dq(dq, group);
+            issue_key_gradients();
+            warpgroup_wait<1>();
+            pin_accumulator(dq);
+            stage_and_reduce(dq, group);
+        } else {
+            issue_key_gradients();
+            if (kStoreDs) {
+                sync_for_dq();
+#pragma unroll
+                for (int half = 0; half < HEAD_DIM / 64; ++half) {
+                    // The vote keeps the warpgroup's branch visibly warp-uniform (C7520).
+                    if (KEY_TILES > 1 && !__all_sync(0xffffffffu, half % KEY_TILES == group))
+                        continue;
+                    float dq[8][4];
+                    issue_dq(dq, half);
+                    // Also waits for dV/dK's products: this step's Q and dO are dead after it.
+                    warpgroup_wait<0>();
+                    pin_accumulator(dq);
+                    stage_and_reduce(dq, half);
+                }
             }
         }
         // dK/dV's wgmma read p, ds and this step's Q/dO buffer: done before either changes.

@@ -622,8 +622,9 @@ def test_sm90_backward_host_sizes_match_the_kernel_layout(tmp_path):
 
 
 def test_backward_ablation_variants_are_the_kernels_macros():
-    """bench/backward_ablation.py times every PSA_ABLATE_BWD_* macro the wgmma dK/dV source
-    documents and tests, and no other (a renamed macro would silently time the baseline)."""
+    """bench/backward_ablation.py times every PSA_ABLATE_BWD_* (ablation) and PSA_BWD_*
+    (schedule) macro the wgmma dK/dV source documents and tests, and no other (a renamed macro
+    would silently time the baseline)."""
     import importlib.util
 
     root = Path(__file__).resolve().parents[1]
@@ -635,11 +636,12 @@ def test_backward_ablation_variants_are_the_kernels_macros():
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(root / "bench"))
-    timed = {macro for macros in module.VARIANTS.values() for macro in macros}
     source = (root / "gpu" / "attention_backward_sm90.cu").read_text()
-    tested = set(re.findall(r"#if(?:n?def| defined\()\s*(PSA_ABLATE_BWD_\w+)", source))
-    documented = set(re.findall(r"^//\s+(PSA_ABLATE_BWD_\w+)", source, flags=re.M))
-    assert timed and timed == tested == documented, (timed, tested, documented)
+    for table, prefix in ((module.VARIANTS, "PSA_ABLATE_BWD_"), (module.SCHEDULES, "PSA_BWD_")):
+        timed = {macro for macros in table.values() for macro in macros}
+        tested = set(re.findall(rf"#if(?:n?def| defined\()\s*({prefix}\w+)", source))
+        documented = set(re.findall(rf"^//\s+({prefix}\w+)", source, flags=re.M))
+        assert timed and timed == tested == documented, (timed, tested, documented)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH: the layout "
