@@ -11,7 +11,8 @@ Steps, each logged under ``--out`` (default ``$OUT`` or ``bench/results/``):
    (flash and cuDNN backends), TopK(0.05) plan and kernel, in-loop skip rules at their sparsity
    vs this kernel's dense path, Recall's bookkeeping vs Blasst, the Wan2.2 shape and D = 64.
 
-Times are CUDA-event medians after warm-up; dense-equivalent TFLOP/s = 4 B H Nq Nk D / t.
+Times are CUDA-event medians after warm-up (the backward steps: queued back to back, as
+triton.testing.do_bench times); dense-equivalent TFLOP/s = 4 B H Nq Nk D / t.
 ``backward`` (not in the default steps): the backward targets (dense and 5% kept-set replay
 vs torch SDPA's cuDNN backward); ``backward_shapes`` (nor this one): the same at 90% sparsity,
 D = 64, and N = 75,600 with H = 40 (``BACKWARD_SHAPES``). The results go to ``gpu-<date>.jsonl`` (one record per measurement, with device, date, commit
@@ -316,7 +317,7 @@ def sanitize_target():
     # Backward: every instance of every chosen family (both dQ modes, both forward tiles) on
     # odd sizes with GQA, an empty query tile (LSE = -inf) and an empty key tile, 16-bit and
     # float32 gradients, without and with an addend (dv's a view of a row-padded buffer, as
-    # the SLA linear side hands it over).
+    # the SLA linear side hands it over), and with SLA's merged output for O_s.
     for backward_kernel, dtype_name, D in sorted(
             {(name, key[1], key[2]) for name in backward_kernels
              for key in backend.backward_instances(name)
@@ -339,6 +340,14 @@ def sanitize_target():
                                                deterministic=deterministic,
                                                grad_dtype=grad_dtype, kernel=backward_kernel,
                                                addend=extra)
+            # SLA's merged output standing for O_s (the preprocess's bias and delta terms).
+            plan = psa.Plan.from_kept(kept, block=block, shape=(1, 4, 150, 201))
+            out, lse = backend.forward(q, k, v, plan, None, D ** -0.5, False)[:2]
+            merged = backend.MergedOutput(out, cupy.ones(D, dtype=cupy.float32),
+                                          cupy.ones((1, 4, 150), dtype=cupy.float32))
+            backend.attention_backward(q, k, v, do, kept, block, D ** -0.5, out=merged, lse=lse,
+                                       grad_dtype=q.dtype, kernel=backward_kernel,
+                                       addend=addend)
     cupy.cuda.runtime.deviceSynchronize()
     print(f"sanitize target: all instances of {kernels} ran, the plan kernels, SLA (forward and "
           f"the linear side of the backward) and the backward ({backward_kernels})")
@@ -549,7 +558,7 @@ def cudnn_backward_ms(cupy, q, k, v, do, reps):
     def cudnn_backward():
         torch.autograd.grad(tout, (tq, tk, tv), tdo, retain_graph=True)
 
-    return time_ms(cupy, cudnn_backward, reps=reps)
+    return time_ms_queued(cupy, cudnn_backward, reps=reps)
 
 
 def forward_kept_set(cupy, backend, q, k, v, block, selector, scale):
@@ -587,8 +596,8 @@ def step_backward(log, records, quick):
         out, lse, kept = forward_kept_set(cupy, backend, q, k, v, block, selector, scale)
         density = float(kept.mean())
         flops = dense_flops * density
-        lists_ms = time_ms(cupy, lambda: backend._kept_lists(cupy, kept, block, (B, H, N, N)),
-                           reps=reps)
+        lists_ms = time_ms_queued(
+            cupy, lambda: backend._kept_lists(cupy, kept, block, (B, H, N, N)), reps=reps)
         # The density bound a public call hands over (a plan's capacity: here the selector's).
         nk = tile_count(N, block[1])
         bound = None if selector is None else selector.count(nk) / nk
@@ -601,8 +610,8 @@ def step_backward(log, records, quick):
                     q, k, v, do, kept, block, scale, out=None if recompute else out,
                     lse=None if recompute else lse, deterministic=deterministic,
                     grad_dtype=q.dtype, density=bound, kernel=kernel)
-            ms = time_ms(cupy, run, reps=reps)
-            recompute_ms = time_ms(cupy, lambda: run(True), reps=reps)
+            ms = time_ms_queued(cupy, run, reps=reps)
+            recompute_ms = time_ms_queued(cupy, lambda: run(True), reps=reps)
             chosen = kernel or backend.default_backward_kernel(bound)
             _record(records, dict(what=f"backward {label}", shape=shape,
                                   impl=f"ours {block[0]}x{block[1]} {chosen}"
@@ -614,7 +623,7 @@ def step_backward(log, records, quick):
         if selector is not None:  # the public call, as an autograd bridge makes it
             import pysparse_attn as psa
 
-            ms = time_ms(cupy, lambda: psa.attention_vjp(
+            ms = time_ms_queued(cupy, lambda: psa.attention_vjp(
                 q, k, v, do, select=selector, kept=kept, out=out, lse=lse, block=block),
                 reps=reps)
             _record(records, dict(what=f"backward {label}", shape=shape,
@@ -662,7 +671,7 @@ def step_backward_shapes(log, records, quick):
             density = float(kept.mean())
             bound = None if selector is None else selector.count(nk) / nk
             case = "dense" if selector is None else f"TopK({selector.ratio}) replay"
-            ms = time_ms(cupy, lambda: backend.attention_backward(
+            ms = time_ms_queued(cupy, lambda: backend.attention_backward(
                 q, k, v, do, kept, block, scale, out=out, lse=lse, grad_dtype=q.dtype,
                 density=bound), reps=reps)
             _record(records, dict(what=f"backward {case} ({label})", shape=shape,
@@ -670,7 +679,7 @@ def step_backward_shapes(log, records, quick):
                                   f"(default)", ms=ms[0], density=density,
                                   tflops=dense_flops * density / (ms[0] * 1e-3) / 1e12))
             if selector is not None:
-                ms = time_ms(cupy, lambda: psa.attention_vjp(
+                ms = time_ms_queued(cupy, lambda: psa.attention_vjp(
                     q, k, v, do, select=selector, kept=kept, out=out, lse=lse, block=block),
                     reps=reps)
                 _record(records, dict(what=f"backward {case} ({label})", shape=shape,

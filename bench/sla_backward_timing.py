@@ -93,8 +93,13 @@ def main():
                             critical=args.critical, negligible=args.negligible, **options))
     row("sla_vjp whole (kept only: sparse backward recomputes O_s, LSE)",
         lambda: psa.sla_vjp(q, k, v, do, plan=plan, kept=kept, **options))
-    o_sparse = backend.sla_linear_vjp(q, k, v, do, marginal, block, "softmax", eps, weight,
-                                      bias, out, mode=args.linear)[3]
+    # The sparse branch's output as sla_vjp hands it over (the merged output and its linear
+    # terms), and as float32 O_s itself.
+    merged = backend.sla_linear_vjp(q, k, v, do, marginal, block, "softmax", eps, weight,
+                                    bias, out, mode=args.linear)[3]
+    o_sparse = (merged.merged.astype(cupy.float32) - bias
+                - backend._linear_output(q, k, v, marginal, block, "softmax", eps,
+                                         weight=None, mode=args.linear)[:, :, :N] @ weight.T)
     lse_c = cupy.ascontiguousarray(cupy.asarray(lse), dtype=cupy.float32)
     kept_c = cupy.asarray(kept)
     row("  sparse backward (attention_backward, saved O_s, LSE)",
@@ -111,17 +116,21 @@ def main():
     linear_grads = backend.sla_linear_vjp(q, k, v, do, marginal, block, "softmax", eps, weight,
                                           bias, out, mode=args.linear)[0]
     row("    default kernel, bf16 grads with the linear side's as addend (sla_vjp's call)",
-        lambda: backend.attention_backward(q, k, v, do, kept_c, block, scale, out=o_sparse,
+        lambda: backend.attention_backward(q, k, v, do, kept_c, block, scale, out=merged,
                                            lse=lse_c, grad_dtype=q.dtype, addend=linear_grads,
+                                           density=args.critical))
+    row("    the same without the addend",
+        lambda: backend.attention_backward(q, k, v, do, kept_c, block, scale, out=merged,
+                                           lse=lse_c, grad_dtype=q.dtype,
                                            density=args.critical))
     o_sparse16 = o_sparse.astype(q.dtype)
     row("    default kernel, O_s in bf16, grads bf16",
         lambda: backend.attention_backward(q, k, v, do, kept_c, block, scale, out=o_sparse16,
                                            lse=lse_c, grad_dtype=q.dtype))
-    row("  linear side whole (sla_linear_vjp, with O_s)",
+    row("  linear side whole (sla_linear_vjp, with the merged output)",
         lambda: backend.sla_linear_vjp(q, k, v, do, marginal, block, "softmax", eps, weight,
                                        bias, out, mode=args.linear))
-    row("  linear side without O_s (out not given)",
+    row("  linear side without the merged output (out not given)",
         lambda: backend.sla_linear_vjp(q, k, v, do, marginal, block, "softmax", eps, weight,
                                        bias, None, mode=args.linear))
     row("    forward states (phi, H_J, H_I, Z_I, phi(q)/den)",

@@ -4,7 +4,8 @@
 // Four kernels, queued on one stream with no host read between them:
 //   attention_backward_lists       the kept bitmap as CSR lists, query-major (the forward's
 //                                  plan) and key-major (what the dK/dV pass walks).
-//   attention_backward_preprocess  per row: delta = rowsum(dO * O), the LSE in log2 units
+//   attention_backward_preprocess  per row: delta = rowsum(dO * O) (from SLA's merged output
+//                                  and its linear terms where given), the LSE in log2 units
 //                                  (+inf where P is exactly 0), and the dQ accumulator started
 //                                  at zero (at dq_addend when another branch's dQ is given).
 //   attention_backward_dkdv        one CTA per (key tile, kv head, batch), K and V resident in
@@ -27,7 +28,7 @@
 //   attention_backward_dq_from_tiles  the wgmma families' tiled dQ accumulator (bulk-reduced,
 //                                  DqTileLayout) to dq in the gradient dtype, plus dq_addend.
 // A key tile nobody kept gets a CTA with an empty walk, which writes exact zeros (the addend's
-// values, where one is given: every gradient store adds it, see store_gradient_pair). Padded keys
+// values, where one is given: every gradient store adds it, see store_fragment_rows). Padded keys
 // are masked (P = 0) and padded rows have lse_log2 = +inf (P = 0) and zero-filled dO, so
 // partial tiles contribute exactly nothing.
 //
@@ -142,6 +143,13 @@ __global__ void __launch_bounds__(128)
             }
         }
 #pragma unroll
+        if (params.out_bias != nullptr) {
+            const float4* bias = reinterpret_cast<const float4*>(params.out_bias + chunk * 8);
+            const float4 lo = bias[0], hi = bias[1];
+            out[0] -= lo.x; out[1] -= lo.y; out[2] -= lo.z; out[3] -= lo.w;
+            out[4] -= hi.x; out[5] -= hi.y; out[6] -= hi.z; out[7] -= hi.w;
+        }
+#pragma unroll
         for (int w = 0; w < 4; ++w) {
             sum += Element::to_float(static_cast<unsigned short>(d_words[w] & 0xffffu)) * out[2 * w];
             sum += Element::to_float(static_cast<unsigned short>(d_words[w] >> 16)) * out[2 * w + 1];
@@ -150,6 +158,7 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
     for (int width = 1; width < kChunks; width *= 2)
         sum += __shfl_xor_sync(0xffffffffu, sum, width);
+    if (valid && params.delta_shift != nullptr) sum -= params.delta_shift[slab * params.n_queries + row];
     if (chunk == 0) {
         const long long flat = slab * params.n_rows_padded + row;
         const float lse = valid ? params.lse[slab * params.n_queries + row] : 0.f;
@@ -192,24 +201,29 @@ __global__ void __launch_bounds__(128)
     const long long slab = (long long)batch * params.n_heads + head;
     const float* tile =
         params.dq_accumulator + (slab * params.n_rows_padded + first_row) * HEAD_DIM;
+    // The thread's fragments as an m16n8 accumulator over all D: block 8 half + chunk.
+    float accumulator[HEAD_DIM / 8][4];
 #pragma unroll
     for (int half = 0; half < HEAD_DIM / 64; ++half)
 #pragma unroll
         for (int chunk = 0; chunk < 8; ++chunk) {
             const float4 value = *reinterpret_cast<const float4*>(
                 tile + DqTileLayout::offset(half, chunk, thread));
-            const int column = 64 * half + DqTileLayout::column(thread, chunk);
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int row = first_row + DqTileLayout::row(thread, r);
-                if (row >= params.n_queries) continue;
-                store_gradient_pair<Element>(
-                    params.dq, (slab * params.n_queries + row) * HEAD_DIM + column,
-                    params.dq_addend,
-                    slab * params.dq_addend_slab + (long long)row * HEAD_DIM + column,
-                    r ? value.z : value.x, r ? value.w : value.y, params.grad_float32);
-            }
+            float* const block = accumulator[8 * half + chunk];
+            block[0] = value.x; block[1] = value.y; block[2] = value.z; block[3] = value.w;
         }
+    long long offset[2], extra[2];
+    bool valid[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = first_row + DqTileLayout::row(thread, r);
+        valid[r] = row < params.n_queries;
+        offset[r] = (slab * params.n_queries + row) * HEAD_DIM + DqTileLayout::column(thread, 0);
+        extra[r] = slab * params.dq_addend_slab + (long long)row * HEAD_DIM +
+                   DqTileLayout::column(thread, 0);
+    }
+    store_fragment_rows<Element>(params.dq, offset, params.dq_addend, extra, valid, accumulator,
+                                 1.f, params.grad_float32);
 }
 
 // The 64-row step of `walk` into buffer `buffer`: Q, dO, and the rows' lse_log2 and delta
@@ -597,19 +611,17 @@ __global__ void __launch_bounds__(WARPS * 32, 2)
     }
     copy_async_wait<0>();
 
+    long long offset[2], extra[2];
+    bool valid[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = first_row + warp_row + (lane >> 2) + 8 * r;
-        if (row >= params.n_queries) continue;
-        const long long offset = (slab * params.n_queries + row) * HEAD_DIM + 2 * (lane & 3);
-        const long long extra =
-            slab * params.dq_addend_slab + (long long)row * HEAD_DIM + 2 * (lane & 3);
-#pragma unroll
-        for (int db = 0; db < kDimBlocks; ++db)
-            store_gradient_pair<Element>(params.dq, offset + db * 8, params.dq_addend,
-                                         extra + db * 8, dq[db][2 * r], dq[db][2 * r + 1],
-                                         params.grad_float32);
+        valid[r] = row < params.n_queries;
+        offset[r] = (slab * params.n_queries + row) * HEAD_DIM + 2 * (lane & 3);
+        extra[r] = slab * params.dq_addend_slab + (long long)row * HEAD_DIM + 2 * (lane & 3);
     }
+    store_fragment_rows<Element>(params.dq, offset, params.dq_addend, extra, valid, dq, 1.f,
+                                 params.grad_float32);
 }
 
 }  // namespace psa

@@ -23,6 +23,11 @@ struct BackwardParams {
     long long out_batch_stride, out_head_stride, out_row_stride;
     // The forward's LSE (B, Hq, Nq), natural log, -inf for rows with no kept tile.
     const float* lse;
+    // Where `out` is SLA's merged output O_s + Y + b (Y = O_l W^T) rather than O_s: b (D floats)
+    // and rowsum(dO * Y) (B, Hq, Nq), each null when absent. delta = rowsum(dO * (out - b)) -
+    // rowsum(dO * Y) is then rowsum(dO * O_s) without O_s ever being formed.
+    const float* out_bias;
+    const float* delta_shift;
     // Preprocess results, (B, Hq, n_rows_padded): the LSE in log2 units (+inf where P must be
     // exactly 0: rows with no kept tile and padded rows) and delta = rowsum(dO * O) (0 there).
     float* lse_log2;

@@ -8,15 +8,19 @@
 //       (QUERY = true) are divided by their denominator phi(q_i) . Z_I + eps, computed here in
 //       float32 from the float32 phi, so that the final GEMM yields O_l itself; a row whose
 //       denominator is exactly zero is written as zeros (O_l = 0 there, as the contract says).
-//   linear_merge<S, O>   out = O_s + sign (Y + b) in the output type, one pass; Y = O_l W^T is
-//       float32 and row-padded to the query tiles. sign = -1 recovers O_s from a saved merged
-//       output in the backward.
+//   linear_merge<S, O>   out = O_s + Y + b in the output type, one pass; Y = O_l W^T is
+//       float32 and row-padded to the query tiles. (The backward never undoes it: the sparse
+//       backward takes delta from the merged output, see MergedOutput in backends/cupy.py.)
 //   linear_query_grads<In, MAP>   the backward's per-row stage on the query side, one query tile
 //       per CTA: recomputes phi(q_i) and the denominator, takes c_i = g_i . O_l,i from the
 //       float32 rows, writes dq = phi'(q)^T ((G_i - c_i Z_I) / den_i) with G_i = g_i H_I^T from
-//       a GEMM, and the tile's dZ_I = -sum_i phi(q_i) c_i / den_i (fixed order, no atomics).
+//       a GEMM, and the tile's dZ_I = -sum_i phi(q_i) c_i / den_i (fixed order, no atomics);
+//       c_i itself where asked (row_dot: with g = dO W it is rowsum(dO * O_l W^T), what the
+//       sparse backward's delta takes from SLA's merged output).
 //   linear_key_grads<In, MAP>   the key side: dk = phi'(k)^T (dPhi_j + dZ_J), dPhi = V dH_J^T
 //       from a GEMM.
+//   linear_pad_rows   a (B, H, N, D) array copied into a contiguous (B, H, rows, D) buffer
+//       whose rows past N are zero (GEMM operands in whole tiles), 16 bytes a thread.
 //
 // Values travel as raw words (unsigned short for the 16-bit types), as in the forward kernels.
 #include "element_types.cuh"
@@ -198,12 +202,12 @@ linear_features(const typename Words<In>::Word* __restrict__ x, long long sb, lo
     }
 }
 
-// out[b, h, i, d] = sparse[b, h, i, d] + sign (y[b, h, i, d] + bias[d]) over B * heads * n
+// out[b, h, i, d] = sparse[b, h, i, d] + y[b, h, i, d] + bias[d] over B * heads * n
 // rows; sparse and out are contiguous (B, heads, n, dim); y is contiguous (B, heads, n_pad, dim).
 template <typename S, typename O>
 __global__ void linear_merge(const typename Words<S>::Word* __restrict__ sparse,
                              const float* __restrict__ y, const float* __restrict__ bias,
-                             int n, int n_pad, int dim, long long total, float sign,
+                             int n, int n_pad, int dim, long long total,
                              typename Words<O>::Word* __restrict__ out) {
     const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
     for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -214,14 +218,34 @@ __global__ void linear_merge(const typename Words<S>::Word* __restrict__ sparse,
         const long long padded = (bh * n_pad + (row - bh * n)) * dim + d;
         float added = y[padded];
         if (bias != nullptr) added += bias[d];
-        const float value = Words<S>::load(sparse[i]) + sign * added;
+        const float value = Words<S>::load(sparse[i]) + added;
         out[i] = Words<O>::store(value);
+    }
+}
+
+// padded[s, r, :] = source[s, r, :] for r < n, 0 for n <= r < rows, over the (b, h) slabs s;
+// a row is `row_vectors` 16-byte vectors, source slabs `slab_vectors` vectors apart (rows
+// contiguous, 16-byte aligned: the host checks). One pass writes every byte of `padded`.
+__global__ void linear_pad_rows(const uint4* __restrict__ source, long long slab_vectors,
+                                int n, int rows, int row_vectors, long long total,
+                                uint4* __restrict__ padded) {
+    const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
+    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+         i < total; i += step) {
+        const long long row = i / row_vectors;  // over every slab's padded rows
+        const int column = static_cast<int>(i - row * row_vectors);
+        const long long slab = row / rows;
+        const int in_slab = static_cast<int>(row - slab * rows);
+        padded[i] = in_slab < n ? source[slab * slab_vectors +
+                                         static_cast<long long>(in_slab) * row_vectors + column]
+                                : make_uint4(0u, 0u, 0u, 0u);
     }
 }
 
 // Grid (nq, heads, batch), 256 threads, a warp a row. q has element strides (sb, sh, sn);
 // g, o_linear and g_h (= g H_I^T) are contiguous float32 (B, heads, nq * tile, dim); dq is
-// contiguous float32 (B, heads, n, dim); dz is float32 (B, heads, nq, dim).
+// contiguous float32 (B, heads, n, dim); dz is float32 (B, heads, nq, dim); row_dot, when not
+// null, float32 (B, heads, n).
 template <typename In, int MAP>
 __global__ void __launch_bounds__(kLinearWarps * 32)
 linear_query_grads(const typename Words<In>::Word* __restrict__ q, long long sb, long long sh,
@@ -229,7 +253,7 @@ linear_query_grads(const typename Words<In>::Word* __restrict__ q, long long sb,
                    const float* __restrict__ z, int z_heads, int z_group, int z_per_tile,
                    float eps, const float* __restrict__ g, const float* __restrict__ o_linear,
                    const float* __restrict__ g_h, float* __restrict__ dq,
-                   float* __restrict__ dz) {
+                   float* __restrict__ dz, float* __restrict__ row_dot) {
     __shared__ float partial[kLinearWarps][kMaxChunks * 32];
     const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int n_tiles = gridDim.x;
@@ -260,6 +284,7 @@ linear_query_grads(const typename Words<In>::Word* __restrict__ q, long long sb,
         }
         den = warp_sum(den) + eps;
         c_dot = warp_sum(c_dot);
+        if (row_dot != nullptr && lane == 0) row_dot[bh * n + row] = c_dot;
         // O_l,i = 0 where the denominator is exactly 0 (the forward's rule): no gradient there.
         const float inv = den != 0.0f ? 1.0f / den : 0.0f;
         const float d_den = -c_dot * inv;

@@ -693,7 +693,8 @@ def sla_vjp(q, k, v, do, *, critical=None, negligible=None, linear="marginal",
     What is recomputed: the plan, unless ``plan`` is given (it holds the marginal tiles) or
     ``kept`` and ``marginal`` are (then no plan is needed); the linear branch ``O_l`` always (it is needed for ``dW`` anyway). The sparse branch:
     with ``kept``, ``out`` and ``lse`` no sparse forward runs and its output is derived as
-    ``O_s = out - (O_l W^T + b)`` in the accumulation dtype from the ``O_l`` computed here;
+    ``O_s = out - (O_l W^T + b)`` in the accumulation dtype from the ``O_l`` computed here
+    (on the GPU only its ``rowsum(dO * O_s)``, all the sparse backward uses it for);
     with ``kept`` alone the sparse backward recomputes ``O_s`` and its LSE over the kept
     tiles (``out`` alone or ``lse`` alone: only the other one); without ``kept`` the sparse
     forward runs once and its output and LSE go to the backward. The ``reference`` backend

@@ -353,6 +353,45 @@ def test_given_out_and_lse_agree_with_recomputed(dtype, kernel):
     _check_grads(rounded, exact, kept_host, block, scale, dtype, label="16-bit out: ")
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_merged_output_stands_for_the_sparse_output(bias, kernel):
+    """SLA's merged output out = O_s + Y + b with (b, rowsum(dO * Y)) gives what O_s itself
+    gives: delta is all the backward takes from O, and only its float32 rounding differs."""
+    import cupy
+
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    B, Hq, Hkv, Nq, Nk, D, block = 1, 4, 2, 333, 200, 128, (128, 64)
+    (q, k, v, do), _ = _problem(rng, "bfloat16", B, Hq, Hkv, Nq, Nk, D)
+    kept = cupy.asarray(_kept(rng, B, Hq, tile_count(Nq, 128), tile_count(Nk, 64), density=0.5))
+    plan = Plan.from_kept(kept, block=block, shape=(B, Hq, Nq, Nk))
+    scale = D ** -0.5
+    o_sparse, lse = backend.forward(q, k, v, plan, None, scale, False, out_dtype=np.float32)[:2]
+    y = cupy.asarray(rng.standard_normal((B, Hq, Nq, D)).astype(np.float32))
+    b = cupy.asarray(rng.standard_normal(D).astype(np.float32)) if bias else None
+    merged = (o_sparse + y + (0 if b is None else b)).astype(q.dtype)  # the forward's out
+    # The O_s the merged output stands for, and the linear term's row dots, in float64.
+    merged64, do64 = (x.astype(cupy.float64) for x in (merged, do))
+    explicit = (merged64 - y - (0 if b is None else b)).astype(cupy.float32)
+    row_dot = cupy.einsum("bhid,bhid->bhi", do64, y.astype(cupy.float64)).astype(cupy.float32)
+    want = backend.attention_backward(q, k, v, do, kept, block, scale, out=explicit, lse=lse,
+                                      deterministic=True, kernel=kernel)
+    got = backend.attention_backward(q, k, v, do, kept, block, scale, lse=lse,
+                                     out=backend.MergedOutput(merged, b, row_dot),
+                                     deterministic=True, kernel=kernel)
+    # A delta off by the bias or the linear term moves every gradient by O(1).
+    for name, a, w in zip(("dq", "dk", "dv"), got, want):
+        error = _rel_l2(_host64(a), _host64(w))
+        assert error < 1e-4, (name, error)
+    with pytest.raises(ValueError, match="out.bias"):
+        backend.attention_backward(q, k, v, do, kept, block, scale, lse=lse, kernel=kernel,
+                                   out=backend.MergedOutput(merged, y[0, 0, 0, :64], row_dot))
+    with pytest.raises(ValueError, match="out.linear_row_dot"):
+        backend.attention_backward(q, k, v, do, kept, block, scale, lse=lse, kernel=kernel,
+                                   out=backend.MergedOutput(merged, b, row_dot[..., :-1]))
+
+
 def test_outputs_do_not_depend_on_prior_memory(kernel):
     """Two calls over differently poisoned pools give the same deterministic bytes."""
     import cupy
@@ -579,7 +618,7 @@ def test_default_kernel_follows_the_density_bound():
 
 @pytest.mark.parametrize("N,rows", [(130, 192), (128, 128), (1, 64)])
 def test_row_padded_copy_equals_the_slice_assignment(N, rows):
-    """The pitched-copy path of ``_row_padded`` (contiguous slabs) and its fallback (other
+    """The kernel path of ``_row_padded`` (evenly spaced slabs) and its fallback (other
     strides, another dtype) give the rows of x, then exact zeros."""
     import cupy
     import ml_dtypes

@@ -825,6 +825,7 @@ LINEAR_INSTANCES = {
     **{("merge", sparse, out): _merge_name(sparse, out) for sparse in _WORDS for out in _WORDS},
     **{(f"{side}_grads", dtype, name): _grads_name(side, dtype, name)
        for side in ("query", "key") for dtype in _WORDS for name in _FEATURE_CODES},
+    ("pad_rows",): "psa::linear_pad_rows",
 }
 
 
@@ -1053,7 +1054,7 @@ def sla_merge(q, k, v, o_sparse, marginal, block, feature_map, eps, weight, bias
     _linear_function(("merge", _dtype_name(sparse), out_name))(
         (blocks,), (_LINEAR_THREADS,),
         (sparse, y, bias_arg, np.int32(Nq), np.int32(y.shape[2]), np.int32(D), np.int64(total),
-         np.float32(1.0), out))
+         out))
     return out
 
 
@@ -1246,8 +1247,9 @@ _BACKWARD_PARAMS_DTYPE = np.dtype(
     [(name, np.uint64) for name in ("q", "k", "v", "d_out", "out")]
     + [(f"{x}_{axis}_stride", np.int64) for x in ("q", "k", "v", "d_out", "out")
        for axis in ("batch", "head", "row")]
-    + [(name, np.uint64) for name in ("lse", "lse_log2", "delta", "dq_accumulator", "dq", "dk",
-                                      "dv", "dq_addend", "dk_addend", "dv_addend")]
+    + [(name, np.uint64) for name in ("lse", "out_bias", "delta_shift", "lse_log2", "delta",
+                                      "dq_accumulator", "dq", "dk", "dv", "dq_addend",
+                                      "dk_addend", "dv_addend")]
     + [(f"{name}_addend_slab", np.int64) for name in ("dq", "dk", "dv")]
     + [(name, np.uint64) for name in ("row_offsets", "row_indices", "col_offsets",
                                       "col_indices")]
@@ -1344,6 +1346,9 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
         The forward's output (like ``q``, its dtype or float32) and LSE (``(B, Hq, Nq)``
         float32, natural log, -inf for rows with no kept tile) over exactly this kept set.
         When either is None both are recomputed by :func:`forward` on ``Plan.from_kept(kept)``.
+        ``out`` may be a :class:`MergedOutput` (SLA's merged output and its linear terms):
+        the output is used only through ``delta = rowsum(dO * O)``, which is then taken from
+        it.
     deterministic : bool
         dQ by a separate pass per query tile (bitwise reproducible) instead of fp32 reductions
         into an accumulator (atomics or bulk reductions: order-dependent rounding).
@@ -1418,10 +1423,13 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
     grad_dtype = np.dtype(np.float32) if grad_dtype == np.float32 else q.dtype
     addend = _backward_addend(cupy, addend, ((B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, D)))
 
+    out, out_bias, delta_shift = _merged_terms(cupy, out, (B, Hq, Nq, D))
+
     kept = cupy.ascontiguousarray(kept)
     plan, col_offsets, col_indices = _kept_lists(cupy, kept, block, (B, Hq, Nq, Nk))
     if out is None or lse is None:
         out, lse = forward(q, k, v, plan, None, scale, False, out_dtype=np.float32)[:2]
+        out_bias = delta_shift = None  # the sparse branch's own output
     if tuple(out.shape) != tuple(q.shape) or _dtype_name(out) not in (dtype_name, "float32"):
         raise ValueError(f"out must have q's shape {tuple(q.shape)} and dtype {dtype_name} or "
                          f"float32, got {_dtype_name(out)} {tuple(out.shape)}")
@@ -1457,6 +1465,8 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
             params[f"{name}_{axis}_stride"] = stride // x.itemsize
     params["lse"], params["lse_log2"], params["delta"] = (lse.data.ptr, lse_log2.data.ptr,
                                                           delta.data.ptr)
+    params["out_bias"] = 0 if out_bias is None else out_bias.data.ptr
+    params["delta_shift"] = 0 if delta_shift is None else delta_shift.data.ptr
     params["dq_accumulator"] = 0 if accumulator is None else accumulator.data.ptr
     params["dq"] = 0 if dq is None else dq.data.ptr
     params["dk"], params["dv"] = dk.data.ptr, dv.data.ptr
@@ -1498,9 +1508,10 @@ def _row_padded(cupy, x, rows, dtype):
     """``x`` ``(B, H, N, D)`` copied into a contiguous ``(B, H, rows, D)`` buffer of ``dtype``
     whose rows past N are zero (a GEMM operand aligned with whole tiles).
 
-    A same-dtype ``x`` whose (B, H) slabs are evenly spaced contiguous (N, D) blocks goes by one
-    pitched copy (``cudaMemcpy2DAsync``, stream-ordered and graph-capturable): CuPy's copy into
-    the strided view ran at a quarter of the bandwidth on an H200 (0.24 ms at the Wan shape).
+    A same-dtype ``x`` whose (B, H) slabs are evenly spaced contiguous (N, D) blocks, 16-byte
+    aligned, goes by one pass of ``linear_pad_rows`` (16-byte vectors, the zero rows in the
+    same pass): CuPy's copy into the strided view ran at a quarter of the bandwidth on an H200
+    (0.24 ms at the Wan shape), a pitched ``cudaMemcpy2DAsync`` at 1.7 TB/s (0.12 ms).
     """
     B, H, N, D = x.shape
     padded = cupy.empty((B, H, rows, D), dtype=dtype)
@@ -1508,13 +1519,17 @@ def _row_padded(cupy, x, rows, dtype):
     slab = x.strides[1]
     if (x.dtype == padded.dtype and x.strides[3] == item and x.strides[2] == D * item
             and (B == 1 or x.strides[0] == H * slab) and slab >= N * D * item
-            and N > 0 and B * H > 0):
-        runtime = cupy.cuda.runtime
-        runtime.memcpy2DAsync(padded.data.ptr, rows * D * item, x.data.ptr, slab, N * D * item,
-                              B * H, runtime.memcpyDeviceToDevice,
-                              cupy.cuda.get_current_stream().ptr)
-    else:
-        padded[:, :, :N] = x
+            and (D * item) % 16 == 0 and slab % 16 == 0 and x.data.ptr % 16 == 0
+            and B * H * rows > 0):
+        row_vectors = D * item // 16
+        total = B * H * rows * row_vectors
+        blocks = max(1, min(-(-total // _LINEAR_THREADS), 1 << 16))
+        _linear_function(("pad_rows",))(
+            (blocks,), (_LINEAR_THREADS,),
+            (x, np.int64(slab // 16), np.int32(N), np.int32(rows), np.int32(row_vectors),
+             np.int64(total), padded))
+        return padded
+    padded[:, :, :N] = x
     if rows > N:
         padded[:, :, N:] = 0
     return padded
@@ -1524,13 +1539,14 @@ def _launch_rows(key, grid, args):
     _linear_function(key)(grid, (_LINEAR_THREADS,), args)
 
 
-def _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand):
+def _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand, row_dot=None):
     """``(dq, dk, dv)`` float32 of the linear branch given its cotangent ``g`` (row-padded
     float32) and the same in the GEMM operand type; ``parts`` and ``o_linear`` are the
     forward's (:func:`_linear_states`). Per query tile ``dH_I = (phi(Q_I)/den)^T g_I`` and
     ``G = g H_I^T`` (batched GEMMs), the query rows' stage (``dq``, ``dZ_I``), the key tiles'
     ``dH_J = M^T dH_I`` (one GEMM of the 0/1 marginal matrix, tensor cores), ``dv = phi(K_J)
-    dH_J`` and ``V_J dH_J^T`` (batched GEMMs), then the key rows' stage (``dk``)."""
+    dH_J`` and ``V_J dH_J^T`` (batched GEMMs), then the key rows' stage (``dk``). With
+    ``row_dot`` (float32 ``(B, Hq, Nq)``) the query stage also writes ``g_i . O_l,i`` there."""
     import cupy
 
     B, Hq, Hkv, group, Nq, Nk, D, block_q, block_k, nq, nk = parts["sizes"]
@@ -1548,7 +1564,8 @@ def _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand):
     _launch_rows(("query_grads", _dtype_name(q), feature_map), (nq, Hq, B),
                  (q, *_element_strides(q), np.int32(Hq), np.int32(Nq), np.int32(block_q),
                   np.int32(D), parts["z"], np.int32(z_heads), np.int32(z_group),
-                  np.int32(z_per_tile), np.float32(eps), g, o_linear, g_h, dq, dz_query))
+                  np.int32(z_per_tile), np.float32(eps), g, o_linear, g_h, dq, dz_query,
+                  np.uint64(0) if row_dot is None else row_dot))
     del g_h
 
     if parts["mode"] == "global":
@@ -1619,24 +1636,45 @@ def linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear, mode=N
     return _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand)
 
 
-def _unmerge(cupy, out, y, bias):
-    """``O_s = out - (Y + b)`` float32 ``(B, Hq, Nq, D)`` by the merge kernel with sign -1;
-    ``y`` row-padded float32 or None."""
-    B, Hq, Nq, D = out.shape
-    merged = cupy.ascontiguousarray(out)
-    if y is None:
-        result = merged.astype(cupy.float32)
-        return result if bias is None else result - bias.astype(cupy.float32, copy=False)
-    o_sparse = cupy.empty((B, Hq, Nq, D), dtype=cupy.float32)
-    bias_arg = np.uint64(0) if bias is None else cupy.ascontiguousarray(
-        bias.astype(cupy.float32, copy=False))
-    total = B * Hq * Nq * D
-    blocks = max(1, min(-(-total // _LINEAR_THREADS), 1 << 16))
-    _linear_function(("merge", _dtype_name(merged), "float32"))(
-        (blocks,), (_LINEAR_THREADS,),
-        (merged, y, bias_arg, np.int32(Nq), np.int32(y.shape[2]), np.int32(D), np.int64(total),
-         np.float32(-1.0), o_sparse))
-    return o_sparse
+class MergedOutput(NamedTuple):
+    """SLA's merged forward output standing for its sparse branch's ``O_s`` in
+    :func:`attention_backward` (its ``out``): ``merged = O_s + Y + b`` with ``Y = O_l W^T``.
+
+    The sparse backward needs ``O_s`` only through ``delta = rowsum(dO * O_s)``, which is
+    ``rowsum(dO * (merged - b)) - rowsum(dO * Y)``, and ``rowsum(dO * Y) = rowsum((dO W) *
+    O_l)`` falls out of the linear side's own backward (its ``c_i``): so ``O_s`` is never
+    formed (no ``Y`` GEMM, no float32 ``(B, Hq, Nq, D)`` pass). ``bias`` is float32 ``(D,)``
+    or None; ``linear_row_dot`` float32 ``(B, Hq, Nq)`` or None (``W = 0``).
+    """
+
+    merged: object
+    bias: object
+    linear_row_dot: object
+
+
+def _merged_terms(cupy, out, shape):
+    """``(out, bias, row_dot)`` of an ``out`` argument: a :class:`MergedOutput` checked and
+    made kernel-ready, or a plain array with no terms."""
+    if not isinstance(out, MergedOutput):
+        return out, None, None
+    B, Hq, Nq, D = shape
+    merged, bias, row_dot = out
+    if bias is not None:
+        if not isinstance(bias, cupy.ndarray) or bias.dtype != np.float32 or bias.shape != (D,):
+            raise ValueError(f"out.bias must be a float32 cupy array of shape {(D,)}, got "
+                             f"{getattr(bias, 'dtype', type(bias).__name__)} "
+                             f"{tuple(getattr(bias, 'shape', ()))}")
+        bias = cupy.ascontiguousarray(bias)
+        if bias.data.ptr % 16:  # the preprocess reads it by float4
+            bias = bias.copy()
+    if row_dot is not None:
+        if (not isinstance(row_dot, cupy.ndarray) or row_dot.dtype != np.float32
+                or row_dot.shape != (B, Hq, Nq)):
+            raise ValueError(f"out.linear_row_dot must be a float32 cupy array of shape "
+                             f"{(B, Hq, Nq)}, got {getattr(row_dot, 'dtype', None)} "
+                             f"{tuple(getattr(row_dot, 'shape', ()))}")
+        row_dot = cupy.ascontiguousarray(row_dot)
+    return merged, bias, row_dot
 
 
 def sla_linear_vjp(q, k, v, d_out, marginal, block, feature_map, eps, weight, bias, out,
@@ -1646,10 +1684,11 @@ def sla_linear_vjp(q, k, v, d_out, marginal, block, feature_map, eps, weight, bi
     One pipeline, no host synchronisation: the forward's states (``phi``, ``H_I``, ``Z_I``)
     are computed once and reused; ``O_l`` (float32 and as a GEMM operand), ``dW = dO^T O_l``
     and ``db = 1^T dO`` as single GEMMs over every row (``db`` from ``dO`` in its own dtype),
-    ``g = dO W`` as one GEMM, then
-    :func:`_linear_grads`. With the forward's merged ``out`` it also returns the sparse
-    output ``O_s = out - (O_l W^T + b)`` (float32; ``O_l W^T`` on TF32 tensor cores as in
-    :func:`sla_merge`), so that the sparse backward needs no forward. ``grads`` is None when
+    ``g = dO W`` as one GEMM, then :func:`_linear_grads`. With the forward's merged ``out``
+    its last item is a :class:`MergedOutput` (``out``, ``b`` and ``rowsum(dO * O_l W^T) =
+    g . O_l`` per row, from the query rows' stage), which :func:`attention_backward` takes for
+    ``O_s``: the sparse backward then needs no forward and ``O_s`` is never formed (else
+    None). ``grads`` is None when
     ``weight`` is None (the branch does not reach the output). 16-bit inputs run every GEMM
     on bfloat16 operands with float32 accumulation; float32 inputs run float32 GEMMs.
     """
@@ -1657,9 +1696,10 @@ def sla_linear_vjp(q, k, v, d_out, marginal, block, feature_map, eps, weight, bi
 
     B, Hq, Nq, D = q.shape
     f32 = cupy.float32
+    bias32 = None if bias is None else cupy.ascontiguousarray(bias.astype(f32, copy=False))
     if marginal is None:  # no marginal tile: O_l = 0, so dW = 0 and only the bias remains
         d_bias = d_out.astype(f32).sum(axis=(0, 1, 2))
-        o_sparse = None if out is None else _unmerge(cupy, out, None, bias)
+        o_sparse = None if out is None else MergedOutput(out, bias32, None)
         return None, cupy.zeros((D, D), dtype=f32), d_bias, o_sparse
     parts = _linear_states(q, k, v, cupy.asarray(marginal), block, feature_map, eps, mode=mode)
     operand, op_dtype = parts["operand"], parts["phi_q"].dtype
@@ -1685,18 +1725,8 @@ def sla_linear_vjp(q, k, v, d_out, marginal, block, feature_map, eps, weight, bi
     d_bias = cupy.empty((1, D), dtype=f32)
     _gemm(1, D, total_rows, ones, total_rows, do_own, D, d_bias, D, types=(own, "float32"))
     d_bias = d_bias.reshape(D)
-    o_sparse = None
-    if out is not None:
-        y = None
-        if weight is not None:
-            weight32 = cupy.ascontiguousarray(weight.astype(f32, copy=False))
-            y = cupy.empty_like(o_linear)
-            compute = _COMPUTE_32F if operand == "float32" else _COMPUTE_32F_FAST_TF32
-            _gemm(total_rows, D, D, o_linear, D, weight32, D, y, D,
-                  types=("float32", "float32"), b_t=True, compute=compute)
-        o_sparse = _unmerge(cupy, out, y, bias)
     if weight is None:
-        return None, d_weight, d_bias, o_sparse
+        return None, d_weight, d_bias, None if out is None else MergedOutput(out, bias32, None)
     weight_operand = cupy.ascontiguousarray(weight.astype(op_dtype))
     g = cupy.empty((B, Hq, rows_q, D), dtype=f32)
     _gemm(total_rows, D, D, do_operand, D, weight_operand, D, g, D, types=(operand, "float32"))
@@ -1706,5 +1736,6 @@ def sla_linear_vjp(q, k, v, d_out, marginal, block, feature_map, eps, weight, bi
         g_operand = cupy.empty((B, Hq, rows_q, D), dtype=op_dtype)
         _gemm(total_rows, D, D, do_operand, D, weight_operand, D, g_operand, D,
               types=(operand, operand))
-    grads = _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand)
-    return grads, d_weight, d_bias, o_sparse
+    row_dot = None if out is None else cupy.empty((B, Hq, Nq), dtype=f32)
+    grads = _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand, row_dot)
+    return grads, d_weight, d_bias, None if out is None else MergedOutput(out, bias32, row_dot)

@@ -278,7 +278,9 @@ def linear_vjp(backend, q, k, v, d_out, marginal, block, name, eps, weight, dtyp
     ``dL/dO_l = do W``, or None when ``weight`` is None (W = 0: the branch does not reach the
     output, its gradient is exactly zero); ``dW``, ``db`` (at W = 0 too) in ``dtype``.
     ``o_sparse`` is :func:`sparse_output` of the forward's merged ``out`` when it is given
-    (from the ``O_l`` computed here for ``dW`` anyway), else None.
+    (from the ``O_l`` computed here for ``dW`` anyway), else None; a backend's own
+    ``sla_linear_vjp`` may return instead what its ``attention_backward`` takes for ``out``
+    (the GPU's ``MergedOutput``: the merged output and the terms that give ``delta``).
 
     A backend with ``sla_linear_vjp`` (the GPU: one pipeline, the forward's states reused by
     the backward) does all of it; otherwise the backend's ``linear_branch`` and
