@@ -16,8 +16,7 @@
 //       float32 rows, writes dq = phi'(q)^T ((G_i - c_i Z_I) / den_i) with G_i = g_i H_I^T from
 //       a GEMM, and the tile's dZ_I = -sum_i phi(q_i) c_i / den_i (fixed order, no atomics);
 //       c_i itself where asked (row_dot: with g = dO W it is rowsum(dO * O_l W^T), what the
-//       sparse backward's delta takes from SLA's merged output), and O_l rounded to bf16 (the
-//       operand of dW = dO^T O_l; padding rows zero) where asked.
+//       sparse backward's delta takes from SLA's merged output).
 //   linear_key_grads<In, MAP>   the key side: dk = phi'(k)^T (dPhi_j + dZ_J), dPhi = V dH_J^T
 //       from a GEMM.
 //   linear_pad_rows   a (B, H, N, D) array copied into a contiguous (B, H, rows, D) buffer
@@ -246,7 +245,7 @@ __global__ void linear_pad_rows(const uint4* __restrict__ source, long long slab
 // Grid (nq, heads, batch), 256 threads, a warp a row. q has element strides (sb, sh, sn);
 // g, o_linear and g_h (= g H_I^T) are contiguous float32 (B, heads, nq * tile, dim); dq is
 // contiguous float32 (B, heads, n, dim); dz is float32 (B, heads, nq, dim); row_dot, when not
-// null, float32 (B, heads, n); o_rounded, when not null, bf16 words shaped like o_linear.
+// null, float32 (B, heads, n).
 template <typename In, int MAP>
 __global__ void __launch_bounds__(kLinearWarps * 32)
 linear_query_grads(const typename Words<In>::Word* __restrict__ q, long long sb, long long sh,
@@ -254,8 +253,7 @@ linear_query_grads(const typename Words<In>::Word* __restrict__ q, long long sb,
                    const float* __restrict__ z, int z_heads, int z_group, int z_per_tile,
                    float eps, const float* __restrict__ g, const float* __restrict__ o_linear,
                    const float* __restrict__ g_h, float* __restrict__ dq,
-                   float* __restrict__ dz, float* __restrict__ row_dot,
-                   unsigned short* __restrict__ o_rounded) {
+                   float* __restrict__ dz, float* __restrict__ row_dot) {
     __shared__ float partial[kLinearWarps][kMaxChunks * 32];
     const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int n_tiles = gridDim.x;
@@ -281,9 +279,7 @@ linear_query_grads(const typename Words<In>::Word* __restrict__ q, long long sb,
             const bool valid = c < chunks && d < dim;
             zv[c] = valid ? zrow[d] : 0.0f;
             den += phi[c] * zv[c];
-            const float o = valid ? o_linear[padded + d] : 0.0f;
-            c_dot += valid ? g[padded + d] * o : 0.0f;
-            if (o_rounded != nullptr && valid) o_rounded[padded + d] = Words<Bf16>::store(o);
+            c_dot += valid ? g[padded + d] * o_linear[padded + d] : 0.0f;
             d_phi[c] = valid ? g_h[padded + d] : 0.0f;
         }
         den = warp_sum(den) + eps;
@@ -303,14 +299,6 @@ linear_query_grads(const typename Words<In>::Word* __restrict__ q, long long sb,
         for (int c = 0; c < kMaxChunks; ++c) {
             const int d = c * 32 + lane;
             if (c < chunks && d < dim) dst[d] = d_phi[c];
-        }
-    }
-    if (o_rounded != nullptr) {  // the rounded O_l is a GEMM operand over whole tiles
-        for (int r = warp; r < tile; r += kLinearWarps) {
-            const int row = t * tile + r;
-            if (row < n) continue;
-            for (int d = lane; d < dim; d += 32)
-                o_rounded[(bh * n_tiles * tile + row) * dim + d] = 0;
         }
     }
 #pragma unroll

@@ -1539,16 +1539,14 @@ def _launch_rows(key, grid, args):
     _linear_function(key)(grid, (_LINEAR_THREADS,), args)
 
 
-def _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand, row_dot=None,
-                  o_rounded=None):
+def _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand, row_dot=None):
     """``(dq, dk, dv)`` float32 of the linear branch given its cotangent ``g`` (row-padded
     float32) and the same in the GEMM operand type; ``parts`` and ``o_linear`` are the
     forward's (:func:`_linear_states`). Per query tile ``dH_I = (phi(Q_I)/den)^T g_I`` and
     ``G = g H_I^T`` (batched GEMMs), the query rows' stage (``dq``, ``dZ_I``), the key tiles'
     ``dH_J = M^T dH_I`` (one GEMM of the 0/1 marginal matrix, tensor cores), ``dv = phi(K_J)
     dH_J`` and ``V_J dH_J^T`` (batched GEMMs), then the key rows' stage (``dk``). With
-    ``row_dot`` (float32 ``(B, Hq, Nq)``) the query stage also writes ``g_i . O_l,i`` there,
-    with ``o_rounded`` (bfloat16, shaped like ``o_linear``) ``O_l`` rounded, padding rows 0."""
+    ``row_dot`` (float32 ``(B, Hq, Nq)``) the query stage also writes ``g_i . O_l,i`` there."""
     import cupy
 
     B, Hq, Hkv, group, Nq, Nk, D, block_q, block_k, nq, nk = parts["sizes"]
@@ -1567,8 +1565,7 @@ def _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand, row_dot
                  (q, *_element_strides(q), np.int32(Hq), np.int32(Nq), np.int32(block_q),
                   np.int32(D), parts["z"], np.int32(z_heads), np.int32(z_group),
                   np.int32(z_per_tile), np.float32(eps), g, o_linear, g_h, dq, dz_query,
-                  np.uint64(0) if row_dot is None else row_dot,
-                  np.uint64(0) if o_rounded is None else o_rounded))
+                  np.uint64(0) if row_dot is None else row_dot))
     del g_h
 
     if parts["mode"] == "global":
@@ -1710,7 +1707,15 @@ def sla_linear_vjp(q, k, v, d_out, marginal, block, feature_map, eps, weight, bi
     total_rows = B * Hq * rows_q
     o_linear = cupy.empty((B, Hq, rows_q, D), dtype=f32)
     _state_product(parts, parts["phi_q"], o_linear)
+    if operand == "float32":
+        o_operand = o_linear
+    else:  # the same product rounded once to the operand type (cheaper than a cast pass)
+        o_operand = cupy.empty((B, Hq, rows_q, D), dtype=op_dtype)
+        _state_product(parts, parts["phi_q"], o_operand)
     do_operand = _row_padded(cupy, d_out, rows_q, op_dtype)   # padding rows are zero
+    d_weight = cupy.empty((D, D), dtype=f32)
+    _gemm(D, D, total_rows, do_operand, D, o_operand, D, d_weight, D,
+          types=(operand, "float32"), a_t=True)
     # db = 1^T dO as a GEMM (a CuPy reduction over the leading axes took 9 ms at the Wan
     # shape on an H200), from dO in its own dtype: a float16 dO is not rounded to bf16 here.
     own = _dtype_name(d_out)
@@ -1720,20 +1725,7 @@ def sla_linear_vjp(q, k, v, d_out, marginal, block, feature_map, eps, weight, bi
     d_bias = cupy.empty((1, D), dtype=f32)
     _gemm(1, D, total_rows, ones, total_rows, do_own, D, d_bias, D, types=(own, "float32"))
     d_bias = d_bias.reshape(D)
-    # dW = dO^T O_l needs O_l as an operand: the query rows' stage rounds it on its way (its
-    # padding rows zero); without that stage, the same product rounded once by a GEMM.
-    o_operand = o_linear if operand == "float32" else cupy.empty((B, Hq, rows_q, D),
-                                                                 dtype=op_dtype)
-    d_weight = cupy.empty((D, D), dtype=f32)
-
-    def weight_gradient():
-        _gemm(D, D, total_rows, do_operand, D, o_operand, D, d_weight, D,
-              types=(operand, "float32"), a_t=True)
-
     if weight is None:
-        if operand != "float32":
-            _state_product(parts, parts["phi_q"], o_operand)
-        weight_gradient()
         return None, d_weight, d_bias, None if out is None else MergedOutput(out, bias32, None)
     weight_operand = cupy.ascontiguousarray(weight.astype(op_dtype))
     g = cupy.empty((B, Hq, rows_q, D), dtype=f32)
@@ -1745,7 +1737,5 @@ def sla_linear_vjp(q, k, v, d_out, marginal, block, feature_map, eps, weight, bi
         _gemm(total_rows, D, D, do_operand, D, weight_operand, D, g_operand, D,
               types=(operand, operand))
     row_dot = None if out is None else cupy.empty((B, Hq, Nq), dtype=f32)
-    grads = _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand, row_dot,
-                          o_rounded=None if operand == "float32" else o_operand)
-    weight_gradient()
+    grads = _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand, row_dot)
     return grads, d_weight, d_bias, None if out is None else MergedOutput(out, bias32, row_dot)
