@@ -616,7 +616,7 @@ def step_backward(log, records, quick):
             _record(records, dict(what=f"backward {label}", shape=shape,
                                   impl=f"ours {block[0]}x{block[1]} {chosen}"
                                   f"{' (default)' if kernel is None else ''}"
-                                  f"{' deterministic' if deterministic else ' atomic dQ'}",
+                                  f"{' deterministic' if deterministic else ' reduced dQ'}",
                                   ms=ms[0], tflops=flops / (ms[0] * 1e-3) / 1e12,
                                   density=density, lists_ms=lists_ms[0],
                                   with_forward_ms=recompute_ms[0]))
