@@ -142,7 +142,6 @@ __global__ void __launch_bounds__(128)
                 out[2 * w + 1] = Element::to_float(static_cast<unsigned short>(words[w] >> 16));
             }
         }
-#pragma unroll
         if (params.out_bias != nullptr) {
             const float4* bias = reinterpret_cast<const float4*>(params.out_bias + chunk * 8);
             const float4 lo = bias[0], hi = bias[1];
@@ -158,7 +157,8 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
     for (int width = 1; width < kChunks; width *= 2)
         sum += __shfl_xor_sync(0xffffffffu, sum, width);
-    if (valid && params.delta_shift != nullptr) sum -= params.delta_shift[slab * params.n_queries + row];
+    if (valid && params.delta_shift != nullptr)
+        sum -= params.delta_shift[slab * params.n_queries + row];
     if (chunk == 0) {
         const long long flat = slab * params.n_rows_padded + row;
         const float lse = valid ? params.lse[slab * params.n_queries + row] : 0.f;
