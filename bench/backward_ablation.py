@@ -91,7 +91,7 @@ def main():
         print(json.dumps(fields), flush=True)
 
     q, k, v, do = backward_inputs(cupy, B, H, N, D)
-    dense_flops = 2.5 * 4.0 * B * H * N * N * D
+    dense_flops = 2.5 * 4.0 * B * H * N * N * D  # the backward: 2.5x the forward's FLOPs
     try:
         if args.once:
             raise RuntimeError("--once: no anchors")
@@ -117,34 +117,30 @@ def main():
         print(f"compiled {len(VARIANTS) + len(SCHEDULES)} variants of {kernel} in "
               f"{time.time() - started:.1f} s", flush=True)
 
+        def timed(variant, ms, **fields):
+            record(case=label, variant=f"{kernel} {variant}", ms=ms, density=density,
+                   tflops=dense_flops * density / (ms * 1e-3) / 1e12, **fields)
+
         def call(macros=(), deterministic=False, chosen=kernel, addend=None):
             return backend.attention_backward(
                 q, k, v, do, kept, block, scale, out=out, lse=lse, grad_dtype=q.dtype,
                 deterministic=deterministic, density=bound, kernel=chosen, _ablation=macros,
                 addend=addend)
         for name, macros in VARIANTS.items():
-            ms = timer(lambda: call(macros))
-            record(case=label, variant=f"{kernel} reduced dQ: {name}", ms=ms, density=density,
-                   tflops=dense_flops * density / (ms * 1e-3) / 1e12)
+            timed(f"reduced dQ: {name}", timer(lambda: call(macros)))
         # With another branch's float32 gradients added in the stores, as sla_vjp calls it.
         rng = cupy.random.default_rng(5)
         addend = tuple(rng.standard_normal(x.shape, dtype=cupy.float32) * 1e-3
                        for x in (q, k, v))
         for extra, suffix in ((None, ""), (addend, " + addend")):
-            ms = timer(lambda: call(addend=extra))
-            record(case=label, variant=f"{kernel} shipped schedule{suffix}", ms=ms,
-                   density=density, tflops=dense_flops * density / (ms * 1e-3) / 1e12)
+            timed(f"shipped schedule{suffix}", timer(lambda: call(addend=extra)))
             shipped = call(addend=extra)
             for name, macros in SCHEDULES.items():
                 agreement, same = _agreement(cupy, shipped, call(macros, addend=extra))
-                ms = timer(lambda: call(macros, addend=extra))
-                record(case=label, variant=f"{kernel} schedule: {name}{suffix}", ms=ms,
-                       density=density, tflops=dense_flops * density / (ms * 1e-3) / 1e12,
-                       agreement=agreement, key_gradients_bitwise=same)
+                timed(f"schedule: {name}{suffix}", timer(lambda: call(macros, addend=extra)),
+                      agreement=agreement, key_gradients_bitwise=same)
         del addend
-        ms = timer(lambda: call(deterministic=True))
-        record(case=label, variant=f"{kernel} deterministic dQ", ms=ms, density=density,
-               tflops=dense_flops * density / (ms * 1e-3) / 1e12)
+        timed("deterministic dQ", timer(lambda: call(deterministic=True)))
         if args.profile:
             import torch
             from profile_sla_step import table

@@ -1,7 +1,7 @@
 // Attention backward on mma.sync (FlashAttention-2 style), docs/design.rst section 7: the gradients of
 // attention restricted to a fixed kept-tile set, which the forward's plan lists.
 //
-// Four kernels, queued on one stream with no host read between them:
+// Five kernels, queued on one stream with no host read between them:
 //   attention_backward_lists       the kept bitmap as CSR lists, query-major (the forward's
 //                                  plan) and key-major (what the dK/dV pass walks).
 //   attention_backward_preprocess  per row: delta = rowsum(dO * O) (from SLA's merged output

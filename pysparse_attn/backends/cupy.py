@@ -1220,8 +1220,8 @@ def _backward_kernel(device, stage, dtype_name, head_dim, kernel="mma_sync", abl
     """The compiled backward instance on ``device`` and its dynamic shared-memory size; one
     NVRTC module per (family, dtype, head dim) holds the family's stages. Only the dK/dV
     stages differ between families; the others always come from the mma_sync module.
-    ``ablation``: timing-only ``PSA_ABLATE_BWD_*`` macros of the wgmma dK/dV pass
-    (bench/backward_ablation.py)."""
+    ``ablation``: variant macros of the wgmma dK/dV pass (``PSA_ABLATE_BWD_*``,
+    ``PSA_BWD_*``; bench/backward_ablation.py)."""
     if not stage.startswith("dkdv"):
         kernel, ablation = "mma_sync", ()
     if ablation and BACKWARD_KERNELS[kernel].source == "attention_backward.cu":
@@ -1368,8 +1368,9 @@ def attention_backward(q, k, v, do, kept, block, scale, *, out=None, lse=None,
         An upper bound, known on the host, on the share of key tiles a query tile keeps (a
         plan's list capacity over ``nk``); it picks the default kernel. None: unknown.
     _ablation : tuple of str, private
-        Timing-only ``PSA_ABLATE_BWD_*`` variants of the wgmma dK/dV pass
-        (bench/backward_ablation.py; their gradients are wrong by design).
+        Variants of the wgmma dK/dV pass (bench/backward_ablation.py): timing-only
+        ``PSA_ABLATE_BWD_*`` (their gradients are wrong by design), or ``PSA_BWD_DQ_LAST``,
+        the previous schedule (same gradients, up to dQ's summation order).
 
     Returns
     -------
