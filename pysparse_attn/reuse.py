@@ -16,6 +16,7 @@ reads a decision, so a GPU call adds no host synchronisation of its own (see
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Optional
@@ -231,6 +232,10 @@ class LayerState:
     scheduled_refresh_step : int or None
         With ``rule_in_plan=False`` (refreshes known on the host), the step of the last
         refresh; else None.
+    reused_plan : Plan or None
+        With ``rule_in_plan=False``, the :class:`Plan` of ``plan`` once a step between
+        refreshes has built it: the next such steps attend with it as it is (a plan is plain
+        data, never written), so they do no bitmap work at all.
     """
 
     shape: tuple
@@ -242,6 +247,7 @@ class LayerState:
     pending: Any
     last_step: int
     scheduled_refresh_step: Optional[int] = None
+    reused_plan: Optional[Plan] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,6 +503,10 @@ class PlanReuse:
         # NaN again (a device read on a GPU).
         scores = pooled_block_scores(xp, q, k, self.block, options["scale"])
         estimate = _softmax(xp, scores)
+        if not self.rule_in_plan and state is not None and (
+                self.refresh_every is None
+                or step - state.scheduled_refresh_step < self.refresh_every):
+            return self._plain(arrays, layer, step, state, estimate, options, nq * nk)
         if self.select is None:
             refresh_bitmap = xp.ones((B, H, nq, nk), dtype=bool)
         else:
@@ -517,19 +527,14 @@ class PlanReuse:
         reused_bitmap = refresh_bitmap if state is None else state.plan
         bitmap = xp.where(refresh[:, :, None, None], refresh_bitmap, reused_bitmap)
 
-        scheduled = None
-        plain = False  # a step between refreshes run without the rule (known on the host)
-        if not self.rule_in_plan:
-            due = state is None or (self.refresh_every is not None and
-                                    step - state.scheduled_refresh_step >= self.refresh_every)
-            scheduled = step if due else state.scheduled_refresh_step
-            plain = not due
-        if self.order == "natural" or plain:
+        # Without the rule in the plan every refresh is scheduled (steps between them take
+        # _plain): this call is one.
+        scheduled = None if self.rule_in_plan else step
+        if self.order == "natural":
             plan = Plan.from_kept(bitmap, block=self.block, order="natural", shape=shape)
         else:
             plan = _ordered_plan(xp, bitmap, scores, self.order, self.peak, self.block, shape)
-        out, st = attention(q, k, v, plan=plan, skip=None if plain else self.skip,
-                            return_stats=True, **options)
+        out, st = attention(q, k, v, plan=plan, skip=self.skip, return_stats=True, **options)
 
         kept = st.kept
         plan_tiles = bitmap.sum(axis=(2, 3))
@@ -563,6 +568,28 @@ class PlanReuse:
                            nq * nk, st.recall_bound,
                            None if outside is None else give(outside),
                            None if growth is None else give(growth), give(share), st)
+        return arrays.from_canonical(out), stats
+
+    def _plain(self, arrays, layer, step, state, estimate, options, tiles):
+        """A step between scheduled refreshes without the rule: every head attends with its
+        stored plan bitmap, visiting all of it (``kept`` is the plan), so the state carries
+        over unchanged but for ``last_step`` and the plan built once for these steps."""
+        xp = arrays.xp
+        plan = state.reused_plan
+        if plan is None:
+            plan = Plan.from_kept(state.plan, block=self.block, order="natural",
+                                  shape=state.shape)
+        out, st = attention(arrays.q, arrays.k, arrays.v, plan=plan, skip=None,
+                            return_stats=True, **options)
+        self._layers[layer] = dataclasses.replace(state, last_step=step, reused_plan=plan)
+        outside = self._outside_mass(xp, estimate, state.plan)
+        plan_tiles = state.plan.sum(axis=(2, 3))
+        B, H = state.shape[:2]
+        give = arrays.to_caller
+        stats = ReuseStats(layer, step, False, give(xp.zeros((B, H), dtype=bool)),
+                           give(plan_tiles), give(plan_tiles), tiles, st.recall_bound,
+                           give(outside), give(outside - state.outside_at_refresh),
+                           give(xp.ones((B, H), dtype=xp.float64)), st)
         return arrays.from_canonical(out), stats
 
 

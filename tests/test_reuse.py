@@ -588,6 +588,7 @@ def test_without_the_rule_in_plan_reused_steps_visit_their_plan_with_no_rule():
     rule = psa.Recall(0.9)
     reuse = PlanReuse(rule, refresh_every=3, dense_steps=1, block=(16, 16), mass_budget=None,
                       kept_tolerance=None, rule_in_plan=False)
+    plain_plan = None
     for step, (q, k, v) in enumerate(trajectory):
         plan_before = None if step < 2 else reuse.state(0).plan
         out, stats = reuse.attention(q, k, v, layer=0, step=step)
@@ -599,7 +600,13 @@ def test_without_the_rule_in_plan_reused_steps_visit_their_plan_with_no_rule():
             refreshing or not stats.refreshed.any()), step
         if refreshing:  # the rule ran over every tile
             assert stats.kept_density < 1.0 and stats.recall_bound.min() >= 0.9 - 1e-6
+            plain_plan = None
             continue
+        # The steps after the first between two refreshes attend with the plan it built.
+        if plain_plan is not None:
+            assert stats.attention.plan is plain_plan, step
+        plain_plan = stats.attention.plan
+        assert reuse.state(0).reused_plan is plain_plan
         # Between refreshes: every plan tile kept, and exactly attention on the stored plan.
         np.testing.assert_array_equal(stats.attention.kept, plan_before)
         assert stats.recall_bound.min() == 1.0
@@ -607,6 +614,19 @@ def test_without_the_rule_in_plan_reused_steps_visit_their_plan_with_no_rule():
             plan_before, block=(16, 16), order="natural", shape=stats.attention.plan.shape))
         np.testing.assert_array_equal(out, expected)
     assert "rule_in_plan=False" in repr(reuse)
+
+
+def test_without_the_rule_in_plan_and_no_schedule_the_first_plan_is_kept():
+    trajectory = _trajectory()
+    reuse = PlanReuse(psa.Recall(0.9), refresh_every=None, dense_steps=0, block=(16, 16),
+                      mass_budget=None, kept_tolerance=None, rule_in_plan=False)
+    start = len(trajectory) - 4  # structure-dominated steps, where the rule skips
+    _, first = reuse.attention(*trajectory[start], layer=0, step=start)
+    assert first.refreshed.all() and first.kept_density < 1.0
+    for step in range(start + 1, len(trajectory)):
+        _, stats = reuse.attention(*trajectory[step], layer=0, step=step)
+        assert not stats.refreshed.any() and stats.recall_bound.min() == 1.0
+        np.testing.assert_array_equal(stats.attention.kept, first.attention.kept)
 
 
 def test_rule_in_plan_off_needs_host_known_refreshes():
