@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from pysparse_attn._plan import tile_count  # noqa: E402
 from pysparse_attn._rules import Blasst, Cef, Recall  # noqa: E402
-from pysparse_attn._select import TopK, TopP  # noqa: E402
+from pysparse_attn._select import BlockMask, TopK, TopP  # noqa: E402
 from pysparse_attn.bench.results import git_commit  # noqa: E402
 
 
@@ -281,7 +281,9 @@ def sanitize_target():
         for D in (64, 128):
             q = cupy.asarray(rng.standard_normal((1, 2, 150, D)).astype(np.float32)).astype(dtype)
             k = cupy.asarray(rng.standard_normal((1, 1, 4100, D)).astype(np.float32)).astype(dtype)
-            for selector in (TopK(ratio=0.3), TopP(0.9)):
+            mask = cupy.asarray(rng.random((1, 2, 3, 65)) < 0.3)
+            mask[0, 0, 1] = False  # a row with no tile
+            for selector in (TopK(ratio=0.3), TopP(0.9), BlockMask(mask)):
                 for order in ("natural", "peak"):
                     backend.build_plan(cupy, q, k, selector, order, 4, (64, 64), D ** -0.5)
     cupy.cuda.runtime.deviceSynchronize()

@@ -5,8 +5,9 @@
 //   block_scores: q-tile means . (k-tile means - their mean over tiles), 16 x 64 blocks of
 //                 scores per step from shared memory, one CTA per 16 query tiles of a kv head.
 //   select_tiles: one CTA per query tile sorts its nk scores (bitonic, in shared memory;
-//                 descending score, ties to the lower tile index), keeps the TopK count or the
-//                 TopP prefix, and writes the kept tiles in natural, score or peak order.
+//                 descending score, ties to the lower tile index), keeps the TopK count, the
+//                 TopP prefix or exactly the tiles of a given bitmap, and writes the kept tiles
+//                 in natural, score or peak order.
 
 #include "element_types.cuh"
 
@@ -184,33 +185,46 @@ enum VisitOrder { kNatural = 0, kScore = 1, kPeak = 2 };
 // a row keeps at most max_count tiles (the caller sizes it from the selector).
 // write_marginal != 0 (the SLA split): marginal[row, j] = 1 exactly for the tiles of sorted
 // rank in [marginal_begin, marginal_end), 0 elsewhere (every tile of the row is written once).
+// use_mask != 0: the row keeps exactly the tiles j with mask[row, j] != 0 (`keep` and `top_p`
+// unused), ordered among themselves as above.
 __global__ void select_tiles(const float* __restrict__ scores, int n_key_tiles, int n_pow2,
                              int keep, float top_p, int order, int peak,
                              int* __restrict__ visit, int max_count, int* __restrict__ count,
                              unsigned char* __restrict__ marginal, int write_marginal,
-                             int marginal_begin, int marginal_end) {
+                             int marginal_begin, int marginal_end,
+                             const unsigned char* __restrict__ mask, int use_mask) {
     extern __shared__ __align__(16) unsigned char shared_raw[];
     float* score = reinterpret_cast<float*>(shared_raw);
     int* index = reinterpret_cast<int*>(score + n_pow2);
     float* partial = reinterpret_cast<float*>(index + n_pow2);
     __shared__ int kept_count;
+    // Tiles outside the mask sort after every tile in it (index + kUnlisted breaks the -inf
+    // tie), and the count of tiles in it bounds every read of index[] below to real tiles.
+    constexpr int kUnlisted = 1 << 24;  // above any tile index (n_pow2 <= 4096)
+    __shared__ int listed_count;
 
     const long long row = ((long long)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
     const float* row_scores = scores + row * n_key_tiles;
+    if (threadIdx.x == 0) listed_count = 0;
+    __syncthreads();
+    int listed_here = 0;
     for (int i = threadIdx.x; i < n_pow2; i += blockDim.x) {
         const bool valid = i < n_key_tiles;
+        const bool listed = valid && (!use_mask || mask[row * n_key_tiles + i]);
+        listed_here += listed;
         // A NaN score (NaN inputs, unchecked on the GPU) becomes -inf: every real tile then
         // sorts before the padding (ties go to the lower index), so index[t] < n_key_tiles
         // for every t < n_key_tiles and no write below can leave the row.
-        const float s = valid ? row_scores[i] : 0.f;
-        score[i] = valid && s == s ? s : __int_as_float(0xff800000);
-        index[i] = valid ? i : 0x7fffffff;
+        const float s = listed ? row_scores[i] : 0.f;
+        score[i] = listed && s == s ? s : __int_as_float(0xff800000);
+        index[i] = !valid ? 0x7fffffff : listed ? i : i + kUnlisted;
     }
+    if (use_mask && listed_here) atomicAdd(&listed_count, listed_here);
     __syncthreads();
     bitonic_sort(score, index, n_pow2);
 
-    int n_keep = keep;
-    if (keep <= 0) {
+    int n_keep = use_mask ? listed_count : keep;
+    if (!use_mask && keep <= 0) {
         // TopP: the shortest prefix of the sorted tiles whose softmax mass reaches top_p.
         // Each thread owns a contiguous run; run sums are scanned across the block.
         const int per_thread = (n_pow2 + blockDim.x - 1) / blockDim.x;
@@ -244,7 +258,7 @@ __global__ void select_tiles(const float* __restrict__ scores, int n_key_tiles, 
     if (write_marginal) {
         unsigned char* row_marginal = marginal + row * n_key_tiles;
         for (int t = threadIdx.x; t < n_key_tiles; t += blockDim.x)
-            row_marginal[index[t]] = t >= marginal_begin && t < marginal_end;
+            row_marginal[index[t] & (kUnlisted - 1)] = t >= marginal_begin && t < marginal_end;
     }
 
     int* row_visit = visit + row * max_count;

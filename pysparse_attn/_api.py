@@ -197,15 +197,29 @@ def _check_selector(select, arrays: Canonical, block):
     raise TypeError(f"select must be None, BlockMask, TopK or TopP, got {type(select).__name__}")
 
 
-def _build(arrays: Canonical, select, order, peak, block, scale, linear="marginal"):
+def _build(arrays: Canonical, select, order, peak, block, scale, linear="marginal", *,
+           mask=None, scores=None):
     """The one plan builder: the CuPy backend's accelerated selection on GPU arrays, the
-    generic array-API one on the host."""
+    generic array-API one on the host (``mask`` and ``scores``: see
+    :func:`pysparse_attn._plan.build_plan`; ``scores`` from :func:`_plan_scores`)."""
     if arrays.on_gpu:
         from .backends import cupy as gpu_backend
 
         return gpu_backend.build_plan(arrays.xp, arrays.q, arrays.k, select, order, peak, block,
-                                      scale, linear)
-    return build_plan(arrays.xp, arrays.q, arrays.k, select, order, peak, block, scale, linear)
+                                      scale, linear, mask=mask, scores=scores)
+    return build_plan(arrays.xp, arrays.q, arrays.k, select, order, peak, block, scale, linear,
+                      mask=mask, scores=scores)
+
+
+def _plan_scores(arrays: Canonical, block, scale):
+    """The block scores :func:`_build` orders and selects by, on the arrays' device, with no
+    input check (the public :func:`block_scores` checks, and computes in float64 on the
+    host)."""
+    if arrays.on_gpu:
+        from .backends import cupy as gpu_backend
+
+        return gpu_backend.plan_block_scores(arrays.q, arrays.k, block, scale)
+    return _block_scores(arrays.xp, arrays.q, arrays.k, block, scale)
 
 
 def _plan(call: _Call, select, order, peak, linear="marginal"):

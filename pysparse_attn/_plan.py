@@ -483,12 +483,18 @@ def _descending_rank(xp, scores):
     return order, rank
 
 
-def _positions(xp, keep, rank, order, peak):
-    """Each kept tile's position in its row's visit list (docs/design.rst section 4 orders)."""
+def _positions(xp, keep, rank, order, peak, sorted_idx=None):
+    """Each kept tile's position in its row's visit list (docs/design.rst section 4 orders).
+
+    ``sorted_idx``, the tiles in descending score order (the inverse permutation of ``rank``,
+    as :func:`_descending_rank` gives both), spares a second sort.
+    """
     if order == "natural":
         return xp.cumsum(keep, axis=-1, dtype=xp.int64) - 1
+    if sorted_idx is None:
+        sorted_idx = xp.argsort(rank, axis=-1)
     # Rank among the kept tiles only (a mask may keep tiles of any rank).
-    kept_sorted = xp.take_along_axis(keep, xp.argsort(rank, axis=-1), axis=-1)
+    kept_sorted = xp.take_along_axis(keep, sorted_idx, axis=-1)
     kept_rank_sorted = xp.cumsum(kept_sorted, axis=-1, dtype=xp.int64) - 1
     kept_rank = xp.take_along_axis(kept_rank_sorted, rank, axis=-1)
     if order == "score":
@@ -506,12 +512,18 @@ def max_visits_of(selector, nk: int) -> int:
     return nk
 
 
-def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal"):
+def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal", *,
+               mask=None, scores=None):
     """Build the :class:`Plan` of ``selector`` (or dense when ``None``) for canonical q, k.
 
     ``selector`` is ``None``, :class:`BlockMask`, :class:`TopK`, :class:`TopP` or the internal
     :class:`SlaSplit`; ``order`` one of ``"natural"``, ``"score"``, ``"peak"``. No value is read
     back from the device: the index capacity is ``nq * max_visits``.
+
+    Library-internal callers may pass ``mask``, a bool ``(B, H, nq, nk)`` bitmap of the array
+    namespace, with ``selector=None``: the plan visits exactly its tiles (what
+    ``BlockMask(mask)`` gives, without the mask's checks, which read device data), and
+    ``scores``, the block scores (:func:`block_scores`) when the caller has them already.
     """
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
@@ -520,12 +532,15 @@ def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal")
     marginal = None
     needs_scores = order != "natural" or isinstance(selector, (TopK, TopP, SlaSplit))
     if needs_scores:
-        scores = block_scores(xp, q, k, block, scale)
+        if scores is None:
+            scores = block_scores(xp, q, k, block, scale)
         sorted_idx, rank = _descending_rank(xp, scores)
     else:
         rank = sorted_idx = None
 
-    if selector is None:
+    if mask is not None:
+        keep = mask
+    elif selector is None:
         keep = xp.ones(shape, dtype=bool)
     elif isinstance(selector, BlockMask):
         keep = xp.broadcast_to(xp.asarray(selector.mask, dtype=bool), shape)
@@ -547,7 +562,7 @@ def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal")
                         f"{type(selector).__name__}")
 
     width = max_visits_of(selector, nk)
-    position = _positions(xp, keep, rank, order, peak)
+    position = _positions(xp, keep, rank, order, peak, sorted_idx)
     row_offsets, row_indices = rows_from_positions(xp, keep, position, nq * width)
     return trusted_plan((B, H, Nq, Nk), block, row_offsets, row_indices, order=order,
                         max_visits=width, marginal=marginal)

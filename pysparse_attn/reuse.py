@@ -24,11 +24,9 @@ from typing import Any, Hashable, Optional
 import numpy as np
 
 from . import backends
-from ._api import _build, _check_finite_option, attention
+from ._api import _build, _check_finite_option, _plan_scores, attention
 from ._arrays import canonicalize, check_block, check_scale, on_cuda
-from ._plan import Plan, _descending_rank, _positions, rows_from_positions, tile_count
-from ._plan import trusted_plan
-from ._plan import block_scores as pooled_block_scores
+from ._plan import Plan, tile_count
 from ._rules import Blasst, Cef, Recall
 from ._select import TopK, TopP
 
@@ -499,9 +497,9 @@ class PlanReuse:
         q, k, v = arrays.q, arrays.k, arrays.v
         B, H, Nq, Nk = shape
         nq, nk = tile_count(Nq, self.block[0]), tile_count(Nk, self.block[1])
-        # Straight on the canonical arrays: the public block_scores would check q and k for
-        # NaN again (a device read on a GPU).
-        scores = pooled_block_scores(xp, q, k, self.block, options["scale"])
+        # The plan builder's own scores, straight on the canonical arrays: the public
+        # block_scores would check q and k for NaN again (a device read on a GPU).
+        scores = _plan_scores(arrays, self.block, options["scale"])
         estimate = _softmax(xp, scores)
         if not self.rule_in_plan and state is not None and (
                 self.refresh_every is None
@@ -532,8 +530,9 @@ class PlanReuse:
         scheduled = None if self.rule_in_plan else step
         if self.order == "natural":
             plan = Plan.from_kept(bitmap, block=self.block, order="natural", shape=shape)
-        else:
-            plan = _ordered_plan(xp, bitmap, scores, self.order, self.peak, self.block, shape)
+        else:  # the tiles of bitmap in the builder's order, from the scores at hand
+            plan = _build(arrays, None, self.order, self.peak, self.block, options["scale"],
+                          mask=bitmap, scores=scores)
         out, st = attention(q, k, v, plan=plan, skip=self.skip, return_stats=True, **options)
 
         kept = st.kept
@@ -595,19 +594,6 @@ class PlanReuse:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-def _ordered_plan(xp, bitmap, scores, order, peak, block, shape):
-    """The plan visiting exactly the tiles of ``bitmap`` in the builder's ``order``
-    (``docs/design.rst`` section 4), from the block scores the guard already computed: what
-    ``plan(select=BlockMask(bitmap), order=order)`` gives, without a second pass over q and k
-    (nor, on a GPU, their float32 copies) and without the mask check, a device read (every
-    row of ``bitmap`` holds a tile by construction)."""
-    _, rank = _descending_rank(xp, scores)
-    position = _positions(xp, bitmap, rank, order, peak)
-    nq, nk = bitmap.shape[2:]
-    row_offsets, row_indices = rows_from_positions(xp, bitmap, position, nq * nk)
-    return trusted_plan(shape, block, row_offsets, row_indices, order=order, max_visits=nk)
-
 
 def _softmax(xp, scores):
     shifted = scores - scores.max(axis=-1, keepdims=True)

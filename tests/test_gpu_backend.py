@@ -396,6 +396,52 @@ def test_fused_plan_follows_the_selector_definition(selector, order, block):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("order", ["natural", "score", "peak"])
+@pytest.mark.parametrize("block", [(64, 64), (128, 64)])
+def test_fused_mask_plan_visits_exactly_the_mask_in_order(order, block):
+    """BlockMask (and the internal ``mask=``) through the selection kernel: exactly the mask's
+    tiles, empty rows empty, full rows and sink columns whole, in the order's definition."""
+    import cupy
+
+    from pysparse_attn import _plan
+    from pysparse_attn._select import BlockMask
+    from pysparse_attn.backends import cupy as backend
+
+    rng = _fresh_rng()
+    (q, k, _), (q64, k64, _) = _inputs(rng, "bfloat16", 2, 4, 2, 300, 1000, 64, "bhnd")
+    scale = 64 ** -0.5
+    nq, nk = tile_count(300, block[0]), tile_count(1000, block[1])
+    mask = rng.random((2, 4, nq, nk)) < rng.choice([0.05, 0.5, 0.95])
+    mask[0, 0, 0] = False   # a row with no tile
+    mask[1, 2, :, 3] = True  # a sink key tile
+    mask[1, 3, 1] = True     # a full row
+    plan = _host_plan(backend.build_plan(cupy, q, k, BlockMask(cupy.asarray(mask)), order, 4,
+                                         block, scale))
+    scores = backend.plan_block_scores(q, k, block, scale)
+    internal = _host_plan(backend.build_plan(cupy, q, k, None, order, 4, block, scale,
+                                             mask=cupy.asarray(mask), scores=scores))
+    np.testing.assert_array_equal(plan.row_offsets, internal.row_offsets)
+    np.testing.assert_array_equal(plan.row_indices, internal.row_indices)
+    reference = _plan.block_scores(np, q64, k64, block, scale)
+    tol = 1e-4  # float32 tile means vs float64, as in the selector test above
+    for index in np.ndindex(2, 4, nq):
+        entries = plan.rows(*index)
+        np.testing.assert_array_equal(np.sort(entries), np.flatnonzero(mask[index]))
+        row = reference[index]
+        if order == "natural":
+            assert (np.diff(entries) > 0).all()
+        elif order == "score":
+            assert (np.diff(row[entries]) <= tol).all()
+        elif len(entries) > 4:
+            head = row[entries[:4]]
+            assert head.min() >= row[entries[4:]].max() - tol
+            assert (np.diff(row[entries[4:]]) >= -tol).all()
+    for b, h in np.ndindex(2, 4):
+        assert (plan.row_indices[b, h][plan.row_offsets[b, h][-1]:] == -1).all()
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_fused_block_scores_match_the_estimator(dtype):
     import cupy

@@ -429,22 +429,42 @@ def test_bench_reuse_cli_writes_table_records_and_plot(tmp_path):
 # The plan of a reused step, and forks
 
 
+def _check_reused_plan_order(trajectory, order, block, to_device=lambda x: x):
+    reuse = PlanReuse(psa.Recall(0.9), refresh_every=4, dense_steps=0, block=block,
+                      order=order, peak=2, mass_budget=None, kept_tolerance=None)
+    start = len(trajectory) - 2
+    reuse.attention(*(to_device(x) for x in trajectory[start]), layer=0, step=start)
+    bitmap = reuse.state(0).plan
+    assert not bool(bitmap.all()), "the test needs a plan that dropped tiles"
+    q, k, v = (to_device(x) for x in trajectory[start + 1])
+    _, stats = reuse.attention(q, k, v, layer=0, step=start + 1)
+    assert not bool(stats.refreshed.any())
+    ours = stats.attention.plan
+    public = psa.plan(q, k, select=psa.BlockMask(bitmap), order=order, peak=2, block=block)
+    for name in ("row_offsets", "row_indices"):
+        np.testing.assert_array_equal(_host(getattr(ours, name)), _host(getattr(public, name)))
+    assert ours.order == order and ours.shape == public.shape
+
+
+def _host(x):
+    return x.get() if hasattr(x, "get") else np.asarray(x)
+
+
 @pytest.mark.parametrize("order", ["peak", "score"])
 def test_reused_plan_orders_tiles_as_the_public_builder_does(order):
-    from pysparse_attn._plan import block_scores
-    from pysparse_attn.reuse import _ordered_plan
+    _check_reused_plan_order(_trajectory(), order, BLOCK)
 
-    rng = np.random.default_rng(fresh_seed())
-    q, k = (rng.standard_normal((1, 2, 70, 16)).astype(np.float32) for _ in range(2))
-    bitmap = rng.random((1, 2, 5, 5)) < 0.5
-    bitmap[..., 0] = True  # every row holds a tile, as a reuse plan does
-    scores = block_scores(np, q, k, (16, 16), 0.25)
-    ours = _ordered_plan(np, bitmap, scores, order, 2, (16, 16), (1, 2, 70, 70))
-    public = psa.plan(q, k, select=psa.BlockMask(bitmap), order=order, peak=2, block=(16, 16),
-                      scale=0.25)
-    np.testing.assert_array_equal(ours.row_offsets, public.row_offsets)
-    np.testing.assert_array_equal(ours.row_indices, public.row_indices)
-    assert ours.order == order and ours.max_visits == 5 and ours.shape == public.shape
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("order", ["peak", "score"])
+def test_reused_plan_on_gpu_orders_tiles_as_the_public_builder_does(order):
+    """The reused plan comes from the fused GPU builder (its scores, the mask path of its
+    selection kernel) and equals the public BlockMask plan exactly."""
+    import cupy
+
+    trajectory = denoising_trajectory((3, 16, 32), steps=8, heads=2, head_dim=64,
+                                      dtype="bfloat16", seed=2, sharpness=(2.0, 4.0))
+    _check_reused_plan_order(trajectory, order, (64, 64), cupy.asarray)
 
 
 def test_a_fork_continues_from_the_state_and_leaves_the_original_untouched():

@@ -40,10 +40,11 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
+from .._plan import block_scores as _generic_block_scores
 from .._plan import build_plan as _generic_build_plan
 from .._plan import max_visits_of, rows_from_padded, tile_count, trusted_plan
 from .._rules import ALL_FUNCTORS, NO_SKIP_FUNCTOR, rule_functor
-from .._select import SlaSplit, TopK, TopP
+from .._select import BlockMask, SlaSplit, TopK, TopP
 
 __all__ = [
     "available",
@@ -688,18 +689,37 @@ def fused_block_scores(q, k, block, scale):
     return scores
 
 
-def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal"):
+def _fused_scores(q):
+    """Whether :func:`fused_block_scores` takes these inputs (16-bit, a kernel head dim)."""
+    return _dtype_name(q) in _ELEMENTS and q.shape[-1] in _HEAD_DIMS
+
+
+def plan_block_scores(q, k, block, scale):
+    """The block scores the GPU plan builder orders and selects by, float32 ``(B, Hq, nq, nk)``:
+    :func:`fused_block_scores` for 16-bit inputs of a kernel head dim, else the estimator on
+    float32 copies (what :func:`build_plan` computes itself when given none)."""
+    import cupy
+
+    if _fused_scores(q):
+        return fused_block_scores(q, k, block, scale)
+    return _generic_block_scores(cupy, q.astype(cupy.float32), k.astype(cupy.float32), block,
+                                 scale)
+
+
+def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal", *, mask=None,
+               scores=None):
     """The plan of ``selector`` on the GPU, with no host round trip.
 
     The same selection methods as :func:`pysparse_attn._plan.build_plan`, accelerated: for
-    16-bit inputs with ``select`` None, :class:`TopK`, :class:`TopP` or the SLA split, block
-    scores come from :func:`fused_block_scores`, then one kernel sorts each query tile's scores
-    in shared memory and writes its visit list (and, for the SLA split, its marginal row). Every
-    size comes from the shapes and the selector (``max_visits``), never from device data.
-    TopK, the SLA split and dense plans have rows of one known length, so their CSR offsets are
-    a constant ramp and the kernel's padded lists *are* the CSR indices; TopP lists are
-    compacted on the device. Other selectors (BlockMask), float32 inputs and more than
-    4096 key tiles use the generic builder with scores in float32.
+    16-bit inputs with ``select`` None, :class:`BlockMask`, :class:`TopK`, :class:`TopP` or the
+    SLA split (or a trusted ``mask`` bitmap, as the generic builder takes it), block scores come
+    from :func:`fused_block_scores` (or the caller's ``scores``, from :func:`plan_block_scores`),
+    then one kernel sorts each query tile's scores in shared memory and writes its visit list
+    (and, for the SLA split, its marginal row). Every size comes from the shapes and the
+    selector (``max_visits``), never from device data. TopK, the SLA split and dense plans have
+    rows of one known length, so their CSR offsets are a constant ramp and the kernel's padded
+    lists *are* the CSR indices; TopP and mask lists are compacted on the device. Float32
+    inputs and more than 4096 key tiles use the generic builder with scores in float32.
     """
     import cupy
 
@@ -708,21 +728,25 @@ def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal")
     nq, nk = tile_count(Nq, block[0]), tile_count(Nk, block[1])
     shape = (B, Hq, Nq, Nk)
     n_pow2 = 1 << max(0, (nk - 1).bit_length())
-    fused = (xp is cupy and _dtype_name(q) in _ELEMENTS and D in _HEAD_DIMS
+    if isinstance(selector, BlockMask):
+        mask, selector = cupy.broadcast_to(cupy.asarray(selector.mask, dtype=cupy.bool_),
+                                           (B, Hq, nq, nk)), None
+    fused = (xp is cupy and _fused_scores(q)
              and (selector is None or isinstance(selector, (TopK, TopP, SlaSplit)))
              and n_pow2 <= _MAX_SORTED_TILES)
     width = max_visits_of(selector, nk)
-    if fused and selector is None and order == "natural":
+    if fused and selector is None and mask is None and order == "natural":
         row_indices = cupy.broadcast_to(cupy.arange(nk, dtype=cupy.int32), (B, Hq, nq, nk))
         return trusted_plan(shape, block, _ramp(cupy, B, Hq, nq, nk),
                             cupy.ascontiguousarray(row_indices).reshape(B, Hq, nq * nk),
                             order=order, max_visits=nk)
     if not fused:
         needs_scores = order != "natural" or isinstance(selector, (TopK, TopP, SlaSplit))
-        if needs_scores and _dtype_name(q) != "float32":
+        if needs_scores and scores is None and _dtype_name(q) != "float32":
             q = q.astype(xp.float32)
             k = k.astype(xp.float32)
-        return _generic_build_plan(xp, q, k, selector, order, peak, block, scale, linear)
+        return _generic_build_plan(xp, q, k, selector, order, peak, block, scale, linear,
+                                   mask=mask, scores=scores)
 
     top_p, keep = 0.0, width
     marginal, write_marginal, marginal_begin, marginal_end = None, 0, 0, 0
@@ -736,17 +760,22 @@ def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal")
             "marginal": (n_critical, nk - n_negligible),
             "complement": (n_critical, nk),
             "global": (0, nk)}[linear]
-    scores = fused_block_scores(q, k, block, scale)
+    if scores is None:
+        scores = fused_block_scores(q, k, block, scale)
     visit = cupy.empty((B, Hq, nq, width), dtype=cupy.int32)
     count = cupy.empty((B, Hq, nq), dtype=cupy.int32)
+    if mask is not None:
+        mask = cupy.ascontiguousarray(mask)
     kernel, shared = _select_kernel(n_pow2)
     kernel((nq, Hq, B), (_SELECT_THREADS,),
-           (scores, np.int32(nk), np.int32(n_pow2), np.int32(keep), np.float32(top_p),
-            np.int32(_ORDER_CODES[order]), np.int32(peak), visit, np.int32(width), count,
-            marginal if marginal is not None else _NO_MARGINAL(cupy), np.int32(write_marginal),
-            np.int32(marginal_begin), np.int32(marginal_end)),
+           (cupy.ascontiguousarray(scores, dtype=cupy.float32), np.int32(nk), np.int32(n_pow2),
+            np.int32(keep), np.float32(top_p), np.int32(_ORDER_CODES[order]), np.int32(peak),
+            visit, np.int32(width), count,
+            marginal if marginal is not None else _unused_bytes(cupy), np.int32(write_marginal),
+            np.int32(marginal_begin), np.int32(marginal_end),
+            mask if mask is not None else _unused_bytes(cupy), np.int32(mask is not None)),
            shared_mem=shared)
-    if keep > 0:  # every row keeps exactly `width` tiles
+    if keep > 0 and mask is None:  # every row keeps exactly `width` tiles
         row_offsets, row_indices = _ramp(cupy, B, Hq, nq, width), visit.reshape(B, Hq, nq * width)
     else:
         row_offsets, row_indices = rows_from_padded(cupy, visit, count)
@@ -765,14 +794,15 @@ def _ramp(cupy, B, H, nq, width):
 
 
 @functools.lru_cache(maxsize=None)
-def _no_marginal(device):
+def _unused_bytes_of(device):
     import cupy
 
     return cupy.empty((1,), dtype=cupy.bool_)
 
 
-def _NO_MARGINAL(cupy):  # noqa: N802 - a placeholder argument the kernel never reads
-    return _no_marginal(cupy.cuda.Device().id)
+def _unused_bytes(cupy):
+    """A placeholder byte pointer for a kernel argument the call leaves unread."""
+    return _unused_bytes_of(cupy.cuda.Device().id)
 
 
 def _select_kernel(n_pow2):
