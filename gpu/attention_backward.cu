@@ -1,9 +1,10 @@
 // Attention backward on mma.sync (FlashAttention-2 style), docs/design.rst section 7: the gradients of
 // attention restricted to a fixed kept-tile set, which the forward's plan lists.
 //
-// Five kernels, queued on one stream with no host read between them:
-//   attention_backward_lists       the kept bitmap as CSR lists, query-major (the forward's
-//                                  plan) and key-major (what the dK/dV pass walks).
+// Six kernels, queued on one stream with no host read between them:
+//   attention_backward_list_counts the kept bitmap's list lengths, both directions;
+//   attention_backward_lists       then its CSR lists, query-major (the forward's plan) and
+//                                  key-major (what the dK/dV pass walks).
 //   attention_backward_preprocess  per row: delta = rowsum(dO * O) (from SLA's merged output
 //                                  and its linear terms where given), the LSE in log2 units
 //                                  (+inf where P is exactly 0), and the dQ accumulator started
@@ -44,35 +45,81 @@
 
 namespace psa {
 
-// One CTA per (direction, b * H + h): blockIdx.y = 0 lists each query tile's kept key tiles,
-// 1 each key tile's query tiles, both ascending. Each thread counts whole lists; warp 0 scans
-// the counts into offsets; each thread then writes its lists. The index arrays arrive filled
-// with -1 (the Plan contract past the end; one fill at full bandwidth beats 2 B H CTAs doing
-// it). Shared memory: one int a list plus one.
-constexpr int kListThreads = 512;
+// The kept bitmap as CSR lists, both directions: blockIdx.y = 0 lists each query tile's kept
+// key tiles, 1 each key tile's query tiles, both ascending. Grid (B * H, 2, list chunks of
+// kListsPerCta), a warp per list, its lanes over 32 targets at a time (one ballot each): the
+// bitmap is read coalesced along a row and from L2 along a column, the indices written
+// coalesced. Two passes, because a list's place depends on every list before it:
+// attention_backward_list_counts writes each list's length, attention_backward_lists scans
+// them (every CTA of a (b * H + h, direction) the same way, in shared memory: one int a list
+// plus one) and writes offsets and indices. The index arrays arrive filled with -1 (the Plan
+// contract past the end). One CTA per (b * H + h, direction) walking whole lists a thread
+// took 0.18 ms at nq = 256, nk = 512, H = 12 on an H200 (24 CTAs, latency-bound); these two
+// passes 0.09 ms (bench/lists_timing.py, 2026-12-04).
+constexpr int kListThreads = 256;
+constexpr int kListsPerWarp = 4;
+constexpr int kListsPerCta = kListThreads / 32 * kListsPerWarp;
+
+// One direction of one (b, h) slab of the kept bitmap, read a warp-wide chunk at a time.
+struct KeptListsView {
+    const unsigned char* bitmap;
+    int n_lists, n_targets;
+    long long list_stride, target_stride;
+
+    __device__ KeptListsView(const unsigned char* kept, int n_query_tiles, int n_key_tiles,
+                             bool by_key, long long slab)
+        : bitmap(kept + slab * n_query_tiles * n_key_tiles),
+          n_lists(by_key ? n_key_tiles : n_query_tiles),
+          n_targets(by_key ? n_query_tiles : n_key_tiles),
+          list_stride(by_key ? 1 : n_key_tiles),
+          target_stride(by_key ? n_key_tiles : 1) {}
+
+    // Bit l: target 32 chunk + l is in `list`. Called by the whole warp.
+    __device__ __forceinline__ unsigned ballot(int list, int chunk, int lane) const {
+        const int target = chunk * 32 + lane;
+        const bool kept = target < n_targets &&
+                          bitmap[list * list_stride + target * target_stride] != 0;
+        return __ballot_sync(0xffffffffu, kept);
+    }
+};
+
+// counts: (B * H, nq + nk) ints, the query tiles' lists first.
+__global__ void __launch_bounds__(kListThreads)
+    attention_backward_list_counts(const unsigned char* __restrict__ kept, int n_query_tiles,
+                                   int n_key_tiles, int* __restrict__ counts) {
+    const bool by_key = blockIdx.y == 1;
+    const KeptListsView view(kept, n_query_tiles, n_key_tiles, by_key, blockIdx.x);
+    int* slab_counts = counts + (long long)blockIdx.x * (n_query_tiles + n_key_tiles) +
+                       (by_key ? n_query_tiles : 0);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int j = 0; j < kListsPerWarp; ++j) {
+        const int list = blockIdx.z * kListsPerCta + warp * kListsPerWarp + j;
+        if (list >= view.n_lists) break;  // warp-uniform
+        int count = 0;
+        for (int chunk = 0; chunk * 32 < view.n_targets; ++chunk)
+            count += __popc(view.ballot(list, chunk, lane));
+        if (lane == 0) slab_counts[list] = count;
+    }
+}
 
 __global__ void __launch_bounds__(kListThreads)
     attention_backward_lists(const unsigned char* __restrict__ kept, int n_query_tiles,
-                             int n_key_tiles, int* __restrict__ row_offsets,
-                             int* __restrict__ row_indices, int* __restrict__ col_offsets,
-                             int* __restrict__ col_indices) {
+                             int n_key_tiles, const int* __restrict__ counts,
+                             int* __restrict__ row_offsets, int* __restrict__ row_indices,
+                             int* __restrict__ col_offsets, int* __restrict__ col_indices) {
     extern __shared__ int list_offsets[];
     const bool by_key = blockIdx.y == 1;
-    const int n_lists = by_key ? n_key_tiles : n_query_tiles;
-    const int n_targets = by_key ? n_query_tiles : n_key_tiles;
-    const long long list_stride = by_key ? 1 : n_key_tiles;
-    const long long target_stride = by_key ? n_key_tiles : 1;
+    const KeptListsView view(kept, n_query_tiles, n_key_tiles, by_key, blockIdx.x);
+    const int n_lists = view.n_lists;
+    if (blockIdx.z * kListsPerCta >= n_lists) return;  // the whole CTA, before any barrier
+    const int* slab_counts = counts + (long long)blockIdx.x * (n_query_tiles + n_key_tiles) +
+                             (by_key ? n_query_tiles : 0);
     const long long capacity = (long long)n_query_tiles * n_key_tiles;
-    const unsigned char* bitmap = kept + blockIdx.x * capacity;
     int* offsets = (by_key ? col_offsets : row_offsets) + (long long)blockIdx.x * (n_lists + 1);
     int* indices = (by_key ? col_indices : row_indices) + blockIdx.x * capacity;
 
-    for (int list = threadIdx.x; list < n_lists; list += blockDim.x) {
-        int count = 0;
-        for (int target = 0; target < n_targets; ++target)
-            count += bitmap[list * list_stride + target * target_stride] != 0;
-        list_offsets[list + 1] = count;
-    }
+    for (int list = threadIdx.x; list < n_lists; list += blockDim.x)
+        list_offsets[list + 1] = slab_counts[list];
     __syncthreads();
     if (threadIdx.x < 32) {
         // Inclusive scan of counts 1..n_lists: each lane sums a contiguous chunk, a shuffle
@@ -96,11 +143,19 @@ __global__ void __launch_bounds__(kListThreads)
         if (lane == 0) list_offsets[0] = 0;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i <= n_lists; i += blockDim.x) offsets[i] = list_offsets[i];
-    for (int list = threadIdx.x; list < n_lists; list += blockDim.x) {
+    if (blockIdx.z == 0)
+        for (int i = threadIdx.x; i <= n_lists; i += blockDim.x) offsets[i] = list_offsets[i];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const unsigned below = (1u << lane) - 1u;  // the lanes before this one
+    for (int j = 0; j < kListsPerWarp; ++j) {
+        const int list = blockIdx.z * kListsPerCta + warp * kListsPerWarp + j;
+        if (list >= n_lists) break;  // warp-uniform
         int position = list_offsets[list];
-        for (int target = 0; target < n_targets; ++target)
-            if (bitmap[list * list_stride + target * target_stride]) indices[position++] = target;
+        for (int chunk = 0; chunk * 32 < view.n_targets; ++chunk) {
+            const unsigned mask = view.ballot(list, chunk, lane);
+            if ((mask >> lane) & 1u) indices[position + __popc(mask & below)] = chunk * 32 + lane;
+            position += __popc(mask);
+        }
     }
 }
 

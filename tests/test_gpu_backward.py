@@ -493,11 +493,11 @@ def test_unsupported_cases_raise_value_error():
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["list_kernel", "array_fallback"])
-@pytest.mark.parametrize("nq,nk", [(3, 5), (40, 7), (1, 1), (70, 33)])
+@pytest.mark.parametrize("nq,nk", [(3, 5), (40, 7), (1, 1), (70, 33), (97, 300)])
 def test_device_lists_equal_the_plan_of_the_kept_set(nq, nk, kernel, monkeypatch):
-    """The backward's list kernel (and its fallback for tile counts past its shared memory)
-    gives Plan.from_kept's rows and their key-major transpose, with -1 past the end, empty rows
-    and columns included."""
+    """The backward's list kernels (and their fallback for tile counts past the shared memory)
+    give Plan.from_kept's rows and their key-major transpose, with -1 past the end, empty rows
+    and columns included; partial warp chunks and several CTAs of lists a direction."""
     import cupy
 
     from pysparse_attn.backends import cupy as backend

@@ -1114,9 +1114,9 @@ def _backward_names(element: str, head_dim: int) -> dict:
 
 
 #: Every instance of the backward family, keyed by (stage, dtype name, head dim); stages:
-#: ``"lists"`` (the kept bitmap as CSR lists; one untemplated kernel, key ``("lists", None,
-#: None)``), ``"preprocess"``, ``"dkdv_accumulate_dq"`` (dK/dV with dQ added to an fp32 accumulator),
-#: ``"dkdv"`` (dK/dV alone, the deterministic mode), ``"dq"`` (the deterministic dQ pass) and
+#: ``"list_counts"`` and ``"lists"`` (the kept bitmap as CSR lists, two untemplated passes,
+#: keys ``(stage, None, None)``), ``"preprocess"``, ``"dkdv_accumulate_dq"`` (dK/dV with dQ
+#: added to an fp32 accumulator), ``"dkdv"`` (dK/dV alone, the deterministic mode), ``"dq"`` (the deterministic dQ pass) and
 #: ``"dq_from_tiles"`` (dq from the wgmma families' tiled accumulator). The forward tile
 #: (64 or 128 query rows) is a launch parameter, not a template argument.
 BACKWARD_INSTANCES = {
@@ -1125,6 +1125,7 @@ BACKWARD_INSTANCES = {
     for d in _HEAD_DIMS
     for stage, name in _backward_names(element, d).items()
 }
+BACKWARD_INSTANCES[("list_counts", None, None)] = "psa::attention_backward_list_counts"
 BACKWARD_INSTANCES[("lists", None, None)] = "psa::attention_backward_lists"
 
 
@@ -1171,7 +1172,7 @@ BACKWARD_KERNELS = {
 
 def backward_instances(kernel: str) -> dict:
     """Every instance of backward family ``kernel``, keyed (stage, dtype name, head dim); the
-    mma_sync family's is :data:`BACKWARD_INSTANCES` (with its untemplated lists kernel)."""
+    mma_sync family's is :data:`BACKWARD_INSTANCES` (with its two untemplated lists kernels)."""
     if kernel == "mma_sync":
         return dict(BACKWARD_INSTANCES)
     names = BACKWARD_KERNELS[kernel].names
@@ -1256,12 +1257,13 @@ def _backward_kernel(device, stage, dtype_name, head_dim, kernel="mma_sync", abl
         kernel, ablation = "mma_sync", ()
     if ablation and BACKWARD_KERNELS[kernel].source == "attention_backward.cu":
         raise ValueError(f"timing variants exist for the wgmma dK/dV passes only, not {kernel!r}")
-    if stage == "lists":  # untemplated: compiled with the first module asked for
+    untemplated = ("list_counts", "lists")
+    if stage in untemplated:  # compiled with the first module asked for
         dtype_name, head_dim = next(iter(_ELEMENTS)), _HEAD_DIMS[0]
     family = BACKWARD_KERNELS[kernel]
     names = family.names(_ELEMENTS[dtype_name], head_dim)
     if kernel == "mma_sync":
-        names["lists"] = BACKWARD_INSTANCES[("lists", None, None)]
+        names.update({name: BACKWARD_INSTANCES[(name, None, None)] for name in untemplated})
     module = _raw_module(family.source, tuple(names.values()), family.arch,
                          tuple(f"-D{macro}" for macro in ablation))
     function = module.get_function(names[stage])
@@ -1290,7 +1292,8 @@ _BACKWARD_PARAMS_DTYPE = np.dtype(
     align=True)
 
 
-_LIST_THREADS = 512  # kListThreads in gpu/attention_backward.cu
+_LIST_THREADS = 256  # kListThreads in gpu/attention_backward.cu
+_LISTS_PER_CTA = 32  # kListsPerCta there
 _MAX_LIST_SHARED = 48 * 1024  # one int a list (plus one) in the default shared memory
 
 
@@ -1327,9 +1330,10 @@ def _kept_lists(cupy, kept, block, shape):
     """The plan replaying ``kept`` (query-major, ascending) and its key-major transpose, both
     CSR over a capacity of ``nq * nk``, built on the device from the bitmap alone.
 
-    One kernel (``attention_backward_lists``, two CTAs a (batch, head)) where the tile counts
-    fit its shared memory; otherwise the array-API compaction of
-    :meth:`pysparse_attn.Plan.from_kept` (``rows_from_positions``) on both directions.
+    Two kernels (``attention_backward_list_counts``, then ``attention_backward_lists``: a
+    warp a list) where the tile counts fit the second one's shared memory; otherwise the
+    array-API compaction of :meth:`pysparse_attn.Plan.from_kept` (``rows_from_positions``) on
+    both directions.
     """
     from .._plan import Plan, rows_from_positions
 
@@ -1346,9 +1350,14 @@ def _kept_lists(cupy, kept, block, shape):
     col_offsets = cupy.empty((B, H, nk + 1), dtype=cupy.int32)
     row_indices = cupy.full((B, H, capacity), -1, dtype=cupy.int32)
     col_indices = cupy.full((B, H, capacity), -1, dtype=cupy.int32)
-    function, _ = _backward_kernel(_device_id(), "lists", None, None)
-    function((B * H, 2), (_LIST_THREADS,),
-             (kept, np.int32(nq), np.int32(nk), row_offsets, row_indices, col_offsets,
+    counts = cupy.empty((B * H, nq + nk), dtype=cupy.int32)
+    grid = (B * H, 2, -(-max(nq, nk) // _LISTS_PER_CTA))
+    device = _device_id()
+    function, _ = _backward_kernel(device, "list_counts", None, None)
+    function(grid, (_LIST_THREADS,), (kept, np.int32(nq), np.int32(nk), counts))
+    function, _ = _backward_kernel(device, "lists", None, None)
+    function(grid, (_LIST_THREADS,),
+             (kept, np.int32(nq), np.int32(nk), counts, row_offsets, row_indices, col_offsets,
               col_indices), shared_mem=4 * (max(nq, nk) + 1))
     plan = trusted_plan(shape, block, row_offsets, row_indices, order="given", max_visits=nk)
     return plan, col_offsets, col_indices
