@@ -8,8 +8,9 @@
 # Results: $OUT/reuse-search.tgz (the records, laid out for bench/results/) and the variants'
 # totals, printed last.
 #
-# The variants differ in the recall target of their refreshes, their dense leading steps and
-# their refresh interval; the "r*" ones run without the rule inside reused plans and without
+# The variants differ in the recall target of their refreshes, their dense leading steps,
+# their refresh interval and the plan a refresh runs the rule over (every tile, or TopP's:
+# the "p*" ones, added after the 2026-12-04 run); the "r*" ones run without the rule inside reused plans and without
 # the device-side guard (the plain kernel between refreshes: the fastest reuse on the GPU,
 # measured 2026-12-02), the "g-*" ones with both. The figures say which settings the error
 # budget (mean rel. L2 <= 1%, no step above 3%) allows.
@@ -29,14 +30,16 @@ echo "commit $(git rev-parse --short HEAD 2>/dev/null)$(git status --porcelain 2
 P=mass-budget=none,kept-tolerance=none,rule-in-plan=false,margin=0
 G=mass-budget=0.02,kept-tolerance=0.1,rule-in-plan=true,margin=0
 variants=()
-# label:recall target,dense steps,refresh interval,settings (P: plain, G: guarded)
-for spec in r80-d20-e5:0.8,20,5,P r80-d10-e5:0.8,10,5,P r70-d10-e5:0.7,10,5,P \
-            r60-d10-e5:0.6,10,5,P r50-d10-e5:0.5,10,5,P r60-d5-e5:0.6,5,5,P \
-            r60-d10-e10:0.6,10,10,P r50-d5-e10:0.5,5,10,P r40-d5-e5:0.4,5,5,P \
-            r60-d0-e5:0.6,0,5,P g-r60-d10-e5:0.6,10,5,G g-r50-d10-e10:0.5,10,10,G; do
-  label=${spec%%:*}; IFS=, read -r target dense every kind <<<"${spec#*:}"
+# label:recall target,dense steps,refresh interval,settings (P: plain, G: guarded),refresh plan
+# (the selector a refresh runs the rule over: none = every tile)
+for spec in r80-d20-e5:0.8,20,5,P,none r80-d10-e5:0.8,10,5,P,none r70-d10-e5:0.7,10,5,P,none \
+            r60-d10-e5:0.6,10,5,P,none r50-d10-e5:0.5,10,5,P,none r60-d5-e5:0.6,5,5,P,none \
+            r60-d10-e10:0.6,10,10,P,none r50-d5-e10:0.5,5,10,P,none r40-d5-e5:0.4,5,5,P,none \
+            r60-d0-e5:0.6,0,5,P,none g-r60-d10-e5:0.6,10,5,G,none g-r50-d10-e10:0.5,10,10,G,none \
+            p90-r50-d10-e5:0.5,10,5,P,topp:0.9 p97-r50-d10-e5:0.5,10,5,P,topp:0.97; do
+  label=${spec%%:*}; IFS=, read -r target dense every kind select <<<"${spec#*:}"
   settings=$P; [ "$kind" = G ] && settings=$G
-  variants+=(--variant "$label:skip=recall:$target,dense-steps=$dense,refresh-every=$every,$settings")
+  variants+=(--variant "$label:skip=recall:$target,dense-steps=$dense,refresh-every=$every,select=$select,$settings")
 done
 t0=$SECONDS
 timeout --kill-after=5 "$LIMIT_S" "$PY" -m pysparse_attn.bench reuse --backend "$BACKEND" \

@@ -672,3 +672,33 @@ def test_bench_reuse_variant_without_the_rule_in_plan(tmp_path):
     assert [r["step"] for r in reused] == [2, 3]
     for r in reused:
         assert r["kept_density"] == r["plan_density"] and r["recall_bound_min"] == 1.0
+
+
+def test_bench_reuse_variant_refreshing_over_a_selector_plan(tmp_path):
+    from pysparse_attn.bench.__main__ import main
+
+    prefix = tmp_path / "reuse"
+    assert main(["reuse", "-o", str(prefix), "--shape", "3x8x12", "--heads", "2",
+                 "--head-dim", "32", "--steps", "5", "--block", "16x16", "--repeat", "1",
+                 "--dense-steps", "1", "--refresh-every", "3", "--variant",
+                 "topk:select=topk:0.5,mass-budget=none,kept-tolerance=none,rule-in-plan=false",
+                 "--variant", "full:select=none"]) == 0
+    records = [json.loads(x) for x in (tmp_path / "reuse-topk.jsonl").read_text().splitlines()]
+    assert "select=TopK(" in records[0]["reuse"]
+    steps = [r for r in records if r["type"] == "step"]
+    refreshes = [r for r in steps if not r["dense_step"] and r["refreshed_heads"]]
+    assert [r["step"] for r in refreshes] == [1, 4]
+    for r in steps[1:]:  # every plan lies inside TopK(0.5)'s: 9 of the 18 key tiles a row
+        assert r["plan_density"] <= 0.5 + 1e-9 and r["kept_density"] <= r["plan_density"]
+    full = [json.loads(x) for x in (tmp_path / "reuse-full.jsonl").read_text().splitlines()]
+    assert "select=None" in full[0]["reuse"]
+
+
+def test_bench_reuse_selector_settings_are_checked_before_any_work():
+    from pysparse_attn.bench.reuse import parse_select
+
+    assert parse_select("none") is None and parse_select("topp:0.9") == psa.TopP(0.9)
+    assert parse_select("topk:0.25") == psa.TopK(ratio=0.25)
+    for bad in ("topk", "top:0.5", "topp:x", "topp:1.5"):
+        with pytest.raises(ValueError, match="--select"):
+            parse_select(bad)

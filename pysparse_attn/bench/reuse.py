@@ -36,12 +36,13 @@ from .. import workloads
 from .._api import attention
 from .._plan import tile_count
 from .._rules import Blasst, Cef, Recall
+from .._select import TopK, TopP
 from ..reuse import PlanReuse
 from .metrics import error_metrics, recall_from_tile_mass, sampled_reference
 from .sweep import environment, to_backend
 from .timing import time_rounds
 
-__all__ = ["add_parser", "run", "parse_rule", "parse_variant", "markdown_table",
+__all__ = ["add_parser", "run", "parse_rule", "parse_select", "parse_variant", "markdown_table",
            "markdown_variants", "plot_steps", "read_reuse_runs", "render_reuse_results",
            "VARIANT_KEYS"]
 
@@ -58,6 +59,23 @@ def parse_rule(text):
         return _RULES[name](float(value))
     except ValueError as error:
         raise ValueError(f"--skip {text!r}: {error}") from error
+
+
+_SELECTORS = {"topk": lambda value: TopK(ratio=value), "topp": TopP}
+
+
+def parse_select(text):
+    """``none``, ``topk:0.3`` (``TopK(ratio=0.3)``) or ``topp:0.95`` -> the selector (or None)
+    a refresh runs the rule over."""
+    if text.lower() == "none":
+        return None
+    name, _, value = text.partition(":")
+    if name not in _SELECTORS or not value:
+        raise ValueError(f"--select must look like none, topk:0.3 or topp:0.95, got {text!r}")
+    try:
+        return _SELECTORS[name](float(value))
+    except ValueError as error:
+        raise ValueError(f"--select {text!r}: {error}") from error
 
 
 def _dims(text, count, name):
@@ -89,6 +107,7 @@ def _flag(text):
 #: Settings a ``--variant`` may override: its key -> (argparse destination, parser).
 VARIANT_KEYS = {
     "skip": ("skip", str),
+    "select": ("select", str),
     "refresh-every": ("refresh_every", _optional_int),
     "dense-steps": ("dense_steps", int),
     "margin": ("margin", int),
@@ -160,6 +179,9 @@ def add_parser(commands):
     parser.add_argument("--backend", default="cpu", help="cpu, cupy or reference")
     parser.add_argument("--block", default="64x64", help="BqxBk (default 64x64)")
     parser.add_argument("--skip", default="recall:0.95", help="in-loop rule (recall:0.95)")
+    parser.add_argument("--select", default="none",
+                        help="the plan a refresh runs the rule over: none (every tile), "
+                             "topk:RATIO or topp:P (default none)")
     parser.add_argument("--refresh-every", type=_optional_int, default=5,
                         help="steps between scheduled refreshes, or none (default 5)")
     parser.add_argument("--dense-steps", type=int, default=2,
@@ -268,7 +290,8 @@ def _variants(specs, args, grid, block):
     variants = []
     for label, overrides in specs:
         settings = dict(base, **overrides)
-        reuse = PlanReuse(parse_rule(settings["skip"]), refresh_every=settings["refresh_every"],
+        reuse = PlanReuse(parse_rule(settings["skip"]), select=parse_select(settings["select"]),
+                          refresh_every=settings["refresh_every"],
                           dense_steps=settings["dense_steps"], margin=settings["margin"],
                           grid=grid, mass_budget=settings["mass_budget"],
                           kept_tolerance=settings["kept_tolerance"], order=settings["order"],
@@ -289,6 +312,9 @@ def run(args, argv=None):
     if isinstance(args.repeat, bool) or not isinstance(args.repeat, int) or args.repeat < 1:
         raise ValueError(f"--repeat must be a positive int, got {args.repeat!r}")
     specs = _variant_specs(args)  # command-line mistakes before any work
+    for _, overrides in specs:
+        parse_rule(overrides.get("skip", args.skip))
+        parse_select(overrides.get("select", args.select))
     on_gpu = args.backend == "cupy"
     # 16-bit tensors for the GPU are made in float32 and rounded there (exactly what the host
     # conversion gives, without its cost).
