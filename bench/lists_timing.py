@@ -21,13 +21,14 @@ def main():
     import pysparse_attn as psa
     from pysparse_attn.backends import cupy as backend
 
-    shape, block = (1, 12, 32760, 128), (128, 64)
+    B, H, N, D = 1, 12, 32760, 128
+    block = (128, 64)
     rng = np.random.default_rng(0)
-    q, k = (cupy.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(cupy.float16)
-            for _ in range(2))
+    q, k = (cupy.asarray(rng.standard_normal((B, H, N, D), dtype=np.float32))
+            .astype(cupy.float16) for _ in range(2))
     for ratio in (0.05, 0.9):
         kept = psa.plan(q, k, select=psa.TopK(ratio=ratio), block=block).visit_bitmap()
-        call = lambda: backend._kept_lists(cupy, kept, block, shape[:3] + (shape[2],))  # noqa
+        call = lambda: backend._kept_lists(cupy, kept, block, (B, H, N, N))  # noqa: E731
         plan, col_offsets, col_indices = call()
         cupy.cuda.runtime.deviceSynchronize()
         ms = do_bench(call, warmup=10, rep=100)

@@ -702,8 +702,9 @@ def plan_block_scores(q, k, block, scale):
 
     if _fused_scores(q):
         return fused_block_scores(q, k, block, scale)
-    return _generic_block_scores(cupy, q.astype(cupy.float32), k.astype(cupy.float32), block,
-                                 scale)
+    f32 = cupy.float32
+    return _generic_block_scores(cupy, q.astype(f32, copy=False), k.astype(f32, copy=False),
+                                 block, scale)
 
 
 def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal", *, mask=None,
@@ -719,7 +720,8 @@ def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal",
     selector (``max_visits``), never from device data. TopK, the SLA split and dense plans have
     rows of one known length, so their CSR offsets are a constant ramp and the kernel's padded
     lists *are* the CSR indices; TopP and mask lists are compacted on the device. Float32
-    inputs and more than 4096 key tiles use the generic builder with scores in float32.
+    inputs and more than 4096 key tiles use the generic builder, ranking by the same
+    :func:`plan_block_scores`.
     """
     import cupy
 
@@ -742,9 +744,8 @@ def build_plan(xp, q, k, selector, order, peak, block, scale, linear="marginal",
                             order=order, max_visits=nk)
     if not fused:
         needs_scores = order != "natural" or isinstance(selector, (TopK, TopP, SlaSplit))
-        if needs_scores and scores is None and _dtype_name(q) != "float32":
-            q = q.astype(xp.float32)
-            k = k.astype(xp.float32)
+        if needs_scores and scores is None:
+            scores = plan_block_scores(q, k, block, scale)
         return _generic_build_plan(xp, q, k, selector, order, peak, block, scale, linear,
                                    mask=mask, scores=scores)
 
