@@ -229,6 +229,22 @@ def step_sanitize(out_dir, log):
     return codes
 
 
+def _sanitize_linear_backward(backend, rng, q, k, w):
+    """The linear side of the SLA backward (its row stages, the fused key side, the GEMMs) on
+    q (1, 2, 150, D) and k (1, 1, 201, D): both tile sizes, every mode and feature map."""
+    import cupy
+
+    do = cupy.asarray(rng.standard_normal(q.shape).astype(np.float32)).astype(q.dtype)
+    for block in ((64, 64), (128, 64)):
+        nq, nk = -(-150 // block[0]), -(-201 // block[1])
+        marginal = cupy.asarray(rng.random((1, 2, nq, nk)) < 0.5)
+        for linear in ("marginal", "complement", "global"):
+            flags = cupy.ones_like(marginal) if linear == "global" else marginal
+            for feature_map in ("softmax", "elu1", "relu"):
+                backend.sla_linear_vjp(q, k, k, do, flags, block, feature_map, 0.1, w, w[0], q,
+                                       mode=linear)
+
+
 def sanitize_target():
     """Run every forward instance once on small odd shapes (under compute-sanitizer)."""
     import cupy
@@ -237,6 +253,16 @@ def sanitize_target():
 
     cupy.cuda.set_allocator(None)  # plain cudaMalloc: out-of-bounds accesses are visible
     rng = np.random.default_rng(0)
+    if os.environ.get("PSA_SANITIZE_LINEAR_ONLY"):  # the SLA backward's linear side alone
+        for dtype in (_bf16(), np.float16):
+            for D in (64, 128):
+                q, k = (cupy.asarray(rng.standard_normal((1, heads, n, D)).astype(np.float32))
+                        .astype(dtype) for heads, n in ((2, 150), (1, 201)))
+                w = cupy.asarray(rng.standard_normal((D, D)).astype(np.float32))
+                _sanitize_linear_backward(backend, rng, q, k, w)
+        cupy.cuda.runtime.deviceSynchronize()
+        print("sanitize target: the SLA backward's linear side ran (linear only)")
+        return
     # PSA_SANITIZE_KERNELS (comma list) narrows the families, so that one not yet proven on the
     # device (a hang under the sanitizer stalls everything after it) gets its own call.
     chosen = os.environ.get("PSA_SANITIZE_KERNELS")
@@ -299,16 +325,7 @@ def sanitize_target():
                     psa.sla_attention(q, k, k, critical=0.3, negligible=0.3, linear=linear,
                                       feature_map=feature_map, proj_weight=w, proj_bias=w[0],
                                       block=(64, 64))
-            # The linear side of the SLA backward (its row stages and GEMMs), both tile sizes.
-            do = cupy.asarray(rng.standard_normal(q.shape).astype(np.float32)).astype(dtype)
-            for block in ((64, 64), (128, 64)):
-                nq, nk = -(-150 // block[0]), -(-201 // block[1])
-                marginal = cupy.asarray(rng.random((1, 2, nq, nk)) < 0.5)
-                for linear in ("marginal", "complement", "global"):
-                    flags = cupy.ones_like(marginal) if linear == "global" else marginal
-                    for feature_map in ("softmax", "elu1", "relu"):
-                        backend.sla_linear_vjp(q, k, k, do, flags, block, feature_map, 0.1, w,
-                                               w[0], q, mode=linear)
+            _sanitize_linear_backward(backend, rng, q, k, w)
             kept = cupy.zeros((1, 2, 3, 4), dtype=bool)
             kept[0, 0, 1, 2] = True  # every other row empty: O = 0, LSE = -inf written
             plan = psa.Plan.from_kept(kept, block=(64, 64), shape=(1, 2, 150, 201))

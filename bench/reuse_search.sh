@@ -5,6 +5,8 @@
 #
 # Usage on the GPU machine, from the repository root (PYTHONPATH holding the repository):
 #     bash bench/reuse_search.sh
+# ONLY (an extended regex over the labels, e.g. 'p9|r50-d10-e5') runs a subset of the
+# variants; PROFILE=0 leaves out the profile.
 # Results: $OUT/reuse-search.tgz (the records, laid out for bench/results/) and the variants'
 # totals, printed last.
 #
@@ -38,6 +40,7 @@ for spec in r80-d20-e5:0.8,20,5,P,none r80-d10-e5:0.8,10,5,P,none r70-d10-e5:0.7
             r60-d0-e5:0.6,0,5,P,none g-r60-d10-e5:0.6,10,5,G,none g-r50-d10-e10:0.5,10,10,G,none \
             p90-r50-d10-e5:0.5,10,5,P,topp:0.9 p97-r50-d10-e5:0.5,10,5,P,topp:0.97; do
   label=${spec%%:*}; IFS=, read -r target dense every kind select <<<"${spec#*:}"
+  [ -n "${ONLY:-}" ] && ! grep -qE "${ONLY}" <<<"$label" && continue
   settings=$P; [ "$kind" = G ] && settings=$G
   variants+=(--variant "$label:skip=recall:$target,dense-steps=$dense,refresh-every=$every,select=$select,$settings")
 done
@@ -47,7 +50,7 @@ timeout --kill-after=5 "$LIMIT_S" "$PY" -m pysparse_attn.bench reuse --backend "
   --error-tiles "$ERROR_TILES" --repeat 3 --skip recall:0.8 -o "$WORK/reuse-gpu-$STAMP" \
   "${variants[@]}" >>"$LOG" 2>&1
 echo "reuse: rc=$? in $((SECONDS - t0)) s (limit $LIMIT_S s)" | tee -a "$LOG"
-if [ "$BACKEND" = cupy ]; then
+if [ "$BACKEND" = cupy ] && [ "${PROFILE:-1}" != 0 ]; then
   timeout 150 "$PY" bench/profile_reuse_step.py >"$WORK/profile-reuse-step-$STAMP.txt" 2>&1
   echo "profile: rc=$?" | tee -a "$LOG"
 fi

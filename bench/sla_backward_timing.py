@@ -138,11 +138,10 @@ def main():
                                        mode=args.linear))
     parts = backend._linear_states(q, k, v, marginal, block, "softmax", eps, mode=args.linear)
     rows_q = parts["phi_q"].shape[2]
-    o_linear = cupy.empty((B, H, rows_q, D), dtype=cupy.float32)
-    row("    O_l = (phi(q)/den) H_I (fp32 out)",
-        lambda: backend._state_product(parts, parts["phi_q"], o_linear))
+    o_operand = cupy.empty((B, H, rows_q, D), dtype=parts["phi_q"].dtype)
+    row("    O_l = (phi(q)/den) H_I (bf16 out: dW's operand)",
+        lambda: backend._state_product(parts, parts["phi_q"], o_operand))
     do_operand = backend._row_padded(cupy, do, rows_q, parts["phi_q"].dtype)
-    o_operand = o_linear.astype(parts["phi_q"].dtype)
     d_weight = cupy.empty((D, D), dtype=cupy.float32)
     row("    dW = dO^T O_l (one bf16 GEMM)",
         lambda: backend._gemm(D, D, B * H * rows_q, do_operand, D, o_operand, D, d_weight, D,
@@ -152,13 +151,21 @@ def main():
     row("    db = 1^T dO (one bf16 GEMM)",
         lambda: backend._gemm(1, D, B * H * rows_q, ones, B * H * rows_q, do_operand, D, d_bias,
                               D, types=("bfloat16", "float32")))
-    g = cupy.empty((B, H, rows_q, D), dtype=cupy.float32)
-    backend._gemm(B * H * rows_q, D, D, do_operand, D, weight.astype(ml_dtypes.bfloat16), D, g,
-                  D, types=("bfloat16", "float32"))
-    g_operand = g.astype(ml_dtypes.bfloat16)
-    backend._state_product(parts, parts["phi_q"], o_linear)
+    g_operand = cupy.empty((B, H, rows_q, D), dtype=parts["phi_q"].dtype)
+    row("    g = dO W (one bf16 GEMM)",
+        lambda: backend._gemm(B * H * rows_q, D, D, do_operand, D,
+                              weight.astype(ml_dtypes.bfloat16), D, g_operand, D,
+                              types=("bfloat16", "bfloat16")))
     row("    linear gradients (dH_I, aggregation, dV, dK, dQ stages)",
-        lambda: backend._linear_grads(parts, q, k, "softmax", eps, o_linear, g, g_operand))
+        lambda: backend._linear_grads(parts, q, k, "softmax", eps, g_operand))
+    # The same run with the key side through the batched GEMMs and linear_key_grads instead
+    # of linear_key_tile_grads (the path before 2026-12-04's fused kernel).
+    backend._FUSED_KEY_SIDE = False
+    row("    the same, key side by GEMMs (unfused)",
+        lambda: backend._linear_grads(parts, q, k, "softmax", eps, g_operand))
+    row("sla_vjp whole (saved out, lse, kept, plan), key side unfused",
+        lambda: psa.sla_vjp(q, k, v, do, plan=plan, kept=kept, out=out, lse=lse, **options))
+    backend._FUSED_KEY_SIDE = True
     cupy.cuda.Device().synchronize()
 
     width = max(len(name) for name, _, _ in rows)

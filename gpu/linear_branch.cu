@@ -12,18 +12,27 @@
 //       float32 and row-padded to the query tiles. (The backward never undoes it: the sparse
 //       backward takes delta from the merged output, see MergedOutput in backends/cupy.py.)
 //   linear_query_grads<In, MAP>   the backward's per-row stage on the query side, one query tile
-//       per CTA: recomputes phi(q_i) and the denominator, takes c_i = g_i . O_l,i from the
-//       float32 rows, writes dq = phi'(q)^T ((G_i - c_i Z_I) / den_i) with G_i = g_i H_I^T from
-//       a GEMM, and the tile's dZ_I = -sum_i phi(q_i) c_i / den_i (fixed order, no atomics);
+//       per CTA: recomputes phi(q_i) and the denominator, takes G_i = g_i H_I^T from a GEMM and
+//       c_i = g_i . O_l,i as phi(q_i) . G_i / den_i (the same number: O_l,i = phi(q_i) H_I /
+//       den_i, so neither g nor O_l is read here), writes dq = phi'(q)^T ((G_i - c_i Z_I) /
+//       den_i) and the tile's dZ_I = -sum_i phi(q_i) c_i / den_i (fixed order, no atomics);
 //       c_i itself where asked (row_dot: with g = dO W it is rowsum(dO * O_l W^T), what the
 //       sparse backward's delta takes from SLA's merged output).
 //   linear_key_grads<In, MAP>   the key side: dk = phi'(k)^T (dPhi_j + dZ_J), dPhi = V dH_J^T
 //       from a GEMM.
+//   linear_key_tile_grads<In, MAP, HEAD_DIM>   the whole key side of 16-bit inputs (bfloat16
+//       operands) in one pass, one key tile of 64 rows per CTA: dv_J = phi(K_J) dH_J and
+//       dPhi_J = V_J dH_J^T on tensor cores from one shared copy of dH_J, dv written, dPhi
+//       kept in shared memory for the same row stage as linear_key_grads (key_row_grads). It
+//       replaces two batched GEMMs (each reading dH_J) and the float32 dPhi round trip.
 //   linear_pad_rows   a (B, H, N, D) array copied into a contiguous (B, H, rows, D) buffer
 //       whose rows past N are zero (GEMM operands in whole tiles), 16 bytes a thread.
 //
 // Values travel as raw words (unsigned short for the 16-bit types), as in the forward kernels.
 #include "element_types.cuh"
+#include "ptx.cuh"
+#include "tile_masking.cuh"
+#include "tile_traits.cuh"
 
 namespace psa {
 
@@ -243,7 +252,7 @@ __global__ void linear_pad_rows(const uint4* __restrict__ source, long long slab
 }
 
 // Grid (nq, heads, batch), 256 threads, a warp a row. q has element strides (sb, sh, sn);
-// g, o_linear and g_h (= g H_I^T) are contiguous float32 (B, heads, nq * tile, dim); dq is
+// g_h (= g H_I^T) is contiguous float32 (B, heads, nq * tile, dim); dq is
 // contiguous float32 (B, heads, n, dim); dz is float32 (B, heads, nq, dim); row_dot, when not
 // null, float32 (B, heads, n).
 template <typename In, int MAP>
@@ -251,8 +260,7 @@ __global__ void __launch_bounds__(kLinearWarps * 32)
 linear_query_grads(const typename Words<In>::Word* __restrict__ q, long long sb, long long sh,
                    long long sn, int heads, int n, int tile, int dim,
                    const float* __restrict__ z, int z_heads, int z_group, int z_per_tile,
-                   float eps, const float* __restrict__ g, const float* __restrict__ o_linear,
-                   const float* __restrict__ g_h, float* __restrict__ dq,
+                   float eps, const float* __restrict__ g_h, float* __restrict__ dq,
                    float* __restrict__ dz, float* __restrict__ row_dot) {
     __shared__ float partial[kLinearWarps][kMaxChunks * 32];
     const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -271,7 +279,7 @@ linear_query_grads(const typename Words<In>::Word* __restrict__ q, long long sb,
         float input[kMaxChunks], phi[kMaxChunks];
         feature_row<In, MAP>(q + b * sb + h * sh + row * sn, dim, lane, input, phi);
         const long long padded = (bh * n_tiles * tile + row) * dim;
-        float den = 0.0f, c_dot = 0.0f;
+        float den = 0.0f, phi_dot_g_h = 0.0f;
         float zv[kMaxChunks], d_phi[kMaxChunks];
 #pragma unroll
         for (int c = 0; c < kMaxChunks; ++c) {
@@ -279,14 +287,14 @@ linear_query_grads(const typename Words<In>::Word* __restrict__ q, long long sb,
             const bool valid = c < chunks && d < dim;
             zv[c] = valid ? zrow[d] : 0.0f;
             den += phi[c] * zv[c];
-            c_dot += valid ? g[padded + d] * o_linear[padded + d] : 0.0f;
             d_phi[c] = valid ? g_h[padded + d] : 0.0f;
+            phi_dot_g_h += phi[c] * d_phi[c];  // phi is 0 past dim
         }
         den = warp_sum(den) + eps;
-        c_dot = warp_sum(c_dot);
-        if (row_dot != nullptr && lane == 0) row_dot[bh * n + row] = c_dot;
         // O_l,i = 0 where the denominator is exactly 0 (the forward's rule): no gradient there.
         const float inv = den != 0.0f ? 1.0f / den : 0.0f;
+        const float c_dot = warp_sum(phi_dot_g_h) * inv;
+        if (row_dot != nullptr && lane == 0) row_dot[bh * n + row] = c_dot;
         const float d_den = -c_dot * inv;
 #pragma unroll
         for (int c = 0; c < kMaxChunks; ++c) {
@@ -312,6 +320,27 @@ linear_query_grads(const typename Words<In>::Word* __restrict__ q, long long sb,
     }
 }
 
+// dk of one key row: phi'(k)^T (d_phi + dz) (d_phi in global or shared memory, float32).
+template <typename In, int MAP>
+__device__ __forceinline__ void key_row_grads(const typename Words<In>::Word* __restrict__ k_row,
+                                              const float* d_phi_row, const float* dz_row,
+                                              int dim, int lane, float* __restrict__ dk_row) {
+    const int chunks = (dim + 31) / 32;
+    float input[kMaxChunks], phi[kMaxChunks], d_phi[kMaxChunks];
+    feature_row<In, MAP>(k_row, dim, lane, input, phi);
+#pragma unroll
+    for (int c = 0; c < kMaxChunks; ++c) {
+        const int d = c * 32 + lane;
+        d_phi[c] = (c < chunks && d < dim) ? d_phi_row[d] + dz_row[d] : 0.0f;
+    }
+    feature_row_vjp<MAP>(input, phi, d_phi);
+#pragma unroll
+    for (int c = 0; c < kMaxChunks; ++c) {
+        const int d = c * 32 + lane;
+        if (c < chunks && d < dim) dk_row[d] = d_phi[c];
+    }
+}
+
 // Grid (nk, heads, batch), 256 threads, a warp a row. k has element strides (sb, sh, sn);
 // d_phi (= V dH_J^T) is contiguous float32 (B, heads, nk * tile, dim); dz is read like Z in
 // linear_query_grads; dk is contiguous float32 (B, heads, n, dim).
@@ -324,27 +353,161 @@ linear_key_grads(const typename Words<In>::Word* __restrict__ k, long long sb, l
     const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int n_tiles = gridDim.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int chunks = (dim + 31) / 32;
     const long long bh = static_cast<long long>(b) * heads + h;
     const float* dzrow = z_row(dz, b, h, t, n_tiles, z_heads, z_group, z_per_tile, dim);
     for (int r = warp; r < tile; r += kLinearWarps) {
         const int row = t * tile + r;
         if (row >= n) break;
-        float input[kMaxChunks], phi[kMaxChunks], d_phi[kMaxChunks];
-        feature_row<In, MAP>(k + b * sb + h * sh + row * sn, dim, lane, input, phi);
-        const long long padded = (bh * n_tiles * tile + row) * dim;
+        key_row_grads<In, MAP>(k + b * sb + h * sh + row * sn,
+                               d_phi_k + (bh * n_tiles * tile + row) * dim, dzrow, dim, lane,
+                               dk + (bh * n + row) * dim);
+    }
+}
+
+// The fused key side's CTA: a tile of 64 keys, eight warps, each 16 rows by half the columns
+// of each product (eight warps, not four: the row stage after the products is latency-bound,
+// one warp a row). Operands swizzled as the attention kernels' (TileTraits::swizzle), so their
+// ldmatrix patterns apply unchanged. Shared memory holds dH_J, phi(K_J), V_J in bfloat16,
+// then (the same bytes, once the products are done) dPhi in float32 rows of HEAD_DIM + 8: the
+// eight rows of one fragment store then sweep the banks four rows at a time (two wavefronts
+// for 64 words, the minimum). It is also the loader's traits (load_tile_async).
+template <int HEAD_DIM>
+struct KeyTileLayout {
+    using Tile = TileTraits<HEAD_DIM, 64, 64, 4>;
+    static constexpr int kRows = 64;
+    static constexpr int kRowGroups = kRows / 16;
+    static constexpr int kColumnSplit = 2;
+    static constexpr int kWarps = kRowGroups * kColumnSplit;
+    static constexpr int kThreads = kWarps * 32;
+    static constexpr int kMinBlocks = 2;
+    static constexpr int kPairs = Tile::kDimBlocks / 2 / kColumnSplit;  // n16 pairs a warp
+    static constexpr int kChunksPerRow = Tile::kChunksPerRow;
+    static constexpr int kDPhiStride = HEAD_DIM + 8;
+    static constexpr int kOperandBytes = 2 * (HEAD_DIM * HEAD_DIM + 2 * kRows * HEAD_DIM);
+    static constexpr int kDPhiBytes = 4 * kRows * kDPhiStride;
+    static constexpr int kSharedBytes = kOperandBytes > kDPhiBytes ? kOperandBytes : kDPhiBytes;
+    template <int ROWS>
+    __host__ __device__ static constexpr int tile_offset(int row, int chunk) {
+        return Tile::swizzle(row, chunk);
+    }
+};
+
+// acc = (16 rows of `rows`, from row0) x (columns 16 * first_pair .. + 16 * PAIRS of S, or of
+// S^T with TRANSPOSED); `rows` is a (any x HEAD_DIM) and S a (HEAD_DIM x HEAD_DIM) bfloat16
+// tile in shared memory, both swizzled by Tile. S^T reads S as Q.K^T reads K (rows of S along
+// n); S as P.V reads V (rows along k).
+template <class Tile, bool TRANSPOSED, int PAIRS>
+__device__ __forceinline__ void rows_times_state(float (&acc)[2 * PAIRS][4],
+                                                 const unsigned short* rows, int row0,
+                                                 const unsigned short* state, int first_pair,
+                                                 int lane) {
 #pragma unroll
-        for (int c = 0; c < kMaxChunks; ++c) {
-            const int d = c * 32 + lane;
-            d_phi[c] = (c < chunks && d < dim) ? d_phi_k[padded + d] + dzrow[d] : 0.0f;
-        }
-        feature_row_vjp<MAP>(input, phi, d_phi);
-        float* dst = dk + (bh * n + row) * dim;
+    for (int nb = 0; nb < 2 * PAIRS; ++nb)
 #pragma unroll
-        for (int c = 0; c < kMaxChunks; ++c) {
-            const int d = c * 32 + lane;
-            if (c < chunks && d < dim) dst[d] = d_phi[c];
+        for (int e = 0; e < 4; ++e) acc[nb][e] = 0.0f;
+    const int matrix = lane >> 3;
+#pragma unroll
+    for (int ks = 0; ks < Tile::kDimSteps; ++ks) {
+        unsigned a[4];
+        load_matrix_x4(a, shared_address(rows + Tile::swizzle(row0 + (lane & 15),
+                                                              ks * 2 + (lane >> 4))));
+#pragma unroll
+        for (int p = 0; p < PAIRS; ++p) {
+            const int pair = first_pair + p;
+            unsigned b[4];
+            if (TRANSPOSED) {
+                const int row = pair * 16 + (matrix >> 1) * 8 + (lane & 7);
+                load_matrix_x4(b, shared_address(state + Tile::swizzle(row, ks * 2 +
+                                                                            (matrix & 1))));
+            } else {
+                const int row = ks * 16 + (matrix & 1) * 8 + (lane & 7);
+                load_matrix_x4_transposed(
+                    b, shared_address(state + Tile::swizzle(row, pair * 2 + (matrix >> 1))));
+            }
+            Bf16::mma(acc[2 * p], a, b[0], b[1]);
+            Bf16::mma(acc[2 * p + 1], a, b[2], b[3]);
         }
+    }
+}
+
+// Grid (nk, heads, batch), KeyTileLayout<HEAD_DIM>::kThreads threads, ::kSharedBytes of dynamic shared
+// memory. phi_k and v_tiles are the forward's contiguous bfloat16 (B, heads, nk * 64,
+// HEAD_DIM) operands (zero rows past n); d_state holds bfloat16 dH_J, one (HEAD_DIM x
+// HEAD_DIM) state per (batch, head, key tile), or per (batch, head) when state_per_tile is 0
+// (linear="global"); dz as in linear_key_grads; dv is contiguous float32 (B, heads, nk * 64,
+// HEAD_DIM) (every row written), dk contiguous float32 (B, heads, n, HEAD_DIM).
+template <typename In, int MAP, int HEAD_DIM>
+__global__ void __launch_bounds__(KeyTileLayout<HEAD_DIM>::kThreads,
+                                   KeyTileLayout<HEAD_DIM>::kMinBlocks)
+linear_key_tile_grads(const typename Words<In>::Word* __restrict__ k, long long sb,
+                      long long sh, long long sn, int heads, int n,
+                      const unsigned short* __restrict__ phi_k,
+                      const unsigned short* __restrict__ v_tiles,
+                      const unsigned short* __restrict__ d_state, int state_per_tile,
+                      const float* __restrict__ dz, int z_heads, int z_group, int z_per_tile,
+                      float* __restrict__ dk, float* __restrict__ dv) {
+    using Layout = KeyTileLayout<HEAD_DIM>;
+    using Tile = typename Layout::Tile;
+    constexpr int kRows = Layout::kRows;
+    constexpr int kStride = Layout::kDPhiStride;
+    constexpr int kPairs = Layout::kPairs;
+    extern __shared__ uint4 key_tile_shared[];  // 16-byte words: cp.async and ldmatrix align
+    unsigned short* state_tile = reinterpret_cast<unsigned short*>(key_tile_shared);
+    unsigned short* phi_tile = state_tile + HEAD_DIM * HEAD_DIM;
+    unsigned short* v_tile = phi_tile + kRows * HEAD_DIM;
+    float* d_phi = reinterpret_cast<float*>(key_tile_shared);  // once the products are done
+    // The host sizes the launch by the same layout (backends/cupy.py): a mismatch must not
+    // silently overrun shared memory.
+    if (threadIdx.x == 0) {
+        unsigned bytes;
+        asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+        if (bytes < Layout::kSharedBytes) __trap();
+    }
+    const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int n_tiles = gridDim.x;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const long long bh = static_cast<long long>(b) * heads + h;
+    const long long tile_rows = (bh * n_tiles + t) * kRows * HEAD_DIM;
+    const long long state = (state_per_tile ? bh * n_tiles + t : bh) * HEAD_DIM * HEAD_DIM;
+    load_tile_async<Layout, HEAD_DIM>(state_tile, d_state + state, HEAD_DIM, 0, HEAD_DIM);
+    load_tile_async<Layout, kRows>(phi_tile, phi_k + tile_rows, HEAD_DIM, 0, kRows);
+    load_tile_async<Layout, kRows>(v_tile, v_tiles + tile_rows, HEAD_DIM, 0, kRows);
+    copy_async_commit();
+    copy_async_wait<0>();
+    __syncthreads();
+
+    const int row0 = 16 * (warp % Layout::kRowGroups);
+    const int first_pair = kPairs * (warp / Layout::kRowGroups);
+    const int fragment_row = row0 + (lane >> 2);
+    float acc[2 * kPairs][4];
+    rows_times_state<Tile, false, kPairs>(acc, phi_tile, row0, state_tile, first_pair, lane);
+    float* dv_rows = dv + tile_rows;
+#pragma unroll
+    for (int nb = 0; nb < 2 * kPairs; ++nb) {
+        const int column = (2 * first_pair + nb) * 8 + 2 * (lane & 3);
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+            *reinterpret_cast<float2*>(dv_rows + (fragment_row + 8 * half) * HEAD_DIM + column) =
+                make_float2(acc[nb][2 * half], acc[nb][2 * half + 1]);
+    }
+    rows_times_state<Tile, true, kPairs>(acc, v_tile, row0, state_tile, first_pair, lane);
+    __syncthreads();  // every warp is done with the operands: their memory takes dPhi
+#pragma unroll
+    for (int nb = 0; nb < 2 * kPairs; ++nb) {
+        const int column = (2 * first_pair + nb) * 8 + 2 * (lane & 3);
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+            *reinterpret_cast<float2*>(d_phi + (fragment_row + 8 * half) * kStride + column) =
+                make_float2(acc[nb][2 * half], acc[nb][2 * half + 1]);
+    }
+    __syncthreads();
+
+    const float* dzrow = z_row(dz, b, h, t, n_tiles, z_heads, z_group, z_per_tile, HEAD_DIM);
+    for (int r = warp; r < kRows; r += Layout::kWarps) {
+        const int row = t * kRows + r;
+        if (row >= n) break;
+        key_row_grads<In, MAP>(k + b * sb + h * sh + row * sn, d_phi + r * kStride, dzrow,
+                               HEAD_DIM, lane, dk + (bh * n + row) * HEAD_DIM);
     }
 }
 

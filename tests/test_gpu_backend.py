@@ -346,15 +346,17 @@ def test_public_api_cupy_backend_agrees_with_reference_backend():
                          ids=["dense", "topk-3", "topk-ratio", "topp-0.5", "topp-0.95"])
 @pytest.mark.parametrize("order", ["natural", "score", "peak"])
 @pytest.mark.parametrize("block", [(64, 64), (128, 64)])
-def test_fused_plan_follows_the_selector_definition(selector, order, block):
-    """Fused GPU plan vs the float64 block scores: right count, a top set, the right order."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_fused_plan_follows_the_selector_definition(selector, order, block, dtype):
+    """GPU plan vs the float64 block scores: right count, a top set, the right order; bf16
+    through the fused kernels, float32 through the generic builder on plan_block_scores."""
     import cupy
 
     from pysparse_attn import _plan
     from pysparse_attn.backends import cupy as backend
 
     rng = _fresh_rng()
-    (q, k, _), (q64, k64, _) = _inputs(rng, "bfloat16", 2, 4, 2, 300, 1000, 64, "bhnd")
+    (q, k, _), (q64, k64, _) = _inputs(rng, dtype, 2, 4, 2, 300, 1000, 64, "bhnd")
     scale = 64 ** -0.5
     plan = _host_plan(backend.build_plan(cupy, q, k, selector, order, 4, block, scale))
     scores = _plan.block_scores(np, q64, k64, block, scale)

@@ -749,6 +749,40 @@ def test_gpu_sla_linear_vjp_matches_the_float64_reference(dtype, feature_map, li
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("linear", LINEAR_MODES)
+@pytest.mark.parametrize("shape", [(2, 4, 2, 199, 261, 64, (64, 64), "bhnd"),
+                                   (1, 3, 1, 300, 1000, 128, (128, 64), "bnhd")])
+def test_gpu_fused_key_side_equals_the_gemm_path(monkeypatch, dtype, feature_map, linear, shape):
+    """linear_key_tile_grads (dv, V dH_J^T and dk in one pass) against the batched GEMMs and
+    linear_key_grads on the same bfloat16 operands: only the order of the float32 sums
+    differs, so dk and dv agree to float32 rounding (1e-5 relative in the Frobenius norm);
+    dq does not depend on the path and is bitwise equal. Partial last key tiles, GQA, both
+    layouts, a long key side (16 tiles), every mode and map."""
+    import cupy
+
+    backend = _gpu_backend()
+    B, Hq, Hkv, Nq, Nk, D, block, layout = shape
+    rng = np.random.default_rng([31, Nk, len(dtype), len(feature_map), len(linear)])
+    (q, k, v), _ = _device_inputs(rng, dtype, B, Hq, Hkv, Nq, Nk, D, layout)
+    nq, nk = -(-Nq // block[0]), -(-Nk // block[1])
+    marginal = rng.random((B, Hq, nq, nk)) < (0.45 if linear == "marginal" else 0.9)
+    if linear == "global":
+        marginal[:] = True
+    do = cupy.asarray(rng.standard_normal((B, Hq, Nq, D)).astype(np.float32)).astype(q.dtype)
+    weight = cupy.asarray((rng.standard_normal((D, D)) * 0.1).astype(np.float32))
+    args = (q, k, v, do, cupy.asarray(marginal), block, feature_map, 1e-3, weight, None, None)
+    fused = [cupy.asnumpy(x) for x in backend.sla_linear_vjp(*args, mode=linear)[0]]
+    monkeypatch.setattr(backend, "_FUSED_KEY_SIDE", False)
+    gemms = [cupy.asnumpy(x) for x in backend.sla_linear_vjp(*args, mode=linear)[0]]
+    np.testing.assert_array_equal(fused[0], gemms[0], err_msg="dq")
+    for name, a, b in zip(("dk", "dv"), fused[1:], gemms[1:]):
+        assert np.isfinite(a).all(), name
+        assert _rel(a, b) <= 1e-5, (name, _rel(a, b))
+
+
+@pytest.mark.gpu
 def test_gpu_sla_linear_vjp_without_weight_or_marginal_tiles():
     import cupy
 

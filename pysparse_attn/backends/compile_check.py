@@ -20,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .cupy import (BACKWARD_KERNELS, FORWARD_INSTANCES, FORWARD_SM90_INSTANCES,
-                   FORWARD_SM90_WS_INSTANCES, PLAN_INSTANCES, _source_dirs, backward_instances)
+                   FORWARD_SM90_WS_INSTANCES, LINEAR_INSTANCES, PLAN_INSTANCES, _source_dirs,
+                   backward_instances)
 
 __all__ = ["families", "compile_family", "main"]
 
@@ -49,6 +50,7 @@ def families():
             "attention_forward_sm90.cu": sorted(set(FORWARD_SM90_INSTANCES.values())),
             "attention_forward_sm90_ws.cu": sorted(set(FORWARD_SM90_WS_INSTANCES.values())),
             "plan_select.cu": sorted(set(PLAN_INSTANCES.values())),
+            "linear_branch.cu": sorted(set(LINEAR_INSTANCES.values())),
             **{source: sorted(names) for source, names in backward.items()}}
 
 

@@ -847,6 +847,28 @@ def _grads_name(side: str, dtype_name: str, feature_map: str) -> str:
     return f"psa::linear_{side}_grads<{_WORDS[dtype_name]}, {_FEATURE_CODES[feature_map]}>"
 
 
+#: Head dims of the fused key side (``linear_key_tile_grads``: 16-bit inputs, 64-key tiles);
+#: other cases take the batched GEMMs and ``linear_key_grads``.
+KEY_TILE_HEAD_DIMS = (64, 128)
+_KEY_TILE_ROWS = 64      # KeyTileLayout::kRows in gpu/linear_branch.cu
+_KEY_TILE_THREADS = 256  # KeyTileLayout::kThreads
+#: False sends every case through the GEMMs (tests and benchmarks compare the two paths).
+_FUSED_KEY_SIDE = True
+
+
+def _key_tile_name(dtype_name: str, feature_map: str, head_dim: int) -> str:
+    return (f"psa::linear_key_tile_grads<{_WORDS[dtype_name]}, {_FEATURE_CODES[feature_map]}, "
+            f"{head_dim}>")
+
+
+def _key_tile_shared_bytes(head_dim: int) -> int:
+    """``KeyTileLayout<HEAD_DIM>::kSharedBytes`` (the kernel traps on a smaller launch): the
+    operands (dH_J, phi(K_J), V_J in bfloat16), then, in the same memory, dPhi in float32 rows
+    of ``head_dim + 8``."""
+    return max(2 * (head_dim * head_dim + 2 * _KEY_TILE_ROWS * head_dim),
+               4 * _KEY_TILE_ROWS * (head_dim + 8))
+
+
 #: Instances of gpu/linear_branch.cu: feature maps per (input dtype, map, query side), the
 #: merge per (sparse output dtype, output dtype), and the backward's row stages per (side,
 #: input dtype, map).
@@ -857,6 +879,9 @@ LINEAR_INSTANCES = {
     **{(f"{side}_grads", dtype, name): _grads_name(side, dtype, name)
        for side in ("query", "key") for dtype in _WORDS for name in _FEATURE_CODES},
     ("pad_rows",): "psa::linear_pad_rows",
+    **{("key_tile_grads", dtype, name, head_dim): _key_tile_name(dtype, name, head_dim)
+       for dtype in ("bfloat16", "float16") for name in _FEATURE_CODES
+       for head_dim in KEY_TILE_HEAD_DIMS},
 }
 
 
@@ -1580,14 +1605,15 @@ def _launch_rows(key, grid, args):
     _linear_function(key)(grid, (_LINEAR_THREADS,), args)
 
 
-def _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand, row_dot=None):
-    """``(dq, dk, dv)`` float32 of the linear branch given its cotangent ``g`` (row-padded
-    float32) and the same in the GEMM operand type; ``parts`` and ``o_linear`` are the
-    forward's (:func:`_linear_states`). Per query tile ``dH_I = (phi(Q_I)/den)^T g_I`` and
-    ``G = g H_I^T`` (batched GEMMs), the query rows' stage (``dq``, ``dZ_I``), the key tiles'
-    ``dH_J = M^T dH_I`` (one GEMM of the 0/1 marginal matrix, tensor cores), ``dv = phi(K_J)
-    dH_J`` and ``V_J dH_J^T`` (batched GEMMs), then the key rows' stage (``dk``). With
-    ``row_dot`` (float32 ``(B, Hq, Nq)``) the query stage also writes ``g_i . O_l,i`` there."""
+def _linear_grads(parts, q, k, feature_map, eps, g_operand, row_dot=None):
+    """``(dq, dk, dv)`` float32 of the linear branch given its cotangent ``g`` (row-padded, in
+    the GEMM operand type); ``parts`` are the forward's (:func:`_linear_states`). Per query
+    tile ``dH_I = (phi(Q_I)/den)^T g_I`` and ``G = g H_I^T`` (batched GEMMs), the query rows'
+    stage (``dq``, ``dZ_I``; it takes ``c_i = g_i . O_l,i`` as ``phi(q_i) . G_i / den_i``, so
+    neither ``O_l`` nor a float32 ``g`` is needed), the key tiles' ``dH_J = M^T dH_I`` (one
+    GEMM of the 0/1 marginal matrix, tensor cores), ``dv = phi(K_J) dH_J`` and ``V_J
+    dH_J^T`` (batched GEMMs), then the key rows' stage (``dk``). With ``row_dot`` (float32
+    ``(B, Hq, Nq)``) the query stage also writes ``c_i`` there."""
     import cupy
 
     B, Hq, Hkv, group, Nq, Nk, D, block_q, block_k, nq, nk = parts["sizes"]
@@ -1605,7 +1631,7 @@ def _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand, row_dot
     _launch_rows(("query_grads", _dtype_name(q), feature_map), (nq, Hq, B),
                  (q, *_element_strides(q), np.int32(Hq), np.int32(Nq), np.int32(block_q),
                   np.int32(D), parts["z"], np.int32(z_heads), np.int32(z_group),
-                  np.int32(z_per_tile), np.float32(eps), g, o_linear, g_h, dq, dz_query,
+                  np.int32(z_per_tile), np.float32(eps), g_h, dq, dz_query,
                   np.uint64(0) if row_dot is None else row_dot))
     del g_h
 
@@ -1632,8 +1658,22 @@ def _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand, row_dot
                              dz_query.reshape(B, Hkv, group * nq, D))   # (B, Hkv, nk, D)
         key_batch, key_rows, dz_layout = B * Hkv * nk, block_k, (Hkv, 1, 1)
     dz_key = cupy.ascontiguousarray(dz_key)
-    state_stride = D * D  # one state a key tile, or one a kv head for "global"
+    k = _unit_stride(cupy, k)
+    dk = cupy.empty((B, Hkv, Nk, D), dtype=f32)
     dv = cupy.empty((B, Hkv, rows_k, D), dtype=f32)
+    if (_FUSED_KEY_SIDE and operand == "bfloat16" and D in KEY_TILE_HEAD_DIMS
+            and block_k == _KEY_TILE_ROWS):
+        # dv, V dH_J^T and dk in one pass over the key tiles (one read of dH_J).
+        function = _linear_function(("key_tile_grads", _dtype_name(k), feature_map, D))
+        shared = _key_tile_shared_bytes(D)
+        if shared > 48 * 1024 and function.max_dynamic_shared_size_bytes < shared:
+            function.max_dynamic_shared_size_bytes = shared
+        function((nk, Hkv, B), (_KEY_TILE_THREADS,),
+                 (k, *_element_strides(k), np.int32(Hkv), np.int32(Nk), phi_k,
+                  parts["v_tiles"], d_state, np.int32(parts["mode"] != "global"), dz_key,
+                  *(np.int32(x) for x in dz_layout), dk, dv), shared_mem=shared)
+        return dq, dk, dv[:, :, :Nk]
+    state_stride = D * D  # one state a key tile, or one a kv head for "global"
     d_phi_k = cupy.empty((B, Hkv, rows_k, D), dtype=f32)
     strides = (key_rows * D, state_stride, key_rows * D)
     _gemm(key_rows, D, D, phi_k, D, d_state, D, dv, D, types=(operand, "float32"),
@@ -1642,8 +1682,6 @@ def _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand, row_dot
           types=(operand, "float32"), b_t=True, batch=key_batch, strides=strides)
     del d_state
 
-    k = _unit_stride(cupy, k)
-    dk = cupy.empty((B, Hkv, Nk, D), dtype=f32)
     _launch_rows(("key_grads", _dtype_name(k), feature_map), (nk, Hkv, B),
                  (k, *_element_strides(k), np.int32(Hkv), np.int32(Nk), np.int32(block_k),
                   np.int32(D), d_phi_k, dz_key, *(np.int32(x) for x in dz_layout), dk))
@@ -1670,11 +1708,9 @@ def linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear, mode=N
         return cupy.zeros((B, Hq, Nq, D), dtype=cupy.float32), zeros, zeros.copy()
     parts = _linear_states(q, k, v, cupy.asarray(marginal), block, feature_map, eps, mode=mode)
     rows_q = parts["phi_q"].shape[2]
-    o_linear = cupy.empty((q.shape[0], q.shape[1], rows_q, q.shape[3]), dtype=cupy.float32)
-    _state_product(parts, parts["phi_q"], o_linear)
     g = _row_padded(cupy, d_linear, rows_q, cupy.float32)
     g_operand = _operand_copy(g, parts["operand"], parts["phi_q"].dtype)
-    return _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand)
+    return _linear_grads(parts, q, k, feature_map, eps, g_operand)
 
 
 class MergedOutput(NamedTuple):
@@ -1723,15 +1759,15 @@ def sla_linear_vjp(q, k, v, d_out, marginal, block, feature_map, eps, weight, bi
     """The SLA backward's linear side on the GPU: ``(grads, dW, db, o_sparse)``.
 
     One pipeline, no host synchronisation: the forward's states (``phi``, ``H_I``, ``Z_I``)
-    are computed once and reused; ``O_l`` (float32 and as a GEMM operand), ``dW = dO^T O_l``
-    and ``db = 1^T dO`` as single GEMMs over every row (``db`` from ``dO`` in its own dtype),
-    ``g = dO W`` as one GEMM, then :func:`_linear_grads`. With the forward's merged ``out``
-    its last item is a :class:`MergedOutput` (``out``, ``b`` and ``rowsum(dO * O_l W^T) =
-    g . O_l`` per row, from the query rows' stage), which :func:`attention_backward` takes for
-    ``O_s``: the sparse backward then needs no forward and ``O_s`` is never formed (else
-    None). ``grads`` is None when
-    ``weight`` is None (the branch does not reach the output). 16-bit inputs run every GEMM
-    on bfloat16 operands with float32 accumulation; float32 inputs run float32 GEMMs.
+    are computed once and reused; ``O_l`` (in the GEMM operand type: only ``dW`` reads it),
+    ``dW = dO^T O_l`` and ``db = 1^T dO`` as single GEMMs over every row (``db`` from ``dO``
+    in its own dtype), ``g = dO W`` as one GEMM (operand type), then :func:`_linear_grads`.
+    With the forward's merged ``out`` its last item is a :class:`MergedOutput` (``out``,
+    ``b`` and ``rowsum(dO * O_l W^T) = g . O_l`` per row, from the query rows' stage), which
+    :func:`attention_backward` takes for ``O_s``: the sparse backward then needs no forward
+    and ``O_s`` is never formed (else None). ``grads`` is None when ``weight`` is None (the
+    branch does not reach the output). 16-bit inputs run every GEMM on bfloat16 operands with
+    float32 accumulation; float32 inputs run float32 GEMMs.
     """
     import cupy
 
@@ -1746,13 +1782,9 @@ def sla_linear_vjp(q, k, v, d_out, marginal, block, feature_map, eps, weight, bi
     operand, op_dtype = parts["operand"], parts["phi_q"].dtype
     rows_q = parts["phi_q"].shape[2]
     total_rows = B * Hq * rows_q
-    o_linear = cupy.empty((B, Hq, rows_q, D), dtype=f32)
-    _state_product(parts, parts["phi_q"], o_linear)
-    if operand == "float32":
-        o_operand = o_linear
-    else:  # the same product rounded once to the operand type (cheaper than a cast pass)
-        o_operand = cupy.empty((B, Hq, rows_q, D), dtype=op_dtype)
-        _state_product(parts, parts["phi_q"], o_operand)
+    # O_l only as dW's operand, rounded once by the GEMM (the query stage needs no O_l).
+    o_operand = cupy.empty((B, Hq, rows_q, D), dtype=op_dtype)
+    _state_product(parts, parts["phi_q"], o_operand)
     do_operand = _row_padded(cupy, d_out, rows_q, op_dtype)   # padding rows are zero
     d_weight = cupy.empty((D, D), dtype=f32)
     _gemm(D, D, total_rows, do_operand, D, o_operand, D, d_weight, D,
@@ -1769,14 +1801,9 @@ def sla_linear_vjp(q, k, v, d_out, marginal, block, feature_map, eps, weight, bi
     if weight is None:
         return None, d_weight, d_bias, None if out is None else MergedOutput(out, bias32, None)
     weight_operand = cupy.ascontiguousarray(weight.astype(op_dtype))
-    g = cupy.empty((B, Hq, rows_q, D), dtype=f32)
-    _gemm(total_rows, D, D, do_operand, D, weight_operand, D, g, D, types=(operand, "float32"))
-    if operand == "float32":
-        g_operand = g
-    else:
-        g_operand = cupy.empty((B, Hq, rows_q, D), dtype=op_dtype)
-        _gemm(total_rows, D, D, do_operand, D, weight_operand, D, g_operand, D,
-              types=(operand, operand))
+    g_operand = cupy.empty((B, Hq, rows_q, D), dtype=op_dtype)   # g = dO W, rounded once
+    _gemm(total_rows, D, D, do_operand, D, weight_operand, D, g_operand, D,
+          types=(operand, operand))
     row_dot = None if out is None else cupy.empty((B, Hq, Nq), dtype=f32)
-    grads = _linear_grads(parts, q, k, feature_map, eps, o_linear, g, g_operand, row_dot)
+    grads = _linear_grads(parts, q, k, feature_map, eps, g_operand, row_dot)
     return grads, d_weight, d_bias, None if out is None else MergedOutput(out, bias32, row_dot)
