@@ -851,7 +851,7 @@ def _grads_name(side: str, dtype_name: str, feature_map: str) -> str:
 #: other cases take the batched GEMMs and ``linear_key_grads``.
 KEY_TILE_HEAD_DIMS = (64, 128)
 _KEY_TILE_ROWS = 64      # KeyTileLayout::kRows in gpu/linear_branch.cu
-_KEY_TILE_THREADS = 256  # KeyTileLayout::kThreads
+_KEY_TILE_THREADS = 128  # KeyTileLayout::kThreads
 #: False sends every case through the GEMMs (tests and benchmarks compare the two paths).
 _FUSED_KEY_SIDE = True
 
