@@ -107,6 +107,11 @@ struct Linear {
     // Numerator rows phi H into ws.num; returns nothing, denominators into ws.d_den.
     void numerator_and_denominator(LinearWorkspace<T>& ws, int64_t rows) const {
         gemm<T, false>(rows, dp, D, ws.phi.data(), dp, ws.h.data(), dp, ws.num.data(), dp);
+        denominators(ws, rows);
+    }
+
+    // Denominators phi(q_i) . Z_I + eps into ws.d_den.
+    void denominators(LinearWorkspace<T>& ws, int64_t rows) const {
         for (int64_t r = 0; r < rows; ++r) {
             T den = 0;
             for (int64_t d = 0; d < D; ++d) den += ws.phi[r * dp + d] * ws.z[d];
@@ -160,29 +165,25 @@ struct Linear {
             return;
         }
         load_features(ws, q, b, h, row0, rows);
-        numerator_and_denominator(ws, rows);
+        denominators(ws, rows);
         load_rows(g, b, h, row0, rows, D, T(1), ws.d_num.data(), dp);
-        for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t r = 0; r < rows; ++r) {  // d_num = g / den (0 where the output is 0)
             const T den = ws.d_den[r];
             T* d_num = ws.d_num.data() + r * dp;
-            if (den == T(0)) {  // the output is the constant 0 there
-                std::fill(d_num, d_num + dp, T(0));
-                ws.d_den[r] = 0;
-                continue;
-            }
-            T g_dot_out = 0;
-            for (int64_t d = 0; d < D; ++d) {
-                g_dot_out += d_num[d] * (ws.num[r * dp + d] / den);
-                d_num[d] /= den;
-            }
-            ws.d_den[r] = -g_dot_out / den;
+            for (int64_t d = 0; d < D; ++d) d_num[d] = den != T(0) ? d_num[d] / den : T(0);
         }
-        // d_phi = d_num H^T + d_den Z.
+        // d_phi = d_num H^T + d_den Z, where d_den = -(g . O_l) / den and g . O_l =
+        // phi . (g H^T) / den = phi . (d_num H^T): no numerator phi H is formed (the GPU's
+        // query stage takes the same identity).
         transpose(D, D, ws.h.data(), dp, ws.h_t.data(), dp);
         gemm<T, false>(rows, dp, D, ws.d_num.data(), dp, ws.h_t.data(), dp, ws.d_phi.data(),
                        dp);
         for (int64_t r = 0; r < rows; ++r) {
             T* d_phi = ws.d_phi.data() + r * dp;
+            const T den = ws.d_den[r];
+            T g_dot_out = 0;
+            for (int64_t d = 0; d < D; ++d) g_dot_out += ws.phi[r * dp + d] * d_phi[d];
+            ws.d_den[r] = den != T(0) ? -g_dot_out / den : T(0);
             for (int64_t d = 0; d < D; ++d) d_phi[d] += ws.d_den[r] * ws.z[d];
             feature_map_vjp_row(a.feature_map, ws.x.data() + r * dp, ws.phi.data() + r * dp,
                                 d_phi, dq + r * D, D);
