@@ -32,6 +32,18 @@
 //
 // Template instances are listed by pysparse_attn/backends/cupy.py (FORWARD_SM90_WS_INSTANCES,
 // from SM90_WS_CONFIGS) and compiled by pysparse_attn/backends/compile_check.py.
+//
+// Schedule variants for same-run comparisons (bench/forward_ablation.py --mode schedule and
+// --mode rule-cost; the shipped choices and their measurements are at kPipelinedScores and
+// kPingPong): PSA_WS_SERIAL_SCORES, PSA_WS_NO_PINGPONG, and PSA_WS_PIPELINED_ALWAYS (the
+// pipelined scores without a rule too, without ping-pong). Timing-only variants of the rule
+// kernels (where a rule skips, their results differ from the shipped kernel's by design):
+//   PSA_WS_ABLATE_NO_DECISION  the rule's tile mass and predicate are computed, but nothing is
+//       voted or skipped: no vote slots, no `decided` barrier, V loaded ahead as without a
+//       rule. The shipped kernel minus this is what the decision costs.
+//   PSA_WS_ABLATE_WARP_VOTE    each warp decides by __all_sync instead of the warpgroup's
+//       named-barrier reduction (bar.red): the reduction's share of that cost. Only for rules
+//       that skip nothing: where the warps of a warpgroup disagreed, its wgmmas would diverge.
 
 #include "element_types.cuh"
 #include "forward_common.cuh"
@@ -77,9 +89,15 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_Q / 64), 1)
     constexpr int kKeyBlocks = Traits::kKeyBlocks;
     constexpr int kDimBlocks = Traits::kDimBlocks;
     constexpr int kBlockK = Traits::kBlockK;
+    // Whether tiles are voted on and skipped (a rule that can skip, unless ablated).
+#ifdef PSA_WS_ABLATE_NO_DECISION
+    constexpr bool kDecides = false;
+#else
+    constexpr bool kDecides = Rule::kCanSkip;
+#endif
     // Consumer warps arrive on k_empty; with a skip rule, so does the V producer (decision
     // read), which keeps a stage's vote slots and `decided` phase from being reused early.
-    constexpr unsigned kKEmptyArrivals = 4 * kConsumers + (Rule::kCanSkip ? 1 : 0);
+    constexpr unsigned kKEmptyArrivals = 4 * kConsumers + (kDecides ? 1 : 0);
 
     extern __shared__ unsigned char shared_raw[];
     const unsigned raw_address = shared_address(shared_raw);
@@ -164,7 +182,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_Q / 64), 1)
                 const int stage = step % K_STAGES, round = step / K_STAGES;
                 const int key_tile = plan.tiles[step];
                 bool keep = true;
-                if (Rule::kCanSkip) {
+                if (kDecides) {
                     mbarrier_wait(decided(stage), round & 1);
                     bool all_skip = step > 0;
 #pragma unroll
@@ -281,8 +299,10 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_Q / 64), 1)
     // serial schedule: Q.K^T of tile j issued at visit j. PSA_WS_SERIAL_SCORES selects the
     // serial schedule everywhere for same-run comparisons (bench/forward_ablation.py --mode
     // schedule); both run the same arithmetic.
-#ifdef PSA_WS_SERIAL_SCORES
+#if defined(PSA_WS_SERIAL_SCORES)
     constexpr bool kPipelinedScores = false;
+#elif defined(PSA_WS_PIPELINED_ALWAYS)
+    constexpr bool kPipelinedScores = RegisterSplit<BLOCK_Q>::kSplit;
 #else
     constexpr bool kPipelinedScores = RegisterSplit<BLOCK_Q>::kSplit && Rule::kCanSkip;
 #endif
@@ -319,7 +339,7 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_Q / 64), 1)
     // visit back, so where rules skip 90-97% of tiles it measured 3-5% slower (and 2% faster
     // where they skip nothing; bench/results/forward-pingpong-20261203). PSA_WS_NO_PINGPONG
     // turns it off everywhere for same-run comparisons.
-#ifdef PSA_WS_NO_PINGPONG
+#if defined(PSA_WS_NO_PINGPONG) || defined(PSA_WS_PIPELINED_ALWAYS)
     constexpr bool kPingPong = false;
 #else
     constexpr bool kPingPong = kConsumers == 2 && !Rule::kCanSkip;
@@ -353,11 +373,22 @@ __global__ void __launch_bounds__(128 * (1 + BLOCK_Q / 64), 1)
         for (int r = 0; r < 2; ++r) tile_max2[r] *= scale_log2;  // scale > 0: max commutes
 
         bool skip = false;
-        if (Rule::kCanSkip) {
+        if (Rule::kCanSkip && !kDecides) {  // PSA_WS_ABLATE_NO_DECISION: computed, not used
             float added[2];
             tile_skipped_mass<Rule>(s, tile_max2, scale_log2, state, valid_keys, added);
+            const bool may_skip = rows_may_skip(rule, state, tile_max2, added, row_valid);
+            asm volatile("" :: "r"(static_cast<unsigned>(may_skip)));
+        }
+        if (kDecides) {
+            float added[2];
+            tile_skipped_mass<Rule>(s, tile_max2, scale_log2, state, valid_keys, added);
+#ifdef PSA_WS_ABLATE_WARP_VOTE
+            const bool rows_skip = step > 0 && __all_sync(
+                0xffffffffu, rows_may_skip(rule, state, tile_max2, added, row_valid));
+#else
             const bool rows_skip = step > 0 && warpgroup_all(
                 rows_may_skip(rule, state, tile_max2, added, row_valid), 1 + consumer);
+#endif
             if ((threadIdx.x & 127) == 0) {
                 votes[stage * kConsumers + consumer] = rows_skip;
                 mbarrier_arrive(decided(stage));

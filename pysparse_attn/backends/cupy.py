@@ -283,8 +283,8 @@ def _forward_sm90_ws_module(dtype_name: str, head_dim: int, block_q: int, varian
                             functor: str = None):
     """The warp-specialised forward's module. ``variant``: macros of
     ``gpu/attention_forward_sm90_ws.cu`` that pick a consumer schedule other than the shipped
-    one (``PSA_WS_SERIAL_SCORES``, ``PSA_WS_NO_PINGPONG``; bench/forward_ablation.py --mode
-    schedule)."""
+    one, or a timing-only variant of the rule kernels (the list is in that file's header;
+    bench/forward_ablation.py --mode schedule, --mode rule-cost)."""
     return _sm90a_forward_module("attention_forward_sm90_ws.cu", _forward_sm90_ws_name,
                                  dtype_name, head_dim, block_q, variant, functor)
 
