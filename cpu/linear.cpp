@@ -7,9 +7,13 @@
 // marginal tiles directly, which is O(nq nk D^2) against the sparse branch's O(N^2 D) and
 // agrees with the float64 direct sum within float32 rounding. The backward runs the same steps
 // in reverse: per query tile dH_I and dZ_I, then per key tile the sum of dH_I over the query
-// tiles (and GQA heads) that marked it marginal. Holding the summaries of one kv head only
-// keeps the extra memory at nk D^2 (+ group nq D^2 in the backward) floats: 8 MB at N = 32k,
-// D = 128, where all heads at once would take hundreds of MB. All products are the gemm.
+// tiles (and GQA heads) that marked it marginal. The sums run for blocks of up to kMaxBlock
+// tiles at once (gather_block), each summary read once per block, in the order a tile at a
+// time would add them (each block's sums are one gemm of a 0/1 matrix with the stacked
+// summaries). Holding the summaries of one kv head only keeps the extra memory at
+// nk D^2 (+ group nq D^2 in the backward) floats, plus kMaxBlock D^2 a thread: 8 MB at
+// N = 32k, D = 128, where all heads at once would take hundreds of MB. All products are the
+// gemm.
 #include <cmath>
 #include <vector>
 
@@ -27,14 +31,37 @@ namespace {
 template <typename T>
 struct LinearWorkspace {
     int64_t d_pad, rows_pad;
-    std::vector<T> x, phi, phi_t, v, h, h_t, z, num, d_num, d_phi, dx, d_den;
+    std::vector<T> x, phi, phi_t, v, h_t, num, d_num, d_phi, dx, d_den;
+    // The summed states of a task's tiles (gather_block): (tiles, D, d_pad) and (tiles, d_pad),
+    // the 0/1 weights that select them, (tiles, sources), and whether each tile had anything
+    // to sum. h, z: the current tile's (select).
+    std::vector<T> h_block, z_block, weights;
+    std::vector<char> any_block;
+    T* h = nullptr;
+    T* z = nullptr;
 
-    LinearWorkspace(int64_t block, int64_t dim)
+    LinearWorkspace(int64_t block, int64_t dim, int64_t tiles, int64_t sources)
         : d_pad(round_up_lanes<T>(dim)), rows_pad(round_up_lanes<T>(block)),
           x(block * d_pad), phi(block * d_pad), phi_t(dim * rows_pad), v(block * d_pad),
-          h(dim * d_pad), h_t(dim * d_pad), z(d_pad), num(block * d_pad), d_num(block * d_pad),
-          d_phi(block * d_pad), dx(block * d_pad), d_den(block) {}
+          h_t(dim * d_pad), num(block * d_pad), d_num(block * d_pad), d_phi(block * d_pad),
+          dx(block * d_pad), d_den(block), h_block(tiles * dim * d_pad), z_block(tiles * d_pad),
+          weights(tiles * sources), any_block(tiles) {}
+
+    // Point h and z at tile i of the block; whether it had anything to sum.
+    bool select(int64_t i, int64_t dim) {
+        h = h_block.data() + i * dim * d_pad;
+        z = z_block.data() + i * d_pad;
+        return any_block[i] != 0;
+    }
 };
+
+// Tiles per task of the gathers: a gather is the product of a (tiles x sources) 0/1 matrix
+// with the stacked states, so a task of kMicroRows tiles reads each source once, in the gemm's
+// registers; fewer where that leaves under four tasks a thread.
+constexpr int64_t kMaxBlock = kMicroRows;
+inline int64_t tiles_per_task(int64_t tiles, int threads) {
+    return std::max<int64_t>(1, std::min<int64_t>(kMaxBlock, tiles / (4 * int64_t(threads))));
+}
 
 template <typename In, typename T>
 struct Linear {
@@ -88,25 +115,42 @@ struct Linear {
         }
     }
 
-    // H_I and Z_I of a query tile into ws.h, ws.z; false when it has no marginal tile.
-    bool gather(LinearWorkspace<T>& ws, int64_t b, int64_t h, int64_t qt) const {
-        bool any = false;
-        std::fill(ws.h.begin(), ws.h.end(), T(0));
-        std::fill(ws.z.begin(), ws.z.end(), T(0));
-        for (int64_t kt = 0; kt < nk; ++kt) {
-            if (!is_marginal(b, h, qt, kt)) continue;
-            any = true;
-            const T* th = tile_h.data() + kt * D * dp;
-            const T* tz = tile_z.data() + kt * dp;
-            for (int64_t i = 0; i < D * dp; ++i) ws.h[i] += th[i];
-            for (int64_t d = 0; d < dp; ++d) ws.z[d] += tz[d];
+    // For tiles i < count of a task: h_block[i] = the sum of the (D, dp) states src_h[j] and
+    // z_block[i] of the (dp) src_z[j] over the sources j < sources that marked(i, j) selects,
+    // as one product W S of the 0/1 weights with the stacked states. The gemm adds in
+    // increasing j and a weight of 0 adds an exact 0, so the sums are those of adding the
+    // selected states one by one (the states are finite).
+    template <typename Marked>
+    void gather_block(LinearWorkspace<T>& ws, int64_t count, int64_t sources, const T* src_h,
+                      const T* src_z, Marked marked) const {
+        T* weights = ws.weights.data();
+        for (int64_t i = 0; i < count; ++i) {
+            bool any = false;
+            for (int64_t j = 0; j < sources; ++j) {
+                const bool selected = marked(i, j);
+                weights[i * sources + j] = selected ? T(1) : T(0);
+                any |= selected;
+            }
+            ws.any_block[i] = any;
         }
-        return any;
+        gemm<T, false>(count, D * dp, sources, weights, sources, src_h, D * dp,
+                       ws.h_block.data(), D * dp);
+        gemm<T, false>(count, dp, sources, weights, sources, src_z, dp, ws.z_block.data(), dp);
+    }
+
+    // H_I and Z_I of the group's query tiles first .. first + count (index (h % group) * nq +
+    // qt) of kv head (b, hk), summed over their marginal key tiles.
+    void gather_query_states(LinearWorkspace<T>& ws, int64_t b, int64_t hk, int64_t first,
+                             int64_t count) const {
+        gather_block(ws, count, nk, tile_h.data(), tile_z.data(), [&](int64_t i, int64_t kt) {
+            const int64_t slot = first + i;
+            return is_marginal(b, hk * group + slot / nq, slot % nq, kt);
+        });
     }
 
     // Numerator rows phi H into ws.num; returns nothing, denominators into ws.d_den.
     void numerator_and_denominator(LinearWorkspace<T>& ws, int64_t rows) const {
-        gemm<T, false>(rows, dp, D, ws.phi.data(), dp, ws.h.data(), dp, ws.num.data(), dp);
+        gemm<T, false>(rows, dp, D, ws.phi.data(), dp, ws.h, dp, ws.num.data(), dp);
         denominators(ws, rows);
     }
 
@@ -121,44 +165,52 @@ struct Linear {
 
     void forward() {
         const Shape& sh = a.shape;
-        const int64_t tasks = group * nq;  // the query tiles of one kv head's group
+        const int64_t slots = group * nq;  // the query tiles of one kv head's group
+        const int64_t block = tiles_per_task(slots, threads());
+        const int64_t tasks = tile_count(slots, block);
         T* out = static_cast<T*>(a.out);
-        auto workspaces = per_thread<LinearWorkspace<T>>(threads(), std::max(Bq, Bk), D);
+        auto workspaces = per_thread<LinearWorkspace<T>>(threads(), std::max(Bq, Bk), D, block,
+                                                         nk);
         for (int64_t b = 0; b < sh.batch; ++b) {
             for (int64_t hk = 0; hk < sh.kv_heads; ++hk) {
                 key_summaries(workspaces, b, hk);
 #pragma omp parallel for num_threads(threads()) schedule(dynamic, 1)
                 for (int64_t task = 0; task < tasks; ++task) {
                     LinearWorkspace<T>& ws = workspaces[thread_index()];
-                    const int64_t h = hk * group + task / nq, qt = task % nq;
-                    const int64_t row0 = qt * Bq, rows = std::min(Bq, sh.q_len - row0);
-                    T* dst = out + ((b * sh.q_heads + h) * sh.q_len + row0) * D;
-                    if (!gather(ws, b, h, qt)) {
-                        std::fill(dst, dst + rows * D, T(0));
-                        continue;
-                    }
-                    load_features(ws, q, b, h, row0, rows);
-                    numerator_and_denominator(ws, rows);
-                    for (int64_t r = 0; r < rows; ++r) {
-                        const T den = ws.d_den[r];
-                        for (int64_t d = 0; d < D; ++d)
-                            dst[r * D + d] = den != T(0) ? ws.num[r * dp + d] / den : T(0);
+                    const int64_t first = task * block, count = std::min(block, slots - first);
+                    gather_query_states(ws, b, hk, first, count);
+                    for (int64_t i = 0; i < count; ++i) {
+                        const int64_t h = hk * group + (first + i) / nq, qt = (first + i) % nq;
+                        const int64_t row0 = qt * Bq, rows = std::min(Bq, sh.q_len - row0);
+                        T* dst = out + ((b * sh.q_heads + h) * sh.q_len + row0) * D;
+                        if (!ws.select(i, D)) {  // no marginal tile: O_l = 0
+                            std::fill(dst, dst + rows * D, T(0));
+                            continue;
+                        }
+                        load_features(ws, q, b, h, row0, rows);
+                        numerator_and_denominator(ws, rows);
+                        for (int64_t r = 0; r < rows; ++r) {
+                            const T den = ws.d_den[r];
+                            for (int64_t d = 0; d < D; ++d)
+                                dst[r * D + d] = den != T(0) ? ws.num[r * dp + d] / den : T(0);
+                        }
                     }
                 }
             }
         }
     }
 
-    // Backward, per query tile: dq, dH_I and dZ_I.
+    // Backward, per query tile: dq, dH_I and dZ_I, from its H_I and Z_I in ws.h, ws.z (any:
+    // it has a marginal tile).
     void query_tile_backward(LinearWorkspace<T>& ws, const Strided<T>& g, int64_t b, int64_t h,
-                             int64_t qt) {
+                             int64_t qt, bool any) {
         const Shape& sh = a.shape;
         const int64_t slot = (h % group) * nq + qt;  // within the kv head's group
         const int64_t row0 = qt * Bq, rows = std::min(Bq, sh.q_len - row0);
         T* dq = static_cast<T*>(a.dq) + ((b * sh.q_heads + h) * sh.q_len + row0) * D;
         T* dh = query_dh.data() + slot * D * dp;
         T* dz = query_dz.data() + slot * dp;
-        if (!gather(ws, b, h, qt)) {
+        if (!any) {
             std::fill(dq, dq + rows * D, T(0));
             std::fill(dh, dh + D * dp, T(0));
             std::fill(dz, dz + dp, T(0));
@@ -175,7 +227,7 @@ struct Linear {
         // d_phi = d_num H^T + d_den Z, where d_den = -(g . O_l) / den and g . O_l =
         // phi . (g H^T) / den = phi . (d_num H^T): no numerator phi H is formed (the GPU's
         // query stage takes the same identity).
-        transpose(D, D, ws.h.data(), dp, ws.h_t.data(), dp);
+        transpose(D, D, ws.h, dp, ws.h_t.data(), dp);
         gemm<T, false>(rows, dp, D, ws.d_num.data(), dp, ws.h_t.data(), dp, ws.d_phi.data(),
                        dp);
         for (int64_t r = 0; r < rows; ++r) {
@@ -197,26 +249,14 @@ struct Linear {
     }
 
     // Backward, per key tile: dk and dv from the dH_I, dZ_I of the query tiles marking it.
-    void key_tile_backward(LinearWorkspace<T>& ws, int64_t b, int64_t hk, int64_t kt) {
+    // Backward, per key tile, from dG (the sum of dH_I over the query tiles and GQA heads that
+    // marked it) in ws.h and dz (of dZ_I) in ws.z; any: some query tile marked it.
+    void key_tile_backward(LinearWorkspace<T>& ws, int64_t b, int64_t hk, int64_t kt, bool any) {
         const Shape& sh = a.shape;
         const int64_t key0 = kt * Bk, keys = std::min(Bk, sh.kv_len - key0);
         const int64_t flat0 = (b * sh.kv_heads + hk) * sh.kv_len + key0;
         T* dk = static_cast<T*>(a.dk) + flat0 * D;
         T* dv = static_cast<T*>(a.dv) + flat0 * D;
-        bool any = false;
-        std::fill(ws.h.begin(), ws.h.end(), T(0));  // dG, the sum of dH_I
-        std::fill(ws.z.begin(), ws.z.end(), T(0));  // dz, the sum of dZ_I
-        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-            for (int64_t qt = 0; qt < nq; ++qt) {
-                if (!is_marginal(b, h, qt, kt)) continue;
-                any = true;
-                const int64_t slot = (h % group) * nq + qt;
-                const T* dh = query_dh.data() + slot * D * dp;
-                const T* dz = query_dz.data() + slot * dp;
-                for (int64_t i = 0; i < D * dp; ++i) ws.h[i] += dh[i];
-                for (int64_t d = 0; d < dp; ++d) ws.z[d] += dz[d];
-            }
-        }
         if (!any) {
             std::fill(dk, dk + keys * D, T(0));
             std::fill(dv, dv + keys * D, T(0));
@@ -225,11 +265,11 @@ struct Linear {
         load_features(ws, k, b, hk, key0, keys);
         load_rows(v, b, hk, key0, keys, D, T(1), ws.v.data(), dp);
         // dV = phi(K) dG.
-        gemm<T, false>(keys, dp, D, ws.phi.data(), dp, ws.h.data(), dp, ws.num.data(), dp);
+        gemm<T, false>(keys, dp, D, ws.phi.data(), dp, ws.h, dp, ws.num.data(), dp);
         for (int64_t r = 0; r < keys; ++r)
             for (int64_t d = 0; d < D; ++d) dv[r * D + d] = ws.num[r * dp + d];
         // d_phi(K) = V dG^T + dz.
-        transpose(D, D, ws.h.data(), dp, ws.h_t.data(), dp);
+        transpose(D, D, ws.h, dp, ws.h_t.data(), dp);
         gemm<T, false>(keys, dp, D, ws.v.data(), dp, ws.h_t.data(), dp, ws.d_phi.data(), dp);
         for (int64_t r = 0; r < keys; ++r) {
             T* d_phi = ws.d_phi.data() + r * dp;
@@ -244,21 +284,48 @@ struct Linear {
         query_dh.assign(group * nq * D * dp, T(0));
         query_dz.assign(group * nq * dp, T(0));
         const Strided<T> g = strided<T>(a.d_linear);
-        const int64_t query_tasks = group * nq;
-        auto workspaces = per_thread<LinearWorkspace<T>>(threads(), std::max(Bq, Bk), D);
+        const int64_t slots = group * nq;  // the query tiles of one kv head's group
+        const int64_t query_block = tiles_per_task(slots, threads());
+        const int64_t key_block = tiles_per_task(nk, threads());
+        const int64_t query_tasks = tile_count(slots, query_block);
+        const int64_t key_tasks = tile_count(nk, key_block);
+        auto workspaces = per_thread<LinearWorkspace<T>>(
+            threads(), std::max(Bq, Bk), D, std::max(query_block, key_block), std::max(nk, slots));
         for (int64_t b = 0; b < sh.batch; ++b) {
             for (int64_t hk = 0; hk < sh.kv_heads; ++hk) {
                 key_summaries(workspaces, b, hk);
 #pragma omp parallel num_threads(threads())
                 {
 #pragma omp for schedule(dynamic, 1)
-                    for (int64_t task = 0; task < query_tasks; ++task)
-                        query_tile_backward(workspaces[thread_index()], g, b,
-                                            hk * group + task / nq, task % nq);
+                    for (int64_t task = 0; task < query_tasks; ++task) {
+                        LinearWorkspace<T>& ws = workspaces[thread_index()];
+                        const int64_t first = task * query_block;
+                        const int64_t count = std::min(query_block, slots - first);
+                        gather_query_states(ws, b, hk, first, count);
+                        for (int64_t i = 0; i < count; ++i) {
+                            const bool any = ws.select(i, D);
+                            query_tile_backward(ws, g, b, hk * group + (first + i) / nq,
+                                                (first + i) % nq, any);
+                        }
+                    }
                     // The implicit barrier above makes every dH_I, dZ_I visible here.
 #pragma omp for schedule(dynamic, 1)
-                    for (int64_t kt = 0; kt < nk; ++kt)
-                        key_tile_backward(workspaces[thread_index()], b, hk, kt);
+                    for (int64_t task = 0; task < key_tasks; ++task) {
+                        LinearWorkspace<T>& ws = workspaces[thread_index()];
+                        const int64_t first = task * key_block;
+                        const int64_t count = std::min(key_block, nk - first);
+                        // dG and dz of key tiles first .. first + count: the dH_I, dZ_I of
+                        // every group slot that marked them.
+                        gather_block(ws, count, slots, query_dh.data(), query_dz.data(),
+                                     [&](int64_t i, int64_t slot) {
+                                         return is_marginal(b, hk * group + slot / nq,
+                                                            slot % nq, first + i);
+                                     });
+                        for (int64_t i = 0; i < count; ++i) {
+                            const bool any = ws.select(i, D);
+                            key_tile_backward(ws, b, hk, first + i, any);
+                        }
+                    }
                 }
             }
         }
