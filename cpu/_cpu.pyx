@@ -68,8 +68,19 @@ cdef extern from "kernels.hpp" namespace "psa" nogil:
 
     void c_attention_forward "psa::attention_forward"(const ForwardArgs& args) except +
     void c_attention_backward "psa::attention_backward"(const BackwardArgs& args) except +
+    cdef struct MatmulArgs:
+        int dtype
+        int threads
+        int64_t m, n, k
+        const void* a
+        int64_t a_row, a_col
+        const void* b
+        int64_t b_row, b_col
+        void* c
+
     void c_linear_forward "psa::linear_forward"(const LinearArgs& args) except +
     void c_linear_backward "psa::linear_backward"(const LinearArgs& args) except +
+    void c_matmul "psa::matmul"(const MatmulArgs& args) except +
 
 
 DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
@@ -183,3 +194,20 @@ def linear_backward(q, k, v, marginal, block, feature_map, double eps, d_linear,
     args.dq, args.dk, args.dv = _pointer(dq), _pointer(dk), _pointer(dv)
     with nogil:
         c_linear_backward(args)
+
+
+def matmul(cnp.ndarray a, cnp.ndarray b, cnp.ndarray out, int threads):
+    """``out = a @ b`` (2-D, one float dtype, ``out`` contiguous); a and b through strides."""
+    cdef MatmulArgs args
+    cdef Py_ssize_t itemsize = a.itemsize
+    for x in (a, b):
+        if x.strides[0] % itemsize or x.strides[1] % itemsize:
+            raise ValueError("array strides must be whole elements")
+    args.dtype = DTYPE_CODES[a.dtype.name]
+    args.threads = threads
+    args.m, args.k, args.n = a.shape[0], a.shape[1], b.shape[1]
+    args.a, args.b, args.c = cnp.PyArray_DATA(a), cnp.PyArray_DATA(b), cnp.PyArray_DATA(out)
+    args.a_row, args.a_col = a.strides[0] // itemsize, a.strides[1] // itemsize
+    args.b_row, args.b_col = b.strides[0] // itemsize, b.strides[1] // itemsize
+    with nogil:
+        c_matmul(args)

@@ -70,9 +70,26 @@ struct LinearArgs {
     void* dv;
 };
 
+// C (m x n) = A (m x k) B (k x n), all float32 or all float64 (dtype), A and B read through
+// element strides (a transposed view costs nothing), C contiguous. The CPU backend's small
+// dense products (SLA's projection O_l W^T, dO W and dW = dO^T O_l) go through this instead of
+// NumPy's BLAS: BLAS worker threads spin for a while after each call and took the cores from
+// the kernels' OpenMP threads (an SLA step on 2 cores ran 1.6x slower for it).
+struct MatmulArgs {
+    int dtype;    // DTYPE_F32 or DTYPE_F64
+    int threads;  // <= 0: the OpenMP default
+    int64_t m, n, k;
+    const void* a;
+    int64_t a_row, a_col;
+    const void* b;
+    int64_t b_row, b_col;
+    void* c;
+};
+
 void attention_forward(const ForwardArgs& args);
 void attention_backward(const BackwardArgs& args);
 void linear_forward(const LinearArgs& args);
 void linear_backward(const LinearArgs& args);
+void matmul(const MatmulArgs& args);
 
 }  // namespace psa

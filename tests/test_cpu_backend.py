@@ -479,3 +479,85 @@ def test_out_dtype_float32_writes_the_unrounded_output(dtype, backend):
         return
     np.testing.assert_array_equal(wide[0].astype(q.dtype), narrow[0])
     assert (wide[0] != narrow[0].astype(np.float32)).any(), "float32 output was rounded"
+
+
+# ---------------------------------------------------------------------------------------------
+# cpu.matmul: the backend's dense products (SLA's projection and its gradients)
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m, k, n", [(5000, 64, 64), (64, 5000, 64), (7, 3, 5), (300, 40, 24),
+                                     (1, 1, 1), (0, 4, 8), (5, 0, 8), (9, 12000, 40)])
+def test_matmul_equals_the_float64_product(dtype, m, k, n):
+    """Both parallel paths (rows of C; slices of a long k, summed in a fixed order), columns
+    that are not whole vectors, empty sizes, transposed and Fortran-ordered operands, 1-3
+    threads. float32 accumulates in float32: a k-term dot product errs by ~k * 2^-24 relative
+    at worst, well inside 1e-5 for these k (random-sign terms grow as sqrt(k))."""
+    rng = np.random.default_rng([m, k, n])
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for threads in (1, 2, 3):
+        for left, right in ((a, b), (np.asfortranarray(a), b), (a, np.ascontiguousarray(b.T).T)):
+            got = cpu.matmul(left, right, threads=threads)
+            assert got.dtype == dtype and got.shape == (m, n) and got.flags.c_contiguous
+            if want.size:
+                scale = max(1.0, float(np.abs(want).max()))
+                assert np.abs(got - want).max() / scale <= tol
+
+
+def test_matmul_is_bitwise_independent_of_the_thread_count():
+    """k in fixed slices summed in order: the backend's results never depend on threads."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((64, 20000)).astype(np.float32)
+    b = rng.standard_normal((20000, 40)).astype(np.float32)
+    first = cpu.matmul(a, b, threads=1)
+    for threads in (2, 3, 7):
+        np.testing.assert_array_equal(cpu.matmul(a, b, threads=threads), first)
+
+
+def test_matmul_rejects_bad_input():
+    a = np.ones((3, 4), dtype=np.float32)
+    with pytest.raises(TypeError, match="a must be a NumPy array"):
+        cpu.matmul([[1.0]], a)
+    with pytest.raises(ValueError, match="b must be 2-D"):
+        cpu.matmul(a, np.ones(4, dtype=np.float32))
+    with pytest.raises(TypeError, match="b must be float32 or float64"):
+        cpu.matmul(a, np.ones((4, 2), dtype=np.float16))
+    with pytest.raises(TypeError, match="share a dtype"):
+        cpu.matmul(a, np.ones((4, 2), dtype=np.float64))
+    with pytest.raises(ValueError, match="a's columns"):
+        cpu.matmul(a, np.ones((3, 2), dtype=np.float32))
+
+
+def test_sla_products_go_through_the_backend_matmul(monkeypatch):
+    """The CPU backend's SLA forward with a projection and its vjp use cpu.matmul for every
+    dense product (O_l W^T, dW, dO W, the sparse output's O_l W^T), with the results of the
+    NumPy products within float32 rounding."""
+    rng = np.random.default_rng(4)
+    q, k, v, do = (rng.standard_normal((1, 2, 150, 32)).astype(np.float32) for _ in range(4))
+    weight = (rng.standard_normal((32, 32)) * 0.1).astype(np.float32)
+    bias = (rng.standard_normal(32) * 0.1).astype(np.float32)
+    common = dict(critical=0.3, negligible=0.3, block=(32, 32), backend="cpu",
+                  proj_weight=weight, proj_bias=bias)
+    calls = []
+    original = cpu.matmul
+
+    def counting(a, b, threads=None):
+        calls.append((a.shape, b.shape))
+        return original(a, b, threads=threads)
+
+    out = psa.sla_attention(q, k, v, **common)
+    grads = psa.sla_vjp(q, k, v, do, **common)
+    monkeypatch.setattr(cpu, "matmul", counting)
+    out_hooked = psa.sla_attention(q, k, v, **common)
+    forward_calls = len(calls)
+    grads_hooked = psa.sla_vjp(q, k, v, do, **common)
+    assert forward_calls >= 1 and len(calls) >= forward_calls + 2
+    np.testing.assert_array_equal(out_hooked, out)
+    for got, want in zip(grads_hooked, grads):
+        if want is not None:
+            np.testing.assert_array_equal(got, want)
+    monkeypatch.setattr(cpu, "matmul", None)  # no hook: the NumPy products
+    plain = psa.sla_attention(q, k, v, **common)
+    np.testing.assert_allclose(plain, out, rtol=1e-5, atol=1e-6)

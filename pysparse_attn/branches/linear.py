@@ -206,26 +206,49 @@ def linear_attention_vjp(xp, q, k, v, marginal, block, name, eps, d_out, dtype=N
     return dq, dk, dv
 
 
-def merge(xp, o_sparse, o_linear, weight, bias, out_dtype):
+def _rows_times(matmul, x, w):
+    """``x @ w`` for ``x`` of shape ``(..., k)`` by a 2-D ``matmul`` over its rows."""
+    return matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+
+
+def _matmul_of(backend, xp, options):
+    """The 2-D product the branch functions use: the backend's ``matmul`` hook for the float
+    dtypes it takes (the CPU's, which keeps NumPy's BLAS threads off the kernels' cores), else
+    ``xp.matmul``."""
+    hook = getattr(backend, "matmul", None)
+    if hook is None:
+        return xp.matmul
+    threads = options.get("threads")
+
+    def matmul(a, b):
+        if a.dtype == b.dtype and a.dtype in (np.float32, np.float64):
+            return hook(a, b, threads=threads)
+        return xp.matmul(a, b)
+    return matmul
+
+
+def merge(xp, o_sparse, o_linear, weight, bias, out_dtype, matmul=None):
     """``O_s + O_l W^T + b`` computed in the dtype of ``weight``/``bias``, cast to ``out_dtype``.
 
     ``o_linear`` may be None when ``weight`` is None (the branch does not reach the output).
+    ``matmul``: the 2-D product to use (default ``xp.matmul``).
     """
     acc = (weight if weight is not None else bias).dtype
     out = o_sparse.astype(acc)
     if weight is not None:
-        out = out + o_linear.astype(acc, copy=False) @ weight.T
+        out = out + _rows_times(matmul or xp.matmul, o_linear.astype(acc, copy=False), weight.T)
     if bias is not None:
         out = out + bias
     return out.astype(out_dtype, copy=False)
 
 
-def projection_grads(xp, d_out, o_linear, dtype):
+def projection_grads(xp, d_out, o_linear, dtype, matmul=None):
     """``(dW, db)`` of ``O = O_s + O_l W^T + b``: ``dW = sum_i do_i^T O_l,i``, ``db = sum_i do_i``.
     """
     D = d_out.shape[-1]
     g = d_out.astype(dtype).reshape(-1, D)
-    return g.T @ o_linear.astype(dtype, copy=False).reshape(-1, o_linear.shape[-1]), g.sum(axis=0)
+    o_rows = o_linear.astype(dtype, copy=False).reshape(-1, o_linear.shape[-1])
+    return (matmul or xp.matmul)(g.T, o_rows), g.sum(axis=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,17 +277,20 @@ def sla_output(backend, q, k, v, o_sparse, marginal, block, name, eps, weight, b
     o_linear = None
     if weight is not None:
         o_linear = linear_branch(backend, q, k, v, marginal, block, name, eps, mode, **options)
-    return merge(_namespace(o_sparse), o_sparse, o_linear, weight, bias, out_dtype)
+    xp = _namespace(o_sparse)
+    return merge(xp, o_sparse, o_linear, weight, bias, out_dtype,
+                 matmul=_matmul_of(backend, xp, options))
 
 
-def sparse_output(xp, out, o_linear, weight, bias, dtype):
+def sparse_output(xp, out, o_linear, weight, bias, dtype, matmul=None):
     """The sparse branch's output recovered from the merged one: ``out - (O_l W^T + b)`` in
     ``dtype`` (the inverse of :func:`merge`, what a backward given the forward's output needs
     instead of rerunning the sparse forward)."""
     o_sparse = out.astype(dtype)
     if weight is not None:
-        o_sparse = o_sparse - o_linear.astype(dtype, copy=False) @ weight.astype(
-            dtype, copy=False).T
+        o_sparse = o_sparse - _rows_times(matmul or xp.matmul,
+                                          o_linear.astype(dtype, copy=False),
+                                          weight.astype(dtype, copy=False).T)
     if bias is not None:
         o_sparse = o_sparse - bias.astype(dtype, copy=False)
     return o_sparse
@@ -291,12 +317,14 @@ def linear_vjp(backend, q, k, v, d_out, marginal, block, name, eps, weight, dtyp
         return fused(q, k, v, d_out, marginal, block, name, eps, weight, bias, out, mode=mode,
                      **options)
     xp = _namespace(d_out)
+    matmul = _matmul_of(backend, xp, options)
     o_linear = linear_branch(backend, q, k, v, marginal, block, name, eps, mode, **options)
-    d_weight, d_bias = projection_grads(xp, d_out, o_linear, dtype)
-    o_sparse = None if out is None else sparse_output(xp, out, o_linear, weight, bias, dtype)
+    d_weight, d_bias = projection_grads(xp, d_out, o_linear, dtype, matmul)
+    o_sparse = (None if out is None
+                else sparse_output(xp, out, o_linear, weight, bias, dtype, matmul))
     if weight is None:
         return None, d_weight, d_bias, o_sparse
-    d_linear = d_out.astype(dtype) @ weight.astype(dtype, copy=False)
+    d_linear = _rows_times(matmul, d_out.astype(dtype), weight.astype(dtype, copy=False))
     grads = backend.linear_backward(q, k, v, marginal, block, name, eps, d_linear, mode=mode,
                                     **options)
     return grads, d_weight, d_bias, o_sparse
