@@ -141,13 +141,9 @@ def rule_cost(cupy, backend, record, timer, diffuse, block, scale, cudnn_ms):
     for what, plan, rule in cases:
         reference = None
         for label, macros in RULE_COST_VARIANTS.items():
-            def call(want_stats=False):
-                return backend.forward(q, k, v, plan, rule, scale, want_stats, kernel="sm90_ws",
-                                       _ablation=macros)
             try:
-                out, _, kept, _, _ = call(True)
-                cupy.cuda.runtime.deviceSynchronize()
-                ms = timer(call)
+                out, kept, ms = _run_variant(cupy, backend, timer, (q, k, v), plan, rule, scale,
+                                             macros)
             except Exception as error:
                 record(what=what, impl=label, ms=None, error=str(error)[:300])
                 continue
@@ -180,6 +176,19 @@ def rule_cost(cupy, backend, record, timer, diffuse, block, scale, cudnn_ms):
 #: The other shapes issue 12 asks dense figures at: (label, H, N, D, frames_hw of the heads).
 OTHER_SHAPES = (("H=12 N=32760 D=64", 12, 32760, 64, None),
                 ("H=40 N=75600 D=128", 40, 75600, 128, (21, 45, 80)))
+
+
+def _run_variant(cupy, backend, timer, qkv, plan, rule, scale, macros):
+    """``(out, kept, ms)`` of one sm90_ws variant on one case; the first call (with the
+    statistics) is synchronised, so that a fault or a hang surfaces at its variant."""
+    q, k, v = qkv
+
+    def call(want_stats=False):
+        return backend.forward(q, k, v, plan, rule, scale, want_stats, kernel="sm90_ws",
+                               _ablation=macros)
+    out, _, kept, _, _ = call(True)
+    cupy.cuda.runtime.deviceSynchronize()
+    return out, kept, timer(call)
 
 
 def compile_variants(cupy, backend, kernel, head_dim, block_q, functors, variants):
@@ -242,13 +251,9 @@ def schedules(cupy, backend, record, timer, diffuse, block, scale, args, cudnn_m
         q, k, v = workloads[workload]
         plan = plan_of(workload, select, "natural" if rule is None else "peak")
         for label, macros in SCHEDULES.items():
-            def call(want_stats=False):
-                return backend.forward(q, k, v, plan, rule, scale, want_stats, kernel="sm90_ws",
-                                       _ablation=macros)
             try:
-                out, _, kept, _, _ = call(True)
-                cupy.cuda.runtime.deviceSynchronize()
-                ms = timer(call)
+                out, kept, ms = _run_variant(cupy, backend, timer, (q, k, v), plan, rule, scale,
+                                             macros)
             except Exception as error:
                 record(what=f"{workload}: {what}", impl=label, ms=None, error=str(error)[:300])
                 continue
