@@ -12,6 +12,8 @@
 #   ablation   bench/forward_ablation.py: leave-one-out variants of the Hopper forward
 #   compare    bench/forward_ablation.py --mode compare: the sm90_ws kernel against wgmma
 #   schedule   bench/forward_ablation.py --mode schedule: sm90_ws's consumer schedules
+#   rule-cost  bench/forward_ablation.py --mode rule-cost: where a rule that skips nothing
+#              loses its time in sm90_ws (timing-only variants; a smoke run gates it)
 #   workloads  bench/gpu_workloads.sh: plan reuse over a trajectory, the method sweep
 #   train      bench/train_step.py and bench/finetune_sla.py (TRAIN_S=0 / FT_S=0 leave one out;
 #              FT_ARGS adds options to the fine-tune)
@@ -79,6 +81,13 @@ if want schedule; then
   stamp schedule
   timeout "${SCHED_S:-240}" python3 bench/forward_ablation.py --mode schedule ${SCHED_ARGS:-} --out "$RES" > "$RES/schedule.log" 2>&1
   grep -A60 "^| case" "$RES/schedule.log" || tail -40 "$RES/schedule.log"
+fi
+if want rule-cost; then
+  stamp rule-cost
+  timeout "${WS_SMOKE_S:-60}" python3 bench/forward_ablation.py --mode smoke > "$RES/ws-smoke.log" 2>&1 \
+    && timeout "${RULE_COST_S:-200}" python3 bench/forward_ablation.py --mode rule-cost --out "$RES" \
+      > "$RES/rule-cost.log" 2>&1
+  echo "rule-cost rc=$?"; grep -B2 -A6 "^| rule |" "$RES/rule-cost.log" || tail -30 "$RES/rule-cost.log"
 fi
 if want compare && [ -f bench/forward_ablation.py ]; then
   stamp compare
