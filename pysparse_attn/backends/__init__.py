@@ -65,8 +65,12 @@ def add_gradients(grads, addend):
     """``grads + addend`` term by term in the dtype of ``grads`` (``addend`` None: ``grads``).
 
     The host backends' form of a backward's ``addend`` (another branch's gradients, SLA's
-    linear side); the GPU backend adds it inside its kernels' stores instead.
+    linear side); the GPU backend adds it inside its kernels' stores instead. ``grads`` are
+    the backend's own fresh arrays and take the sum in place (a new array a term cost the CPU
+    backend's SLA backward 5 of its 50 ms at (1, 4, 3072, 64), in first-touch page faults).
     """
     if addend is None:
         return tuple(grads)
-    return tuple(g + a.astype(g.dtype, copy=False) for g, a in zip(grads, addend))
+    for g, a in zip(grads, addend):
+        g += a.astype(g.dtype, copy=False)
+    return tuple(grads)
