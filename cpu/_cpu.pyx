@@ -187,11 +187,13 @@ def linear_forward(q, k, v, marginal, block, feature_map, double eps, out, int t
 
 
 def linear_backward(q, k, v, marginal, block, feature_map, double eps, d_linear, dq, dk, dv,
-                    int threads):
-    """Gradients of the linear branch given ``d_linear``; writes ``dq``, ``dk``, ``dv``."""
+                    int threads, out=None):
+    """Gradients of the linear branch given ``d_linear``; writes ``dq``, ``dk``, ``dv`` (and
+    the branch's output into ``out`` when given)."""
     cdef LinearArgs args = _linear_args(q, k, v, marginal, block, feature_map, eps, threads)
     args.d_linear = _tensor(d_linear)
     args.dq, args.dk, args.dv = _pointer(dq), _pointer(dk), _pointer(dv)
+    args.out = _pointer(out)
     with nogil:
         c_linear_backward(args)
 

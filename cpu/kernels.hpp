@@ -63,7 +63,8 @@ struct LinearArgs {
     const uint8_t* marginal;  // (B, Hq, nq, nk)
     int feature_map;
     double eps;
-    void* out;                // forward: O_l (B, Hq, Nq, D), accumulation dtype
+    void* out;                // forward: O_l (B, Hq, Nq, D), accumulation dtype; backward:
+                              // the same O_l as well when not null
     TensorArg d_linear;       // backward: dL/dO_l (B, Hq, Nq, D), accumulation dtype
     void* dq;                 // backward outputs, accumulation dtype
     void* dk;

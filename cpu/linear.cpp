@@ -210,14 +210,27 @@ struct Linear {
         T* dq = static_cast<T*>(a.dq) + ((b * sh.q_heads + h) * sh.q_len + row0) * D;
         T* dh = query_dh.data() + slot * D * dp;
         T* dz = query_dz.data() + slot * dp;
+        T* o_linear = a.out == nullptr ? nullptr
+                                       : static_cast<T*>(a.out) +
+                                             ((b * sh.q_heads + h) * sh.q_len + row0) * D;
         if (!any) {
+            if (o_linear != nullptr) std::fill(o_linear, o_linear + rows * D, T(0));
             std::fill(dq, dq + rows * D, T(0));
             std::fill(dh, dh + D * dp, T(0));
             std::fill(dz, dz + dp, T(0));
             return;
         }
         load_features(ws, q, b, h, row0, rows);
-        denominators(ws, rows);
+        if (o_linear != nullptr) {  // O_l as well (linear_backward_and_output): the forward's
+            numerator_and_denominator(ws, rows);  // own numbers, from the same H_I and Z_I
+            for (int64_t r = 0; r < rows; ++r) {
+                const T den = ws.d_den[r];
+                for (int64_t d = 0; d < D; ++d)
+                    o_linear[r * D + d] = den != T(0) ? ws.num[r * dp + d] / den : T(0);
+            }
+        } else {
+            denominators(ws, rows);
+        }
         load_rows(g, b, h, row0, rows, D, T(1), ws.d_num.data(), dp);
         for (int64_t r = 0; r < rows; ++r) {  // d_num = g / den (0 where the output is 0)
             const T den = ws.d_den[r];

@@ -561,3 +561,42 @@ def test_sla_products_go_through_the_backend_matmul(monkeypatch):
     monkeypatch.setattr(cpu, "matmul", None)  # no hook: the NumPy products
     plain = psa.sla_attention(q, k, v, **common)
     np.testing.assert_allclose(plain, out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_linear_backward_and_output_is_the_two_calls(dtype):
+    """One pass for the SLA backward: bitwise linear_branch's O_l and linear_backward's
+    gradients (GQA, partial tiles, a query tile with no marginal tile, 1-3 threads)."""
+    rng = np.random.default_rng(5)
+    B, Hq, Hkv, Nq, Nk, D, block = 2, 4, 2, 199, 261, 40, (64, 32)
+    q = rng.standard_normal((B, Hq, Nq, D)).astype(dtype)
+    k, v = (rng.standard_normal((B, Hkv, Nk, D)).astype(dtype) for _ in range(2))
+    marginal = rng.random((B, Hq, 4, 9)) < 0.4
+    marginal[0, 0, 0] = False
+    g = rng.standard_normal((B, Hq, Nq, D)).astype(dtype)
+    for threads in (1, 2, 3):
+        grads, o_linear = cpu.linear_backward_and_output(q, k, v, marginal, block, "elu1", 0.1,
+                                                         g, threads=threads)
+        np.testing.assert_array_equal(
+            o_linear, cpu.linear_branch(q, k, v, marginal, block, "elu1", 0.1, threads=threads))
+        for got, want in zip(grads, cpu.linear_backward(q, k, v, marginal, block, "elu1", 0.1,
+                                                        g, threads=threads)):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_sla_vjp_builds_the_linear_states_once(monkeypatch):
+    """With a projection the CPU's sla_vjp takes O_l from its linear backward: no separate
+    linear_branch call (which would build the key summaries and H_I a second time)."""
+    rng = np.random.default_rng(6)
+    q, k, v, do = (rng.standard_normal((1, 2, 150, 32)).astype(np.float32) for _ in range(4))
+    weight = (rng.standard_normal((32, 32)) * 0.1).astype(np.float32)
+    common = dict(critical=0.3, negligible=0.3, block=(32, 32), backend="cpu",
+                  proj_weight=weight)
+    want = psa.sla_vjp(q, k, v, do, **common)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("linear_branch ran although the backward gives O_l")
+
+    monkeypatch.setattr(cpu, "linear_branch", no_forward)
+    for got, expected in zip(psa.sla_vjp(q, k, v, do, **common), want):
+        np.testing.assert_array_equal(got, expected)

@@ -32,6 +32,7 @@ __all__ = [
     "linear_branch",
     "attention_backward",
     "linear_backward",
+    "linear_backward_and_output",
     "matmul",
     "available",
     "unavailable_reason",
@@ -334,6 +335,21 @@ def linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear, thread
     dk, dv : ndarray ``(B, Hkv, Nk, D)``
         float32 (float64 for float64 inputs).
     """
+    return _linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear, threads,
+                            output=False)[0]
+
+
+def linear_backward_and_output(q, k, v, marginal, block, feature_map, eps, d_linear,
+                               threads=None, mode=None):
+    """``((dq, dk, dv), O_l)``: :func:`linear_backward` and :func:`linear_branch`'s output in
+    one pass, bitwise the same as the two calls (the backward holds H_I and Z_I anyway; the
+    two calls would build the key summaries and H_I twice). The SLA backward's hook
+    (:func:`pysparse_attn.branches.linear.linear_vjp`), which needs O_l for dW."""
+    return _linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear, threads,
+                            output=True)
+
+
+def _linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear, threads, output):
     _require_extension()
     B, Hq, Hkv, Nq, Nk, D = _check_inputs(q, k, v)
     block = _check_block(block, Nq, Nk)
@@ -346,9 +362,10 @@ def linear_backward(q, k, v, marginal, block, feature_map, eps, d_linear, thread
     dq = np.empty((B, Hq, Nq, D), dtype=acc)
     dk = np.empty((B, Hkv, Nk, D), dtype=acc)
     dv = np.empty((B, Hkv, Nk, D), dtype=acc)
+    out = np.empty((B, Hq, Nq, D), dtype=acc) if output else None
     _cpu.linear_backward(q, k, v, flags, block, feature_map, eps, d_linear, dq, dk, dv,
-                         _threads(threads))
-    return dq, dk, dv
+                         _threads(threads), out)
+    return (dq, dk, dv), out
 
 
 def matmul(a, b, threads=None):
