@@ -366,8 +366,9 @@ linear_key_grads(const typename Words<In>::Word* __restrict__ k, long long sb, l
 
 // The fused key side's CTA: a tile of 64 keys, four warps of 16 rows (kColumnSplit = 2, eight
 // warps each with half the columns, measured the same on an H200: 0.390 against 0.392 ms at
-// the Wan shape, and spilled at its 128-register bound). Operands swizzled as the attention kernels' (TileTraits::swizzle), so their
-// ldmatrix patterns apply unchanged. Shared memory holds dH_J, phi(K_J), V_J in bfloat16,
+// the Wan shape, and spilled at its 128-register bound). Operands swizzled as the attention
+// kernels' (TileTraits::swizzle), so their ldmatrix patterns apply unchanged. Shared memory
+// holds dH_J, phi(K_J), V_J in bfloat16,
 // then (the same bytes, once the products are done) dPhi in float32 rows of HEAD_DIM + 8: the
 // eight rows of one fragment store then sweep the banks four rows at a time (two wavefronts
 // for 64 words, the minimum). It is also the loader's traits (load_tile_async).
