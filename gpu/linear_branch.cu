@@ -476,11 +476,9 @@ linear_key_tile_grads(const typename Words<In>::Word* __restrict__ k, long long 
     float* d_phi = reinterpret_cast<float*>(key_tile_shared);  // once the products are done
     // The host sizes the launch by the same layout (backends/cupy.py): a mismatch must not
     // silently overrun shared memory or leave rows unwritten.
-    if (threadIdx.x == 0) {
-        unsigned bytes;
-        asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
-        if (bytes < Layout::kSharedBytes || blockDim.x != Layout::kThreads) __trap();
-    }
+    if (threadIdx.x == 0 &&
+        (dynamic_shared_bytes() < Layout::kSharedBytes || blockDim.x != Layout::kThreads))
+        __trap();
     const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int n_tiles = gridDim.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

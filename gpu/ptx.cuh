@@ -65,6 +65,13 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 }
 
+// Dynamic shared memory bytes this launch really got (kernels check their layout fits).
+__device__ __forceinline__ unsigned dynamic_shared_bytes() {
+    unsigned bytes;
+    asm volatile("mov.u32 %0, %dynamic_smem_size;" : "=r"(bytes));
+    return bytes;
+}
+
 __device__ __forceinline__ float negative_infinity() { return __int_as_float(0xff800000); }
 
 }  // namespace psa

@@ -43,11 +43,4 @@ __device__ __forceinline__ void named_barrier_arrive(unsigned barrier, unsigned 
     asm volatile("bar.arrive %0, %1;\n" :: "r"(barrier), "r"(threads) : "memory");
 }
 
-// Shared memory bytes this launch really got (the kernel checks its layout fits).
-__device__ __forceinline__ unsigned dynamic_shared_bytes() {
-    unsigned bytes;
-    asm volatile("mov.u32 %0, %dynamic_smem_size;" : "=r"(bytes));
-    return bytes;
-}
-
 }  // namespace psa
