@@ -351,9 +351,15 @@ def _forward_kernel(device, kernel, dtype_name, head_dim, block_q, functor, warp
         name = _forward_name(_ELEMENTS[dtype_name], head_dim, block_q, warps, functor)
         function = _forward_module(dtype_name, head_dim, block_q, warps).get_function(name)
         shared, threads = _shared_bytes(head_dim, block_q), warps * 32
+    _allow_shared(function, shared)
+    return function, shared, threads
+
+
+def _allow_shared(function, shared):
+    """Let ``function`` launch with ``shared`` bytes of dynamic shared memory (past the 48 KB
+    default a kernel has to opt in)."""
     if shared > 48 * 1024 and function.max_dynamic_shared_size_bytes < shared:
         function.max_dynamic_shared_size_bytes = shared
-    return function, shared, threads
 
 
 def _shared_bytes(head_dim, block_q, block_k=64):
@@ -1294,8 +1300,7 @@ def _backward_kernel(device, stage, dtype_name, head_dim, kernel="mma_sync", abl
                          tuple(f"-D{macro}" for macro in ablation))
     function = module.get_function(names[stage])
     shared = _backward_shared_bytes(stage, head_dim, kernel)
-    if shared > 48 * 1024 and function.max_dynamic_shared_size_bytes < shared:
-        function.max_dynamic_shared_size_bytes = shared
+    _allow_shared(function, shared)
     return function, shared
 
 
@@ -1666,8 +1671,7 @@ def _linear_grads(parts, q, k, feature_map, eps, g_operand, row_dot=None):
         # dv, V dH_J^T and dk in one pass over the key tiles (one read of dH_J).
         function = _linear_function(("key_tile_grads", _dtype_name(k), feature_map, D))
         shared = _key_tile_shared_bytes(D)
-        if shared > 48 * 1024 and function.max_dynamic_shared_size_bytes < shared:
-            function.max_dynamic_shared_size_bytes = shared
+        _allow_shared(function, shared)
         function((nk, Hkv, B), (_KEY_TILE_THREADS,),
                  (k, *_element_strides(k), np.int32(Hkv), np.int32(Nk), phi_k,
                   parts["v_tiles"], d_state, np.int32(parts["mode"] != "global"), dz_key,
