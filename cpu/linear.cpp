@@ -88,6 +88,11 @@ struct Linear {
         return a.marginal[((b * a.shape.q_heads + h) * nq + qt) * nk + kt] != 0;
     }
 
+    // The same for query tile `slot` of kv head hk's group: (h % group) * nq + qt.
+    bool slot_marks(int64_t b, int64_t hk, int64_t slot, int64_t kt) const {
+        return is_marginal(b, hk * group + slot / nq, slot % nq, kt);
+    }
+
     // phi of `rows` rows of x (b, h, row0..) into ws.phi, keeping the raw rows in ws.x.
     void load_features(LinearWorkspace<T>& ws, const Strided<In>& x, int64_t b, int64_t h,
                        int64_t row0, int64_t rows) {
@@ -142,16 +147,23 @@ struct Linear {
     // qt) of kv head (b, hk), summed over their marginal key tiles.
     void gather_query_states(LinearWorkspace<T>& ws, int64_t b, int64_t hk, int64_t first,
                              int64_t count) const {
-        gather_block(ws, count, nk, tile_h.data(), tile_z.data(), [&](int64_t i, int64_t kt) {
-            const int64_t slot = first + i;
-            return is_marginal(b, hk * group + slot / nq, slot % nq, kt);
-        });
+        gather_block(ws, count, nk, tile_h.data(), tile_z.data(),
+                     [&](int64_t i, int64_t kt) { return slot_marks(b, hk, first + i, kt); });
     }
 
     // Numerator rows phi H into ws.num; returns nothing, denominators into ws.d_den.
     void numerator_and_denominator(LinearWorkspace<T>& ws, int64_t rows) const {
         gemm<T, false>(rows, dp, D, ws.phi.data(), dp, ws.h, dp, ws.num.data(), dp);
         denominators(ws, rows);
+    }
+
+    // O_l rows num / den (0 where the denominator is exactly 0) of `rows` rows into dst.
+    void write_output(const LinearWorkspace<T>& ws, int64_t rows, T* dst) const {
+        for (int64_t r = 0; r < rows; ++r) {
+            const T den = ws.d_den[r];
+            for (int64_t d = 0; d < D; ++d)
+                dst[r * D + d] = den != T(0) ? ws.num[r * dp + d] / den : T(0);
+        }
     }
 
     // Denominators phi(q_i) . Z_I + eps into ws.d_den.
@@ -189,11 +201,7 @@ struct Linear {
                         }
                         load_features(ws, q, b, h, row0, rows);
                         numerator_and_denominator(ws, rows);
-                        for (int64_t r = 0; r < rows; ++r) {
-                            const T den = ws.d_den[r];
-                            for (int64_t d = 0; d < D; ++d)
-                                dst[r * D + d] = den != T(0) ? ws.num[r * dp + d] / den : T(0);
-                        }
+                        write_output(ws, rows, dst);
                     }
                 }
             }
@@ -223,11 +231,7 @@ struct Linear {
         load_features(ws, q, b, h, row0, rows);
         if (o_linear != nullptr) {  // O_l as well (linear_backward_and_output): the forward's
             numerator_and_denominator(ws, rows);  // own numbers, from the same H_I and Z_I
-            for (int64_t r = 0; r < rows; ++r) {
-                const T den = ws.d_den[r];
-                for (int64_t d = 0; d < D; ++d)
-                    o_linear[r * D + d] = den != T(0) ? ws.num[r * dp + d] / den : T(0);
-            }
+            write_output(ws, rows, o_linear);
         } else {
             denominators(ws, rows);
         }
@@ -261,9 +265,8 @@ struct Linear {
             for (int64_t d = 0; d < D; ++d) dz[d] += ws.d_den[r] * ws.phi[r * dp + d];
     }
 
-    // Backward, per key tile: dk and dv from the dH_I, dZ_I of the query tiles marking it.
-    // Backward, per key tile, from dG (the sum of dH_I over the query tiles and GQA heads that
-    // marked it) in ws.h and dz (of dZ_I) in ws.z; any: some query tile marked it.
+    // Backward, per key tile: dk and dv from dG (the sum of dH_I over the query tiles and GQA
+    // heads that marked it) in ws.h and dz (of dZ_I) in ws.z; any: some query tile marked it.
     void key_tile_backward(LinearWorkspace<T>& ws, int64_t b, int64_t hk, int64_t kt, bool any) {
         const Shape& sh = a.shape;
         const int64_t key0 = kt * Bk, keys = std::min(Bk, sh.kv_len - key0);
@@ -331,8 +334,7 @@ struct Linear {
                         // every group slot that marked them.
                         gather_block(ws, count, slots, query_dh.data(), query_dz.data(),
                                      [&](int64_t i, int64_t slot) {
-                                         return is_marginal(b, hk * group + slot / nq,
-                                                            slot % nq, first + i);
+                                         return slot_marks(b, hk, slot, first + i);
                                      });
                         for (int64_t i = 0; i < count; ++i) {
                             const bool any = ws.select(i, D);
