@@ -56,18 +56,14 @@ void run_matmul(const MatmulArgs& x) {
         const int64_t p0 = s * slice, p1 = std::min(p0 + slice, x.k);
         T* out = target + (s * x.m + r0) * np;
         // The slice in chunks of kMinSlice rows of B (a chunk stays in L2 while every row block
-        // of C uses it), accumulated in chunk order.
-        for (int64_t c0 = p0; c0 < p1 || c0 == p0; c0 += kMinSlice) {
-            const int64_t c1 = std::min(c0 + kMinSlice, p1);
-            const T* a_chunk = a + r0 * x.a_row + c0 * x.a_col;
-            if (c0 == p0)
-                gemm_strided<T, false>(rows, np, c1 - c0, a_chunk, x.a_row, x.a_col,
-                                       b + c0 * ldb, ldb, out, np);
-            else
-                gemm_strided<T, true>(rows, np, c1 - c0, a_chunk, x.a_row, x.a_col,
-                                      b + c0 * ldb, ldb, out, np);
-            if (c1 >= p1) break;
-        }
+        // of C uses it), accumulated in chunk order: the first writes, the others add.
+        const T* a_rows = a + r0 * x.a_row;
+        gemm_strided<T, false>(rows, np, std::min(p0 + kMinSlice, p1) - p0, a_rows + p0 * x.a_col,
+                               x.a_row, x.a_col, b + p0 * ldb, ldb, out, np);
+        for (int64_t c0 = p0 + kMinSlice; c0 < p1; c0 += kMinSlice)
+            gemm_strided<T, true>(rows, np, std::min(c0 + kMinSlice, p1) - c0,
+                                  a_rows + c0 * x.a_col, x.a_row, x.a_col, b + c0 * ldb, ldb, out,
+                                  np);
     }
     if (partial.empty()) return;
 #pragma omp parallel for num_threads(threads) schedule(static)
