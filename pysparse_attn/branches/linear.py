@@ -318,11 +318,12 @@ def linear_vjp(backend, q, k, v, d_out, marginal, block, name, eps, weight, dtyp
                      **options)
     xp = _namespace(d_out)
     matmul = _matmul_of(backend, xp, options)
+    d_linear = (None if weight is None  # W = 0: the branch's gradient is exactly zero
+                else _rows_times(matmul, d_out.astype(dtype), weight.astype(dtype, copy=False)))
     both = getattr(backend, "linear_backward_and_output", None)
     grads = None
-    if weight is not None and both is not None:
+    if d_linear is not None and both is not None:
         # The backend's backward also gives O_l (the CPU's: one build of the states, not two).
-        d_linear = _rows_times(matmul, d_out.astype(dtype), weight.astype(dtype, copy=False))
         grads, o_linear = both(q, k, v, marginal, block, name, eps, d_linear, mode=mode,
                                **options)
     else:
@@ -330,10 +331,7 @@ def linear_vjp(backend, q, k, v, d_out, marginal, block, name, eps, weight, dtyp
     d_weight, d_bias = projection_grads(xp, d_out, o_linear, dtype, matmul)
     o_sparse = (None if out is None
                 else sparse_output(xp, out, o_linear, weight, bias, dtype, matmul))
-    if weight is None:
-        return None, d_weight, d_bias, o_sparse
-    if grads is None:
-        d_linear = _rows_times(matmul, d_out.astype(dtype), weight.astype(dtype, copy=False))
+    if d_linear is not None and grads is None:
         grads = backend.linear_backward(q, k, v, marginal, block, name, eps, d_linear,
                                         mode=mode, **options)
     return grads, d_weight, d_bias, o_sparse
